@@ -1,0 +1,21 @@
+"""llmc: an ahead-of-time compiler for generative LLMs.
+
+Importing llmc is cheap and never imports torch: the compiler front end (which needs torch and
+transformers) loads only when a model is imported.
+"""
+
+from llmc.errors import LlmcError, LlmcWarning
+
+__version__ = "0.1.0"
+
+__all__ = ["LlmcError", "LlmcWarning", "__version__", "import_model"]
+
+
+def import_model(source, **options):
+    """Trace ``source`` (a path, a built-in name, ``module:factory`` or an ``nn.Module``) to llmc IR.
+
+    Returns an ``llmc.frontend.Imported`` holding the graph and what was learned about the model.
+    """
+    from llmc.frontend import import_model as _import_model
+
+    return _import_model(source, **options)

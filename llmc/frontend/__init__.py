@@ -1,0 +1,92 @@
+"""The front end: a model source -> its own PyTorch code traced by torch.export -> llmc IR."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmc.errors import UnsupportedModelError
+from llmc.frontend.sources import ModelSource, resolve
+from llmc.ir import Graph, verify
+
+DEFAULT_MAX_SEQ = 4096
+
+
+@dataclass
+class Imported:
+    graph: Graph
+    source: ModelSource
+    config: dict                       # the Hugging Face config as a dict ({} for a plain nn.Module)
+    max_seq: int                       # the longest sequence the trace admits
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def import_model(spec: Any, *, attn_implementation: str | None = None, max_seq: int | None = None) -> Imported:
+    """Resolve ``spec``, load the model, check it is causal, trace it and import it as a verified graph."""
+    import torch
+
+    from llmc.frontend.aten import Importer
+    from llmc.frontend.trace import SEQ, export
+
+    timings = {}
+    start = time.perf_counter()
+    source = resolve(spec, attn_implementation)
+    model = source.load()
+    timings["load"] = time.perf_counter() - start
+
+    config = model.config.to_dict() if hasattr(model, "config") and hasattr(model.config, "to_dict") else {}
+    if max_seq is None:
+        max_seq = config.get("max_position_embeddings") or config.get("n_positions") or DEFAULT_MAX_SEQ
+    check_causal(model, source.spec, _vocab_size(model, config))
+
+    start = time.perf_counter()
+    program = export(model, max_seq, source.spec)
+    timings["trace"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    user_input = next(n for n in program.graph.nodes if n.op == "placeholder"
+                      and n.name in program.graph_signature.user_inputs)
+    size = user_input.meta["val"].shape[1]
+    symbols = {str(size.node.expr): SEQ} if isinstance(size, torch.SymInt) else {}
+    graph = Importer(program, symbols, weight_prefix="model.").run()
+    graph.name = "forward"
+    verify(graph)
+    timings["import"] = time.perf_counter() - start
+    return Imported(graph, source, config, int(max_seq), timings)
+
+
+def _vocab_size(model, config: dict) -> int | None:
+    import torch
+
+    if config.get("vocab_size"):
+        return int(config["vocab_size"])
+    embedding = next((m for m in model.modules() if isinstance(m, torch.nn.Embedding)), None)
+    return embedding.num_embeddings if embedding is not None else None
+
+
+def check_causal(model, spec: str, vocab: int | None, length: int = 6) -> None:
+    """Refuse a model whose earlier outputs change when a later token does (not a causal LM)."""
+    import torch
+
+    from llmc.frontend.trace import LogitsOnly
+
+    if not vocab or vocab < 2:
+        return
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, min(vocab, 1000), (1, length), generator=generator)
+    changed = ids.clone()
+    changed[0, -1] = (ids[0, -1] + 1) % min(vocab, 1000)
+    wrapper = LogitsOnly(model)
+    try:
+        with torch.no_grad():
+            a, b = wrapper(ids), wrapper(changed)
+    except Exception:
+        return  # the trace will report what is wrong with the model's forward
+    if not isinstance(a, torch.Tensor) or a.dim() != 3 or a.shape[:2] != (1, length):
+        raise UnsupportedModelError(f"{spec} does not return logits of shape [batch, seq, vocab] "
+                                    f"(got {tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__})")
+    earlier = (a[:, :-1] - b[:, :-1]).abs().max().item()
+    if earlier > 1e-5 * max(a.abs().max().item(), 1.0):
+        raise UnsupportedModelError(f"{spec} is not a causal language model: its outputs at earlier positions "
+                                    "change when a later token changes (encoder-only models are not supported)")

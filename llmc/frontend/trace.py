@@ -1,0 +1,59 @@
+"""Trace a causal LM's own forward with torch.export: ``input_ids[1, seq] -> logits``."""
+
+from __future__ import annotations
+
+import os
+import traceback
+
+import torch
+
+from llmc.errors import TraceError
+
+SEQ = "seq"
+
+
+class LogitsOnly(torch.nn.Module):
+    """Calls the model on token ids alone and returns its logits tensor (no KV cache)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.hf = hasattr(model, "config") and hasattr(model, "can_generate")
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, use_cache=False) if self.hf else self.model(input_ids)
+        if hasattr(out, "logits"):
+            return out.logits
+        if isinstance(out, (tuple, list)):
+            return out[0]
+        return out
+
+
+def export(model: torch.nn.Module, max_seq: int, name: str) -> torch.export.ExportedProgram:
+    """torch.export of ``model`` with a dynamic sequence length in [1, max_seq]."""
+    example_len = min(8, max_seq)
+    ids = torch.zeros((1, example_len), dtype=torch.long)
+    seq = torch.export.Dim(SEQ, min=1, max=max_seq) if max_seq > 1 else None
+    wrapper = LogitsOnly(model).eval()
+    try:
+        with torch.no_grad():
+            return torch.export.export(wrapper, (ids,), dynamic_shapes={"input_ids": {1: seq}} if seq else None,
+                                       strict=False)
+    except Exception as exc:  # torch raises many unrelated types; all mean "could not trace"
+        raise TraceError(f"torch.export could not trace {name}: {_summary(exc)}{_model_frame(exc)}") from exc
+
+
+def _summary(exc: Exception) -> str:
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def _model_frame(exc: Exception) -> str:
+    """' at file:line: code' for the innermost frame of the model's code (not torch's, not llmc's)."""
+    skip = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(__file__)))
+    frames = traceback.extract_tb(exc.__traceback__)
+    model_frames = [f for f in frames if not f.filename.startswith(skip) and "<" not in f.filename]
+    if not model_frames:
+        return ""
+    frame = model_frames[-1]
+    return f" (at {frame.filename}:{frame.lineno}: {(frame.line or '').strip()})"

@@ -1,0 +1,549 @@
+"""The op set. Every op has a one-line meaning, an arity, its attributes, a shape/dtype rule and a
+numpy reference; the reference interpreter is nothing more than these references run in order.
+
+Conventions: binary elementwise ops take inputs of one dtype and broadcast numpy-style (scalars
+are 0-d ``const`` nodes of the other input's dtype); axes are non-negative; a dimension held in
+an attribute (listed in ``dim_attrs``) may be symbolic, and the interpreter binds it before the
+reference runs. ``llmc.ops.describe()`` prints the whole table.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from llmc import dims
+from llmc.dims import Dim
+from llmc.ir import FLOAT_DTYPES, Type, numpy_dtype
+
+
+class OpError(Exception):
+    """An op applied to inputs or attributes that its rule rejects."""
+
+
+Infer = Callable[[list[Type], dict], Type]
+Ref = Callable[[list[np.ndarray], dict, tuple, str], np.ndarray]
+
+
+@dataclass(frozen=True)
+class OpDef:
+    name: str
+    kind: str
+    doc: str
+    arity: tuple[int, Optional[int]]
+    attrs: tuple[str, ...]
+    dim_attrs: tuple[str, ...]
+    infer: Optional[Infer]      # None: the node's type is declared (graph inputs, weights)
+    ref: Optional[Ref]
+
+
+OPS: dict[str, OpDef] = {}
+
+
+def define(name: str, kind: str, doc: str, arity, attrs=(), dim_attrs=(), *, infer=None, ref=None):
+    arity = (arity, arity) if isinstance(arity, int) else arity
+    OPS[name] = OpDef(name, kind, doc, arity, tuple(attrs), tuple(dim_attrs), infer, ref)
+
+
+def infer(op: str, input_types: list[Type], attrs: dict) -> Type | None:
+    definition = OPS.get(op)
+    if definition is None:
+        raise OpError(f"unknown op {op!r}")
+    low, high = definition.arity
+    if len(input_types) < low or (high is not None and len(input_types) > high):
+        want = str(low) if low == high else f"{low}..{high if high is not None else ''}"
+        raise OpError(f"{op} takes {want} inputs, got {len(input_types)}")
+    missing = [a for a in definition.attrs if a not in attrs]
+    if missing:
+        raise OpError(f"{op} needs attributes {missing}")
+    if definition.infer is None:
+        return None
+    return definition.infer(list(input_types), attrs)
+
+
+def describe() -> str:
+    """The op table, one line per op, grouped by kind."""
+    lines = []
+    for kind in dict.fromkeys(d.kind for d in OPS.values()):
+        lines.append(f"{kind}:")
+        for d in (d for d in OPS.values() if d.kind == kind):
+            attrs = f" {{{', '.join(d.attrs)}}}" if d.attrs else ""
+            lines.append(f"  {d.name:<12} {d.doc}{attrs}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shape helpers
+
+def broadcast_shapes(*shapes: tuple[Dim, ...]) -> tuple[Dim, ...]:
+    rank = max((len(s) for s in shapes), default=0)
+    out = []
+    for i in range(rank):
+        column = {s[len(s) - rank + i] for s in shapes if len(s) - rank + i >= 0}
+        column.discard(1)
+        if len(column) > 1:
+            raise OpError(f"shapes {', '.join(str(list(s)) for s in shapes)} do not broadcast")
+        out.append(column.pop() if column else 1)
+    return tuple(out)
+
+
+def _check_axis(axis: int, rank: int) -> int:
+    if not isinstance(axis, int) or not 0 <= axis < rank:
+        raise OpError(f"axis {axis} is out of range for rank {rank}")
+    return axis
+
+
+def _same_dtype(types: list[Type]) -> str:
+    dtypes = {t.dtype for t in types}
+    if len(dtypes) != 1:
+        raise OpError(f"inputs have different dtypes {sorted(dtypes)}")
+    return dtypes.pop()
+
+
+def _float(t: Type) -> Type:
+    if t.dtype not in FLOAT_DTYPES:
+        raise OpError(f"needs a floating-point input, got {t.dtype}")
+    return t
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+
+define("input", "source", "a graph input (its type is declared)", 0, ["name"])
+define("weight", "source", "a named constant tensor held in graph.weights", 0, ["name"])
+define("const", "source", "a scalar (0-d) constant", 0, ["value", "dtype"],
+       infer=lambda ts, a: Type(a["dtype"], ()),
+       ref=lambda xs, a, shape, dt: np.array(a["value"], dtype=numpy_dtype(dt)))
+define("full", "source", "a tensor of one value", 0, ["shape", "value", "dtype"], ["shape"],
+       infer=lambda ts, a: Type(a["dtype"], tuple(a["shape"])),
+       ref=lambda xs, a, shape, dt: np.full(shape, a["value"], dtype=numpy_dtype(dt)))
+
+
+def _arange_infer(ts, a):
+    start, end, step = a["start"], a["end"], a["step"]
+    if step == 0:
+        raise OpError("arange step must not be 0")
+    if isinstance(end, int) and isinstance(start, int):
+        length = max(0, -(-(end - start) // step))
+    elif step == 1:
+        length = dims.sub(end, start)
+    else:
+        raise OpError("a symbolic arange needs step 1")
+    return Type(a["dtype"], (length,))
+
+
+define("arange", "source", "start, start+step, ... below end", 0, ["start", "end", "step", "dtype"],
+       ["start", "end"], infer=_arange_infer,
+       ref=lambda xs, a, shape, dt: (a["start"] + a["step"] * np.arange(shape[0])).astype(numpy_dtype(dt)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Elementwise
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    # Abramowitz & Stegun 7.1.26 in float64: |error| < 1.5e-7, below float32 resolution of gelu.
+    x64 = x.astype(np.float64)
+    t = 1.0 / (1.0 + 0.3275911 * np.abs(x64))
+    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+    return (np.sign(x64) * (1.0 - poly * np.exp(-x64 * x64))).astype(x.dtype)
+
+
+def _gelu(x: np.ndarray, approximate: str) -> np.ndarray:
+    if approximate == "tanh":
+        c = np.asarray(math.sqrt(2.0 / math.pi), dtype=x.dtype)
+        return 0.5 * x * (1.0 + np.tanh(c * (x + np.asarray(0.044715, x.dtype) * x * x * x)))
+    return 0.5 * x * (1.0 + _erf(x / np.asarray(math.sqrt(2.0), x.dtype)))
+
+
+_UNARY = {
+    "neg": ("-x", np.negative),
+    "exp": ("e**x", np.exp),
+    "log": ("natural logarithm", np.log),
+    "sqrt": ("square root", np.sqrt),
+    "rsqrt": ("1/sqrt(x)", lambda x: 1 / np.sqrt(x)),
+    "reciprocal": ("1/x", lambda x: 1 / x),
+    "abs": ("|x|", np.abs),
+    "sin": ("sine", np.sin),
+    "cos": ("cosine", np.cos),
+    "tanh": ("hyperbolic tangent", np.tanh),
+    "erf": ("error function", _erf),
+    "sigmoid": ("1/(1+e**-x)", lambda x: 1 / (1 + np.exp(-x))),
+    "silu": ("x*sigmoid(x)", lambda x: x / (1 + np.exp(-x))),
+    "relu": ("max(x, 0)", lambda x: np.maximum(x, 0)),
+}
+def _signed(t: Type) -> Type:
+    if t.dtype == "bool":
+        raise OpError("needs a numeric input, got bool")
+    return t
+
+
+for _name, (_doc, _fn) in _UNARY.items():
+    _rule = _signed if _name in ("neg", "abs") else _float
+    define(_name, "elementwise", _doc, 1, infer=lambda ts, a, rule=_rule: rule(ts[0]),
+           ref=lambda xs, a, shape, dt, fn=_fn: fn(xs[0]))
+
+define("gelu", "elementwise", "Gaussian error linear unit (exact or tanh form)", 1, ["approximate"],
+       infer=lambda ts, a: _float(ts[0]), ref=lambda xs, a, shape, dt: _gelu(xs[0], a["approximate"]))
+
+
+def _not_infer(ts, a):
+    if ts[0].dtype != "bool":
+        raise OpError("not takes a bool input")
+    return ts[0]
+
+
+define("not", "elementwise", "logical not", 1, infer=_not_infer, ref=lambda xs, a, shape, dt: ~xs[0])
+define("cast", "elementwise", "convert to another dtype", 1, ["dtype"],
+       infer=lambda ts, a: Type(a["dtype"], ts[0].shape),
+       ref=lambda xs, a, shape, dt: xs[0].astype(numpy_dtype(dt)))
+
+
+def _binary_infer(ts, a):
+    return Type(_same_dtype(ts), broadcast_shapes(ts[0].shape, ts[1].shape))
+
+
+def _compare_infer(ts, a):
+    _same_dtype(ts)
+    return Type("bool", broadcast_shapes(ts[0].shape, ts[1].shape))
+
+
+def _logical_infer(ts, a):
+    if _same_dtype(ts) != "bool":
+        raise OpError("logical ops take bool inputs")
+    return Type("bool", broadcast_shapes(ts[0].shape, ts[1].shape))
+
+
+def _divide(x, y):
+    if np.issubdtype(x.dtype, np.integer):
+        raise OpError("div of integers is not defined; cast to a float dtype first")
+    return x / y
+
+
+_BINARY = {
+    "add": ("x + y", _binary_infer, np.add),
+    "sub": ("x - y", _binary_infer, np.subtract),
+    "mul": ("x * y", _binary_infer, np.multiply),
+    "div": ("x / y (true division)", _binary_infer, _divide),
+    "pow": ("x ** y", _binary_infer, np.power),
+    "maximum": ("elementwise max", _binary_infer, np.maximum),
+    "minimum": ("elementwise min", _binary_infer, np.minimum),
+    "eq": ("x == y", _compare_infer, np.equal),
+    "ne": ("x != y", _compare_infer, np.not_equal),
+    "lt": ("x < y", _compare_infer, np.less),
+    "le": ("x <= y", _compare_infer, np.less_equal),
+    "gt": ("x > y", _compare_infer, np.greater),
+    "ge": ("x >= y", _compare_infer, np.greater_equal),
+    "and": ("logical and", _logical_infer, np.logical_and),
+    "or": ("logical or", _logical_infer, np.logical_or),
+}
+for _name, (_doc, _infer, _fn) in _BINARY.items():
+    define(_name, "elementwise", _doc, 2, infer=_infer,
+           ref=lambda xs, a, shape, dt, fn=_fn: np.asarray(fn(xs[0], xs[1])))
+
+
+def _where_infer(ts, a):
+    if ts[0].dtype != "bool":
+        raise OpError("where's condition must be bool")
+    return Type(_same_dtype(ts[1:]), broadcast_shapes(*(t.shape for t in ts)))
+
+
+define("where", "elementwise", "cond ? x : y", 3, infer=_where_infer,
+       ref=lambda xs, a, shape, dt: np.where(xs[0], xs[1], xs[2]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reductions and scans
+
+def _reduce_infer(ts, a):
+    shape = ts[0].shape
+    axes = sorted({_check_axis(x, len(shape)) for x in a["axes"]})
+    if a["keepdim"]:
+        out = tuple(1 if i in axes else d for i, d in enumerate(shape))
+    else:
+        out = tuple(d for i, d in enumerate(shape) if i not in axes)
+    return Type(ts[0].dtype, out)
+
+
+def _reducer(fn):
+    return lambda xs, a, shape, dt: np.asarray(fn(xs[0], axis=tuple(a["axes"]), keepdims=a["keepdim"]))
+
+
+define("sum", "reduce", "sum over axes", 1, ["axes", "keepdim"], infer=_reduce_infer, ref=_reducer(np.sum))
+define("mean", "reduce", "mean over axes", 1, ["axes", "keepdim"], infer=_reduce_infer, ref=_reducer(np.mean))
+define("max", "reduce", "maximum over axes", 1, ["axes", "keepdim"], infer=_reduce_infer, ref=_reducer(np.max))
+define("min", "reduce", "minimum over axes", 1, ["axes", "keepdim"], infer=_reduce_infer, ref=_reducer(np.min))
+
+
+def _argmax_infer(ts, a):
+    t = _reduce_infer(ts, {"axes": [a["axis"]], "keepdim": a["keepdim"]})
+    return Type("i64", t.shape)
+
+
+define("argmax", "reduce", "index of the maximum along axis (first on ties)", 1, ["axis", "keepdim"],
+       infer=_argmax_infer,
+       ref=lambda xs, a, shape, dt: np.argmax(xs[0], axis=a["axis"], keepdims=a["keepdim"]).astype(np.int64))
+
+
+def _softmax(x, axis):
+    shifted = x - np.max(x, axis=axis, keepdims=True)
+    e = np.exp(shifted)
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+def _log_softmax(x, axis):
+    shifted = x - np.max(x, axis=axis, keepdims=True)
+    return shifted - np.log(np.sum(np.exp(shifted), axis=axis, keepdims=True))
+
+
+def _axis_float_infer(ts, a):
+    _check_axis(a["axis"], ts[0].rank)
+    return _float(ts[0])
+
+
+define("softmax", "reduce", "exp(x)/sum(exp(x)) along axis", 1, ["axis"], infer=_axis_float_infer,
+       ref=lambda xs, a, shape, dt: _softmax(xs[0], a["axis"]))
+define("log_softmax", "reduce", "log of softmax along axis", 1, ["axis"], infer=_axis_float_infer,
+       ref=lambda xs, a, shape, dt: _log_softmax(xs[0], a["axis"]))
+
+
+def _cumsum_infer(ts, a):
+    _check_axis(a["axis"], ts[0].rank)
+    if ts[0].dtype == "bool":
+        raise OpError("cumsum of bool: cast to an integer dtype first")
+    return ts[0]
+
+
+define("cumsum", "reduce", "running sum along axis", 1, ["axis"], infer=_cumsum_infer,
+       ref=lambda xs, a, shape, dt: np.cumsum(xs[0], axis=a["axis"], dtype=xs[0].dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# Shape and data movement
+
+def _reshape_infer(ts, a):
+    target = tuple(a["shape"])
+    if dims.product(ts[0].shape) != dims.product(target):
+        raise OpError(f"cannot reshape {list(ts[0].shape)} to {list(target)}")
+    return Type(ts[0].dtype, target)
+
+
+define("reshape", "shape", "same elements, new shape", 1, ["shape"], ["shape"], infer=_reshape_infer,
+       ref=lambda xs, a, shape, dt: xs[0].reshape(shape))
+
+
+def _permute_infer(ts, a):
+    perm = list(a["perm"])
+    if sorted(perm) != list(range(ts[0].rank)):
+        raise OpError(f"perm {perm} is not a permutation of {ts[0].rank} axes")
+    return Type(ts[0].dtype, tuple(ts[0].shape[p] for p in perm))
+
+
+define("permute", "shape", "reorder axes", 1, ["perm"], infer=_permute_infer,
+       ref=lambda xs, a, shape, dt: np.transpose(xs[0], a["perm"]))
+
+
+def _expand_infer(ts, a):
+    target = tuple(a["shape"])
+    src = ts[0].shape
+    if len(target) < len(src):
+        raise OpError(f"cannot expand {list(src)} to fewer axes {list(target)}")
+    for s, t in zip(src[::-1], target[::-1]):
+        if s != 1 and s != t:
+            raise OpError(f"cannot expand {list(src)} to {list(target)}")
+    return Type(ts[0].dtype, target)
+
+
+define("expand", "shape", "broadcast size-1 axes to a larger shape", 1, ["shape"], ["shape"],
+       infer=_expand_infer, ref=lambda xs, a, shape, dt: np.broadcast_to(xs[0], shape))
+
+
+def _slice_infer(ts, a):
+    shape = ts[0].shape
+    axis = _check_axis(a["axis"], len(shape))
+    start, end, step = a["start"], a["end"], a["step"]
+    if not isinstance(step, int) or step < 1:
+        raise OpError("slice step must be a positive int")
+    if isinstance(start, int) and isinstance(end, int):
+        if start < 0 or end < start or (isinstance(shape[axis], int) and end > shape[axis]):
+            raise OpError(f"slice [{start}:{end}] is outside axis {axis} of size {shape[axis]}")
+        length = -(-(end - start) // step)
+    elif step == 1:
+        length = dims.sub(end, start)
+    else:
+        length = dims.exact_div(dims.sub(dims.add(end, step - 1), start), step)
+    return Type(ts[0].dtype, shape[:axis] + (length,) + shape[axis + 1:])
+
+
+def _slice_ref(xs, a, shape, dt):
+    index = [slice(None)] * xs[0].ndim
+    index[a["axis"]] = slice(a["start"], a["end"], a["step"])
+    return xs[0][tuple(index)]
+
+
+define("slice", "shape", "x[start:end:step] along axis", 1, ["axis", "start", "end", "step"],
+       ["start", "end"], infer=_slice_infer, ref=_slice_ref)
+
+
+def _concat_infer(ts, a):
+    dtype = _same_dtype(ts)
+    rank = ts[0].rank
+    axis = _check_axis(a["axis"], rank)
+    total: Dim = 0
+    for t in ts:
+        if t.rank != rank or any(t.shape[i] != ts[0].shape[i] for i in range(rank) if i != axis):
+            raise OpError(f"cannot concatenate {', '.join(str(t) for t in ts)} along axis {axis}")
+        total = dims.add(total, t.shape[axis])
+    return Type(dtype, ts[0].shape[:axis] + (total,) + ts[0].shape[axis + 1:])
+
+
+define("concat", "shape", "join inputs along axis", (1, None), ["axis"], infer=_concat_infer,
+       ref=lambda xs, a, shape, dt: np.concatenate(xs, axis=a["axis"]))
+
+
+def _index_infer(ts, a):
+    x, indices = ts[0], ts[1:]
+    axes = list(a["axes"])
+    if len(axes) != len(indices) or sorted(set(axes)) != axes:
+        raise OpError(f"index needs one index tensor per axis in increasing order, got axes {axes}")
+    for axis in axes:
+        _check_axis(axis, x.rank)
+    if any(t.dtype not in ("i64", "i32") for t in indices):
+        raise OpError("index tensors must be i64 or i32")
+    batch = broadcast_shapes(*(t.shape for t in indices))
+    rest = [d for i, d in enumerate(x.shape) if i not in axes]
+    if axes == list(range(axes[0], axes[0] + len(axes))):  # adjacent: the result stays in place
+        out = x.shape[:axes[0]] + batch + x.shape[axes[-1] + 1:]
+    else:
+        out = batch + tuple(rest)
+    return Type(x.dtype, tuple(out))
+
+
+def _index_ref(xs, a, shape, dt):
+    key: list[Any] = [slice(None)] * xs[0].ndim
+    for axis, idx in zip(a["axes"], xs[1:]):
+        key[axis] = idx
+    return xs[0][tuple(key)]
+
+
+define("index", "shape", "x[..., idx, ...]: gather with index tensors on axes", (2, None), ["axes"],
+       infer=_index_infer, ref=_index_ref)
+
+
+def _embedding_infer(ts, a):
+    table, ids = ts
+    if table.rank != 2 or ids.dtype not in ("i64", "i32"):
+        raise OpError("embedding takes a [vocab, dim] table and integer ids")
+    return Type(table.dtype, ids.shape + (table.shape[1],))
+
+
+define("embedding", "shape", "rows of table picked by ids", 2, infer=_embedding_infer,
+       ref=lambda xs, a, shape, dt: xs[0][xs[1]])
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear algebra and neural-network ops
+
+def _matmul_infer(ts, a):
+    x, y = ts
+    dtype = _same_dtype(ts)
+    if x.rank == 0 or y.rank == 0:
+        raise OpError("matmul needs inputs of rank >= 1")
+    xs = x.shape if x.rank > 1 else (1,) + x.shape
+    ys = y.shape if y.rank > 1 else y.shape + (1,)
+    if xs[-1] != ys[-2]:
+        raise OpError(f"matmul of {x} and {y}: inner dimensions differ")
+    out = broadcast_shapes(xs[:-2], ys[:-2]) + (xs[-2], ys[-1])
+    if x.rank == 1:
+        out = out[:-2] + out[-1:]
+    if y.rank == 1:
+        out = out[:-1]
+    return Type(dtype, out)
+
+
+define("matmul", "linalg", "batched matrix product (numpy matmul rules)", 2, infer=_matmul_infer,
+       ref=lambda xs, a, shape, dt: np.matmul(xs[0], xs[1]))
+
+
+def _linear_infer(ts, a):
+    x, w = ts[0], ts[1]
+    _same_dtype(ts)
+    if w.rank != 2 or x.rank < 1 or x.shape[-1] != w.shape[1]:
+        raise OpError(f"linear of {x} with weight {w}: the weight must be [out, {x.shape[-1] if x.rank else '?'}]")
+    if len(ts) == 3 and ts[2].shape != (w.shape[0],):
+        raise OpError(f"linear bias {ts[2]} must be [{w.shape[0]}]")
+    return Type(x.dtype, x.shape[:-1] + (w.shape[0],))
+
+
+def _linear_ref(xs, a, shape, dt):
+    y = np.matmul(xs[0], xs[1].T)
+    return y + xs[2] if len(xs) == 3 else y
+
+
+define("linear", "linalg", "x @ w.T (+ b)", (2, 3), infer=_linear_infer, ref=_linear_ref)
+
+
+def _layer_norm_infer(ts, a):
+    x = _float(ts[0])
+    for t in ts[1:]:
+        if t.shape != (x.shape[-1],):
+            raise OpError(f"layer_norm parameter {t} must be [{x.shape[-1]}]")
+    return x
+
+
+def _layer_norm_ref(xs, a, shape, dt):
+    x = xs[0]
+    mean = x.mean(axis=-1, keepdims=True)
+    centered = x - mean
+    var = (centered * centered).mean(axis=-1, keepdims=True)
+    y = centered / np.sqrt(var + np.asarray(a["eps"], x.dtype))
+    if len(xs) > 1:
+        y = y * xs[1]
+    if len(xs) > 2:
+        y = y + xs[2]
+    return y
+
+
+define("layer_norm", "nn", "(x-mean)/sqrt(var+eps) over the last axis (* w + b)", (1, 3), ["eps"],
+       infer=_layer_norm_infer, ref=_layer_norm_ref)
+
+
+def _sdpa_infer(ts, a):
+    q, k, v = ts[:3]
+    dtype = _same_dtype([_float(q), k, v])
+    if q.rank < 3 or k.rank != q.rank or v.rank != q.rank:
+        raise OpError("sdpa takes q, k, v of one rank >= 3: [..., heads, seq, head_dim]")
+    hq, hk = q.shape[-3], k.shape[-3]
+    if hk != v.shape[-3] or k.shape[-2] != v.shape[-2] or q.shape[-1] != k.shape[-1]:
+        raise OpError(f"sdpa shapes q={q} k={k} v={v} do not agree")
+    if hq != hk and not (isinstance(hq, int) and isinstance(hk, int) and hq % hk == 0):
+        raise OpError(f"sdpa: {hq} query heads are not a multiple of {hk} key/value heads")
+    batch = broadcast_shapes(q.shape[:-3], k.shape[:-3])
+    if len(ts) == 4:
+        mask = ts[3]
+        if mask.dtype != "bool" and mask.dtype != dtype:
+            raise OpError(f"sdpa mask must be bool or {dtype}, got {mask.dtype}")
+        broadcast_shapes(mask.shape, batch + (hq, q.shape[-2], k.shape[-2]))
+    return Type(dtype, batch + (hq, q.shape[-2], v.shape[-1]))
+
+
+def _sdpa_ref(xs, a, shape, dt):
+    q, k, v = xs[:3]
+    groups = q.shape[-3] // k.shape[-3]
+    if groups > 1:
+        k = np.repeat(k, groups, axis=-3)
+        v = np.repeat(v, groups, axis=-3)
+    scores = np.matmul(q, np.swapaxes(k, -1, -2)) * np.asarray(a["scale"], q.dtype)
+    seq, ctx = q.shape[-2], k.shape[-2]
+    if a["causal"]:
+        scores = np.where(np.tril(np.ones((seq, ctx), dtype=bool)), scores, -np.inf)
+    if len(xs) == 4:
+        mask = xs[3]
+        scores = np.where(mask, scores, -np.inf) if mask.dtype == np.bool_ else scores + mask
+    return np.matmul(_softmax(scores, -1), v).astype(q.dtype)
+
+
+define("sdpa", "nn", "softmax(q@k.T*scale + mask) @ v over the whole sequence (k/v heads shared by groups)",
+       (3, 4), ["scale", "causal"], infer=_sdpa_infer, ref=_sdpa_ref)
