@@ -153,7 +153,11 @@ class Importer:
             else:
                 raise self.unsupported(f"an fx node of kind {fx_node.op}")
         self.current = None
-        return Graph(inputs, outputs, self.weights)
+        graph = Graph(inputs, outputs, self.weights)
+        used = {n.attrs["name"] for n in graph.nodes() if n.op == "weight"}
+        for name in [n for n in self.weights if n not in used]:   # e.g. a buffer the forward never reads
+            del self.weights[name]
+        return graph
 
     def weight(self, target: str, by_storage: dict[tuple, str]) -> Node:
         tensor = self.program.state_dict.get(target)

@@ -132,30 +132,37 @@ def _hf_dir(path: Path, attn_implementation: str | None) -> ModelSource:
 
 
 def _gguf(path: Path, spec: str, attn_implementation: str | None) -> ModelSource:
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if len(head) < 8 or head[:4] != b"GGUF":
-        raise SourceError(f"{path} is not a GGUF file (bad magic bytes); is it truncated or another format?")
-    version = int.from_bytes(head[4:8], "little")
-    if version not in (2, 3):
-        raise SourceError(f"{path} is GGUF version {version}; llmc reads versions 2 and 3")
+    from llmc.frontend.gguf_file import GGUFFile
+    from llmc.frontend.gguf_model import GGUF_ARCHS, load_gguf_model
+
+    f = GGUFFile(path)
+    has_tokenizer = "tokenizer.ggml.tokens" in f.metadata
+    info = {"architecture": f.architecture, "gguf_version": f.version}
 
     def load():
-        transformers = _quiet_transformers()
-        try:
-            config = transformers.AutoConfig.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
-        except Exception as exc:
-            raise SourceError(f"cannot read the GGUF file {path}: {_first_line(exc)}") from None
-        check_decoder_only(config, spec)
-        try:
-            model = transformers.AutoModelForCausalLM.from_pretrained(
-                path.parent, gguf_file=path.name, local_files_only=True, dtype="float32",
-                attn_implementation=attn_implementation)
-        except Exception as exc:
-            raise SourceError(f"cannot load the weights of the GGUF file {path}: {_first_line(exc)}") from None
-        return model.eval()
+        _quiet_transformers()
+        if f.architecture in GGUF_ARCHS:
+            return load_gguf_model(f, attn_implementation, spec)
+        return _gguf_via_transformers(path, spec, attn_implementation)
 
-    return ModelSource(spec, "gguf", path, load, has_tokenizer=True)
+    return ModelSource(spec, "gguf", path, load, has_tokenizer, info)
+
+
+def _gguf_via_transformers(path: Path, spec: str, attn_implementation: str | None):
+    """transformers' own GGUF loader: slower, but knows every architecture it maps."""
+    transformers = _quiet_transformers()
+    try:
+        config = transformers.AutoConfig.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    except Exception as exc:
+        raise UnsupportedModelError(f"cannot map the GGUF file {path} to a transformers model: {_first_line(exc)}") from None
+    check_decoder_only(config, spec)
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, local_files_only=True, dtype="float32",
+            attn_implementation=attn_implementation)
+    except Exception as exc:
+        raise SourceError(f"cannot load the weights of the GGUF file {path}: {_first_line(exc)}") from None
+    return model.eval()
 
 
 def _module_source(module: Any, spec: str) -> ModelSource:

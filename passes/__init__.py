@@ -1,0 +1,1 @@
+"""Graph -> graph rewrites, one concern per module, installed as ``llmc.passes``."""
