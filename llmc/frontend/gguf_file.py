@@ -45,6 +45,8 @@ class GGUFFile:
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         except (OSError, ValueError) as exc:
             raise SourceError(f"cannot read {self.path}: {exc}") from None
+        if self._map[:4] != b"GGUF":
+            raise SourceError(f"{self.path} is not a GGUF file (it does not start with the bytes 'GGUF')")
         self._pos = 0
         try:
             self._parse()
@@ -85,8 +87,6 @@ class GGUFFile:
         raise ValueError(f"unknown metadata value type {kind}")
 
     def _parse(self) -> None:
-        if self._map[:4] != b"GGUF":
-            raise ValueError("bad magic bytes")
         self._pos = 4
         self.version = self._read("<I")
         if self.version not in (2, 3):

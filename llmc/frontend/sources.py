@@ -79,11 +79,13 @@ def _builtin(name: str, attn_implementation: str | None) -> ModelSource:
 
 
 def check_decoder_only(config: Any, spec: str) -> None:
-    """Refuse encoder-only and encoder-decoder models before anything is loaded."""
-    if getattr(config, "is_encoder_decoder", False):
-        raise UnsupportedModelError(f"{spec} is an encoder-decoder model ({config.model_type}); "
+    """Refuse encoder-only and encoder-decoder models (config as a dict or a transformers config)."""
+    if not isinstance(config, dict):
+        config = config.to_dict()
+    if config.get("is_encoder_decoder"):
+        raise UnsupportedModelError(f"{spec} is an encoder-decoder model ({config.get('model_type')}); "
                                     "llmc compiles decoder-only causal language models")
-    architectures = getattr(config, "architectures", None) or []
+    architectures = config.get("architectures") or []
     causal = [a for a in architectures if a.endswith(("ForCausalLM", "LMHeadModel"))]
     if architectures and not causal:
         raise UnsupportedModelError(f"{spec} is a {', '.join(architectures)}, not a decoder-only causal language "
@@ -105,6 +107,7 @@ def _hf_dir(path: Path, attn_implementation: str | None) -> ModelSource:
         raise SourceError(f"cannot read {path / 'config.json'}: {exc}") from None
     if not isinstance(raw, dict) or "model_type" not in raw:
         raise SourceError(f"{path / 'config.json'} is not a Hugging Face model config (no model_type)")
+    check_decoder_only(raw, str(path))
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise SourceError(f"{path} has a config.json but no weights (*.safetensors): copy the weights next to it")
     has_tokenizer = any((path / f).is_file() for f in TOKENIZER_FILES)

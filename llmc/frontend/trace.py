@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import traceback
 
@@ -36,11 +39,24 @@ def export(model: torch.nn.Module, max_seq: int, name: str) -> torch.export.Expo
     seq = torch.export.Dim(SEQ, min=1, max=max_seq) if max_seq > 1 else None
     wrapper = LogitsOnly(model).eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _quiet_torch_logs():
             return torch.export.export(wrapper, (ids,), dynamic_shapes={"input_ids": {1: seq}} if seq else None,
                                        strict=False)
     except Exception as exc:  # torch raises many unrelated types; all mean "could not trace"
         raise TraceError(f"torch.export could not trace {name}: {_summary(exc)}{_model_frame(exc)}") from exc
+
+
+@contextlib.contextmanager
+def _quiet_torch_logs():
+    """torch logs (and on failure prints) while tracing; llmc reports failures itself, in one line."""
+    # torch sets levels on its own child loggers, so only a global switch silences them all.
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logging.disable(previous)
 
 
 def _summary(exc: Exception) -> str:

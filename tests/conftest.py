@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny random models of each family, saved as Hugging Face directories."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+
+
+def family_config(name: str):
+    import transformers as T
+
+    return {
+        "llama": lambda: T.LlamaConfig(**COMMON, tie_word_embeddings=True),
+        "qwen2": lambda: T.Qwen2Config(**COMMON),                           # attention bias
+        "mistral": lambda: T.MistralConfig(**COMMON, sliding_window=16),    # window < longest test
+        "phi3": lambda: T.Phi3Config(**COMMON, pad_token_id=0),             # fused qkv, gate_up
+        "gemma": lambda: T.GemmaConfig(**COMMON, head_dim=16),              # scaled embeddings, GeGLU
+        "gpt2": lambda: T.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256),
+    }[name]()
+
+
+FAMILIES = ["llama", "qwen2", "mistral", "phi3", "gemma", "gpt2"]
+
+
+def tiny_model(name: str, seed: int = 0):
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(family_config(name)).eval()
+    # Random init leaves norms at 1 and biases at 0; perturb every tensor so each one matters.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory):
+    """name -> directory holding config.json + model.safetensors (no tokenizer files)."""
+    out = {}
+    for name in FAMILIES:
+        path = tmp_path_factory.mktemp(name)
+        tiny_model(name).save_pretrained(path)
+        out[name] = path
+    return out
+
+
+def relative_error(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.abs(got.astype(np.float64) - want).max() / np.abs(want).max())

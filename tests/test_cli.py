@@ -1,0 +1,139 @@
+"""The llmc command: useful output on good sources, one clear line and exit 1 on bad ones."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import transformers
+
+
+def llmc(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "llmc", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=600)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if not ln.startswith("warning: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], (fragment, errors[0])
+
+
+def test_inspect_prints_histogram_and_ir(family_dirs):
+    result = llmc("inspect", family_dirs["gemma"], "--ir")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "op histogram:" in out and "graph @forward(%input_ids: i64[1, seq]) {" in out
+    assert out.index("op histogram:") < out.index("graph @forward")
+    assert "gelu" in out and "tokenizer none" in out
+    assert result.stderr.strip().startswith("warning: ") and "no tokenizer files" in result.stderr
+
+
+def test_missing_path():
+    assert_one_line_error(llmc("inspect", "/no/such/model"), "no such file or directory: /no/such/model")
+
+
+def test_corrupt_gguf(tmp_path):
+    path = tmp_path / "broken.gguf"
+    path.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + b"\x01" * 20)
+    assert_one_line_error(llmc("inspect", path), "broken.gguf", "GGUF")
+
+
+def test_not_a_gguf(tmp_path):
+    path = tmp_path / "model.gguf"
+    path.write_text("hello")
+    assert_one_line_error(llmc("inspect", path), "not a GGUF file")
+
+
+def test_encoder_only_bert_is_refused(tmp_path):
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=48)
+    transformers.BertForMaskedLM(config).save_pretrained(tmp_path)
+    result = llmc("inspect", tmp_path)
+    assert_one_line_error(result, "BertForMaskedLM", "decoder-only")
+    assert "warning" not in result.stderr          # refused before anything else is looked at
+
+
+def test_encoder_without_architectures_is_caught_by_the_causality_probe(tmp_path):
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=48)
+    transformers.BertForMaskedLM(config).save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    del raw["architectures"]
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    assert_one_line_error(llmc("inspect", tmp_path), "not a causal language model")
+
+
+MODULES = textwrap.dedent('''
+    import torch
+
+    class DataDependent(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(32, 8)
+
+        def forward(self, ids):
+            h = self.embed(ids)
+            if h.sum() > 0:  # branches on values: not traceable
+                h = h * 2
+            return h
+
+    class UnknownOp(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(32, 8)
+
+        def forward(self, ids):
+            return torch.cumprod(self.embed(ids), dim=1)
+
+    def data_dependent():
+        return DataDependent()
+
+    def unknown_op():
+        return UnknownOp()
+''')
+
+
+@pytest.fixture
+def modules_file(tmp_path):
+    path = tmp_path / "mymodels.py"
+    path.write_text(MODULES)
+    return path
+
+
+def line_of(code: str) -> int:
+    return MODULES.splitlines().index(next(ln for ln in MODULES.splitlines() if code in ln)) + 1
+
+
+def test_untraceable_model_names_the_line(modules_file):
+    result = llmc("inspect", f"{modules_file}:data_dependent")
+    assert_one_line_error(result, "torch.export could not trace",
+                          f"mymodels.py:{line_of('if h.sum() > 0')}", "if h.sum() > 0")
+
+
+def test_unknown_aten_op_names_the_op_and_line(modules_file):
+    result = llmc("inspect", f"{modules_file}:unknown_op")
+    assert_one_line_error(result, "aten.cumprod", f"mymodels.py:{line_of('torch.cumprod')}", "torch.cumprod")
+
+
+def test_bad_factory_specs(modules_file):
+    assert_one_line_error(llmc("inspect", f"{modules_file}:nothing_here"), "no attribute 'nothing_here'")
+    assert_one_line_error(llmc("inspect", "no_such_package_xyz:make"), "cannot import no_such_package_xyz")
+
+
+def test_usage_error_exits_2():
+    result = llmc("inspect")
+    assert result.returncode == 2
+
+
+def test_runtime_modules_never_import_torch():
+    code = ("import sys, llmc, llmc.ir, llmc.ops, llmc.interpret, llmc.dims, llmc.errors, llmc.cli; "
+            "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
+            "assert not bad, bad")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

