@@ -131,6 +131,11 @@ class GGUFFile:
         info = self.tensors[name]
         return np.frombuffer(self._map, dtype=np.uint8, count=info.nbytes, offset=info.offset)
 
+    def release_pages(self) -> None:
+        """Drop the file's pages from this process's memory (they are re-read if needed again)."""
+        if hasattr(mmap, "MADV_DONTNEED"):
+            self._map.madvise(mmap.MADV_DONTNEED)
+
     def dequantize(self, name: str) -> np.ndarray:
         """The tensor as float32 in numpy shape order."""
         info = self.tensors[name]

@@ -79,6 +79,7 @@ def load_gguf_model(f: GGUFFile, attn_implementation: str | None, spec: str):
         if tuple(array.shape) != tuple(param.shape):
             raise SourceError(f"{f.path}: tensor {gguf_name} has shape {array.shape}, {key} needs {tuple(param.shape)}")
         state[key] = torch.from_numpy(np.ascontiguousarray(array))
+    f.release_pages()
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.tie_weights()

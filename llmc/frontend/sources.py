@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +94,8 @@ def check_decoder_only(config: Any, spec: str) -> None:
 
 
 def _quiet_transformers():
+    # Belt and braces: every load here is local, and the hub must never be asked.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
