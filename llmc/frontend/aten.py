@@ -45,6 +45,15 @@ def source_location(fx_node: torch.fx.Node) -> str:
     return f"{path}:{line}: {code.strip()}"
 
 
+def coerce(value: Any, dtype: str) -> bool | int | float:
+    """A Python number as the attribute value of a tensor of ``dtype``."""
+    if dtype == "bool":
+        return bool(value)
+    if dtype.startswith(("i", "u")):
+        return int(value)
+    return float(value)
+
+
 class Importer:
     def __init__(self, program: ExportedProgram, symbol_names: dict[str, str], weight_prefix: str = ""):
         self.program = program
@@ -98,13 +107,7 @@ class Importer:
         return Node(op, inputs, attrs, type)
 
     def const(self, value: Any, dtype: str) -> Node:
-        if dtype == "bool":
-            value = bool(value)
-        elif dtype.startswith(("i", "u")):
-            value = int(value)
-        else:
-            value = float(value)
-        return Node("const", (), {"value": value, "dtype": dtype}, Type(dtype, ()))
+        return Node("const", (), {"value": coerce(value, dtype), "dtype": dtype}, Type(dtype, ()))
 
     def tensor(self, arg: Any, dtype: str | None = None) -> Node:
         """The IR node for an argument: an imported tensor, or a Python number as a const."""
@@ -466,8 +469,7 @@ def _arange(imp, n, *args, **kwargs):
 def _filled(value_of):
     def handler(imp, n, *args, **kwargs):
         t = imp.meta_type(n)
-        value = value_of(args, kwargs)
-        return imp.emit("full", [], shape=list(t.shape), value=imp.const(value, t.dtype).attrs["value"], dtype=t.dtype)
+        return imp.emit("full", [], shape=list(t.shape), value=coerce(value_of(args, kwargs), t.dtype), dtype=t.dtype)
     return handler
 
 
