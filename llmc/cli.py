@@ -9,6 +9,7 @@ import warnings
 
 from llmc import __version__
 from llmc.errors import LlmcError, LlmcWarning
+from llmc.pipeline import PHASE_NAMES
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("source", help="Hugging Face model directory, .gguf file, built-in name (smollm2) "
                                         "or module:factory")
     inspect.add_argument("--ir", action="store_true", help="print the full IR after the op histogram")
+    inspect.add_argument("--after", default="import", metavar="PHASE",
+                         help="show the graph after this pipeline phase: " + ", ".join(PHASE_NAMES)
+                         + " (default: import)")
+    inspect.add_argument("--dump-ir", metavar="DIR", help="write the IR after every phase into DIR")
     inspect.add_argument("--attn", choices=["sdpa", "eager"], default=None,
                          help="attention implementation to trace (default: the model's own)")
     inspect.set_defaults(run=run_inspect)
@@ -48,10 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_inspect(args) -> int:
-    from llmc.frontend import import_model
+    from llmc.pipeline import run_pipeline
 
-    imported = import_model(args.source, attn_implementation=args.attn)
-    graph = imported.graph
+    result = run_pipeline(args.source, until=args.after, dump_ir=args.dump_ir, attn_implementation=args.attn)
+    imported, graph = result.imported, result.graph
     config = imported.config
     out = sys.stdout
     source = imported.source
@@ -64,10 +69,11 @@ def run_inspect(args) -> int:
     signature = ", ".join(f"%{n.attrs['name']}: {n.type}" for n in graph.inputs)
     results = ", ".join(str(n.type) for n in graph.outputs)
     out.write(f"graph     {len(graph.nodes())} nodes, ({signature}) -> {results}, seq <= {imported.max_seq}\n")
-    out.write("time      " + ", ".join(f"{k} {v:.1f} s" for k, v in imported.timings.items()) + "\n")
+    out.write("time      " + ", ".join(f"{k} {v:.1f} s" for k, v in imported.timings.items())
+              + "".join(f", {k} {v:.1f} s" for k, v in result.timings.items() if k != "import") + "\n")
     if not source.has_tokenizer:
         out.write("tokenizer none (token ids only)\n")
-    out.write("\nop histogram:\n")
+    out.write(f"\nop histogram after {args.after}:\n")
     for op, count in graph.op_histogram().items():
         out.write(f"  {op:<12} {count}\n")
     if args.ir:

@@ -1,0 +1,96 @@
+"""Patterns, rewrite tables, and the one driver that applies a table to a fixpoint.
+
+A rule is ``(pattern, fn)``. A pattern matches a node by op (one name, several, or any), by its
+inputs' patterns and by an optional predicate, and binds named sub-nodes. ``fn(**bindings)``
+returns a replacement node of the same type, or ``None`` to decline. Passes are written as such
+tables; only passes that need a whole-graph view (CSE) walk the graph themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+from llmc.ir import Graph, Node, format_attrs
+
+
+class RewriteError(AssertionError):
+    """A rule produced a node of another type, or a table did not reach a fixpoint: a bug in a pass."""
+
+
+@dataclass(frozen=True)
+class Pat:
+    op: Optional[str | tuple[str, ...]] = None
+    inputs: Optional[tuple["Pat", ...]] = None
+    name: Optional[str] = None
+    where: Optional[Callable[[Node], bool]] = None
+
+    def match(self, node: Node, bound: dict[str, Node]) -> bool:
+        if self.op is not None and node.op not in ((self.op,) if isinstance(self.op, str) else self.op):
+            return False
+        if self.where is not None and not self.where(node):
+            return False
+        if self.name is not None:
+            if self.name in bound and bound[self.name] is not node:
+                return False
+            bound[self.name] = node
+        if self.inputs is not None:
+            if len(self.inputs) != len(node.inputs):
+                return False
+            return all(p.match(i, bound) for p, i in zip(self.inputs, node.inputs))
+        return True
+
+
+def P(op=None, *inputs: Pat, name: str | None = None, where=None) -> Pat:
+    """``P("mul", P(name="x"), P("const", name="c"), name="root")``: inputs given means exactly these."""
+    return Pat(op, tuple(inputs) if inputs else None, name, where)
+
+
+Rule = tuple[Pat, Callable[..., Optional[Node]]]
+
+MAX_ROUNDS = 50
+
+
+def rewrite(graph: Graph, rules: Sequence[Rule]) -> Graph:
+    """Apply ``rules`` bottom-up, again and again, until no rule fires. Returns a new graph."""
+    for _ in range(MAX_ROUNDS):
+        graph, fired = _one_round(graph, rules)
+        if not fired:
+            return graph
+    raise RewriteError(f"rules did not reach a fixpoint in {MAX_ROUNDS} rounds")
+
+
+def _one_round(graph: Graph, rules: Sequence[Rule]) -> tuple[Graph, int]:
+    mapping: dict[int, Node] = {}
+    fired = 0
+    for original in graph.nodes():
+        if original.op == "input":
+            mapping[id(original)] = original
+            continue
+        inputs = [mapping[id(i)] for i in original.inputs]
+        node = original
+        if any(a is not b for a, b in zip(inputs, original.inputs)):
+            node = Node(original.op, inputs, original.attrs, original.type)
+        mapping[id(original)], count = _apply(node, rules)
+        fired += count
+    return Graph(graph.inputs, [mapping[id(o)] for o in graph.outputs], graph.weights, graph.name), fired
+
+
+def _apply(node: Node, rules: Sequence[Rule]) -> tuple[Node, int]:
+    count = 0
+    for _ in range(MAX_ROUNDS):
+        for pattern, fn in rules:
+            bound: dict[str, Node] = {}
+            if not pattern.match(node, bound):
+                continue
+            result = fn(**bound)
+            if result is None or result is node:
+                continue
+            if result.type != node.type:
+                raise RewriteError(f"{fn.__name__} turned {node.op} {format_attrs(node.attrs)} of type {node.type} "
+                                   f"into {result.op} of type {result.type}")
+            node, count = result, count + 1
+            break
+        else:
+            return node, count
+    raise RewriteError(f"rules keep rewriting {node.op}: no fixpoint")

@@ -1,0 +1,33 @@
+import io
+
+import numpy as np
+import pytest
+
+from conftest import tiny_model
+from llmc.errors import LlmcError
+from llmc.interpret import run
+from llmc.ir import parse_graph, verify
+from llmc.pipeline import PHASE_NAMES, run_pipeline
+
+
+def test_phases_report_progress_dump_ir_and_preserve_numerics(tmp_path):
+    model = tiny_model("mistral")
+    progress = io.StringIO()
+    result = run_pipeline(model, dump_ir=tmp_path / "ir", progress=progress)
+    lines = progress.getvalue().splitlines()
+    assert [ln.split()[1] for ln in lines] == PHASE_NAMES
+    assert all(ln.startswith(f"[{i}/{len(PHASE_NAMES)}]") for i, ln in enumerate(lines, start=1))
+    dumps = sorted(p.name for p in (tmp_path / "ir").iterdir())
+    assert dumps == [f"{i:02d}-{name}.ir" for i, name in enumerate(PHASE_NAMES, start=1)]
+    for dump in (tmp_path / "ir").iterdir():
+        verify(parse_graph(dump.read_text()))
+    ids = np.arange(1, 20, dtype=np.int64)[None]
+    np.testing.assert_allclose(run(result.graph, [ids])[0], run(result.imported.graph, [ids])[0], rtol=1e-6, atol=1e-6)
+
+
+def test_until_stops_early_and_rejects_unknown_phases():
+    model = tiny_model("llama")
+    result = run_pipeline(model, until="import", progress=None)
+    assert result.graph is result.imported.graph and list(result.timings) == ["import"]
+    with pytest.raises(LlmcError, match="unknown phase 'fuze'"):
+        run_pipeline(model, until="fuze", progress=None)
