@@ -547,3 +547,74 @@ def _sdpa_ref(xs, a, shape, dt):
 
 define("sdpa", "nn", "softmax(q@k.T*scale + mask) @ v over the whole sequence (k/v heads shared by groups)",
        (3, 4), ["scale", "causal"], infer=_sdpa_infer, ref=_sdpa_ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation ops (introduced by passes)
+
+def _attention_infer(ts, a):
+    q, k, v, k_cache, v_cache, start_pos = ts
+    dtype = _same_dtype([_float(q), k, v])
+    if q.rank != 4 or k.rank != 4 or v.rank != 4 or q.shape[0] != 1:
+        raise OpError("attention takes q, k, v of shape [1, heads, seq, head_dim]")
+    if start_pos.dtype != "i64" or start_pos.rank != 0:
+        raise OpError("attention's start_pos must be an i64 scalar")
+    hq, hk = q.shape[1], k.shape[1]
+    if not (isinstance(hq, int) and isinstance(hk, int) and hq % hk == 0):
+        raise OpError(f"attention: {hq} query heads are not a multiple of {hk} key/value heads")
+    if k.shape[2] != q.shape[2] or v.shape[2] != q.shape[2] or v.shape[1] != hk or k.shape[3] != q.shape[3]:
+        raise OpError(f"attention shapes q={q} k={k} v={v} do not agree")
+    for cache, step in ((k_cache, k), (v_cache, v)):
+        if cache.rank != 4 or cache.dtype != dtype or cache.shape[1] != hk or cache.shape[3] != step.shape[3]:
+            raise OpError(f"cache {cache} does not hold [layers, {hk}, ctx, {step.shape[3]}] of {dtype}")
+        if not 0 <= a["layer"] < cache.shape[0]:
+            raise OpError(f"layer {a['layer']} is outside a cache of {cache.shape[0]} layers")
+    return Type(dtype, (1, hq, q.shape[2], v.shape[3]))
+
+
+def _attention_ref(xs, a, shape, dt):
+    from llmc.errors import InterpretError
+
+    q, k, v, k_cache, v_cache, start_pos = xs
+    layer, seq, capacity = a["layer"], q.shape[2], k_cache.shape[2]
+    start = int(start_pos)
+    end = start + seq
+    if start < 0 or end > capacity:
+        raise InterpretError(f"the KV cache holds {capacity} positions; positions {start}..{end - 1} do not fit "
+                             "(load the model with a larger max_context)")
+    k_cache[layer, :, start:end] = k[0]
+    v_cache[layer, :, start:end] = v[0]
+    keys, values = k_cache[layer, :, :end], v_cache[layer, :, :end]
+    groups = q.shape[1] // keys.shape[0]
+    keys, values = np.repeat(keys, groups, axis=0), np.repeat(values, groups, axis=0)
+    scores = np.matmul(q[0], np.swapaxes(keys, -1, -2)) * np.asarray(a["scale"], q.dtype)
+    query_pos = start + np.arange(seq)[:, None]
+    key_pos = np.arange(end)[None, :]
+    allowed = key_pos <= query_pos
+    if a["window"]:
+        allowed &= query_pos - key_pos < a["window"]
+    scores = np.where(allowed, scores, -np.inf)
+    return np.matmul(_softmax(scores, -1), values)[None].astype(q.dtype)
+
+
+define("attention", "generation",
+       "append k, v to the layer's cache at start_pos, then causal (windowed) attention over 0..start_pos+seq",
+       6, ["layer", "scale", "window"], infer=_attention_infer, ref=_attention_ref)
+
+
+def _rope_infer(ts, a):
+    x, cos, sin = ts
+    _same_dtype([_float(x), cos, sin])
+    if broadcast_shapes(x.shape, cos.shape, sin.shape) != x.shape or not isinstance(x.shape[-1], int) \
+            or x.shape[-1] % 2:
+        raise OpError(f"rope tables {cos}, {sin} must broadcast to {x} with an even last axis")
+    return x
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+define("rope", "generation", "rotary embedding, rotate-half form: x*cos + rotate_half(x)*sin", 3,
+       infer=_rope_infer, ref=lambda xs, a, shape, dt: xs[0] * xs[1] + _rotate_half(xs[0]) * xs[2])

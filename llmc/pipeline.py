@@ -1,9 +1,11 @@
 """The compile pipeline: one ordered list of phases, read top to bottom.
 
-1. import    trace the model's own code and import it into llmc IR (llmc.frontend)
-2. simplify  CSE, constant folding, no-op and reshape/permute chain cleanup (llmc.passes.cleanup)
+1. import     trace the model's own code and import it into llmc IR (llmc.frontend)
+2. simplify   CSE, constant folding, no-op and reshape/permute chain cleanup (llmc.passes.cleanup)
+3. attention  attention onto a KV cache, positions from start_pos, last-position logits
+              (llmc.passes.attention)
 
-Later phases (attention, fuse, quantize, plan memory, lower) join this list as they land. Each
+Later phases (fuse, quantize, plan memory, lower) join this list as they land. Each
 phase prints one progress line with its time; ``dump_ir`` writes the IR after every phase; the
 verifier runs after every phase when ``verify`` is on (tests, or LLMC_VERIFY=1).
 """
@@ -25,17 +27,25 @@ from llmc.ir import Graph, verify as verify_graph
 class Phase:
     name: str
     doc: str
-    run: Callable[[Graph], Graph]
+    run: Callable[[Graph, Any], Graph]       # (graph, PassContext) -> graph
 
 
-def _simplify(graph: Graph) -> Graph:
+def _simplify(graph: Graph, ctx) -> Graph:
     from llmc.passes.cleanup import simplify
 
     return simplify(graph)
 
 
+def _attention(graph: Graph, ctx) -> Graph:
+    from llmc.passes.attention import rewrite_attention
+    from llmc.passes.cleanup import simplify
+
+    return simplify(rewrite_attention(graph, ctx))
+
+
 PHASES: list[Phase] = [
     Phase("simplify", "CSE, constant folding, no-op and reshape/permute chain cleanup", _simplify),
+    Phase("attention", "attention onto a KV cache, positions from start_pos, last-position logits", _attention),
 ]
 PHASE_NAMES = ["import"] + [p.name for p in PHASES]
 
@@ -46,23 +56,36 @@ class PipelineResult:
     imported: Any                                   # llmc.frontend.Imported
     timings: dict[str, float] = field(default_factory=dict)
     histograms: dict[str, dict[str, int]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)   # what passes could not do, and why
 
 
 def run_pipeline(source: Any, *, until: str | None = None, dump_ir: str | Path | None = None,
-                 verify: bool | None = None, progress: TextIO | None = sys.stderr,
+                 verify: bool | None = None, progress: TextIO | None = sys.stderr, all_logits: bool = False,
                  **import_options: Any) -> PipelineResult:
     """Run the phases on ``source`` up to and including ``until`` (default: all of them)."""
     from llmc.frontend import import_model
 
-    until = until or PHASE_NAMES[-1]
-    if until not in PHASE_NAMES:
-        raise LlmcError(f"unknown phase {until!r}; the phases are {', '.join(PHASE_NAMES)}")
+    _check_phase(until)
+    start = time.perf_counter()
+    imported = import_model(source, **import_options)
+    return run_phases(imported, until=until, dump_ir=dump_ir, verify=verify, progress=progress,
+                      all_logits=all_logits, import_seconds=time.perf_counter() - start)
+
+
+def run_phases(imported: Any, *, until: str | None = None, dump_ir: str | Path | None = None,
+               verify: bool | None = None, progress: TextIO | None = sys.stderr, all_logits: bool = False,
+               import_seconds: float = 0.0) -> PipelineResult:
+    """Run the phases after import on an already imported model (``llmc.frontend.Imported``)."""
+    from llmc.passes.context import PassContext
+
+    until = _check_phase(until)
     if verify is None:
         verify = os.environ.get("LLMC_VERIFY") == "1"
     dump_dir = Path(dump_ir) if dump_ir else None
     if dump_dir:
         dump_dir.mkdir(parents=True, exist_ok=True)
     total = PHASE_NAMES.index(until) + 1
+    result = PipelineResult(imported.graph, imported)
 
     def finish(index: int, name: str, graph: Graph, seconds: float) -> None:
         if verify:
@@ -75,14 +98,22 @@ def run_pipeline(source: Any, *, until: str | None = None, dump_ir: str | Path |
             progress.write(f"[{index}/{total}] {name:<9} {seconds:6.2f} s  {len(graph.nodes())} nodes\n")
             progress.flush()
 
-    start = time.perf_counter()
-    imported = import_model(source, **import_options)
-    result = PipelineResult(imported.graph, imported)
-    finish(1, "import", imported.graph, time.perf_counter() - start)
+    finish(1, "import", imported.graph, import_seconds)
     graph = imported.graph
+    ctx = PassContext(imported.config, imported.max_seq, all_logits, result.notes)
     for index, phase in enumerate(PHASES[: total - 1], start=2):
         start = time.perf_counter()
-        graph = phase.run(graph)
+        graph = phase.run(graph, ctx)
         finish(index, phase.name, graph, time.perf_counter() - start)
+    if progress:
+        for note in result.notes:
+            progress.write(f"note: {note}\n")
     result.graph = graph
     return result
+
+
+def _check_phase(until: str | None) -> str:
+    until = until or PHASE_NAMES[-1]
+    if until not in PHASE_NAMES:
+        raise LlmcError(f"unknown phase {until!r}; the phases are {', '.join(PHASE_NAMES)}")
+    return until

@@ -94,3 +94,21 @@ def _apply(node: Node, rules: Sequence[Rule]) -> tuple[Node, int]:
         else:
             return node, count
     raise RewriteError(f"rules keep rewriting {node.op}: no fixpoint")
+
+
+def rebuild(graph: Graph, replace: Callable[[Node, list[Node]], Optional[Node]],
+            inputs: Sequence[Node] | None = None) -> Graph:
+    """Walk ``graph`` once in topological order; ``replace(original, new_inputs)`` may return a new
+    node for ``original`` (inputs included), or None to keep it (rebuilt on the new inputs).
+    For passes that change the graph's signature or need a whole-graph view."""
+    mapping: dict[int, Node] = {}
+    for original in graph.nodes():
+        new_inputs = [mapping[id(i)] for i in original.inputs]
+        node = replace(original, new_inputs)
+        if node is None:
+            node = original
+            if any(a is not b for a, b in zip(new_inputs, original.inputs)):
+                node = Node(original.op, new_inputs, original.attrs, original.type)
+        mapping[id(original)] = node
+    return Graph(list(inputs) if inputs is not None else graph.inputs,
+                 [mapping[id(o)] for o in graph.outputs], graph.weights, graph.name)

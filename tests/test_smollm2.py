@@ -45,3 +45,19 @@ def test_smollm2_logits_match_transformers(smollm2, reference_model, length):
         want = reference_model(input_ids=ids).logits.numpy()
     got = run(smollm2.graph, {"input_ids": ids.numpy()})[0]
     assert relative_error(got, want) < 1e-4
+
+
+def test_smollm2_prefill_then_decode_over_the_kv_cache(smollm2, reference_model):
+    from test_attention import check_prefill_then_decode
+
+    from llmc.pipeline import run_phases
+
+    result = run_phases(smollm2, progress=None)
+    graph = result.graph
+    assert result.notes == []
+    assert [str(n.type) for n in graph.inputs] == ["i64[seq]", "i64[]", "f32[30, 3, ctx, 64]", "f32[30, 3, ctx, 64]"]
+    assert graph.op_histogram()["attention"] == 30
+    ids = torch.randint(0, 49152, (1, 75), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        want = reference_model(input_ids=ids).logits[0].numpy()
+    check_prefill_then_decode(graph, want, ids[0].numpy(), prompt=67)

@@ -1,0 +1,264 @@
+"""The attention phase: a full-sequence forward becomes a generation step over a KV cache.
+
+Before: ``forward(input_ids[1, seq]) -> logits[1, seq, vocab]`` with attention as traced (the SDPA op,
+or eager matmul-softmax-matmul), K/V repeated for GQA, a mask built from positions, positions from
+``arange(seq)``. After: ``forward(tokens[seq], start_pos, k_cache, v_cache) -> logits[1, vocab]``
+(or ``[seq, vocab]`` when all logits are asked for), where each attention site is one ``attention``
+op that appends this step's K/V to its layer of the cache and attends over ``0..start_pos+seq``,
+and every position is ``start_pos + arange(seq)`` — so RoPE tables (any rope_scaling variant) and
+learned position embeddings follow without knowing the formula.
+
+A mask is recognised by what it computes, not by its shape: it must depend on the sequence length
+only, and evaluated at several lengths it must equal a causal mask, or a causal sliding window.
+If any site does not fit, the graph is returned unchanged and the context's notes say why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from llmc import dims
+from llmc.interpret import run
+from llmc.ir import Graph, Node, Type
+from llmc.ops import infer
+from llmc.passes.context import PassContext
+from llmc.passes.rewrite import rebuild
+
+SEQ, CTX = "seq", "ctx"
+
+
+class Decline(Exception):
+    """An attention site (or the graph) does not have a form this pass can rewrite."""
+
+
+@dataclass
+class Site:
+    node: Node
+    q: Node
+    k: Node
+    v: Node
+    scale: float
+    window: int
+
+
+def emit(op: str, inputs: list[Node], **attrs) -> Node:
+    return Node(op, inputs, attrs, infer(op, [i.type for i in inputs], attrs))
+
+
+def rewrite_attention(graph: Graph, ctx: PassContext) -> Graph:
+    try:
+        return _rewrite(graph, ctx)
+    except Decline as reason:
+        ctx.note(f"attention: left the graph as traced, without a KV cache: {reason}")
+        return graph
+
+
+def _rewrite(graph: Graph, ctx: PassContext) -> Graph:
+    if len(graph.inputs) != 1 or graph.inputs[0].type != Type("i64", (1, SEQ)) or len(graph.outputs) != 1:
+        raise Decline("the graph is not input_ids[1, seq] -> logits")
+    input_ids = graph.inputs[0]
+    sites = [_site(graph, node, ctx) for node in graph.nodes() if _is_attention(node)]
+    if not sites:
+        raise Decline("no attention was found")
+    kv_shapes = {(s.k.type.shape[1], s.k.type.shape[3], s.v.type.shape[3], s.k.type.dtype) for s in sites}
+    if len(kv_shapes) != 1:
+        raise Decline(f"layers differ in key/value heads or sizes {sorted(map(str, kv_shapes))}")
+    heads, key_size, value_size, dtype = kv_shapes.pop()
+    layers = len(sites)
+
+    tokens = Node("input", (), {"name": "tokens"}, Type("i64", (SEQ,)))
+    start_pos = Node("input", (), {"name": "start_pos"}, Type("i64", ()))
+    k_cache = Node("input", (), {"name": "k_cache"}, Type(dtype, (layers, heads, CTX, key_size)))
+    v_cache = Node("input", (), {"name": "v_cache"}, Type(dtype, (layers, heads, CTX, value_size)))
+    layer_of = {id(s.node): (i, s) for i, s in enumerate(sites)}
+    done: dict[int, Node] = {}   # original node -> its rebuilt node, for reaching q/k/v below a site
+
+    def replace(original: Node, inputs: list[Node]) -> Node | None:
+        node = None
+        if original is input_ids:
+            node = emit("reshape", [tokens], shape=[1, SEQ])
+        elif id(original) in layer_of:
+            layer, site = layer_of[id(original)]
+            node = emit("attention", [translate(site.q), translate(site.k), translate(site.v), k_cache, v_cache,
+                                      start_pos], layer=layer, scale=site.scale, window=site.window)
+        elif _is_positions(original):
+            node = emit("add", [original, start_pos])
+        if node is None and any(a is not b for a, b in zip(inputs, original.inputs)):
+            node = Node(original.op, inputs, original.attrs, original.type)
+        done[id(original)] = node or original
+        return done[id(original)]
+
+    def translate(node: Node) -> Node:
+        """A site operand on the rebuilt graph (operands may be new nodes over original ones)."""
+        if id(node) in done:
+            return done[id(node)]
+        return Node(node.op, [translate(i) for i in node.inputs], node.attrs, node.type)
+
+    out = rebuild(graph, replace, inputs=[tokens, start_pos, k_cache, v_cache])
+    out.outputs = [_logits(out.outputs[0], ctx.all_logits)]
+    leftover = [n.op for n in out.nodes() if _is_attention(n)]
+    if leftover:
+        raise Decline(f"{len(leftover)} attention sites remain after the rewrite")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Recognising attention sites
+
+def _is_attention(node: Node) -> bool:
+    if node.op == "sdpa":
+        return True
+    return node.op == "matmul" and node.inputs[0].op == "softmax"
+
+
+def _site(graph: Graph, node: Node, ctx: PassContext) -> Site:
+    if node.op == "sdpa":
+        q, k, v = node.inputs[:3]
+        mask = node.inputs[3] if len(node.inputs) == 4 else None
+        scale, causal = node.attrs["scale"], node.attrs["causal"]
+    else:
+        q, k, v, scale, mask = _eager_parts(node)
+        causal = False
+    if mask is None and not causal:
+        raise Decline("an attention without a causal mask (bidirectional attention)")
+    window = 0 if mask is None else _mask_window(graph, mask, ctx)
+    hq = q.type.shape[1]
+    k, v = _unrepeat(k, hq), _unrepeat(v, hq)
+    for t in (q, k, v):
+        if t.type.rank != 4 or t.type.shape[0] != 1 or t.type.shape[2] != SEQ:
+            raise Decline(f"attention operand {t.type} is not [1, heads, seq, head_dim]")
+    return Site(node, q, k, v, float(scale), window)
+
+
+def _eager_parts(node: Node):
+    probs, v = node.inputs
+    scores = probs.inputs[0]
+    if probs.attrs["axis"] != scores.type.rank - 1:
+        raise Decline("a softmax over another axis than the keys")
+    mask = None
+    if scores.op == "add":
+        a, b = scores.inputs
+        scores, mask = (a, b) if _is_qk(_unscaled(a)[0]) else (b, a)
+    elif scores.op == "where":
+        cond, kept, dropped = scores.inputs
+        if not (_constant_value(dropped, default=0.0) <= -1e30):
+            raise Decline("a where() on attention scores that does not mask with -inf")
+        scores, mask = kept, cond
+    raw, scale = _unscaled(scores)
+    if not _is_qk(raw):
+        raise Decline(f"attention scores computed by {raw.op}, not q @ k.T")
+    q, kt = raw.inputs
+    perm = kt.attrs["perm"]
+    k = kt.inputs[0]
+    if perm != list(range(len(perm) - 2)) + [len(perm) - 1, len(perm) - 2]:
+        # The transpose merged with a head permute: k itself is x permuted by perm with its last two swapped.
+        k = emit("permute", [k], perm=perm[:-2] + [perm[-1], perm[-2]])
+    return q, k, v, scale, mask
+
+
+def _unscaled(node: Node) -> tuple[Node, float]:
+    if node.op in ("mul", "div"):
+        a, b = node.inputs
+        if b.op == "const" or (node.op == "mul" and a.op == "const"):
+            tensor, c = (a, b) if b.op == "const" else (b, a)
+            value = float(c.attrs["value"])
+            return tensor, value if node.op == "mul" else 1.0 / value
+    return node, 1.0
+
+
+def _is_qk(node: Node) -> bool:
+    """matmul(q, permute(x)) where the permute puts the key axis last (k.T, possibly merged)."""
+    return node.op == "matmul" and node.inputs[1].op == "permute" and node.inputs[1].type.rank >= 2
+
+
+def _constant_value(node: Node, default: float) -> float:
+    if node.op in ("const", "full"):
+        return float(node.attrs["value"])
+    return default
+
+
+def _unrepeat(node: Node, query_heads: int) -> Node:
+    """The K/V tensor before GQA's repeat (reshape -> expand over a group axis -> reshape)."""
+    if node.op != "reshape" or node.inputs[0].op != "expand" or node.inputs[0].inputs[0].op != "reshape":
+        return node
+    outer, expand, inner = node, node.inputs[0], node.inputs[0].inputs[0]
+    base = inner.inputs[0]
+    b, h, s, d = base.type.shape if base.type.rank == 4 else (None,) * 4
+    if base.type.rank != 4 or h is None:
+        return node
+    groups = query_heads // h if isinstance(h, int) and h else 0
+    if (inner.type.shape == (b, h, 1, s, d) and expand.type.shape == (b, h, groups, s, d)
+            and outer.type.shape == (b, query_heads, s, d)):
+        return base
+    return node
+
+
+# ---------------------------------------------------------------------------------------------
+# Masks
+
+def _ancestors(node: Node) -> list[Node]:
+    seen, stack, out = set(), [node], []
+    while stack:
+        n = stack.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        out.append(n)
+        stack.extend(n.inputs)
+    return out
+
+
+def _mask_window(graph: Graph, mask: Node, ctx: PassContext) -> int:
+    """0 for a causal mask, W for a causal sliding window of W positions; Decline otherwise."""
+    if any(n.op == "input" for n in _ancestors(mask)):
+        raise Decline("the attention mask depends on the token values (padding or custom masking)")
+    hint = ctx.config.get("sliding_window") or 0
+    longest = min(ctx.max_seq, hint + 9 if hint else 300)
+    lengths = sorted({n for n in (1, 2, 7, 67, longest) if n <= ctx.max_seq})
+    probe = Graph(graph.inputs, [mask], graph.weights)
+    allowed_by_length = {}
+    for n in lengths:
+        value = run(probe, [np.zeros((1, n), np.int64)])[0]
+        if value.ndim < 2 or any(d != 1 for d in value.shape[:-2]) or value.shape[-2:] not in ((n, n), (1, n)):
+            raise Decline(f"a mask of shape {value.shape} at length {n} (per-head or per-batch masks)")
+        value = np.broadcast_to(value.reshape(value.shape[-2:]), (n, n))
+        if value.dtype != np.bool_:
+            if not np.all((value == 0) | (value <= -1e30)):
+                raise Decline("an additive mask with values other than 0 and -inf (a position bias)")
+            value = value == 0
+        allowed_by_length[n] = value
+    window = max(int(a.sum(axis=1).max()) for a in allowed_by_length.values())
+    window = 0 if window >= max(lengths) else window
+    for n, allowed in allowed_by_length.items():
+        i, j = np.arange(n)[:, None], np.arange(n)[None, :]
+        want = (j <= i) & ((i - j < window) if window else True)
+        if not np.array_equal(allowed, want):
+            raise Decline(f"the mask at length {n} is neither causal nor a causal sliding window")
+    return window
+
+
+# ---------------------------------------------------------------------------------------------
+# Positions and logits
+
+def _is_positions(node: Node) -> bool:
+    a = node.attrs
+    return (node.op == "arange" and a["start"] == 0 and a["end"] == SEQ and a["step"] == 1
+            and node.type.dtype == "i64")
+
+
+def _logits(out: Node, all_logits: bool) -> Node:
+    """Logits as [seq, vocab], or as [1, vocab] for the last position only, sliced before the LM head."""
+    shape = out.type.shape
+    if out.type.rank != 3 or shape[:2] != (1, SEQ):
+        raise Decline(f"the output {out.type} is not logits [1, seq, vocab]")
+    if all_logits:
+        return emit("reshape", [out], shape=[SEQ, shape[2]])
+    last = dims.sub(SEQ, 1)
+    if out.op == "linear" and out.inputs[0].type.rank == 3 and out.inputs[0].type.shape[1] == SEQ:
+        hidden = emit("slice", [out.inputs[0]], axis=1, start=last, end=SEQ, step=1)
+        out = emit("linear", [hidden] + list(out.inputs[1:]))
+    else:
+        out = emit("slice", [out], axis=1, start=last, end=SEQ, step=1)
+    return emit("reshape", [out], shape=[1, shape[2]])

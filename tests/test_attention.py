@@ -1,0 +1,187 @@
+"""The attention phase: Before/Expected in the text IR, declines, and prefill + decode over the
+KV cache reproducing transformers' full-sequence logits for every family."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import FAMILIES, relative_error, tiny_model
+from llmc.errors import InterpretError
+from llmc.frontend import import_model
+from llmc.interpret import run
+from llmc.ir import parse_graph, print_graph, verify
+from llmc.passes.attention import rewrite_attention
+from llmc.passes.context import PassContext
+from llmc.pipeline import run_phases
+
+BEFORE = """
+graph @forward(%input_ids: i64[1, seq]) {
+  %0 = weight() {name="embed"} : f32[32, 8]
+  %1 = embedding(%0, %input_ids) : f32[1, seq, 8]
+  %2 = weight() {name="wq"} : f32[8, 8]
+  %3 = linear(%1, %2) : f32[1, seq, 8]
+  %4 = reshape(%3) {shape=[1, "seq", 2, 4]} : f32[1, seq, 2, 4]
+  %5 = permute(%4) {perm=[0, 2, 1, 3]} : f32[1, 2, seq, 4]
+  %6 = weight() {name="wk"} : f32[4, 8]
+  %7 = linear(%1, %6) : f32[1, seq, 4]
+  %8 = reshape(%7) {shape=[1, "seq", 1, 4]} : f32[1, seq, 1, 4]
+  %9 = permute(%8) {perm=[0, 2, 1, 3]} : f32[1, 1, seq, 4]
+  %10 = reshape(%9) {shape=[1, 1, 1, "seq", 4]} : f32[1, 1, 1, seq, 4]
+  %11 = expand(%10) {shape=[1, 1, 2, "seq", 4]} : f32[1, 1, 2, seq, 4]
+  %12 = reshape(%11) {shape=[1, 2, "seq", 4]} : f32[1, 2, seq, 4]
+  %13 = arange() {dtype="i64", end="seq", start=0, step=1} : i64[seq]
+  %14 = reshape(%13) {shape=["seq", 1]} : i64[seq, 1]
+  %15 = le(%13, %14) : bool[seq, seq]
+  MASK
+  %16 = sdpa(%5, %12, %12, %15) {causal=false, scale=0.5} : f32[1, 2, seq, 4]
+  %17 = permute(%16) {perm=[0, 2, 1, 3]} : f32[1, seq, 2, 4]
+  %18 = reshape(%17) {shape=[1, "seq", 8]} : f32[1, seq, 8]
+  %19 = weight() {name="pos"} : f32[64, 8]
+  %20 = embedding(%19, %13) : f32[seq, 8]
+  %21 = add(%18, %20) : f32[1, seq, 8]
+  %22 = linear(%21, %0) : f32[1, seq, 32]
+  return %22
+}"""
+
+EXPECTED = """
+graph @forward(%tokens: i64[seq], %start_pos: i64[], %k_cache: f32[1, 1, ctx, 4], %v_cache: f32[1, 1, ctx, 4]) {
+  %0 = weight() {name="embed"} : f32[32, 8]
+  %1 = reshape(%tokens) {shape=[1, "seq"]} : i64[1, seq]
+  %2 = embedding(%0, %1) : f32[1, seq, 8]
+  %3 = weight() {name="wq"} : f32[8, 8]
+  %4 = linear(%2, %3) : f32[1, seq, 8]
+  %5 = reshape(%4) {shape=[1, "seq", 2, 4]} : f32[1, seq, 2, 4]
+  %6 = permute(%5) {perm=[0, 2, 1, 3]} : f32[1, 2, seq, 4]
+  %7 = weight() {name="wk"} : f32[4, 8]
+  %8 = linear(%2, %7) : f32[1, seq, 4]
+  %9 = reshape(%8) {shape=[1, "seq", 1, 4]} : f32[1, seq, 1, 4]
+  %10 = permute(%9) {perm=[0, 2, 1, 3]} : f32[1, 1, seq, 4]
+  %11 = attention(%6, %10, %10, %k_cache, %v_cache, %start_pos) {layer=0, scale=0.5, window=WINDOW} : f32[1, 2, seq, 4]
+  %12 = permute(%11) {perm=[0, 2, 1, 3]} : f32[1, seq, 2, 4]
+  %13 = reshape(%12) {shape=[1, "seq", 8]} : f32[1, seq, 8]
+  %14 = weight() {name="pos"} : f32[64, 8]
+  %15 = arange() {dtype="i64", end="seq", start=0, step=1} : i64[seq]
+  %16 = add(%15, %start_pos) : i64[seq]
+  %17 = embedding(%14, %16) : f32[seq, 8]
+  %18 = add(%13, %17) : f32[1, seq, 8]
+  %19 = slice(%18) {axis=1, end="seq", start="seq-1", step=1} : f32[1, 1, 8]
+  %20 = linear(%19, %0) : f32[1, 1, 32]
+  %21 = reshape(%20) {shape=[1, 32]} : f32[1, 32]
+  return %21
+}"""
+
+SLIDING = """%30 = sub(%14, %13) : i64[seq, seq]
+  %31 = const() {dtype="i64", value=5} : i64[]
+  %32 = lt(%30, %31) : bool[seq, seq]
+  %33 = and(%15, %32) : bool[seq, seq]"""
+
+
+def attention_pass(text: str):
+    graph = parse_graph(text)
+    verify(graph)
+    ctx = PassContext(max_seq=64)
+    out = rewrite_attention(graph, ctx)
+    verify(out)
+    return graph, out, ctx
+
+
+def test_sdpa_with_causal_mask_and_gqa_repeat():
+    _, out, ctx = attention_pass(BEFORE.replace("MASK", ""))
+    assert print_graph(out) == print_graph(parse_graph(EXPECTED.replace("WINDOW", "0")))
+    assert ctx.notes == []
+
+
+def test_sliding_window_mask_is_measured():
+    before = BEFORE.replace("MASK", SLIDING).replace("%12, %12, %15)", "%12, %12, %33)")
+    _, out, _ = attention_pass(before)
+    assert print_graph(out) == print_graph(parse_graph(EXPECTED.replace("WINDOW", "5")))
+
+
+@pytest.mark.parametrize("mask, reason", [
+    ("%40 = full() {dtype=\"bool\", shape=[\"seq\", \"seq\"], value=true} : bool[seq, seq]",
+     "neither causal nor a causal sliding window"),
+    ("%40 = reshape(%input_ids) {shape=[\"seq\", 1]} : i64[seq, 1]\n  %41 = le(%40, %13) : bool[seq, seq]",
+     "depends on the token values"),
+])
+def test_unknown_masks_leave_the_graph_unchanged_and_say_why(mask, reason):
+    mask_name = "%40" if "full" in mask else "%41"
+    before = BEFORE.replace("MASK", mask).replace("%12, %12, %15)", f"%12, %12, {mask_name})")
+    graph, out, ctx = attention_pass(before)
+    assert out is graph
+    assert len(ctx.notes) == 1 and reason in ctx.notes[0]
+
+
+def new_cache(graph, capacity):
+    k_type, v_type = graph.inputs[2].type, graph.inputs[3].type
+    k = np.zeros((k_type.shape[0], k_type.shape[1], capacity, k_type.shape[3]), np.float32)
+    v = np.zeros((v_type.shape[0], v_type.shape[1], capacity, v_type.shape[3]), np.float32)
+    return k, v
+
+
+def check_prefill_then_decode(graph, want: np.ndarray, ids: np.ndarray, prompt: int, capacity: int = 96):
+    """prefill(ids[:prompt]) then one token at a time; each step's logits vs the full-sequence ones."""
+    k, v = new_cache(graph, capacity)
+    logits = run(graph, [ids[:prompt], np.array(prompt * 0), k, v])[0]
+    errors = [relative_error(logits[-1], want[prompt - 1])]
+    for pos in range(prompt, len(ids)):
+        logits = run(graph, [ids[pos:pos + 1], np.array(pos), k, v])[0]
+        errors.append(relative_error(logits[-1], want[pos]))
+    assert max(errors) < 1e-4, errors
+
+
+CASES = [(f, "sdpa") for f in FAMILIES] + [("llama", "eager"), ("mistral", "eager"), ("gpt2", "eager")]
+
+
+@pytest.mark.parametrize("family, attn", CASES)
+def test_prefill_then_decode_matches_transformers(family, attn):
+    model = tiny_model(family)
+    model.config._attn_implementation = attn
+    result = run_phases(import_model(model), progress=None)
+    graph = result.graph
+    assert result.notes == []
+    assert [str(n.type) for n in graph.inputs][:2] == ["i64[seq]", "i64[]"]
+    assert str(graph.outputs[0].type) == "f32[1, 128]"
+    assert graph.op_histogram()["attention"] == 2
+    assert not {"sdpa", "softmax"} & set(graph.op_histogram())
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits[0].numpy()
+    check_prefill_then_decode(graph, want, ids[0].numpy(), prompt=23)   # 23 + 17 > Mistral's window of 16
+
+
+def test_all_logits_prefill_and_cache_overflow():
+    model = tiny_model("qwen2")
+    graph = run_phases(import_model(model), progress=None, all_logits=True).graph
+    assert str(graph.outputs[0].type) == "f32[seq, 128]"
+    ids = torch.randint(0, 128, (1, 11), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits[0].numpy()
+    k, v = new_cache(graph, 16)
+    assert relative_error(run(graph, [ids[0].numpy(), np.array(0), k, v])[0], want) < 1e-4
+    with pytest.raises(InterpretError, match="KV cache holds 16 positions"):
+        run(graph, [ids[0, :6].numpy(), np.array(11), k, v])
+
+
+def test_progress_shows_notes_of_a_declined_pass():
+    class PositionBias(torch.nn.Module):
+        """Causal, but with an ALiBi-like additive bias: not a mask the attention phase expresses."""
+
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(16, 8)
+
+        def forward(self, ids):
+            h = self.embed(ids)[:, None]
+            i = torch.arange(ids.shape[1])[:, None]
+            j = torch.arange(ids.shape[1])[None, :]
+            bias = torch.where(j <= i, (j - i) * 0.1, float("-inf"))
+            return torch.nn.functional.scaled_dot_product_attention(h, h, h, attn_mask=bias)[:, 0]
+
+    progress = io.StringIO()
+    imported = import_model(PositionBias(), max_seq=32)
+    result = run_phases(imported, progress=progress)
+    assert result.graph.inputs[0].attrs["name"] == "input_ids"
+    assert "note: attention: left the graph as traced, without a KV cache: an additive mask with values " \
+           "other than 0 and -inf" in progress.getvalue()
