@@ -198,7 +198,7 @@ def _not_infer(ts, a):
 define("not", "elementwise", "logical not", 1, infer=_not_infer, ref=lambda xs, a, shape, dt: ~xs[0])
 define("cast", "elementwise", "convert to another dtype", 1, ["dtype"],
        infer=lambda ts, a: Type(a["dtype"], ts[0].shape),
-       ref=lambda xs, a, shape, dt: xs[0].astype(numpy_dtype(dt)))
+       ref=lambda xs, a, shape, dt: xs[0].astype(numpy_dtype(a["dtype"])))
 
 
 def _binary_infer(ts, a):
@@ -618,3 +618,77 @@ def _rotate_half(x):
 
 define("rope", "generation", "rotary embedding, rotate-half form: x*cos + rotate_half(x)*sin", 3,
        infer=_rope_infer, ref=lambda xs, a, shape, dt: xs[0] * xs[1] + _rotate_half(xs[0]) * xs[2])
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused ops (introduced by the fuse phase)
+
+def _rms_norm_infer(ts, a):
+    x, w = ts
+    _same_dtype([_float(x), w])
+    if w.shape != (x.shape[-1],):
+        raise OpError(f"rms_norm weight {w} must be [{x.shape[-1]}]")
+    return x
+
+
+def _rms_norm_ref(xs, a, shape, dt):
+    x, w = xs
+    mean_square = (x * x).mean(axis=-1, keepdims=True)
+    return x * (1 / np.sqrt(mean_square + np.asarray(a["eps"], x.dtype))) * w
+
+
+define("rms_norm", "nn", "x / sqrt(mean(x*x over the last axis) + eps) * w", 2, ["eps"],
+       infer=_rms_norm_infer, ref=_rms_norm_ref)
+
+
+def _gated_infer(ts, a):
+    gate, up = ts
+    dtype = _same_dtype([_float(gate), up])
+    if gate.shape != up.shape:
+        raise OpError(f"gate {gate} and up {up} must have one shape")
+    return Type(dtype, gate.shape)
+
+
+define("swiglu", "nn", "silu(gate) * up", 2, infer=_gated_infer,
+       ref=lambda xs, a, shape, dt: xs[0] / (1 + np.exp(-xs[0])) * xs[1])
+define("geglu", "nn", "gelu(gate) * up", 2, ["approximate"], infer=_gated_infer,
+       ref=lambda xs, a, shape, dt: _gelu(xs[0], a["approximate"]) * xs[1])
+
+
+def fused_body(body: list) -> list[tuple[str, list[str], dict]]:
+    """Decode a fused op's body: each step is [op, arg, ..., "key=value", ...]; an arg is "inN"
+    (the N-th input) or "tN" (the N-th step's result)."""
+    from llmc.ir import parse_attrs
+
+    steps = []
+    for step in body:
+        op, rest = step[0], step[1:]
+        args = [r for r in rest if "=" not in r]
+        attrs = parse_attrs(", ".join(r for r in rest if "=" in r))
+        if op not in OPS or OPS[op].kind != "elementwise":
+            raise OpError(f"fused body step {step} is not an elementwise op")
+        steps.append((op, args, attrs))
+    return steps
+
+
+def _fused_values(body, inputs, apply):
+    temps = []
+    for op, args, attrs in fused_body(body):
+        operands = []
+        for ref in args:
+            index = int(ref[2:]) if ref.startswith("in") else int(ref[1:])
+            pool = inputs if ref.startswith("in") else temps
+            if not (ref.startswith(("in", "t")) and 0 <= index < len(pool)):
+                raise OpError(f"fused body refers to {ref!r}, which is not defined before its use")
+            operands.append(pool[index])
+        temps.append(apply(op, operands, attrs))
+    if not temps:
+        raise OpError("fused body is empty")
+    return temps[-1]
+
+
+define("fused", "elementwise", "a chain of elementwise ops run as one loop (body: steps over inputs)",
+       (1, None), ["body"],
+       infer=lambda ts, a: _fused_values(a["body"], ts, lambda op, args, attrs: infer(op, args, attrs)),
+       ref=lambda xs, a, shape, dt: _fused_values(
+           a["body"], xs, lambda op, args, attrs: np.asarray(OPS[op].ref(args, attrs, None, None))))

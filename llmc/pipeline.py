@@ -4,8 +4,10 @@
 2. simplify   CSE, constant folding, no-op and reshape/permute chain cleanup (llmc.passes.cleanup)
 3. attention  attention onto a KV cache, positions from start_pos, last-position logits
               (llmc.passes.attention)
+4. fuse       RMSNorm, RoPE, SwiGLU/GeGLU, GELU, merged Q/K/V and gate/up linears, elementwise
+              chains as single loops (llmc.passes.fuse)
 
-Later phases (fuse, quantize, plan memory, lower) join this list as they land. Each
+Later phases (quantize, plan memory, lower) join this list as they land. Each
 phase prints one progress line with its time; ``dump_ir`` writes the IR after every phase; the
 verifier runs after every phase when ``verify`` is on (tests, or LLMC_VERIFY=1).
 """
@@ -43,9 +45,16 @@ def _attention(graph: Graph, ctx) -> Graph:
     return simplify(rewrite_attention(graph, ctx))
 
 
+def _fuse(graph: Graph, ctx) -> Graph:
+    from llmc.passes.fuse import fuse
+
+    return fuse(graph, ctx)
+
+
 PHASES: list[Phase] = [
     Phase("simplify", "CSE, constant folding, no-op and reshape/permute chain cleanup", _simplify),
     Phase("attention", "attention onto a KV cache, positions from start_pos, last-position logits", _attention),
+    Phase("fuse", "norms, rope, gated MLPs, merged linears, elementwise loops", _fuse),
 ]
 PHASE_NAMES = ["import"] + [p.name for p in PHASES]
 

@@ -22,9 +22,8 @@ import numpy as np
 from llmc import dims
 from llmc.interpret import run
 from llmc.ir import Graph, Node, Type
-from llmc.ops import infer
 from llmc.passes.context import PassContext
-from llmc.passes.rewrite import rebuild
+from llmc.passes.rewrite import emit, rebuild
 
 SEQ, CTX = "seq", "ctx"
 
@@ -41,10 +40,6 @@ class Site:
     v: Node
     scale: float
     window: int
-
-
-def emit(op: str, inputs: list[Node], **attrs) -> Node:
-    return Node(op, inputs, attrs, infer(op, [i.type for i in inputs], attrs))
 
 
 def rewrite_attention(graph: Graph, ctx: PassContext) -> Graph:
@@ -73,28 +68,17 @@ def _rewrite(graph: Graph, ctx: PassContext) -> Graph:
     k_cache = Node("input", (), {"name": "k_cache"}, Type(dtype, (layers, heads, CTX, key_size)))
     v_cache = Node("input", (), {"name": "v_cache"}, Type(dtype, (layers, heads, CTX, value_size)))
     layer_of = {id(s.node): (i, s) for i, s in enumerate(sites)}
-    done: dict[int, Node] = {}   # original node -> its rebuilt node, for reaching q/k/v below a site
 
-    def replace(original: Node, inputs: list[Node]) -> Node | None:
-        node = None
+    def replace(original: Node, inputs: list[Node], rebuilt) -> Node | None:
         if original is input_ids:
-            node = emit("reshape", [tokens], shape=[1, SEQ])
-        elif id(original) in layer_of:
+            return emit("reshape", [tokens], shape=[1, SEQ])
+        if id(original) in layer_of:
             layer, site = layer_of[id(original)]
-            node = emit("attention", [translate(site.q), translate(site.k), translate(site.v), k_cache, v_cache,
+            return emit("attention", [rebuilt(site.q), rebuilt(site.k), rebuilt(site.v), k_cache, v_cache,
                                       start_pos], layer=layer, scale=site.scale, window=site.window)
-        elif _is_positions(original):
-            node = emit("add", [original, start_pos])
-        if node is None and any(a is not b for a, b in zip(inputs, original.inputs)):
-            node = Node(original.op, inputs, original.attrs, original.type)
-        done[id(original)] = node or original
-        return done[id(original)]
-
-    def translate(node: Node) -> Node:
-        """A site operand on the rebuilt graph (operands may be new nodes over original ones)."""
-        if id(node) in done:
-            return done[id(node)]
-        return Node(node.op, [translate(i) for i in node.inputs], node.attrs, node.type)
+        if _is_positions(original):
+            return emit("add", [original, start_pos])
+        return None
 
     out = rebuild(graph, replace, inputs=[tokens, start_pos, k_cache, v_cache])
     out.outputs = [_logits(out.outputs[0], ctx.all_logits)]

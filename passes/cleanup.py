@@ -33,6 +33,15 @@ def merge_permutes(inner, root):
     return Node("permute", [x], {"perm": perm}, root.type)
 
 
+def drop_empty_operands(root):
+    """concat ignores operands of size 0 along its axis (Phi-3's pass-through of a full rotary)."""
+    axis = root.attrs["axis"]
+    kept = [i for i in root.inputs if i.type.shape[axis] != 0]
+    if len(kept) == len(root.inputs) or not kept:
+        return None
+    return kept[0] if len(kept) == 1 else Node("concat", kept, root.attrs, root.type)
+
+
 def _is_identity_permute(node: Node) -> bool:
     return node.attrs["perm"] == list(range(node.type.rank))
 
@@ -75,6 +84,7 @@ NOOP_RULES = [
     (P("permute", X, name="root", where=_is_identity_permute), drop_noop),
     (P("slice", X, name="root", where=_is_full_slice), drop_noop),
     (P("concat", X, name="root"), drop_noop),
+    (P("concat", name="root"), drop_empty_operands),
     (P("reshape", P("reshape", name="inner"), name="root"), merge_reshapes),
     (P("permute", P("permute", name="inner"), name="root"), merge_permutes),
     (P("mul", X, P(where=_scalar(1.0)), name="root", where=_broadcast_free), drop_noop),

@@ -96,15 +96,22 @@ def _apply(node: Node, rules: Sequence[Rule]) -> tuple[Node, int]:
     raise RewriteError(f"rules keep rewriting {node.op}: no fixpoint")
 
 
-def rebuild(graph: Graph, replace: Callable[[Node, list[Node]], Optional[Node]],
+def rebuild(graph: Graph, replace: Callable[[Node, list[Node], Callable[[Node], Node]], Optional[Node]],
             inputs: Sequence[Node] | None = None) -> Graph:
-    """Walk ``graph`` once in topological order; ``replace(original, new_inputs)`` may return a new
-    node for ``original`` (inputs included), or None to keep it (rebuilt on the new inputs).
-    For passes that change the graph's signature or need a whole-graph view."""
+    """Walk ``graph`` once in topological order; ``replace(original, new_inputs, rebuilt)`` may return
+    a new node for ``original`` (inputs included), or None to keep it (rebuilt on the new inputs).
+    ``rebuilt(node)`` gives the new node of an original one already walked, or of a new node built
+    over original ones. For passes that change the signature or need a whole-graph view."""
     mapping: dict[int, Node] = {}
+
+    def rebuilt(node: Node) -> Node:
+        if id(node) in mapping:
+            return mapping[id(node)]
+        return Node(node.op, [rebuilt(i) for i in node.inputs], node.attrs, node.type)
+
     for original in graph.nodes():
         new_inputs = [mapping[id(i)] for i in original.inputs]
-        node = replace(original, new_inputs)
+        node = replace(original, new_inputs, rebuilt)
         if node is None:
             node = original
             if any(a is not b for a, b in zip(new_inputs, original.inputs)):
@@ -112,3 +119,32 @@ def rebuild(graph: Graph, replace: Callable[[Node, list[Node]], Optional[Node]],
         mapping[id(original)] = node
     return Graph(list(inputs) if inputs is not None else graph.inputs,
                  [mapping[id(o)] for o in graph.outputs], graph.weights, graph.name)
+
+
+def commuted(node: Node):
+    """Both operand orders of a commutative binary node, for rules that don't care which is which."""
+    a, b = node.inputs
+    yield a, b
+    yield b, a
+
+
+def emit(op: str, inputs: Sequence[Node], **attrs) -> Node:
+    """A new node whose type is the op's rule applied to its inputs."""
+    from llmc.ops import infer
+
+    return Node(op, inputs, attrs, infer(op, [i.type for i in inputs], attrs))
+
+
+def add_weight(weights: dict, name: str, array) -> Node:
+    """A weight node for a new constant; the name is made unique deterministically."""
+    import numpy as np
+
+    from llmc.ir import Type, dtype_of_array
+
+    candidate, n = name, 1
+    while candidate in weights and not (weights[candidate].shape == array.shape
+                                        and np.array_equal(weights[candidate], array)):
+        n += 1
+        candidate = f"{name}#{n}"
+    weights[candidate] = array
+    return Node("weight", (), {"name": candidate}, Type(dtype_of_array(array), tuple(array.shape)))

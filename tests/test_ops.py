@@ -187,3 +187,43 @@ def test_every_op_with_a_reference_is_exercised_here():
 def test_bf16_rounding():
     x = f32(1000)
     close(round_to_bf16(x), T(x).to(torch.bfloat16).float(), tol=0)
+
+
+def test_rms_norm_and_gated_activations():
+    x, w = f32(2, 5, 19) * 3, f32(19)
+    close(apply("rms_norm", [x, w], eps=1e-6), F.rms_norm(T(x), (19,), T(w), eps=1e-6), tol=1e-5)
+    g, u = f32(3, 13) * 3, f32(3, 13)
+    close(apply("swiglu", [g, u]), F.silu(T(g)) * T(u), tol=1e-6)
+    close(apply("geglu", [g, u], approximate="tanh"), F.gelu(T(g), approximate="tanh") * T(u), tol=1e-6)
+
+
+def test_rope_rotate_half():
+    x, cos, sin = f32(1, 3, 7, 10), f32(1, 1, 7, 10), f32(1, 1, 7, 10)
+    tx = T(x)
+    rotated = torch.cat([-tx[..., 5:], tx[..., :5]], dim=-1)
+    close(apply("rope", [x, cos, sin]), tx * T(cos) + rotated * T(sin), tol=1e-6)
+
+
+@pytest.mark.parametrize("window", [0, 4])
+def test_attention_over_a_cache_matches_sdpa_on_the_whole_sequence(window):
+    heads, kv_heads, size, total, prompt = 6, 2, 12, 10, 7
+    q, k, v = f32(1, heads, total, size), f32(1, kv_heads, total, size), f32(1, kv_heads, total, size)
+    i, j = torch.arange(total)[:, None], torch.arange(total)[None, :]
+    allowed = (j <= i) & ((i - j < window) if window else True)
+    want = F.scaled_dot_product_attention(T(q), T(k), T(v), attn_mask=allowed, scale=0.3, enable_gqa=True)
+    k_cache, v_cache = np.zeros((3, kv_heads, 16, size), np.float32), np.zeros((3, kv_heads, 16, size), np.float32)
+    steps = [(0, prompt)] + [(p, p + 1) for p in range(prompt, total)]
+    for start, end in steps:        # a prefill, then one token at a time
+        got = apply("attention", [q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], k_cache, v_cache,
+                                  np.array(start)], layer=1, scale=0.3, window=window)
+        close(got, want[:, :, start:end], tol=1e-5)
+    assert not k_cache[0].any() and not k_cache[2].any()      # other layers' caches untouched
+    np.testing.assert_array_equal(k_cache[1, :, :total], k[0])
+
+
+def test_fused_body_runs_its_steps():
+    x, b = f32(4, 6), f32(6)
+    body = [["add", "in0", "in1"], ["gelu", "t0", 'approximate="tanh"'], ["mul", "t1", "in0"]]
+    close(apply("fused", [x, b], body=body), F.gelu(T(x) + T(b), approximate="tanh") * T(x), tol=1e-6)
+    with pytest.raises(ops.OpError, match="not defined before its use"):
+        apply("fused", [x, b], body=[["add", "in0", "t3"]])

@@ -1,0 +1,33 @@
+"""The fuse phase, in order: fold weight expressions, put linears in canonical form, recognise
+activations, then the pattern table (RMSNorm, RoPE, SwiGLU/GeGLU), merge sibling linears, group
+the elementwise chains that remain, and clean up."""
+
+from __future__ import annotations
+
+from llmc.ir import Graph
+from llmc.passes import activations, norms, rope
+from llmc.passes.cleanup import simplify
+from llmc.passes.context import PassContext
+from llmc.passes.elementwise import group_elementwise
+from llmc.passes.fold import fold_weights
+from llmc.passes.linear import canonical_linear, merge_sibling_linears
+from llmc.passes.rewrite import rewrite
+
+RULES = norms.RULES + rope.RULES + activations.GATED_RULES
+
+
+def fuse(graph: Graph, ctx: PassContext) -> Graph:
+    graph = fold_weights(graph)
+    graph = canonical_linear(graph)
+    graph = activations.recognise_activations(graph)
+    graph = rewrite(graph, RULES)
+    graph = merge_sibling_linears(graph)
+    graph = group_elementwise(graph)
+    graph = simplify(graph)
+    return with_used_weights(graph)
+
+
+def with_used_weights(graph: Graph) -> Graph:
+    """The graph over a weights dict holding only what it reads (replaced weights are left behind)."""
+    used = {n.attrs["name"] for n in graph.nodes() if n.op == "weight"}
+    return Graph(graph.inputs, graph.outputs, {k: v for k, v in graph.weights.items() if k in used}, graph.name)
