@@ -13,7 +13,7 @@ import numpy as np
 
 from llmc import dims, ops
 from llmc.errors import InterpretError
-from llmc.ir import Graph, Node, Type, numpy_dtype
+from llmc.ir import Graph, Node, TupleType, Type, numpy_dtype
 
 
 def bind_symbols(graph: Graph, arrays: Sequence[np.ndarray]) -> dict[str, int]:
@@ -69,8 +69,12 @@ def run(graph: Graph, inputs: Mapping[str, np.ndarray] | Sequence[np.ndarray]) -
     return [values[id(n)] for n in graph.outputs]
 
 
-def evaluate_node(graph: Graph, node: Node, args: list[np.ndarray], env: Mapping[str, int]) -> np.ndarray:
+def evaluate_node(graph: Graph, node: Node, args: list, env: Mapping[str, int]):
     """Run one node's reference on concrete arguments and check the result against its type."""
+    if isinstance(node.type, TupleType):
+        shapes = [tuple(dims.evaluate(d, env) for d in t.shape) for t in node.type.types]
+        results = ops.OPS[node.op].ref(args, node.attrs, shapes, None)
+        return tuple(_conform(np.asarray(r), t, s, node) for r, t, s in zip(results, node.type.types, shapes))
     shape = tuple(dims.evaluate(d, env) for d in node.type.shape)
     if node.op == "weight":
         result = graph.weights[node.attrs["name"]]

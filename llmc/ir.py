@@ -74,6 +74,19 @@ class Type:
         return f"{self.dtype}[{', '.join(str(d) for d in self.shape)}]"
 
 
+@dataclass(frozen=True)
+class TupleType:
+    """The type of a node with several results (a fused op); ``get`` picks one."""
+    types: tuple[Type, ...]
+
+    def __str__(self) -> str:
+        return "(" + ", ".join(str(t) for t in self.types) + ")"
+
+
+def result_types(t: Type | TupleType) -> tuple[Type, ...]:
+    return t.types if isinstance(t, TupleType) else (t,)
+
+
 class Node:
     __slots__ = ("op", "inputs", "attrs", "type")
 
@@ -244,7 +257,10 @@ def parse_attrs(text: str) -> dict[str, Any]:
     return attrs
 
 
-def parse_type(text: str) -> Type:
+def parse_type(text: str) -> Type | TupleType:
+    text = text.strip()
+    if text.startswith("("):
+        return TupleType(tuple(parse_type(t) for t in re.findall(r"\w+\[[^\]]*\]", text)))
     m = re.fullmatch(r"\s*(\w+)\[(.*)\]\s*", text)
     if not m:
         raise IRError(f"cannot parse type {text!r}")
@@ -326,7 +342,7 @@ def verify(graph: Graph) -> None:
             raise IRError(f"{_describe(node)}: {exc}") from None
         if expected is not None and expected != node.type:
             raise IRError(f"{_describe(node)}: declared type {node.type} but the op's rule gives {expected}")
-        free = {s for d in node.type.shape for s in dims.symbols(d)} - bound
+        free = {s for t in result_types(node.type) for d in t.shape for s in dims.symbols(d)} - bound
         if free:
             raise IRError(f"{_describe(node)}: symbols {sorted(free)} are not bound by any graph input")
         if node.op == "weight" and graph.weights:

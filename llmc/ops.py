@@ -17,7 +17,7 @@ import numpy as np
 
 from llmc import dims
 from llmc.dims import Dim
-from llmc.ir import FLOAT_DTYPES, Type, numpy_dtype
+from llmc.ir import FLOAT_DTYPES, TupleType, Type, numpy_dtype
 
 
 class OpError(Exception):
@@ -692,3 +692,33 @@ define("fused", "elementwise", "a chain of elementwise ops run as one loop (body
        infer=lambda ts, a: _fused_values(a["body"], ts, lambda op, args, attrs: infer(op, args, attrs)),
        ref=lambda xs, a, shape, dt: _fused_values(
            a["body"], xs, lambda op, args, attrs: np.asarray(OPS[op].ref(args, attrs, None, None))))
+
+
+def _get_infer(ts, a):
+    if not isinstance(ts[0], TupleType) or not 0 <= a["index"] < len(ts[0].types):
+        raise OpError(f"get {a['index']} of {ts[0]}: not a result of a multi-result node")
+    return ts[0].types[a["index"]]
+
+
+define("get", "shape", "one result of a multi-result node", 1, ["index"], infer=_get_infer,
+       ref=lambda xs, a, shape, dt: xs[0][a["index"]])
+
+
+def _add_norm_infer(ts, a):
+    x, residual = ts[:2]
+    if x != residual:
+        raise OpError(f"add_norm of {x} and {residual}: the residual stream has one type")
+    norm = "rms_norm" if a["norm"] == "rms" else "layer_norm"
+    if a["norm"] not in ("rms", "layer"):
+        raise OpError(f"add_norm's norm is 'rms' or 'layer', not {a['norm']!r}")
+    return TupleType((x, infer(norm, [x] + ts[2:], {"eps": a["eps"]})))
+
+
+def _add_norm_ref(xs, a, shapes, dt):
+    total = xs[0] + xs[1]
+    norm = _rms_norm_ref if a["norm"] == "rms" else _layer_norm_ref
+    return total, norm([total] + xs[2:], a, None, None)
+
+
+define("add_norm", "nn", "(x + residual, norm(x + residual)): the residual add fused with the next norm",
+       (3, 4), ["norm", "eps"], infer=_add_norm_infer, ref=_add_norm_ref)

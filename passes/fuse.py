@@ -1,6 +1,6 @@
 """The fuse phase, in order: fold weight expressions, put linears in canonical form, recognise
 activations, then the pattern table (RMSNorm, RoPE, SwiGLU/GeGLU), merge sibling linears, group
-the elementwise chains that remain, and clean up."""
+the elementwise chains that remain, fuse residual adds with the norms that read them, and clean up."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from llmc.passes.context import PassContext
 from llmc.passes.elementwise import group_elementwise
 from llmc.passes.fold import fold_weights
 from llmc.passes.linear import canonical_linear, merge_sibling_linears
+from llmc.passes.residual import fuse_residual_norms
 from llmc.passes.rewrite import rewrite
 
 RULES = norms.RULES + rope.RULES + activations.GATED_RULES
@@ -23,6 +24,7 @@ def fuse(graph: Graph, ctx: PassContext) -> Graph:
     graph = rewrite(graph, RULES)
     graph = merge_sibling_linears(graph)
     graph = group_elementwise(graph)
+    graph = fuse_residual_norms(graph)
     graph = simplify(graph)
     return with_used_weights(graph)
 

@@ -234,3 +234,34 @@ graph @g(%x: f32[seq, 6], %b: f32[6]) {
   %4 = concat(%2, %3) {axis=1} : f32[seq, 12]
   return %4
 }""", group_elementwise)
+
+
+def test_residual_add_fuses_with_the_norm_that_reads_it():
+    from llmc.passes.residual import fuse_residual_norms
+
+    check("""
+graph @g(%a: f32[seq, 8], %b: f32[seq, 8]) {
+  %0 = add(%a, %b) : f32[seq, 8]
+  %1 = weight() {name="w"} : f32[8]
+  %2 = rms_norm(%0, %1) {eps=1e-05} : f32[seq, 8]
+  %3 = weight() {name="up"} : f32[8, 8]
+  %4 = linear(%2, %3) : f32[seq, 8]
+  %5 = add(%0, %4) : f32[seq, 8]
+  %6 = weight() {name="ln.weight"} : f32[8]
+  %7 = weight() {name="ln.bias"} : f32[8]
+  %8 = layer_norm(%5, %6, %7) {eps=1e-05} : f32[seq, 8]
+  return %8
+}""", """
+graph @g(%a: f32[seq, 8], %b: f32[seq, 8]) {
+  %0 = weight() {name="w"} : f32[8]
+  %1 = add_norm(%a, %b, %0) {eps=1e-05, norm="rms"} : (f32[seq, 8], f32[seq, 8])
+  %2 = get(%1) {index=0} : f32[seq, 8]
+  %3 = get(%1) {index=1} : f32[seq, 8]
+  %4 = weight() {name="up"} : f32[8, 8]
+  %5 = linear(%3, %4) : f32[seq, 8]
+  %6 = weight() {name="ln.weight"} : f32[8]
+  %7 = weight() {name="ln.bias"} : f32[8]
+  %8 = add_norm(%2, %5, %6, %7) {eps=1e-05, norm="layer"} : (f32[seq, 8], f32[seq, 8])
+  %9 = get(%8) {index=1} : f32[seq, 8]
+  return %9
+}""", fuse_residual_norms)

@@ -227,3 +227,17 @@ def test_fused_body_runs_its_steps():
     close(apply("fused", [x, b], body=body), F.gelu(T(x) + T(b), approximate="tanh") * T(x), tol=1e-6)
     with pytest.raises(ops.OpError, match="not defined before its use"):
         apply("fused", [x, b], body=[["add", "in0", "t3"]])
+
+
+def test_add_norm_returns_the_sum_and_its_norm_and_get_picks_one():
+    x, r, w, b = f32(3, 17), f32(3, 17), f32(17), f32(17)
+    t = ops.infer("add_norm", [Type("f32", (3, 17))] * 2 + [Type("f32", (17,))] * 2, {"norm": "layer", "eps": 1e-5})
+    total, normed = ops.OPS["add_norm"].ref([x, r, w, b], {"norm": "layer", "eps": 1e-5}, None, None)
+    close(total, T(x) + T(r))
+    close(normed, F.layer_norm(T(x) + T(r), (17,), T(w), T(b), 1e-5), tol=1e-5)
+    _, normed = ops.OPS["add_norm"].ref([x, r, w], {"norm": "rms", "eps": 1e-6}, None, None)
+    close(normed, F.rms_norm(T(x) + T(r), (17,), T(w), 1e-6), tol=1e-5)
+    assert str(ops.infer("get", [t], {"index": 1})) == "f32[3, 17]"
+    close(ops.OPS["get"].ref([(total, normed)], {"index": 0}, None, None), T(x) + T(r))
+    with pytest.raises(ops.OpError, match="not a result of a multi-result node"):
+        ops.infer("get", [Type("f32", (3,))], {"index": 0})
