@@ -9,7 +9,7 @@
 
 Later phases (quantize, plan memory, lower) join this list as they land. Each
 phase prints one progress line with its time; ``dump_ir`` writes the IR after every phase; the
-verifier runs after every phase when ``verify`` is on (tests, or LLMC_VERIFY=1).
+verifier runs after every pass when ``verify`` is on (tests, or LLMC_VERIFY=1).
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ def _attention(graph: Graph, ctx) -> Graph:
     from llmc.passes.attention import rewrite_attention
     from llmc.passes.cleanup import simplify
 
-    return simplify(rewrite_attention(graph, ctx))
+    graph = ctx.after("rewrite_attention", rewrite_attention(graph, ctx))
+    return simplify(graph)
 
 
 def _fuse(graph: Graph, ctx) -> Graph:
@@ -109,7 +110,7 @@ def run_phases(imported: Any, *, until: str | None = None, dump_ir: str | Path |
 
     finish(1, "import", imported.graph, import_seconds)
     graph = imported.graph
-    ctx = PassContext(imported.config, imported.max_seq, all_logits, result.notes)
+    ctx = PassContext(imported.config, imported.max_seq, all_logits, result.notes, verify)
     for index, phase in enumerate(PHASES[: total - 1], start=2):
         start = time.perf_counter()
         graph = phase.run(graph, ctx)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from llmc.ir import Graph, IRError, verify
+
 
 @dataclass
 class PassContext:
@@ -11,6 +13,16 @@ class PassContext:
     max_seq: int = 4096                          # the longest sequence the trace admits
     all_logits: bool = False                     # keep logits for every position, not just the last
     notes: list[str] = field(default_factory=list)
+    verify: bool = False                         # run the verifier after every pass (tests, LLMC_VERIFY=1)
+
+    def after(self, name: str, graph: Graph) -> Graph:
+        """Call after each pass: with verification on, a pass that breaks the graph fails here, by name."""
+        if self.verify:
+            try:
+                verify(graph)
+            except IRError as exc:
+                raise IRError(f"after pass {name}: {exc}") from None
+        return graph
 
     def note(self, message: str) -> None:
         """Something the compile report must say (a pass that could not apply, and why)."""

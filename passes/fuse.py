@@ -17,15 +17,21 @@ from llmc.passes.rewrite import rewrite
 RULES = norms.RULES + rope.RULES + activations.GATED_RULES
 
 
+PASSES = [
+    ("fold_weights", fold_weights),
+    ("canonical_linear", canonical_linear),
+    ("recognise_activations", activations.recognise_activations),
+    ("norms_rope_gated", lambda graph: rewrite(graph, RULES)),
+    ("merge_sibling_linears", merge_sibling_linears),
+    ("group_elementwise", group_elementwise),
+    ("fuse_residual_norms", fuse_residual_norms),
+    ("simplify", simplify),
+]
+
+
 def fuse(graph: Graph, ctx: PassContext) -> Graph:
-    graph = fold_weights(graph)
-    graph = canonical_linear(graph)
-    graph = activations.recognise_activations(graph)
-    graph = rewrite(graph, RULES)
-    graph = merge_sibling_linears(graph)
-    graph = group_elementwise(graph)
-    graph = fuse_residual_norms(graph)
-    graph = simplify(graph)
+    for name, run in PASSES:
+        graph = ctx.after(name, run(graph))
     return with_used_weights(graph)
 
 

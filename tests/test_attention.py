@@ -185,3 +185,39 @@ def test_progress_shows_notes_of_a_declined_pass():
     assert result.graph.inputs[0].attrs["name"] == "input_ids"
     assert "note: attention: left the graph as traced, without a KV cache: an additive mask with values " \
            "other than 0 and -inf" in progress.getvalue()
+
+
+ROPE_SCALINGS = [
+    {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 64, "rope_theta": 500000.0},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 10000.0},
+]
+
+
+@pytest.mark.parametrize("rope_parameters", ROPE_SCALINGS, ids=lambda p: p["rope_type"])
+def test_rope_scaling_variants_follow_the_positions(rope_parameters):
+    import transformers
+
+    from conftest import COMMON
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**COMMON, rope_parameters=rope_parameters)).eval()
+    graph = run_phases(import_model(model), progress=None).graph
+    assert graph.op_histogram()["rope"] == 4
+    ids = torch.randint(0, 128, (1, 90), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits[0].numpy()
+    check_prefill_then_decode(graph, want, ids[0].numpy(), prompt=70, capacity=128)  # past the original 64
+
+
+def test_dynamic_rope_scaling_is_reported_as_untraceable():
+    import transformers
+
+    from conftest import COMMON
+    from llmc.errors import TraceError
+
+    config = transformers.LlamaConfig(**COMMON, rope_parameters={"rope_type": "dynamic", "factor": 2.0,
+                                                                  "rope_theta": 10000.0})
+    with pytest.raises(TraceError, match="modeling_rope_utils.py:[0-9]+"):
+        import_model(transformers.LlamaForCausalLM(config).eval())
