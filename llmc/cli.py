@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="show the graph after this pipeline phase: " + ", ".join(PHASE_NAMES)
                          + " (default: import)")
     inspect.add_argument("--dump-ir", metavar="DIR", help="write the IR after every phase into DIR")
+    inspect.add_argument("--all-logits", action="store_true",
+                         help="keep logits for every position (default: the last position only)")
     inspect.add_argument("--attn", choices=["sdpa", "eager"], default=None,
                          help="attention implementation to trace (default: the model's own)")
     inspect.set_defaults(run=run_inspect)
@@ -55,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
 def run_inspect(args) -> int:
     from llmc.pipeline import run_pipeline
 
-    result = run_pipeline(args.source, until=args.after, dump_ir=args.dump_ir, attn_implementation=args.attn)
+    result = run_pipeline(args.source, until=args.after, dump_ir=args.dump_ir, all_logits=args.all_logits,
+                          attn_implementation=args.attn)
     imported, graph = result.imported, result.graph
     config = imported.config
     out = sys.stdout
