@@ -169,10 +169,10 @@ def _unrepeat(node: Node, query_heads: int) -> Node:
         return node
     outer, expand, inner = node, node.inputs[0], node.inputs[0].inputs[0]
     base = inner.inputs[0]
-    b, h, s, d = base.type.shape if base.type.rank == 4 else (None,) * 4
-    if base.type.rank != 4 or h is None:
+    if base.type.rank != 4 or not isinstance(base.type.shape[1], int) or base.type.shape[1] == 0:
         return node
-    groups = query_heads // h if isinstance(h, int) and h else 0
+    b, h, s, d = base.type.shape
+    groups = query_heads // h
     if (inner.type.shape == (b, h, 1, s, d) and expand.type.shape == (b, h, groups, s, d)
             and outer.type.shape == (b, query_heads, s, d)):
         return base
