@@ -1,0 +1,223 @@
+"""The .llmc file: one artifact per model and target.
+
+Layout (all integers little-endian)::
+
+    0   header   magic "LLMCART\\0" | format version u32 | header size u32 | manifest size u64
+                 | manifest sha256 (32 bytes) | zero padding to HEADER_SIZE
+    64  manifest JSON (UTF-8, sorted keys): model config, entry points, target and required
+                 features, quantization scheme, llmc version, input hashes, and the section
+                 table: name -> {offset, size, sha256}
+    ... sections, each aligned to SECTION_ALIGN (a page) so the weights can be memory-mapped;
+        within "weights" every tensor starts at a TENSOR_ALIGN boundary and is listed in the
+        manifest's "tensors" table: name -> {dtype, shape, offset, nbytes}
+
+Writing is deterministic (no timestamps, sorted JSON) and atomic (a temporary file renamed into
+place). Reading checks the magic, the version, every size against the file and every checksum
+before anything is used, so a corrupt or truncated artifact is an ArtifactError, never a crash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from llmc.errors import LlmcError
+from llmc.ir import numpy_dtype
+
+MAGIC = b"LLMCART\0"
+FORMAT_VERSION = 1
+HEADER_SIZE = 64
+SECTION_ALIGN = 4096
+TENSOR_ALIGN = 64
+_HEADER = struct.Struct("<8sIIQ32s")
+
+
+class ArtifactError(LlmcError):
+    """An artifact that cannot be used: corrupt, truncated, from a newer llmc, or for another machine."""
+
+
+def _align(n: int, to: int) -> int:
+    return -(-n // to) * to
+
+
+def _sha256(data) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def pack_weights(weights: Mapping[str, np.ndarray], dtypes: Mapping[str, str]) -> tuple[list, dict]:
+    """(chunks to write, tensor table) for the weights section, in the given order."""
+    chunks, table, offset = [], {}, 0
+    for name, array in weights.items():
+        array = np.ascontiguousarray(array)
+        padding = _align(offset, TENSOR_ALIGN) - offset
+        if padding:
+            chunks.append(b"\0" * padding)
+            offset += padding
+        table[name] = {"dtype": dtypes[name], "shape": list(array.shape), "offset": offset, "nbytes": array.nbytes}
+        chunks.append(memoryview(array).cast("B"))
+        offset += array.nbytes
+    return chunks, table
+
+
+def write_artifact(path: str | Path, manifest: Mapping[str, Any], sections: Mapping[str, Any],
+                   weights: Mapping[str, np.ndarray] | None = None,
+                   weight_dtypes: Mapping[str, str] | None = None) -> None:
+    """Write an artifact. ``sections`` maps names to bytes; ``weights`` become the "weights" section."""
+    blobs: dict[str, list] = {name: [bytes(data)] for name, data in sections.items()}
+    manifest = dict(manifest)
+    if weights is not None:
+        dtypes = weight_dtypes or {}
+        chunks, table = pack_weights(weights, {n: dtypes.get(n) or _dtype_name(a) for n, a in weights.items()})
+        blobs["weights"] = chunks
+        manifest["tensors"] = table
+    # Section offsets depend on the manifest's size, which depends on the offsets: lay the
+    # sections out after a manifest size bound, and pad the manifest to exactly that size.
+    table = {}
+    for name, chunks in blobs.items():
+        digest = hashlib.sha256()
+        for chunk in chunks:
+            digest.update(chunk)
+        table[name] = {"size": sum(len(c) if isinstance(c, bytes) else c.nbytes for c in chunks),
+                       "sha256": digest.hexdigest()}
+    manifest["format_version"] = FORMAT_VERSION
+    manifest["sections"] = table
+    reserve = _align(len(_encode(manifest, {n: 0 for n in table})) + 64 * len(table) + 256, 256)
+    offset = _align(HEADER_SIZE + reserve, SECTION_ALIGN)
+    for name in blobs:
+        table[name]["offset"] = offset
+        offset = _align(offset + table[name]["size"], SECTION_ALIGN)
+    encoded = _encode(manifest, None)
+    if len(encoded) > reserve:
+        raise AssertionError("artifact manifest outgrew its reserved space")
+    encoded = encoded + b" " * (reserve - len(encoded))
+    header = _HEADER.pack(MAGIC, FORMAT_VERSION, HEADER_SIZE, len(encoded), hashlib.sha256(encoded).digest())
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(header.ljust(HEADER_SIZE, b"\0"))
+            f.write(encoded)
+            for name, chunks in blobs.items():
+                f.write(b"\0" * (table[name]["offset"] - f.tell()))
+                for chunk in chunks:
+                    f.write(chunk)
+            f.write(b"\0" * (_align(f.tell(), SECTION_ALIGN) - f.tell()))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _encode(manifest: Mapping[str, Any], offsets) -> bytes:
+    if offsets is not None:
+        manifest = dict(manifest, sections={n: dict(s, offset=offsets[n]) for n, s in manifest["sections"].items()})
+    return json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _dtype_name(array: np.ndarray) -> str:
+    from llmc.ir import dtype_of_array
+
+    return dtype_of_array(array)
+
+
+@dataclass
+class Artifact:
+    path: Path
+    manifest: dict
+    _map: mmap.mmap
+
+    def section(self, name: str) -> memoryview:
+        entry = self.manifest["sections"].get(name)
+        if entry is None:
+            raise ArtifactError(f"{self.path} has no {name!r} section; it holds {', '.join(self.manifest['sections'])}")
+        return memoryview(self._map)[entry["offset"]: entry["offset"] + entry["size"]]
+
+    def weights(self) -> dict[str, np.ndarray]:
+        """Every tensor as a read-only numpy view of the mapped file (nothing is copied). Tensors whose
+        dtype numpy lacks (bf16, quantized blocks) come back as their raw bytes (uint8)."""
+        base = self.manifest["sections"]["weights"]["offset"]
+        out = {}
+        for name, t in self.manifest.get("tensors", {}).items():
+            dtype = numpy_dtype(t["dtype"]) if t["dtype"] in ("f32", "f16", "i64", "i32", "i8", "u8", "bool") \
+                else np.uint8
+            count = t["nbytes"] // np.dtype(dtype).itemsize
+            array = np.frombuffer(self._map, dtype=dtype, count=count, offset=base + t["offset"])
+            out[name] = array.reshape(t["shape"]) if dtype is not np.uint8 else array
+        return out
+
+    def close(self) -> None:
+        self._map.close()
+
+
+def host_cpu_features() -> set[str]:
+    """The CPU's feature flags as the kernel names them (x86 "flags", Arm "Features")."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()
+
+
+def check_machine(manifest: Mapping[str, Any], path: Path, features: set[str] | None = None) -> None:
+    """Refuse an artifact whose required CPU features this machine lacks."""
+    need = manifest.get("requires", {}).get("cpu_features", [])
+    have = host_cpu_features() if features is None else features
+    missing = [f for f in need if f not in have]
+    if missing:
+        raise ArtifactError(f"{path} needs CPU features {', '.join(missing)} that this machine lacks: rebuild it "
+                            "here, or for a lower CPU feature level")
+
+
+def read_artifact(path: str | Path, verify: bool = True, features: set[str] | None = None) -> Artifact:
+    """Open an artifact; check its header, manifest, (with ``verify``) every section's checksum, and
+    that this machine has the CPU features it requires (``features`` overrides the host's, for tests)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < HEADER_SIZE:
+                raise ArtifactError(f"{path} is too short to be an llmc artifact ({size} bytes); is it truncated?")
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as exc:
+        raise ArtifactError(f"cannot open {path}: {exc.strerror or exc}") from None
+    magic, version, header_size, manifest_size, manifest_hash = _HEADER.unpack_from(mapped, 0)
+    if magic != MAGIC:
+        raise ArtifactError(f"{path} is not an llmc artifact (its first bytes are not {MAGIC!r})")
+    if version > FORMAT_VERSION:
+        raise ArtifactError(f"{path} has artifact format version {version}, newer than this llmc reads "
+                            f"({FORMAT_VERSION}): upgrade llmc, or rebuild the artifact with this version")
+    if version < 1 or header_size != HEADER_SIZE:
+        raise ArtifactError(f"{path} has an unknown header (format version {version}); rebuild it")
+    if header_size + manifest_size > size:
+        raise ArtifactError(f"{path} is truncated: its manifest ends at byte {header_size + manifest_size} "
+                            f"but the file has {size} bytes")
+    encoded = mapped[header_size: header_size + manifest_size]
+    if hashlib.sha256(encoded).digest() != manifest_hash:
+        raise ArtifactError(f"{path} is corrupt: the manifest's checksum does not match; rebuild the artifact")
+    try:
+        manifest = json.loads(encoded)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ArtifactError(f"{path} is corrupt: its manifest is not valid JSON; rebuild the artifact") from None
+    for name, entry in manifest.get("sections", {}).items():
+        end = entry["offset"] + entry["size"]
+        if end > size:
+            raise ArtifactError(f"{path} is truncated: section {name!r} ends at byte {end} but the file has "
+                                f"{size} bytes")
+        if verify and _sha256(memoryview(mapped)[entry["offset"]: end]) != entry["sha256"]:
+            raise ArtifactError(f"{path} is corrupt: section {name!r} does not match its checksum; rebuild the artifact")
+    check_machine(manifest, path, features)
+    return Artifact(path, manifest, mapped)
