@@ -8,7 +8,14 @@ from llmc.errors import LlmcError, LlmcWarning
 
 __version__ = "0.1.0"
 
-__all__ = ["LlmcError", "LlmcWarning", "__version__", "import_model"]
+__all__ = ["LlmcError", "LlmcWarning", "__version__", "import_model", "load"]
+
+
+def load(path, max_context=None, threads=None):
+    """Open a .llmc artifact and return a ``llmc.runtime.Model`` (generate, logits, chat, tokenizer)."""
+    from llmc.runtime import load as _load
+
+    return _load(path, max_context=max_context, threads=threads)
 
 
 def import_model(source, **options):

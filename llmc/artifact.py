@@ -101,7 +101,10 @@ def write_artifact(path: str | Path, manifest: Mapping[str, Any], sections: Mapp
     encoded = encoded + b" " * (reserve - len(encoded))
     header = _HEADER.pack(MAGIC, FORMAT_VERSION, HEADER_SIZE, len(encoded), hashlib.sha256(encoded).digest())
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
+    except OSError as exc:
+        raise ArtifactError(f"cannot write {path}: {exc.strerror or exc}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(header.ljust(HEADER_SIZE, b"\0"))
@@ -112,9 +115,11 @@ def write_artifact(path: str | Path, manifest: Mapping[str, Any], sections: Mapp
                     f.write(chunk)
             f.write(b"\0" * (_align(f.tell(), SECTION_ALIGN) - f.tell()))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError):    # a full disk, a read-only folder: the old file is untouched
+            raise ArtifactError(f"cannot write {path}: {exc.strerror or exc}") from None
         raise
 
 

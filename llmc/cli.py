@@ -37,10 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"llmc {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    inspect = commands.add_parser("inspect", help="show what llmc makes of a model source",
-                                  description="Trace a model source and summarise its graph.")
-    inspect.add_argument("source", help="Hugging Face model directory, .gguf file, built-in name (smollm2) "
-                                        "or module:factory")
+    inspect = commands.add_parser("inspect", help="show an artifact, or what llmc makes of a model source",
+                                  description="Summarise a .llmc artifact's manifest, or trace a model source "
+                                              "and summarise its graph.")
+    inspect.add_argument("source", help=".llmc file, Hugging Face model directory, .gguf file, built-in name "
+                                        "(smollm2) or module:factory")
     inspect.add_argument("--ir", action="store_true", help="print the full IR after the op histogram")
     inspect.add_argument("--after", default="import", metavar="PHASE",
                          help="show the graph after this pipeline phase: " + ", ".join(PHASE_NAMES)
@@ -51,12 +52,134 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--attn", choices=["sdpa", "eager"], default=None,
                          help="attention implementation to trace (default: the model's own)")
     inspect.set_defaults(run=run_inspect)
+
+    compile_ = commands.add_parser("compile", help="build a .llmc artifact from a model source",
+                                   description="Trace, optimise and package a model for one target.")
+    compile_.add_argument("source", help="Hugging Face model directory, .gguf file, built-in name or module:factory")
+    compile_.add_argument("-o", "--output", required=True, help="the .llmc file to write")
+    compile_.add_argument("--target", default="ref", choices=["ref"],
+                          help="ref: the reference interpreter (numpy; portable, slow, the oracle)")
+    compile_.add_argument("--attn", choices=["sdpa", "eager"], default=None, help=argparse.SUPPRESS)
+    compile_.set_defaults(run=run_compile)
+
+    for name, helptext in (("run", "generate text from a prompt"), ("chat", "chat interactively")):
+        sub = commands.add_parser(name, help=helptext, description=helptext[0].upper() + helptext[1:] + ".")
+        sub.add_argument("file", help="a .llmc artifact")
+        if name == "run":
+            sub.add_argument("prompt")
+            sub.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+        sub.add_argument("--max-new-tokens", type=int, default=256 if name == "chat" else 128)
+        sub.add_argument("--temperature", type=float, default=0.0, help="0 (the default) is greedy")
+        sub.add_argument("--top-k", type=int, default=0)
+        sub.add_argument("--top-p", type=float, default=1.0)
+        sub.add_argument("--min-p", type=float, default=0.0)
+        sub.add_argument("--repetition-penalty", type=float, default=1.0)
+        sub.add_argument("--seed", type=int, default=None)
+        sub.add_argument("--max-context", type=int, default=None, help="KV cache capacity in positions")
+        sub.set_defaults(run=run_generate if name == "run" else run_chat)
     return parser
+
+
+def _sampling(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def run_compile(args) -> int:
+    from llmc.compiler import compile_model
+
+    report = compile_model(args.source, args.output, target=args.target, attn_implementation=args.attn)
+    phases = ", ".join(f"{k} {v:.1f} s" for k, v in report.phases.items())
+    print(f"wrote {report.output} ({report.file_bytes / 1e6:.1f} MB, weights {report.weight_bytes / 1e6:.1f} MB) "
+          f"for target {args.target} in {report.seconds:.1f} s ({phases})")
+    return 0
+
+
+def run_generate(args) -> int:
+    import llmc
+
+    model = llmc.load(args.file, max_context=args.max_context)
+    if args.chat:
+        pieces = model.chat([{"role": "user", "content": args.prompt}], stream=True, **_sampling(args))
+    else:
+        pieces = model.generate(args.prompt, stream=True, **_sampling(args))
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def run_chat(args) -> int:
+    import llmc
+
+    model = llmc.load(args.file, max_context=args.max_context)
+    messages: list[dict] = []
+    print("chat with the model; an empty line or end of input ends it", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        reply = []
+        for piece in model.chat(messages, stream=True, **_sampling(args)):
+            reply.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(reply)})
+    return 0
+
+
+def _is_artifact(path: str) -> bool:
+    from llmc.artifact import MAGIC
+
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
+
+
+def inspect_artifact(path: str) -> int:
+    from llmc.artifact import read_artifact
+
+    art = read_artifact(path)
+    m = art.manifest
+    model = m["model"]
+    config = model.get("config") or {}
+    out = sys.stdout
+    out.write(f"artifact  {path} (format {m['format_version']}, llmc {m['llmc_version']})\n")
+    out.write(f"target    {m['target']['name']}: {m['target'].get('executor', '')}\n")
+    features = m.get("requires", {}).get("cpu_features") or []
+    out.write(f"requires  {', '.join(features) if features else 'nothing beyond numpy'}\n")
+    out.write(f"model     {model['source']} ({model['kind']}){': ' + _describe_config(config) if config else ''}\n")
+    out.write(f"quant     {m['quantization']}\n")
+    kv = m["kv_cache"]
+    out.write(f"kv cache  {kv['layout']} = [{kv['layers']}, {kv['kv_heads']}, ctx, {kv['head_dim']}] {kv['dtype']}, "
+              f"ctx <= {model['max_seq']}\n")
+    for name, entry in m["entry_points"].items():
+        inputs = ", ".join(f"{k}: {v}" for k, v in entry["inputs"])
+        outputs = ", ".join(f"{k}: {v}" for k, v in entry["outputs"])
+        out.write(f"entry     {name}({inputs}) -> {outputs}\n")
+    tok = m.get("tokenizer")
+    out.write(f"tokenizer {'yes' if tok else 'none (token ids only)'}"
+              f"{', chat template' if tok and tok.get('chat_template') else ''}\n")
+    for name, entry in m["sections"].items():
+        out.write(f"section   {name:<10} {entry['size'] / 1e6:10.2f} MB  sha256 {entry['sha256'][:16]}\n")
+    for name, digest in m.get("inputs", {}).items():
+        out.write(f"input     {name}  sha256 {digest[:16]}\n")
+    return 0
 
 
 def run_inspect(args) -> int:
     from llmc.pipeline import run_pipeline
 
+    if _is_artifact(args.source):
+        return inspect_artifact(args.source)
     result = run_pipeline(args.source, until=args.after, dump_ir=args.dump_ir, all_logits=args.all_logits,
                           attn_implementation=args.attn)
     imported, graph = result.imported, result.graph

@@ -18,7 +18,7 @@ def assert_one_line_error(result, *fragments):
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    errors = [ln for ln in lines if not ln.startswith("warning: ")]
+    errors = [ln for ln in lines if not ln.startswith(("warning: ", "note: ", "["))]   # progress is not an error
     assert len(errors) == 1 and errors[0].startswith("error: "), result.stderr
     for fragment in fragments:
         assert fragment in errors[0], (fragment, errors[0])
@@ -139,3 +139,17 @@ def test_runtime_modules_never_import_torch():
             "assert not bad, bad")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_compile_writes_an_artifact_that_runs(family_dirs, tmp_path):
+    out = tmp_path / "tiny.llmc"
+    result = llmc("compile", family_dirs["mistral"], "-o", out)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"wrote {out} (") and "for target ref" in result.stdout
+    assert [ln.split()[1] for ln in result.stderr.splitlines() if ln.startswith("[")] == \
+        ["import", "simplify", "attention", "fuse"]
+    # No tokenizer in the directory: a text prompt is a clear error, not a crash.
+    assert_one_line_error(llmc("run", out, "hello"), "no tokenizer")
+    missing = llmc("compile", family_dirs["mistral"], "-o", tmp_path / "no" / "x.llmc")
+    assert_one_line_error(missing, "does not exist")
+    assert "[1/4]" not in missing.stderr                    # refused before any work

@@ -61,3 +61,53 @@ def test_smollm2_prefill_then_decode_over_the_kv_cache(smollm2, reference_model)
     with torch.no_grad():
         want = reference_model(input_ids=ids).logits[0].numpy()
     check_prefill_then_decode(graph, want, ids[0].numpy(), prompt=67)
+
+
+@pytest.fixture(scope="module")
+def artifact(smollm2, tmp_path_factory):
+    from llmc.compiler import compile_model
+
+    path = tmp_path_factory.mktemp("smollm2") / "s.llmc"
+    compile_model(smollm2, path, progress=None)
+    return path
+
+
+def test_greedy_text_matches_transformers_for_64_tokens(artifact, reference_model):
+    import llmc
+
+    model = llmc.load(artifact, max_context=256)
+    prompt = "The three most important ideas in compiler design are"
+    ids = model.tokenizer.encode(prompt)
+    with torch.no_grad():
+        want = reference_model.generate(torch.tensor([ids]), max_new_tokens=64, min_new_tokens=64, do_sample=False,
+                                        eos_token_id=None, pad_token_id=2)[0, len(ids):].tolist()
+    assert model.generate(ids, max_new_tokens=64) == want
+    text = model.generate(prompt, max_new_tokens=64)
+    assert text == model.tokenizer.decode(want)
+    assert "".join(model.generate(prompt, max_new_tokens=64, stream=True)) == text
+
+
+def test_chat_and_stop_strings(artifact):
+    import llmc
+
+    model = llmc.load(artifact, max_context=256)
+    reply = model.chat([{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=30)
+    assert "Paris" in reply
+    stopped = model.chat([{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=30,
+                         stop=["Paris"])
+    assert "Paris" not in stopped and reply.startswith(stopped)
+
+
+def test_cli_run_and_inspect_artifact(artifact):
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "llmc", "run", str(artifact), "What is the capital of France?",
+                          "--chat", "--max-new-tokens", "20"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "Paris" in run.stdout
+    inspect = subprocess.run([sys.executable, "-m", "llmc", "inspect", str(artifact)], capture_output=True, text=True,
+                             timeout=300)
+    assert inspect.returncode == 0, inspect.stderr
+    assert "target    ref" in inspect.stdout and "entry     decode(tokens: i64[1], start_pos: i64[])" in inspect.stdout
+    assert "SmolLM2-135M-Instruct.Q4_1.gguf" in inspect.stdout

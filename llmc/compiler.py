@@ -1,0 +1,108 @@
+"""``llmc compile``: a model source -> the pipeline -> a .llmc artifact for one target.
+
+Targets so far: ``ref``, the reference target. It stores the optimised graph as IR text and runs
+it with the numpy reference interpreter: portable and slow, and the oracle that the compiled
+targets (cpu, cuda) are checked against. It is what the runtime uses until those land.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from llmc import __version__
+from llmc.artifact import write_artifact
+from llmc.errors import LlmcError
+
+TARGETS = ("ref",)
+
+
+@dataclass
+class CompileReport:
+    output: Path
+    phases: dict[str, float]
+    notes: list[str]
+    weight_bytes: int
+    file_bytes: int
+    seconds: float
+
+
+def input_hashes(source) -> dict[str, str]:
+    """sha256 of the files the artifact was built from (name -> hash); {} for an in-memory module."""
+    if source.path is None:
+        return {}
+    path = Path(source.path)
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file()
+                                                 and p.suffix in (".json", ".safetensors", ".model", ".txt", ".jinja"))
+    out = {}
+    for f in files:
+        digest = hashlib.sha256()
+        with open(f, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+        out[f.name] = digest.hexdigest()
+    return out
+
+
+def compile_model(source: Any, output: str | Path, *, target: str = "ref", progress: TextIO | None = sys.stderr,
+                  **import_options: Any) -> CompileReport:
+    """Build ``output`` from ``source`` (anything ``import_model`` takes, or an already imported model)."""
+    from llmc.frontend import Imported
+    from llmc.frontend.tokenizer import tokenizer_info
+    from llmc.pipeline import run_phases, run_pipeline
+
+    if target not in TARGETS:
+        raise LlmcError(f"unknown target {target!r}; this llmc builds: {', '.join(TARGETS)}")
+    folder = Path(output).resolve().parent
+    if not folder.is_dir():
+        raise LlmcError(f"cannot write {output}: the folder {folder} does not exist")
+    start = time.perf_counter()
+    if isinstance(source, Imported):
+        prefill = run_phases(source, progress=progress)
+    else:
+        prefill = run_pipeline(source, progress=progress, **import_options)
+    graph = prefill.graph
+    if graph.inputs[0].attrs["name"] != "tokens":
+        raise LlmcError("cannot build a generation artifact: " + "; ".join(prefill.notes))
+    # The same model with logits for every position, for Model.logits (evaluation, comparisons).
+    everything = run_phases(prefill.imported, progress=None, all_logits=True).graph
+    imported = prefill.imported
+    tokenizer = tokenizer_info(imported.source, imported.config)
+    cache = graph.inputs[2].type
+    manifest = {
+        "llmc_version": __version__,
+        "target": {"name": target, "executor": "reference interpreter (numpy)"},
+        "requires": {"cpu_features": []},
+        "model": {"source": str(imported.source.spec), "kind": imported.source.kind, "config": imported.config,
+                  "max_seq": imported.max_seq},
+        "inputs": input_hashes(imported.source),
+        "quantization": "f32",
+        # Entry points over the KV cache that the runtime owns; arguments in call order.
+        "entry_points": {
+            "prefill": {"inputs": [["tokens", "i64[seq]"], ["start_pos", "i64[]"]],
+                        "outputs": [["logits", "f32[1, vocab]"]], "graph": "graph"},
+            "decode": {"inputs": [["tokens", "i64[1]"], ["start_pos", "i64[]"]],
+                       "outputs": [["logits", "f32[1, vocab]"]], "graph": "graph"},
+            "logits": {"inputs": [["tokens", "i64[seq]"], ["start_pos", "i64[]"]],
+                       "outputs": [["logits", "f32[seq, vocab]"]], "graph": "graph_all"},
+        },
+        "kv_cache": {"layers": cache.shape[0], "kv_heads": cache.shape[1], "head_dim": cache.shape[3],
+                     "dtype": cache.dtype, "layout": "[layers, kv_heads, ctx, head_dim]"},
+        "vocab_size": graph.outputs[0].type.shape[-1],
+        "tokenizer": tokenizer.manifest() if tokenizer.tokenizer_json else None,
+        "notes": prefill.notes,
+    }
+    sections = {"graph": str(graph).encode(), "graph_all": str(everything).encode()}
+    if tokenizer.tokenizer_json:
+        sections["tokenizer"] = tokenizer.tokenizer_json.encode()
+    names = sorted({n.attrs["name"] for g in (graph, everything) for n in g.nodes() if n.op == "weight"})
+    weights = {name: graph.weights.get(name, everything.weights.get(name)) for name in names}
+    dtypes = {n.attrs["name"]: n.type.dtype for n in graph.nodes() if n.op == "weight"}
+    write_artifact(output, manifest, sections, weights, dtypes)
+    seconds = time.perf_counter() - start
+    return CompileReport(Path(output), prefill.timings, prefill.notes, sum(w.nbytes for w in weights.values()),
+                         Path(output).stat().st_size, seconds)

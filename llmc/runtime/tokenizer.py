@@ -1,0 +1,49 @@
+"""The tokenizer and chat template as the runtime uses them (Hugging Face tokenizers, jinja2)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llmc.errors import LlmcError
+
+
+class Tokenizer:
+    def __init__(self, json_text: str, info: dict):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self._tokenizer = HFTokenizer.from_str(json_text)
+        self.info = info
+        self.bos_token_id = info.get("bos_token_id")
+        self.eos_token_ids = list(info.get("eos_token_ids") or [])
+
+    def encode(self, text: str) -> list[int]:
+        ids = self._tokenizer.encode(text, add_special_tokens=False).ids
+        if self.info.get("add_bos_token") and self.bos_token_id is not None:
+            ids = [self.bos_token_id] + ids
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.get_vocab_size()
+
+    def render_chat(self, messages: list[dict[str, Any]]) -> str:
+        template = self.info.get("chat_template")
+        if not template:
+            raise LlmcError("this model has no chat template: use generate() with a plain prompt")
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise LlmcError(f"the chat template refused the messages: {message}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        try:
+            return env.from_string(template).render(
+                messages=messages, add_generation_prompt=True,
+                bos_token=self.info.get("bos_token") or "", eos_token=self.info.get("eos_token") or "")
+        except jinja2.TemplateError as exc:
+            raise LlmcError(f"the model's chat template failed: {exc}") from None
