@@ -77,6 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--seed", type=int, default=None)
         sub.add_argument("--max-context", type=int, default=None, help="KV cache capacity in positions")
         sub.set_defaults(run=run_generate if name == "run" else run_chat)
+
+    bench = commands.add_parser("bench", help="measure prefill and decode speed",
+                                description="Prefill and decode tokens/s, achieved GB/s and the share of this "
+                                            "machine's measured memory bandwidth (medians of several runs).")
+    bench.add_argument("file", help="a .llmc artifact")
+    bench.add_argument("--prompt-tokens", default="128,512", help="prefill lengths, comma-separated")
+    bench.add_argument("--decode-tokens", type=int, default=128)
+    bench.add_argument("--runs", type=int, default=3)
+    bench.add_argument("--json", action="store_true", help="print the figures as JSON")
+    bench.set_defaults(run=run_bench)
     return parser
 
 
@@ -131,6 +141,24 @@ def run_chat(args) -> int:
             sys.stdout.flush()
         sys.stdout.write("\n")
         messages.append({"role": "assistant", "content": "".join(reply)})
+    return 0
+
+
+def run_bench(args) -> int:
+    import json
+
+    import llmc
+    from llmc.runtime.bench import bench, format_report
+
+    try:
+        lengths = [int(x) for x in args.prompt_tokens.split(",") if x.strip()]
+    except ValueError:
+        raise LlmcError(f"--prompt-tokens takes comma-separated integers, not {args.prompt_tokens!r}") from None
+    if args.runs < 1 or args.decode_tokens < 1 or any(n < 1 for n in lengths):
+        raise LlmcError("--runs, --decode-tokens and --prompt-tokens must be positive")
+    model = llmc.load(args.file, max_context=max(lengths + [16 + args.decode_tokens]))
+    result = bench(model, lengths, args.decode_tokens, args.runs)
+    print(json.dumps(result, indent=2) if args.json else format_report(args.file, result))
     return 0
 
 

@@ -83,3 +83,29 @@ def test_load_and_generate_never_import_torch(tiny):
             "bad = [k for k in ('torch', 'transformers') if k in sys.modules]; assert not bad, bad")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_bench_reports_speed_bandwidth_and_its_share(tiny):
+    import json
+
+    from llmc.runtime.bench import bench, bytes_per_decode_token
+
+    _, path = tiny
+    model = llmc.load(path, max_context=64)
+    result = bench(model, prompt_lengths=(7, 33), decode_tokens=8, runs=1, bandwidth_gbs=10.0)
+    assert set(result["prefill"]) == {"7", "33"} and all(r["tokens_per_s"] > 0 for r in result["prefill"].values())
+    d = result["decode"]
+    assert d["tokens"] == 8 and d["tokens_per_s"] > 0
+    assert d["achieved_gbs"] == pytest.approx(d["bytes_per_token"] * d["tokens_per_s"] / 1e9)
+    assert d["fraction_of_bandwidth"] == pytest.approx(d["achieved_gbs"] / 10.0)
+    # Qwen2's embedding is not tied: the table costs one row per token, the LM head all of it.
+    weights = model.executor.graphs["graph"].weights
+    embed = weights["model.embed_tokens.weight"]
+    others = sum(a.nbytes for name, a in weights.items() if name != "model.embed_tokens.weight")
+    cache = 2 * 2 * 2 * 16 * 4 * 12               # k and v, 2 layers, 2 kv heads, head_dim 16, f32, position 12
+    assert bytes_per_decode_token(model, 12) == others + embed[0].nbytes + cache
+
+    cli = subprocess.run([sys.executable, "-m", "llmc", "bench", str(path), "--json", "--runs", "1",
+                          "--prompt-tokens", "5", "--decode-tokens", "4"], capture_output=True, text=True)
+    assert cli.returncode == 0, cli.stderr
+    assert json.loads(cli.stdout)["decode"]["tokens"] == 4

@@ -111,3 +111,7 @@ def test_cli_run_and_inspect_artifact(artifact):
     assert inspect.returncode == 0, inspect.stderr
     assert "target    ref" in inspect.stdout and "entry     decode(tokens: i64[1], start_pos: i64[])" in inspect.stdout
     assert "SmolLM2-135M-Instruct.Q4_1.gguf" in inspect.stdout
+    chat = subprocess.run([sys.executable, "-m", "llmc", "chat", str(artifact), "--max-new-tokens", "20"],
+                          input="What is the capital of France?\n\n", capture_output=True, text=True, timeout=300)
+    assert chat.returncode == 0, chat.stderr
+    assert "Paris" in chat.stdout

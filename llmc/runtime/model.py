@@ -82,6 +82,12 @@ class Model:
                             f"or max_new_tokens, or load with a larger max_context (the model allows "
                             f"{self.manifest['model']['max_seq']})")
 
+    def step(self, token_ids: Sequence[int] | np.ndarray, start_pos: int) -> np.ndarray:
+        """One prefill or decode step over the KV cache: the logits of the last token, [vocab]."""
+        ids = self._check_ids(token_ids)
+        self._fits(start_pos + len(ids))
+        return self.executor.run("graph", ids, start_pos, self._k_cache, self._v_cache)[-1]
+
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """Logits for every position, [len(token_ids), vocab] float32."""
         ids = self._check_ids(token_ids)
@@ -112,7 +118,7 @@ class Model:
     def _tokens(self, ids: np.ndarray, max_new_tokens: int, sampler: Sampler) -> Iterator[int]:
         eos = set(self.tokenizer.eos_token_ids if self.tokenizer else self.manifest.get("eos_token_ids", []))
         history = list(ids)
-        logits = self.executor.run("graph", ids, 0, self._k_cache, self._v_cache)[-1]
+        logits = self.step(ids, 0)
         for step in range(max_new_tokens):
             token = sampler(logits, history)
             if token in eos:
@@ -120,8 +126,7 @@ class Model:
             yield token
             history.append(token)
             if step + 1 < max_new_tokens:
-                logits = self.executor.run("graph", np.array([token], np.int64), len(history) - 1,
-                                           self._k_cache, self._v_cache)[-1]
+                logits = self.step([token], len(history) - 1)
 
     def _pieces(self, ids, max_new_tokens, sampler, as_text, stops) -> Iterator[Any]:
         if not as_text:

@@ -1,0 +1,101 @@
+"""``llmc bench``: prefill and decode speed of an artifact on this machine.
+
+Decode on a CPU is a memory-bandwidth contest, so decode speed is also reported as achieved GB/s
+(the weights read per token, plus the KV cache read at the mean position) and as a fraction of
+this machine's bandwidth, measured here with the same tools. Every figure is the median of
+several runs; the machine is shared and noisy.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+
+from llmc.runtime.model import Model
+
+
+def measure_bandwidth(megabytes: int = 512, runs: int = 5) -> float:
+    """Memory bandwidth in GB/s: the best median of a streaming read (sum) and a copy (read + write)."""
+    src = np.ones(megabytes * (1 << 20) // 4, dtype=np.float32)
+    dst = np.empty_like(src)
+    reads, copies = [], []
+    for _ in range(runs):
+        start = time.perf_counter()
+        src.sum()
+        reads.append(src.nbytes / (time.perf_counter() - start))
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        copies.append(2 * src.nbytes / (time.perf_counter() - start))
+    return max(statistics.median(reads), statistics.median(copies)) / 1e9
+
+
+def bytes_per_decode_token(model: Model, position: int) -> int:
+    """Weights read for one token (an embedding table only read by lookups costs one row) plus the
+    KV cache read at ``position``."""
+    graph = model.executor.graphs["graph"]
+    weights = {n.attrs["name"]: n for n in graph.nodes() if n.op == "weight"}
+    only_looked_up = {name for name in weights}
+    for node in graph.nodes():
+        for position_in, i in enumerate(node.inputs):
+            if i.op == "weight" and not (node.op == "embedding" and position_in == 0):
+                only_looked_up.discard(i.attrs["name"])
+    total = 0
+    for name in weights:
+        array = graph.weights[name]
+        total += array[0].nbytes if name in only_looked_up else array.nbytes
+    cache = model.manifest["kv_cache"]
+    total += 2 * cache["layers"] * cache["kv_heads"] * cache["head_dim"] * 4 * position
+    return total
+
+
+def bench(model: Model, prompt_lengths=(128, 512), decode_tokens: int = 128, runs: int = 3,
+          bandwidth_gbs: float | None = None) -> dict:
+    rng = np.random.default_rng(0)
+    vocab = model.vocab_size
+    result: dict = {"target": model.manifest["target"]["name"], "quantization": model.manifest["quantization"],
+                    "runs": runs, "prefill": {}, "decode": {}}
+    for length in prompt_lengths:
+        if length > model.max_context:
+            continue
+        ids = rng.integers(0, vocab, length)
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            model.step(ids, 0)
+            times.append(time.perf_counter() - start)
+        seconds = statistics.median(times)
+        result["prefill"][str(length)] = {"seconds": seconds, "tokens_per_s": length / seconds}
+    prompt = 16
+    decode_tokens = min(decode_tokens, model.max_context - prompt)
+    times = []
+    for _ in range(runs):
+        ids = rng.integers(0, vocab, prompt)
+        model.step(ids, 0)
+        token = int(ids[-1])
+        start = time.perf_counter()
+        for pos in range(prompt, prompt + decode_tokens):
+            token = int(np.argmax(model.step(np.array([token]), pos)))
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    per_token = bytes_per_decode_token(model, prompt + decode_tokens // 2)
+    tokens_per_s = decode_tokens / seconds
+    achieved = per_token * tokens_per_s / 1e9
+    bandwidth = measure_bandwidth() if bandwidth_gbs is None else bandwidth_gbs
+    result["decode"] = {"tokens": decode_tokens, "seconds": seconds, "tokens_per_s": tokens_per_s,
+                        "bytes_per_token": per_token, "achieved_gbs": achieved,
+                        "machine_bandwidth_gbs": bandwidth, "fraction_of_bandwidth": achieved / bandwidth}
+    return result
+
+
+def format_report(path, result: dict) -> str:
+    lines = [f"llmc bench {path}  (target {result['target']}, {result['quantization']}; "
+             f"medians of {result['runs']} runs)"]
+    for length, r in result["prefill"].items():
+        lines.append(f"prefill {int(length):>5} tokens  {r['tokens_per_s']:9.1f} tok/s  ({r['seconds']:.2f} s)")
+    d = result["decode"]
+    lines.append(f"decode  {d['tokens']:>5} tokens  {d['tokens_per_s']:9.1f} tok/s  {d['achieved_gbs']:.1f} GB/s "
+                 f"= {100 * d['fraction_of_bandwidth']:.0f}% of the measured {d['machine_bandwidth_gbs']:.1f} GB/s "
+                 f"({d['bytes_per_token'] / 1e6:.0f} MB read per token)")
+    return "\n".join(lines)
