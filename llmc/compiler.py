@@ -94,6 +94,7 @@ def compile_model(source: Any, output: str | Path, *, target: str = "ref", progr
                      "dtype": cache.dtype, "layout": "[layers, kv_heads, ctx, head_dim]"},
         "vocab_size": graph.outputs[0].type.shape[-1],
         "tokenizer": tokenizer.manifest() if tokenizer.tokenizer_json else None,
+        "eos_token_ids": tokenizer.eos_token_ids,
         "notes": prefill.notes,
     }
     sections = {"graph": str(graph).encode(), "graph_all": str(everything).encode()}

@@ -109,3 +109,12 @@ def test_bench_reports_speed_bandwidth_and_its_share(tiny):
                           "--prompt-tokens", "5", "--decode-tokens", "4"], capture_output=True, text=True)
     assert cli.returncode == 0, cli.stderr
     assert json.loads(cli.stdout)["decode"]["tokens"] == 4
+
+
+def test_generation_stops_at_an_end_of_sequence_token(tiny):
+    _, path = tiny
+    model = llmc.load(path)
+    ids = [5, 77, 3]
+    tokens = model.generate(ids, max_new_tokens=10)
+    model.manifest["eos_token_ids"] = [tokens[3]]
+    assert model.generate(ids, max_new_tokens=10) == tokens[:tokens.index(tokens[3])]

@@ -116,7 +116,7 @@ class Model:
         return "".join(collected) if as_text else [t for piece in collected for t in piece]
 
     def _tokens(self, ids: np.ndarray, max_new_tokens: int, sampler: Sampler) -> Iterator[int]:
-        eos = set(self.tokenizer.eos_token_ids if self.tokenizer else self.manifest.get("eos_token_ids", []))
+        eos = set(self.manifest.get("eos_token_ids") or [])
         history = list(ids)
         logits = self.step(ids, 0)
         for step in range(max_new_tokens):
