@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument("-o", "--output", required=True, help="the .llmc file to write")
     compile_.add_argument("--target", default="ref", choices=["ref"],
                           help="ref: the reference interpreter (numpy; portable, slow, the oracle)")
+    compile_.add_argument("--quant", default="f32", metavar="SCHEME",
+                          help="weight format: f32 (default), f16, q8, q4g32 or q4g128")
     compile_.add_argument("--attn", choices=["sdpa", "eager"], default=None, help=argparse.SUPPRESS)
     compile_.set_defaults(run=run_compile)
 
@@ -87,6 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--runs", type=int, default=3)
     bench.add_argument("--json", action="store_true", help="print the figures as JSON")
     bench.set_defaults(run=run_bench)
+
+    evaluate = commands.add_parser("eval", help="perplexity of an artifact on a text file",
+                                   description="Sliding-window perplexity of an artifact on a text file.")
+    evaluate.add_argument("file", help="a .llmc artifact")
+    evaluate.add_argument("--text", required=True, help="a UTF-8 text file")
+    evaluate.add_argument("--context", type=int, default=256, help="tokens per window (default 256)")
+    evaluate.add_argument("--stride", type=int, default=None, help="tokens a window advances (default context/2)")
+    evaluate.add_argument("--json", action="store_true")
+    evaluate.set_defaults(run=run_eval)
     return parser
 
 
@@ -98,10 +109,11 @@ def _sampling(args) -> dict:
 def run_compile(args) -> int:
     from llmc.compiler import compile_model
 
-    report = compile_model(args.source, args.output, target=args.target, attn_implementation=args.attn)
+    report = compile_model(args.source, args.output, target=args.target, quant=args.quant,
+                           attn_implementation=args.attn)
     phases = ", ".join(f"{k} {v:.1f} s" for k, v in report.phases.items())
     print(f"wrote {report.output} ({report.file_bytes / 1e6:.1f} MB, weights {report.weight_bytes / 1e6:.1f} MB) "
-          f"for target {args.target} in {report.seconds:.1f} s ({phases})")
+          f"for target {args.target}, {args.quant}, in {report.seconds:.1f} s ({phases})")
     return 0
 
 
@@ -159,6 +171,31 @@ def run_bench(args) -> int:
     model = llmc.load(args.file, max_context=max(lengths + [16 + args.decode_tokens]))
     result = bench(model, lengths, args.decode_tokens, args.runs)
     print(json.dumps(result, indent=2) if args.json else format_report(args.file, result))
+    return 0
+
+
+def run_eval(args) -> int:
+    import json
+    from pathlib import Path
+
+    import llmc
+    from llmc.runtime.evaluate import perplexity
+
+    try:
+        text = Path(args.text).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LlmcError(f"cannot read the text {args.text}: {exc}") from None
+    model = llmc.load(args.file, max_context=args.context)
+    if model.tokenizer is None:
+        raise LlmcError(f"{args.file} has no tokenizer, so it cannot read a text")
+    result = perplexity(model, model.tokenizer.encode(text), args.context, args.stride)
+    if args.json:
+        print(json.dumps({"perplexity": result.perplexity, "tokens": result.tokens, "context": result.context,
+                          "stride": result.stride, "quantization": model.manifest["quantization"]}))
+    else:
+        print(f"perplexity {result.perplexity:.4f} over {result.tokens} tokens of {args.text} "
+              f"(context {result.context}, stride {result.stride}, {model.manifest['quantization']}) "
+              f"in {result.seconds:.1f} s")
     return 0
 
 

@@ -48,28 +48,31 @@ def input_hashes(source) -> dict[str, str]:
     return out
 
 
-def compile_model(source: Any, output: str | Path, *, target: str = "ref", progress: TextIO | None = sys.stderr,
-                  **import_options: Any) -> CompileReport:
+def compile_model(source: Any, output: str | Path, *, target: str = "ref", quant: str = "f32",
+                  progress: TextIO | None = sys.stderr, **import_options: Any) -> CompileReport:
     """Build ``output`` from ``source`` (anything ``import_model`` takes, or an already imported model)."""
     from llmc.frontend import Imported
     from llmc.frontend.tokenizer import tokenizer_info
     from llmc.pipeline import run_phases, run_pipeline
 
+    from llmc.quant import parse_scheme
+
     if target not in TARGETS:
         raise LlmcError(f"unknown target {target!r}; this llmc builds: {', '.join(TARGETS)}")
+    parse_scheme(quant)
     folder = Path(output).resolve().parent
     if not folder.is_dir():
         raise LlmcError(f"cannot write {output}: the folder {folder} does not exist")
     start = time.perf_counter()
     if isinstance(source, Imported):
-        prefill = run_phases(source, progress=progress)
+        prefill = run_phases(source, progress=progress, quant=quant)
     else:
-        prefill = run_pipeline(source, progress=progress, **import_options)
+        prefill = run_pipeline(source, progress=progress, quant=quant, **import_options)
     graph = prefill.graph
     if graph.inputs[0].attrs["name"] != "tokens":
         raise LlmcError("cannot build a generation artifact: " + "; ".join(prefill.notes))
     # The same model with logits for every position, for Model.logits (evaluation, comparisons).
-    everything = run_phases(prefill.imported, progress=None, all_logits=True).graph
+    everything = run_phases(prefill.imported, progress=None, all_logits=True, quant=quant).graph
     imported = prefill.imported
     tokenizer = tokenizer_info(imported.source, imported.config)
     cache = graph.inputs[2].type
@@ -80,7 +83,7 @@ def compile_model(source: Any, output: str | Path, *, target: str = "ref", progr
         "model": {"source": str(imported.source.spec), "kind": imported.source.kind, "config": imported.config,
                   "max_seq": imported.max_seq},
         "inputs": input_hashes(imported.source),
-        "quantization": "f32",
+        "quantization": quant,
         # Entry points over the KV cache that the runtime owns; arguments in call order.
         "entry_points": {
             "prefill": {"inputs": [["tokens", "i64[seq]"], ["start_pos", "i64[]"]],

@@ -722,3 +722,80 @@ def _add_norm_ref(xs, a, shapes, dt):
 
 define("add_norm", "nn", "(x + residual, norm(x + residual)): the residual add fused with the next norm",
        (3, 4), ["norm", "eps"], infer=_add_norm_infer, ref=_add_norm_ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantized weights (introduced by the quantize phase; formats in llmc.quant)
+
+def _quant_parts_infer(parts: list[Type], a) -> tuple[int, int]:
+    """(rows, cols) of the [N, K] float weight that quantized parts stand for."""
+    from llmc.quant import parse_scheme
+
+    scheme = parse_scheme(a["scheme"])
+    if not scheme.quantized:
+        raise OpError(f"{a['scheme']} is not a quantized scheme")
+    q, scales = parts[0], parts[1]
+    rows, stored = q.shape
+    cols = stored * 2 if scheme.bits == 4 else stored
+    want = ["i8" if scheme.bits == 8 else "u8", "f16"]
+    if [q.dtype, scales.dtype] != want or scales.shape != (rows, cols // scheme.group):
+        raise OpError(f"{a['scheme']} weight parts {q}, {scales} are not [N, K{'/2' if scheme.bits == 4 else ''}] "
+                      f"codes and [N, K/{scheme.group}] f16 scales")
+    if (len(parts) == 3) != (not scheme.symmetric) or (len(parts) == 3 and parts[2] != scales):
+        raise OpError(f"{a['scheme']} takes {'codes, scales and mins' if not scheme.symmetric else 'codes and scales'}")
+    return rows, cols
+
+
+def _parts_count(a) -> int:
+    return 2 if a["scheme"] == "q8" else 3
+
+
+def _qlinear_infer(ts, a):
+    count = _parts_count(a)
+    x, parts, rest = ts[0], ts[1:1 + count], ts[1 + count:]
+    rows, cols = _quant_parts_infer(parts, a)
+    if x.dtype != "f32" or x.shape[-1] != cols:
+        raise OpError(f"qlinear of {x} with a [{rows}, {cols}] weight")
+    if rest and rest[0].shape != (rows,):
+        raise OpError(f"qlinear bias {rest[0]} must be [{rows}]")
+    return Type("f32", x.shape[:-1] + (rows,))
+
+
+def _dequantized(parts, a):
+    from llmc.quant import dequantize, parse_scheme
+
+    scheme = parse_scheme(a["scheme"])
+    q = parts[0]
+    cols = q.shape[1] * 2 if scheme.bits == 4 else q.shape[1]
+    names = ["q", "scales", "mins"]
+    return dequantize(dict(zip(names, parts)), scheme, cols)
+
+
+def _qlinear_ref(xs, a, shape, dt):
+    count = _parts_count(a)
+    y = np.matmul(xs[0], _dequantized(xs[1:1 + count], a).T)
+    return y + xs[1 + count] if len(xs) > 1 + count else y
+
+
+define("qlinear", "linalg", "x @ dequantize(codes, scales[, mins]).T (+ b), weight quantized per group",
+       (3, 5), ["scheme"], infer=_qlinear_infer, ref=_qlinear_ref)
+
+
+def _qembedding_infer(ts, a):
+    count = _parts_count(a)
+    rows, cols = _quant_parts_infer(ts[:count], a)
+    ids = ts[count]
+    if len(ts) != count + 1 or ids.dtype not in ("i64", "i32"):
+        raise OpError("qembedding takes the quantized table's parts and integer ids")
+    return Type("f32", ids.shape + (cols,))
+
+
+def _qembedding_ref(xs, a, shape, dt):
+    count = _parts_count(a)
+    ids = xs[count]
+    rows = [x[ids.reshape(-1)] for x in xs[:count]]          # dequantize only the rows looked up
+    return _dequantized(rows, a).reshape(shape)
+
+
+define("qembedding", "shape", "rows of a quantized table picked by ids, dequantized", (3, 4), ["scheme"],
+       infer=_qembedding_infer, ref=_qembedding_ref)

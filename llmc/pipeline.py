@@ -6,8 +6,9 @@
               (llmc.passes.attention)
 4. fuse       RMSNorm, RoPE, SwiGLU/GeGLU, GELU, merged Q/K/V and gate/up linears, elementwise
               chains as single loops (llmc.passes.fuse)
+5. quantize   linear weights (and a tied embedding) into the scheme's format (llmc.passes.quantize)
 
-Later phases (quantize, plan memory, lower) join this list as they land. Each
+Later phases (plan memory, lower) join this list with the native targets. Each
 phase prints one progress line with its time; ``dump_ir`` writes the IR after every phase; the
 verifier runs after every pass when ``verify`` is on (tests, or LLMC_VERIFY=1).
 """
@@ -52,10 +53,18 @@ def _fuse(graph: Graph, ctx) -> Graph:
     return fuse(graph, ctx)
 
 
+def _quantize(graph: Graph, ctx) -> Graph:
+    from llmc.passes.fuse import with_used_weights
+    from llmc.passes.quantize import quantize_weights
+
+    return with_used_weights(quantize_weights(graph, ctx))
+
+
 PHASES: list[Phase] = [
     Phase("simplify", "CSE, constant folding, no-op and reshape/permute chain cleanup", _simplify),
     Phase("attention", "attention onto a KV cache, positions from start_pos, last-position logits", _attention),
     Phase("fuse", "norms, rope, gated MLPs, merged linears, elementwise loops", _fuse),
+    Phase("quantize", "linear weights (and a tied embedding) into the quantization scheme", _quantize),
 ]
 PHASE_NAMES = ["import"] + [p.name for p in PHASES]
 
@@ -71,20 +80,23 @@ class PipelineResult:
 
 def run_pipeline(source: Any, *, until: str | None = None, dump_ir: str | Path | None = None,
                  verify: bool | None = None, progress: TextIO | None = sys.stderr, all_logits: bool = False,
-                 **import_options: Any) -> PipelineResult:
+                 quant: str = "f32", **import_options: Any) -> PipelineResult:
     """Run the phases on ``source`` up to and including ``until`` (default: all of them)."""
     from llmc.frontend import import_model
 
     _check_phase(until)
+    from llmc.quant import parse_scheme
+
+    parse_scheme(quant)                      # a bad scheme fails before the model is loaded
     start = time.perf_counter()
     imported = import_model(source, **import_options)
     return run_phases(imported, until=until, dump_ir=dump_ir, verify=verify, progress=progress,
-                      all_logits=all_logits, import_seconds=time.perf_counter() - start)
+                      all_logits=all_logits, quant=quant, import_seconds=time.perf_counter() - start)
 
 
 def run_phases(imported: Any, *, until: str | None = None, dump_ir: str | Path | None = None,
                verify: bool | None = None, progress: TextIO | None = sys.stderr, all_logits: bool = False,
-               import_seconds: float = 0.0) -> PipelineResult:
+               quant: str = "f32", import_seconds: float = 0.0) -> PipelineResult:
     """Run the phases after import on an already imported model (``llmc.frontend.Imported``)."""
     from llmc.passes.context import PassContext
 
@@ -110,7 +122,7 @@ def run_phases(imported: Any, *, until: str | None = None, dump_ir: str | Path |
 
     finish(1, "import", imported.graph, import_seconds)
     graph = imported.graph
-    ctx = PassContext(imported.config, imported.max_seq, all_logits, result.notes, verify)
+    ctx = PassContext(imported.config, imported.max_seq, all_logits, result.notes, verify, quant)
     for index, phase in enumerate(PHASES[: total - 1], start=2):
         start = time.perf_counter()
         graph = phase.run(graph, ctx)

@@ -147,9 +147,11 @@ def test_compile_writes_an_artifact_that_runs(family_dirs, tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"wrote {out} (") and "for target ref" in result.stdout
     assert [ln.split()[1] for ln in result.stderr.splitlines() if ln.startswith("[")] == \
-        ["import", "simplify", "attention", "fuse"]
+        ["import", "simplify", "attention", "fuse", "quantize"]
     # No tokenizer in the directory: a text prompt is a clear error, not a crash.
     assert_one_line_error(llmc("run", out, "hello"), "no tokenizer")
     missing = llmc("compile", family_dirs["mistral"], "-o", tmp_path / "no" / "x.llmc")
     assert_one_line_error(missing, "does not exist")
-    assert "[1/4]" not in missing.stderr                    # refused before any work
+    assert "[1/" not in missing.stderr                      # refused before any work
+    assert_one_line_error(llmc("compile", family_dirs["mistral"], "-o", out, "--quant", "q5"),
+                          "valid schemes: f32, f16, q8, q4g32, q4g128")

@@ -241,3 +241,19 @@ def test_add_norm_returns_the_sum_and_its_norm_and_get_picks_one():
     close(ops.OPS["get"].ref([(total, normed)], {"index": 0}, None, None), T(x) + T(r))
     with pytest.raises(ops.OpError, match="not a result of a multi-result node"):
         ops.infer("get", [Type("f32", (3,))], {"index": 0})
+
+
+@pytest.mark.parametrize("code", ["q8", "q4g32"])
+def test_quantized_linear_and_embedding_dequantize_on_the_fly(code):
+    from llmc.quant import dequantize, parse_scheme, quantize
+
+    scheme = parse_scheme(code)
+    w, x, bias = f32(11, 96), f32(3, 5, 96), f32(11)
+    parts = quantize(w, scheme)
+    arrays = [parts[k] for k in ("q", "scales", "mins") if k in parts]
+    dense = dequantize(parts, scheme, 96)
+    close(apply("qlinear", [x] + arrays + [bias], scheme=code), F.linear(T(x), T(dense), T(bias)), tol=1e-5)
+    ids = rng.integers(0, 11, (2, 7))
+    close(apply("qembedding", arrays + [ids], scheme=code), F.embedding(T(ids), T(dense)), tol=0)
+    with pytest.raises(ops.OpError, match="is not a quantized scheme"):
+        apply("qlinear", [x] + arrays, scheme="f16")

@@ -1,0 +1,62 @@
+"""The quantize phase: linear weights (and an embedding table tied to one) into a scheme's format.
+
+Every ``linear`` over a 2-D weight becomes ``qlinear`` over the quantized parts (round to nearest;
+``f16`` stores the weight in half precision and casts). An embedding that reads the same table as
+a quantized linear (tied embeddings, SmolLM2's LM head) becomes ``qembedding`` over the very same
+parts, so the tie is kept and the matrix is stored once. Untied embeddings stay f32: a lookup
+reads one row per token, so quantizing them saves memory but not time.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from llmc.ir import Graph, Node
+from llmc.passes.context import PassContext
+from llmc.passes.rewrite import add_weight, emit, rebuild
+from llmc.quant import Scheme, parse_scheme, quantize
+
+
+def quantize_weights(graph: Graph, ctx: PassContext) -> Graph:
+    scheme = parse_scheme(ctx.quant)
+    if not scheme.quantized and scheme.bits == 32:
+        return graph
+    weights = graph.weights
+    linear_weights = {n.inputs[1].attrs["name"] for n in graph.nodes()
+                      if n.op == "linear" and n.inputs[1].op == "weight" and n.inputs[1].type.dtype == "f32"}
+    for name in sorted(linear_weights):
+        scheme.check_layer(name, weights[name].shape)
+    parts: dict[str, list[Node]] = {}
+    halves: dict[str, Node] = {}
+
+    def half_of(name: str) -> Node:
+        if name not in halves:
+            halves[name] = add_weight(weights, f"{name}.f16", weights[name].astype(np.float16))
+        return halves[name]
+
+    def parts_of(name: str) -> list[Node]:
+        if name not in parts:
+            pieces = quantize(weights[name], scheme)
+            parts[name] = [add_weight(weights, f"{name}.{scheme.name}.{key}", pieces[key])
+                           for key in ("q", "scales", "mins") if key in pieces]
+        return parts[name]
+
+    def replace(original: Node, inputs: list[Node], rebuilt) -> Node | None:
+        if original.op == "linear" and original.inputs[1].op == "weight" \
+                and original.inputs[1].attrs["name"] in linear_weights:
+            name = original.inputs[1].attrs["name"]
+            if not scheme.quantized:     # f16: half-precision storage, widened where it is read
+                return emit("linear", [inputs[0], emit("cast", [half_of(name)], dtype="f32")] + inputs[2:])
+            return emit("qlinear", [inputs[0]] + parts_of(name) + inputs[2:], scheme=scheme.name)
+        if original.op == "embedding" and original.inputs[0].op == "weight" \
+                and original.inputs[0].attrs["name"] in linear_weights:
+            name = original.inputs[0].attrs["name"]
+            if not scheme.quantized:
+                return emit("cast", [emit("embedding", [half_of(name), inputs[1]])], dtype="f32")
+            return emit("qembedding", parts_of(name) + [inputs[1]], scheme=scheme.name)
+        return None
+
+    return rebuild(graph, replace)
+
+
+__all__ = ["Scheme", "quantize_weights"]

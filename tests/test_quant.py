@@ -1,0 +1,96 @@
+"""Quantization schemes: round-trip error bounds, clear errors, the quantize phase and perplexity."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import relative_error, tiny_model
+from llmc.frontend import import_model
+from llmc.interpret import run
+from llmc.pipeline import run_phases
+from llmc.quant import QuantError, dequantize, parse_scheme, quantize
+
+rng = np.random.default_rng()
+
+
+@pytest.mark.parametrize("code", ["q8", "q4g32", "q4g128"])
+def test_round_trip_error_is_bounded_by_half_a_step(code):
+    scheme = parse_scheme(code)
+    weight = (rng.standard_normal((13, 384)) * rng.uniform(0.01, 3, (13, 1))).astype(np.float32)
+    parts = quantize(weight, scheme)
+    back = dequantize(parts, scheme, 384)
+    error = np.abs(back - weight).reshape(13, -1, scheme.group).max(axis=-1)
+    step = parts["scales"].astype(np.float32)
+    # Half a quantization step, plus what storing scale (and min) in f16 costs.
+    slack = 2 ** -10 * (127 if scheme.bits == 8 else 15) * step
+    if "mins" in parts:
+        slack += 2 ** -10 * np.abs(parts["mins"].astype(np.float32))
+    assert np.all(error <= 0.5 * step + slack + 1e-7)
+    expected_bytes = {"q8": 384 + 12 * 2, "q4g32": 192 + 12 * 4, "q4g128": 192 + 3 * 4}[code]
+    assert sum(p[0].nbytes for p in parts.values()) == expected_bytes
+
+
+def test_constant_and_zero_groups_survive():
+    weight = np.zeros((2, 64), np.float32)
+    weight[1] = 0.25
+    for code in ("q8", "q4g32"):
+        scheme = parse_scheme(code)
+        np.testing.assert_allclose(dequantize(quantize(weight, scheme), scheme, 64), weight, atol=1e-3)
+
+
+def test_bad_schemes_list_the_valid_ones():
+    for code in ("q3", "q4g64", "int8", ""):
+        with pytest.raises(QuantError, match="valid schemes: f32, f16, q8, q4g32, q4g128"):
+            parse_scheme(code)
+    with pytest.raises(QuantError, match="does not divide the 100 inputs of layer.x"):
+        parse_scheme("q4g128").check_layer("layer.x", (8, 100))
+
+
+@pytest.mark.parametrize("code, tolerance", [("f16", 1e-3), ("q8", 2e-2), ("q4g32", 0.2)])
+def test_quantized_graphs_stay_close_and_keep_the_tie(code, tolerance):
+    model = tiny_model("llama")                         # tied embeddings
+    result = run_phases(import_model(model), progress=None, all_logits=True, quant=code)
+    graph = result.graph
+    ids = np.arange(3, 40)
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor(ids[None])).logits[0].numpy()
+    k = np.zeros((2, 2, 64, 16), np.float32)
+    got = run(graph, [ids, np.array(0), k, np.zeros_like(k)])[0]
+    assert relative_error(got, want) < tolerance
+    assert not any(a.dtype == np.float32 and a.shape == (128, 64) for a in graph.weights.values())  # no f32 table
+    if code != "f16":
+        histogram = graph.op_histogram()
+        assert histogram["qlinear"] == 9 and histogram["qembedding"] == 1 and "linear" not in histogram
+
+
+def test_a_group_that_does_not_divide_a_layer_is_refused():
+    with pytest.raises(QuantError, match="groups 128 weights, which does not divide the 64 inputs of model\\."):
+        run_phases(import_model(tiny_model("llama")), progress=None, quant="q4g128")
+
+
+def test_perplexity_matches_a_direct_computation(tmp_path):
+    import llmc
+    from llmc.compiler import compile_model
+    from llmc.runtime.evaluate import perplexity
+
+    model = tiny_model("qwen2")
+    compile_model(model, tmp_path / "t.llmc", progress=None)
+    loaded = llmc.load(tmp_path / "t.llmc", max_context=64)
+    ids = rng.integers(0, 128, 50).tolist()
+    result = perplexity(loaded, ids, context=20, stride=7)
+    assert result.tokens == 49
+    # Direct: each token scored once, with the context of the window that first scores it.
+    total, scored = 0.0, 1
+    for begin in range(0, 49, 7):
+        end = min(begin + 20, 50)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids[begin:end]])).logits[0].double()
+        log_probs = torch.log_softmax(logits, -1)
+        for t in range(max(scored, begin + 1), end):
+            total -= float(log_probs[t - begin - 1, ids[t]])
+        scored = end
+        if end == 50:
+            break
+    assert result.perplexity == pytest.approx(math.exp(total / 49), rel=1e-5)
