@@ -39,6 +39,7 @@ HEADER_SIZE = 64
 SECTION_ALIGN = 4096
 TENSOR_ALIGN = 64
 _HEADER = struct.Struct("<8sIIQ32s")
+NUMPY_NATIVE = ("f64", "f32", "f16", "i64", "i32", "i16", "i8", "u8", "bool")   # others come back as raw bytes
 
 
 class ArtifactError(LlmcError):
@@ -153,11 +154,10 @@ class Artifact:
         base = self.manifest["sections"]["weights"]["offset"]
         out = {}
         for name, t in self.manifest.get("tensors", {}).items():
-            dtype = numpy_dtype(t["dtype"]) if t["dtype"] in ("f32", "f16", "i64", "i32", "i8", "u8", "bool") \
-                else np.uint8
-            count = t["nbytes"] // np.dtype(dtype).itemsize
-            array = np.frombuffer(self._map, dtype=dtype, count=count, offset=base + t["offset"])
-            out[name] = array.reshape(t["shape"]) if dtype is not np.uint8 else array
+            raw = t["dtype"] not in NUMPY_NATIVE
+            dtype = np.dtype(np.uint8 if raw else numpy_dtype(t["dtype"]))
+            array = np.frombuffer(self._map, dtype=dtype, count=t["nbytes"] // dtype.itemsize, offset=base + t["offset"])
+            out[name] = array if raw else array.reshape(t["shape"])
         return out
 
     def close(self) -> None:

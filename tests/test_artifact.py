@@ -15,7 +15,9 @@ MANIFEST = {"target": {"name": "cpu"}, "requires": {"cpu_features": ["avx2", "fm
 def weights():
     return {"embed": rng.standard_normal((7, 5)).astype(np.float32),       # 140 bytes: not aligned
             "norm": rng.standard_normal(5).astype(np.float32),
-            "ids": np.arange(3, dtype=np.int64)}
+            "ids": np.arange(3, dtype=np.int64),
+            "codes": rng.integers(0, 255, (3, 9), dtype=np.uint8), "signed": rng.integers(-9, 9, (2, 5), dtype=np.int8),
+            "half": rng.standard_normal((4, 3)).astype(np.float16)}
 
 
 def write(path, w=None, manifest=MANIFEST):

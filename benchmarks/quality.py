@@ -1,0 +1,81 @@
+"""Perplexity of SmolLM2 per quantization scheme, and of llama.cpp on the same tokens, in one run.
+
+    python benchmarks/quality.py [--text benchmarks/data/alice.txt] [--schemes f32,f16,q8,q4g32,q4g128]
+
+Each scheme is compiled (target ref) into a temporary folder and scored with llmc's sliding-window
+perplexity (context 256, stride 128). llama.cpp (llama-cpp-python, the GGUF as shipped: Q4_1) is
+scored on exactly the same token ids and windows. Needs llama-cpp-python for the last row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).parent
+
+
+def llama_cpp_perplexity(gguf: Path, ids: list[int], context: int, stride: int) -> float:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf), n_ctx=context, n_batch=context, logits_all=True, n_threads=2, verbose=False)
+    total, count, scored = 0.0, 0, 1
+    for begin in range(0, len(ids) - 1, stride):
+        end = min(begin + context, len(ids))
+        llm.reset()
+        llm.eval(ids[begin:end])
+        logits = np.asarray(llm.scores[: end - begin], dtype=np.float64)
+        for t in range(max(scored, begin + 1), end):
+            row = logits[t - begin - 1]
+            total -= row[ids[t]] - row.max() - math.log(np.exp(row - row.max()).sum())
+            count += 1
+        scored = end
+        if end == len(ids):
+            break
+    return math.exp(total / count)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--text", default=str(HERE / "data" / "alice.txt"))
+    parser.add_argument("--schemes", default="f32,f16,q8,q4g32,q4g128")
+    parser.add_argument("--context", type=int, default=256)
+    args = parser.parse_args()
+    import llmc
+    from llmc.compiler import compile_model
+    from llmc.frontend import import_model
+    from llmc.runtime.evaluate import perplexity
+
+    imported = import_model("smollm2")
+    text = Path(args.text).read_text()
+    rows = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for scheme in args.schemes.split(","):
+            path = Path(folder) / f"{scheme}.llmc"
+            compile_model(imported, path, quant=scheme, progress=None)
+            model = llmc.load(path, max_context=args.context)
+            ids = model.tokenizer.encode(text)
+            result = perplexity(model, ids, args.context)
+            rows[scheme] = (result.perplexity, path.stat().st_size)
+            print(f"{scheme:<8} perplexity {result.perplexity:8.4f}  ({result.tokens} tokens, "
+                  f"artifact {path.stat().st_size / 1e6:.0f} MB)", flush=True)
+    try:
+        gguf = imported.source.path
+        ppl = llama_cpp_perplexity(gguf, ids, args.context, args.context // 2)
+        rows["llama.cpp Q4_1"] = (ppl, gguf.stat().st_size)
+        print(f"{'llama.cpp Q4_1':<8} perplexity {ppl:8.4f}", flush=True)
+    except ImportError:
+        print("llama-cpp-python is not installed: no llama.cpp row", file=sys.stderr)
+    if "f32" in rows:
+        base = rows["f32"][0]
+        for name, (ppl, _) in rows.items():
+            print(f"{name:<15} {100 * (ppl / base - 1):+.2f}% vs f32")
+
+
+if __name__ == "__main__":
+    main()
