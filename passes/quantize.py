@@ -14,7 +14,7 @@ import numpy as np
 from llmc.ir import Graph, Node
 from llmc.passes.context import PassContext
 from llmc.passes.rewrite import add_weight, emit, rebuild
-from llmc.quant import Scheme, parse_scheme, quantize
+from llmc.quant import parse_scheme, quantize
 
 
 def quantize_weights(graph: Graph, ctx: PassContext) -> Graph:
@@ -58,5 +58,3 @@ def quantize_weights(graph: Graph, ctx: PassContext) -> Graph:
 
     return rebuild(graph, replace)
 
-
-__all__ = ["Scheme", "quantize_weights"]

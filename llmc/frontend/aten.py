@@ -75,7 +75,7 @@ class Importer:
         try:
             return dims.canonical(text)
         except dims.DimError:
-            raise self.unsupported(f"the symbolic size {expr} (only sums and products of sizes are supported)")
+            raise self.unsupported(f"the symbolic size {expr} (only sums and products of sizes are supported)") from None
 
     def _symbol(self, name: str) -> str:
         if name not in self.symbol_names:
