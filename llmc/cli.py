@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument("--target", default="ref", choices=["ref"],
                           help="ref: the reference interpreter (numpy; portable, slow, the oracle)")
     compile_.add_argument("--quant", default="f32", metavar="SCHEME",
-                          help="weight format: f32 (default), f16, q8, q4g32 or q4g128")
+                          help="weight format: f32 (default), f16, q8, q4g32, q4g128, or gguf (a GGUF source's "
+                               "Q4_0/Q4_1/Q8_0 blocks kept as they are)")
     compile_.add_argument("--attn", choices=["sdpa", "eager"], default=None, help=argparse.SUPPRESS)
     compile_.set_defaults(run=run_compile)
 

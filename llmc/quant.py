@@ -8,6 +8,8 @@ scheme is part of the artifact's identity.
 | q8       | 1 byte + f16 scale per 32              | symmetric: w = q * scale, q in [-127, 127]           |
 | q4g32    | 4 bits + f16 scale and min per 32      | asymmetric: w = q * scale + min, q in [0, 15]        |
 | q4g128   | 4 bits + f16 scale and min per 128     | as q4g32, groups of 128                              |
+| gguf     | as the GGUF source stores it           | Q4_0/Q4_1 blocks as q4g32, Q8_0 as q8, losslessly;   |
+|          |                                        | weights of other types stay f32                      |
 
 Groups run along a row (the input dimension K of a [N, K] linear weight), so a GEMV reads each
 group's scale once. 4-bit codes pack two per byte: byte j of a group holds element j in its low
@@ -23,7 +25,7 @@ import numpy as np
 
 from llmc.errors import LlmcError
 
-SCHEMES = ("f32", "f16", "q8", "q4g32", "q4g128")
+SCHEMES = ("f32", "f16", "q8", "q4g32", "q4g128", "gguf")
 
 
 class QuantError(LlmcError):
@@ -39,7 +41,11 @@ class Scheme:
 
     @property
     def quantized(self) -> bool:
-        return self.bits <= 8
+        return 0 < self.bits <= 8
+
+    @property
+    def passthrough(self) -> bool:
+        return self.name == "gguf"
 
     def check_layer(self, name: str, shape: tuple[int, ...]) -> None:
         if self.quantized and shape[-1] % self.group:
@@ -48,9 +54,11 @@ class Scheme:
 
 
 def parse_scheme(code: str) -> Scheme:
-    m = re.fullmatch(r"f32|f16|q8|q4g(\d+)", code or "")
+    m = re.fullmatch(r"f32|f16|q8|gguf|q4g(\d+)", code or "")
     if not m or code not in SCHEMES:
         raise QuantError(f"unknown quantization scheme {code!r}; valid schemes: {', '.join(SCHEMES)}")
+    if code == "gguf":
+        return Scheme(code, 0, 32, False)
     if code == "f32":
         return Scheme(code, 32, 0, True)
     if code == "f16":

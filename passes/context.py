@@ -15,6 +15,7 @@ class PassContext:
     notes: list[str] = field(default_factory=list)
     verify: bool = False                         # run the verifier after every pass (tests, LLMC_VERIFY=1)
     quant: str = "f32"                           # the weight quantization scheme (llmc.quant)
+    source: object = None                        # the model source (llmc.frontend.sources.ModelSource)
 
     def after(self, name: str, graph: Graph) -> Graph:
         """Call after each pass: with verification on, a pass that breaks the graph fails here, by name."""

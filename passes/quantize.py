@@ -19,11 +19,13 @@ from llmc.quant import parse_scheme, quantize
 
 def quantize_weights(graph: Graph, ctx: PassContext) -> Graph:
     scheme = parse_scheme(ctx.quant)
-    if not scheme.quantized and scheme.bits == 32:
+    if scheme.name == "f32":
         return graph
     weights = graph.weights
     linear_weights = {n.inputs[1].attrs["name"] for n in graph.nodes()
                       if n.op == "linear" and n.inputs[1].op == "weight" and n.inputs[1].type.dtype == "f32"}
+    if scheme.passthrough:
+        return _passthrough(graph, ctx, linear_weights)
     for name in sorted(linear_weights):
         scheme.check_layer(name, weights[name].shape)
     parts: dict[str, list[Node]] = {}
@@ -58,3 +60,41 @@ def quantize_weights(graph: Graph, ctx: PassContext) -> Graph:
 
     return rebuild(graph, replace)
 
+
+
+def _passthrough(graph: Graph, ctx: PassContext, linear_weights: set[str]) -> Graph:
+    """--quant gguf: each linear keeps its GGUF blocks (see gguf_blocks.py); others stay f32."""
+    from llmc.errors import LlmcError
+    from llmc.passes.gguf_blocks import GGUFRows
+
+    source = ctx.source
+    if source is None or getattr(source, "kind", None) != "gguf":
+        raise LlmcError("--quant gguf keeps a GGUF file's quantized blocks, so the source must be a .gguf file; "
+                        "for other sources choose f32, f16, q8, q4g32 or q4g128")
+    rows = GGUFRows(source.path)
+    weights = graph.weights
+    parts: dict[str, tuple[str, list[Node]]] = {}
+    kept_f32 = []
+    for name in sorted(linear_weights):
+        found = rows.parts_for(weights[name])
+        if found is None:
+            kept_f32.append(name)
+            continue
+        scheme, pieces = found
+        parts[name] = (scheme, [add_weight(weights, f"{name}.gguf.{key}", pieces[key])
+                                for key in ("q", "scales", "mins") if key in pieces])
+    if kept_f32:
+        ctx.note(f"quantize: {len(kept_f32)} linear weights are not stored as Q4_0/Q4_1/Q8_0 blocks in the GGUF "
+                 f"and stay f32 (e.g. {kept_f32[0]})")
+
+    def replace(original: Node, inputs: list[Node], rebuilt) -> Node | None:
+        if original.op == "linear" and original.inputs[1].op == "weight" and original.inputs[1].attrs["name"] in parts:
+            scheme, pieces = parts[original.inputs[1].attrs["name"]]
+            return emit("qlinear", [inputs[0]] + pieces + inputs[2:], scheme=scheme)
+        if original.op == "embedding" and original.inputs[0].op == "weight" \
+                and original.inputs[0].attrs["name"] in parts:
+            scheme, pieces = parts[original.inputs[0].attrs["name"]]
+            return emit("qembedding", pieces + [inputs[1]], scheme=scheme)
+        return None
+
+    return rebuild(graph, replace)

@@ -17,7 +17,8 @@ def llama_cpp_permute(weight: np.ndarray, heads: int) -> np.ndarray:
     return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def write_gguf(model, arch: str, path, permute_qk: bool) -> None:
+def write_gguf(model, arch: str, path, permute_qk: bool, qtype=None) -> None:
+    """A GGUF of ``model`` as llama.cpp's converter lays it out; 2-D weights in ``qtype`` if given."""
     config = model.config
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(config.num_hidden_layers)
@@ -39,7 +40,12 @@ def write_gguf(model, arch: str, path, permute_qk: bool) -> None:
             array = llama_cpp_permute(array, config.num_attention_heads)
         elif permute_qk and key.endswith("k_proj.weight"):
             array = llama_cpp_permute(array, config.num_key_value_heads)
-        writer.add_tensor(names.get_name(key, try_suffixes=(".weight", ".bias")), array)
+        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if qtype is not None and array.ndim == 2:
+            packed = gguf.quants.quantize(array, qtype)
+            writer.add_tensor(name, packed, raw_shape=packed.shape, raw_dtype=qtype)
+        else:
+            writer.add_tensor(name, array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -105,3 +111,43 @@ def test_corrupt_gguf_files_raise_source_error(tmp_path):
         with pytest.raises(SourceError) as info:
             import_model(path)
         assert str(path) in str(info.value), label
+
+
+@pytest.mark.parametrize("qtype, scheme", [(gguf.GGMLQuantizationType.Q4_1, "q4g32"),
+                                           (gguf.GGMLQuantizationType.Q4_0, "q4g32"),
+                                           (gguf.GGMLQuantizationType.Q8_0, "q8")])
+def test_passthrough_keeps_the_blocks_exactly(tmp_path, qtype, scheme):
+    from llmc.pipeline import run_phases
+
+    path = tmp_path / "q.gguf"
+    write_gguf(tiny_model("llama"), "llama", path, True, qtype=qtype)
+    imported = import_model(path)
+    exact = run_phases(imported, progress=None, all_logits=True).graph
+    kept = run_phases(imported, progress=None, all_logits=True, quant="gguf")
+    assert kept.notes == []
+    histogram = kept.graph.op_histogram()
+    assert histogram["qlinear"] == 9 and histogram["qembedding"] == 1 and "linear" not in histogram
+    assert {n.attrs["scheme"] for n in kept.graph.nodes() if n.op == "qlinear"} == {scheme}
+    ids = np.arange(2, 30)
+    k = np.zeros((2, 2, 32, 16), np.float32)
+    want = run(exact, [ids, np.array(0), k, np.zeros_like(k)])[0]
+    k = np.zeros((2, 2, 32, 16), np.float32)
+    np.testing.assert_array_equal(run(kept.graph, [ids, np.array(0), k, np.zeros_like(k)])[0], want)
+
+
+def test_passthrough_of_float_tensors_says_they_stay_f32(tmp_path):
+    from llmc.pipeline import run_phases
+
+    path = tmp_path / "f.gguf"
+    write_gguf(tiny_model("llama"), "llama", path, True)          # F32 tensors
+    result = run_phases(import_model(path), progress=None, quant="gguf")
+    assert result.graph.op_histogram()["linear"] == 9
+    assert len(result.notes) == 1 and "stay f32" in result.notes[0]
+
+
+def test_passthrough_needs_a_gguf_source():
+    from llmc.errors import LlmcError
+    from llmc.pipeline import run_phases
+
+    with pytest.raises(LlmcError, match="the source must be a .gguf file"):
+        run_phases(import_model(tiny_model("llama")), progress=None, quant="gguf")

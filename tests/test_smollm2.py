@@ -115,3 +115,22 @@ def test_cli_run_and_inspect_artifact(artifact):
                           input="What is the capital of France?\n\n", capture_output=True, text=True, timeout=300)
     assert chat.returncode == 0, chat.stderr
     assert "Paris" in chat.stdout
+
+
+def test_gguf_passthrough_keeps_smollm2_exact(smollm2):
+    import numpy as np
+
+    from llmc.pipeline import run_phases
+
+    kept = run_phases(smollm2, progress=None, quant="gguf")
+    assert kept.notes == []
+    histogram = kept.graph.op_histogram()
+    assert histogram["qlinear"] == 121 and histogram["qembedding"] == 1 and "linear" not in histogram
+    assert sum(w.nbytes for w in kept.graph.weights.values()) < 100e6        # Q4_1 blocks, not 538 MB of f32
+    exact = run_phases(smollm2, progress=None).graph
+    ids = np.arange(500, 537)
+    outs = []
+    for graph in (exact, kept.graph):
+        k = np.zeros((30, 3, 48, 64), np.float32)
+        outs.append(run(graph, [ids, np.array(0), k, np.zeros_like(k)])[0])
+    np.testing.assert_array_equal(outs[0], outs[1])
