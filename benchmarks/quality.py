@@ -1,6 +1,6 @@
 """Perplexity of SmolLM2 per quantization scheme, and of llama.cpp on the same tokens, in one run.
 
-    python benchmarks/quality.py [--text benchmarks/data/alice.txt] [--schemes f32,f16,q8,q4g32,q4g128]
+    python benchmarks/quality.py [--text benchmarks/data/alice.txt] [--schemes f32,f16,q8,q4g32,q4g128] [--kv int8]
 
 Each scheme is compiled (target ref) into a temporary folder and scored with llmc's sliding-window
 perplexity (context 256, stride 128). llama.cpp (llama-cpp-python, the GGUF as shipped: Q4_1) is
@@ -45,6 +45,7 @@ def main() -> None:
     parser.add_argument("--text", default=str(HERE / "data" / "alice.txt"))
     parser.add_argument("--schemes", default="f32,f16,q8,q4g32,q4g128")
     parser.add_argument("--context", type=int, default=256)
+    parser.add_argument("--kv", default="f32", choices=["f32", "int8"], help="KV cache format of every artifact")
     args = parser.parse_args()
     import llmc
     from llmc.compiler import compile_model
@@ -57,13 +58,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         for scheme in args.schemes.split(","):
             path = Path(folder) / f"{scheme}.llmc"
-            compile_model(imported, path, quant=scheme, progress=None)
+            compile_model(imported, path, quant=scheme, kv=args.kv, progress=None)
             model = llmc.load(path, max_context=args.context)
             ids = model.tokenizer.encode(text)
             result = perplexity(model, ids, args.context)
             rows[scheme] = (result.perplexity, path.stat().st_size)
             print(f"{scheme:<8} perplexity {result.perplexity:8.4f}  ({result.tokens} tokens, "
-                  f"artifact {path.stat().st_size / 1e6:.0f} MB)", flush=True)
+                  f"artifact {path.stat().st_size / 1e6:.0f} MB, KV cache {args.kv}: "
+                  f"{model.cache_bytes / args.context / 1e3:.1f} KB per position)", flush=True)
     try:
         gguf = imported.source.path
         ppl = llama_cpp_perplexity(gguf, ids, args.context, args.context // 2)

@@ -48,7 +48,7 @@ def input_hashes(source) -> dict[str, str]:
     return out
 
 
-def compile_model(source: Any, output: str | Path, *, target: str = "ref", quant: str = "f32",
+def compile_model(source: Any, output: str | Path, *, target: str = "ref", quant: str = "f32", kv: str = "f32",
                   progress: TextIO | None = sys.stderr, **import_options: Any) -> CompileReport:
     """Build ``output`` from ``source`` (anything ``import_model`` takes, or an already imported model)."""
     from llmc.frontend import Imported
@@ -65,14 +65,14 @@ def compile_model(source: Any, output: str | Path, *, target: str = "ref", quant
         raise LlmcError(f"cannot write {output}: the folder {folder} does not exist")
     start = time.perf_counter()
     if isinstance(source, Imported):
-        prefill = run_phases(source, progress=progress, quant=quant)
+        prefill = run_phases(source, progress=progress, quant=quant, kv=kv)
     else:
-        prefill = run_pipeline(source, progress=progress, quant=quant, **import_options)
+        prefill = run_pipeline(source, progress=progress, quant=quant, kv=kv, **import_options)
     graph = prefill.graph
     if graph.inputs[0].attrs["name"] != "tokens":
         raise LlmcError("cannot build a generation artifact: " + "; ".join(prefill.notes))
     # The same model with logits for every position, for Model.logits (evaluation, comparisons).
-    everything = run_phases(prefill.imported, progress=None, all_logits=True, quant=quant).graph
+    everything = run_phases(prefill.imported, progress=None, all_logits=True, quant=quant, kv=kv).graph
     imported = prefill.imported
     tokenizer = tokenizer_info(imported.source, imported.config)
     cache = graph.inputs[2].type
@@ -93,8 +93,10 @@ def compile_model(source: Any, output: str | Path, *, target: str = "ref", quant
             "logits": {"inputs": [["tokens", "i64[seq]"], ["start_pos", "i64[]"]],
                        "outputs": [["logits", "f32[seq, vocab]"]], "graph": "graph_all"},
         },
+        # The cache inputs after tokens and start_pos, in call order; the runtime allocates them.
         "kv_cache": {"layers": cache.shape[0], "kv_heads": cache.shape[1], "head_dim": cache.shape[3],
-                     "dtype": cache.dtype, "layout": "[layers, kv_heads, ctx, head_dim]"},
+                     "dtype": cache.dtype, "layout": "[layers, kv_heads, ctx, head_dim]",
+                     "inputs": [[n.attrs["name"], str(n.type)] for n in graph.inputs[2:]]},
         "vocab_size": graph.outputs[0].type.shape[-1],
         "tokenizer": tokenizer.manifest() if tokenizer.tokenizer_json else None,
         "eos_token_ids": tokenizer.eos_token_ids,

@@ -584,17 +584,7 @@ def _attention_ref(xs, a, shape, dt):
                              "(load the model with a larger max_context)")
     k_cache[layer, :, start:end] = k[0]
     v_cache[layer, :, start:end] = v[0]
-    keys, values = k_cache[layer, :, :end], v_cache[layer, :, :end]
-    groups = q.shape[1] // keys.shape[0]
-    keys, values = np.repeat(keys, groups, axis=0), np.repeat(values, groups, axis=0)
-    scores = np.matmul(q[0], np.swapaxes(keys, -1, -2)) * np.asarray(a["scale"], q.dtype)
-    query_pos = start + np.arange(seq)[:, None]
-    key_pos = np.arange(end)[None, :]
-    allowed = key_pos <= query_pos
-    if a["window"]:
-        allowed &= query_pos - key_pos < a["window"]
-    scores = np.where(allowed, scores, -np.inf)
-    return np.matmul(_softmax(scores, -1), values)[None].astype(q.dtype)
+    return _attend(q, k_cache[layer, :, :end], v_cache[layer, :, :end], start, a)
 
 
 define("attention", "generation",
@@ -799,3 +789,58 @@ def _qembedding_ref(xs, a, shape, dt):
 
 define("qembedding", "shape", "rows of a quantized table picked by ids, dequantized", (3, 4), ["scheme"],
        infer=_qembedding_infer, ref=_qembedding_ref)
+
+
+def _attention_kv8_infer(ts, a):
+    q, k, v, k_cache, k_scale, v_cache, v_scale, start_pos = ts
+    for cache, scale, step in ((k_cache, k_scale, k), (v_cache, v_scale, v)):
+        if cache.dtype != "i8" or scale.dtype != "f32" or scale.shape != cache.shape[:3]:
+            raise OpError(f"int8 cache {cache} needs i8 codes and an f32 scale per [layer, head, position], "
+                          f"got {scale}")
+    as_float = [Type(q.dtype, c.shape) for c in (k_cache, v_cache)]
+    return _attention_infer([q, k, v, as_float[0], as_float[1], start_pos], a)
+
+
+def quantize_kv_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per row (one head's vector at one position): (codes, scales)."""
+    scale = np.abs(rows).max(axis=-1) / 127.0
+    inverse = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale > 0)
+    return np.clip(np.rint(rows * inverse[..., None]), -127, 127).astype(np.int8), scale.astype(np.float32)
+
+
+def _attention_kv8_ref(xs, a, shape, dt):
+    from llmc.errors import InterpretError
+
+    q, k, v, k_cache, k_scale, v_cache, v_scale, start_pos = xs
+    layer, seq, capacity = a["layer"], q.shape[2], k_cache.shape[2]
+    start = int(start_pos)
+    end = start + seq
+    if start < 0 or end > capacity:
+        raise InterpretError(f"the KV cache holds {capacity} positions; positions {start}..{end - 1} do not fit "
+                             "(load the model with a larger max_context)")
+    for step, cache, scales in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
+        cache[layer, :, start:end], scales[layer, :, start:end] = quantize_kv_rows(step[0])
+    keys = k_cache[layer, :, :end].astype(np.float32) * k_scale[layer, :, :end, None]
+    values = v_cache[layer, :, :end].astype(np.float32) * v_scale[layer, :, :end, None]
+    return _attend(q, keys, values, start, a)
+
+
+def _attend(q, keys, values, start, a):
+    """Causal (windowed) attention of q [1, Hq, seq, D] at positions start.. over keys/values
+    [Hkv, start+seq, D] (K/V heads shared by groups of query heads)."""
+    seq, end = q.shape[2], keys.shape[1]
+    groups = q.shape[1] // keys.shape[0]
+    keys, values = np.repeat(keys, groups, axis=0), np.repeat(values, groups, axis=0)
+    scores = np.matmul(q[0], np.swapaxes(keys, -1, -2)) * np.asarray(a["scale"], q.dtype)
+    query_pos = start + np.arange(seq)[:, None]
+    key_pos = np.arange(end)[None, :]
+    allowed = key_pos <= query_pos
+    if a["window"]:
+        allowed &= query_pos - key_pos < a["window"]
+    scores = np.where(allowed, scores, -np.inf)
+    return np.matmul(_softmax(scores, -1), values)[None].astype(q.dtype)
+
+
+define("attention_kv8", "generation",
+       "attention whose cache holds int8 codes with an f32 scale per head and position",
+       8, ["layer", "scale", "window"], infer=_attention_kv8_infer, ref=_attention_kv8_ref)

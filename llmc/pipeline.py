@@ -80,27 +80,29 @@ class PipelineResult:
 
 def run_pipeline(source: Any, *, until: str | None = None, dump_ir: str | Path | None = None,
                  verify: bool | None = None, progress: TextIO | None = sys.stderr, all_logits: bool = False,
-                 quant: str = "f32", **import_options: Any) -> PipelineResult:
+                 quant: str = "f32", kv: str = "f32", **import_options: Any) -> PipelineResult:
     """Run the phases on ``source`` up to and including ``until`` (default: all of them)."""
     from llmc.frontend import import_model
 
     _check_phase(until)
     from llmc.quant import parse_scheme
 
-    parse_scheme(quant)                      # a bad scheme fails before the model is loaded
+    parse_scheme(quant)                      # bad options fail before the model is loaded
+    _check_kv(kv)
     start = time.perf_counter()
     imported = import_model(source, **import_options)
     return run_phases(imported, until=until, dump_ir=dump_ir, verify=verify, progress=progress,
-                      all_logits=all_logits, quant=quant, import_seconds=time.perf_counter() - start)
+                      all_logits=all_logits, quant=quant, kv=kv, import_seconds=time.perf_counter() - start)
 
 
 def run_phases(imported: Any, *, until: str | None = None, dump_ir: str | Path | None = None,
                verify: bool | None = None, progress: TextIO | None = sys.stderr, all_logits: bool = False,
-               quant: str = "f32", import_seconds: float = 0.0) -> PipelineResult:
+               quant: str = "f32", kv: str = "f32", import_seconds: float = 0.0) -> PipelineResult:
     """Run the phases after import on an already imported model (``llmc.frontend.Imported``)."""
     from llmc.passes.context import PassContext
 
     until = _check_phase(until)
+    _check_kv(kv)
     if verify is None:
         verify = os.environ.get("LLMC_VERIFY") == "1"
     dump_dir = Path(dump_ir) if dump_ir else None
@@ -122,7 +124,7 @@ def run_phases(imported: Any, *, until: str | None = None, dump_ir: str | Path |
 
     finish(1, "import", imported.graph, import_seconds)
     graph = imported.graph
-    ctx = PassContext(imported.config, imported.max_seq, all_logits, result.notes, verify, quant, imported.source)
+    ctx = PassContext(imported.config, imported.max_seq, all_logits, result.notes, verify, quant, imported.source, kv)
     for index, phase in enumerate(PHASES[: total - 1], start=2):
         start = time.perf_counter()
         graph = phase.run(graph, ctx)
@@ -132,6 +134,14 @@ def run_phases(imported: Any, *, until: str | None = None, dump_ir: str | Path |
             progress.write(f"note: {note}\n")
     result.graph = graph
     return result
+
+
+KV_FORMATS = ("f32", "int8")
+
+
+def _check_kv(kv: str) -> None:
+    if kv not in KV_FORMATS:
+        raise LlmcError(f"unknown KV cache format {kv!r}; choose {' or '.join(KV_FORMATS)}")
 
 
 def _check_phase(until: str | None) -> str:

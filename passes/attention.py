@@ -2,7 +2,7 @@
 
 Before: ``forward(input_ids[1, seq]) -> logits[1, seq, vocab]`` with attention as traced (the SDPA op,
 or eager matmul-softmax-matmul), K/V repeated for GQA, a mask built from positions, positions from
-``arange(seq)``. After: ``forward(tokens[seq], start_pos, k_cache, v_cache) -> logits[1, vocab]``
+``arange(seq)``. After: ``forward(tokens[seq], start_pos, k_cache, v_cache[, k_scale, v_scale]) -> logits[1, vocab]``
 (or ``[seq, vocab]`` when all logits are asked for), where each attention site is one ``attention``
 op that appends this step's K/V to its layer of the cache and attends over ``0..start_pos+seq``,
 and every position is ``start_pos + arange(seq)`` — so RoPE tables (any rope_scaling variant) and
@@ -65,8 +65,15 @@ def _rewrite(graph: Graph, ctx: PassContext) -> Graph:
 
     tokens = Node("input", (), {"name": "tokens"}, Type("i64", (SEQ,)))
     start_pos = Node("input", (), {"name": "start_pos"}, Type("i64", ()))
-    k_cache = Node("input", (), {"name": "k_cache"}, Type(dtype, (layers, heads, CTX, key_size)))
-    v_cache = Node("input", (), {"name": "v_cache"}, Type(dtype, (layers, heads, CTX, value_size)))
+    int8 = ctx.kv == "int8"
+    cache_dtype = "i8" if int8 else dtype
+    k_cache = Node("input", (), {"name": "k_cache"}, Type(cache_dtype, (layers, heads, CTX, key_size)))
+    v_cache = Node("input", (), {"name": "v_cache"}, Type(cache_dtype, (layers, heads, CTX, value_size)))
+    cache_inputs = [k_cache, v_cache]
+    if int8:
+        k_scale = Node("input", (), {"name": "k_scale"}, Type("f32", (layers, heads, CTX)))
+        v_scale = Node("input", (), {"name": "v_scale"}, Type("f32", (layers, heads, CTX)))
+        cache_inputs += [k_scale, v_scale]
     layer_of = {id(s.node): (i, s) for i, s in enumerate(sites)}
 
     def replace(original: Node, inputs: list[Node], rebuilt) -> Node | None:
@@ -74,13 +81,16 @@ def _rewrite(graph: Graph, ctx: PassContext) -> Graph:
             return emit("reshape", [tokens], shape=[1, SEQ])
         if id(original) in layer_of:
             layer, site = layer_of[id(original)]
-            return emit("attention", [rebuilt(site.q), rebuilt(site.k), rebuilt(site.v), k_cache, v_cache,
-                                      start_pos], layer=layer, scale=site.scale, window=site.window)
+            qkv = [rebuilt(site.q), rebuilt(site.k), rebuilt(site.v)]
+            attrs = dict(layer=layer, scale=site.scale, window=site.window)
+            if int8:
+                return emit("attention_kv8", qkv + [k_cache, k_scale, v_cache, v_scale, start_pos], **attrs)
+            return emit("attention", qkv + [k_cache, v_cache, start_pos], **attrs)
         if _is_positions(original):
             return emit("add", [original, start_pos])
         return None
 
-    out = rebuild(graph, replace, inputs=[tokens, start_pos, k_cache, v_cache])
+    out = rebuild(graph, replace, inputs=[tokens, start_pos] + cache_inputs)
     out.outputs = [_logits(out.outputs[0], ctx.all_logits)]
     leftover = [n.op for n in out.nodes() if _is_attention(n)]
     if leftover:

@@ -16,6 +16,7 @@ class PassContext:
     verify: bool = False                         # run the verifier after every pass (tests, LLMC_VERIFY=1)
     quant: str = "f32"                           # the weight quantization scheme (llmc.quant)
     source: object = None                        # the model source (llmc.frontend.sources.ModelSource)
+    kv: str = "f32"                              # KV cache storage: f32, or int8 with a scale per head and position
 
     def after(self, name: str, graph: Graph) -> Graph:
         """Call after each pass: with verification on, a pass that breaks the graph fails here, by name."""

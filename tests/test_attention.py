@@ -114,21 +114,24 @@ def test_unknown_masks_leave_the_graph_unchanged_and_say_why(mask, reason):
 
 
 def new_cache(graph, capacity):
-    k_type, v_type = graph.inputs[2].type, graph.inputs[3].type
-    k = np.zeros((k_type.shape[0], k_type.shape[1], capacity, k_type.shape[3]), np.float32)
-    v = np.zeros((v_type.shape[0], v_type.shape[1], capacity, v_type.shape[3]), np.float32)
-    return k, v
+    """Zeroed arrays for the graph's cache inputs (everything after tokens and start_pos)."""
+    from llmc import dims
+    from llmc.ir import numpy_dtype
+
+    return [np.zeros(tuple(dims.evaluate(d, {"ctx": capacity}) for d in n.type.shape), numpy_dtype(n.type.dtype))
+            for n in graph.inputs[2:]]
 
 
-def check_prefill_then_decode(graph, want: np.ndarray, ids: np.ndarray, prompt: int, capacity: int = 96):
+def check_prefill_then_decode(graph, want: np.ndarray, ids: np.ndarray, prompt: int, capacity: int = 96,
+                              tolerance: float = 1e-4):
     """prefill(ids[:prompt]) then one token at a time; each step's logits vs the full-sequence ones."""
-    k, v = new_cache(graph, capacity)
-    logits = run(graph, [ids[:prompt], np.array(prompt * 0), k, v])[0]
+    caches = new_cache(graph, capacity)
+    logits = run(graph, [ids[:prompt], np.array(0)] + caches)[0]
     errors = [relative_error(logits[-1], want[prompt - 1])]
     for pos in range(prompt, len(ids)):
-        logits = run(graph, [ids[pos:pos + 1], np.array(pos), k, v])[0]
+        logits = run(graph, [ids[pos:pos + 1], np.array(pos)] + caches)[0]
         errors.append(relative_error(logits[-1], want[pos]))
-    assert max(errors) < 1e-4, errors
+    assert max(errors) < tolerance, errors
 
 
 CASES = [(f, "sdpa") for f in FAMILIES] + [("llama", "eager"), ("mistral", "eager"), ("gpt2", "eager")]
@@ -158,10 +161,10 @@ def test_all_logits_prefill_and_cache_overflow():
     ids = torch.randint(0, 128, (1, 11), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         want = model(input_ids=ids).logits[0].numpy()
-    k, v = new_cache(graph, 16)
-    assert relative_error(run(graph, [ids[0].numpy(), np.array(0), k, v])[0], want) < 1e-4
+    caches = new_cache(graph, 16)
+    assert relative_error(run(graph, [ids[0].numpy(), np.array(0)] + caches)[0], want) < 1e-4
     with pytest.raises(InterpretError, match="KV cache holds 16 positions"):
-        run(graph, [ids[0, :6].numpy(), np.array(11), k, v])
+        run(graph, [ids[0, :6].numpy(), np.array(11)] + caches)
 
 
 def test_progress_shows_notes_of_a_declined_pass():
@@ -221,3 +224,22 @@ def test_dynamic_rope_scaling_is_reported_as_untraceable():
                                                                   "rope_theta": 10000.0})
     with pytest.raises(TraceError, match="modeling_rope_utils.py:[0-9]+"):
         import_model(transformers.LlamaForCausalLM(config).eval())
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "gpt2"])
+def test_int8_kv_cache_stays_close(family):
+    model = tiny_model(family)
+    graph = run_phases(import_model(model), progress=None, kv="int8").graph
+    assert [str(n.type) for n in graph.inputs[2:]][2:] == ["f32[2, 2, ctx]" if family != "gpt2" else "f32[2, 4, ctx]"] * 2
+    assert graph.op_histogram()["attention_kv8"] == 2 and "attention" not in graph.op_histogram()
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits[0].numpy()
+    check_prefill_then_decode(graph, want, ids[0].numpy(), prompt=23, tolerance=2e-2)
+
+
+def test_unknown_kv_format_is_refused():
+    from llmc.errors import LlmcError
+
+    with pytest.raises(LlmcError, match="unknown KV cache format 'fp8'; choose f32 or int8"):
+        run_phases(import_model(tiny_model("llama")), progress=None, kv="fp8")

@@ -257,3 +257,23 @@ def test_quantized_linear_and_embedding_dequantize_on_the_fly(code):
     close(apply("qembedding", arrays + [ids], scheme=code), F.embedding(T(ids), T(dense)), tol=0)
     with pytest.raises(ops.OpError, match="is not a quantized scheme"):
         apply("qlinear", [x] + arrays, scheme="f16")
+
+
+def test_int8_kv_attention_is_the_f32_attention_over_the_quantized_cache():
+    from llmc.ops import quantize_kv_rows
+
+    heads, kv_heads, size, total = 4, 2, 16, 9
+    q, k, v = f32(1, heads, total, size), f32(1, kv_heads, total, size), f32(1, kv_heads, total, size)
+    codes = [np.zeros((2, kv_heads, 12, size), np.int8) for _ in range(2)]
+    scales = [np.zeros((2, kv_heads, 12), np.float32) for _ in range(2)]
+    got = apply("attention_kv8", [q, k, v, codes[0], scales[0], codes[1], scales[1], np.array(0)],
+                layer=1, scale=0.25, window=0)
+    # The same attention over K/V rounded the way the cache stores them.
+    kq, ks = quantize_kv_rows(k[0])
+    vq, vs = quantize_kv_rows(v[0])
+    np.testing.assert_array_equal(codes[0][1, :, :total], kq)
+    assert np.abs(kq.astype(np.float32) * ks[..., None] - k[0]).max() <= np.abs(k).max() / 127
+    kd, vd = (kq * ks[..., None])[None], (vq * vs[..., None])[None]
+    want = F.scaled_dot_product_attention(T(q), T(kd.astype(np.float32)), T(vd.astype(np.float32)), is_causal=True,
+                                          scale=0.25, enable_gqa=True)
+    close(got, want, tol=1e-5)

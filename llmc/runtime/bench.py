@@ -45,8 +45,8 @@ def bytes_per_decode_token(model: Model, position: int) -> int:
     for name in weights:
         array = graph.weights[name]
         total += array[0].nbytes if name in only_looked_up else array.nbytes
-    cache = model.manifest["kv_cache"]
-    total += 2 * cache["layers"] * cache["kv_heads"] * cache["head_dim"] * 4 * position
+    # Every cache array holds one slot per position along ctx: read the first `position` of them.
+    total += sum(a.nbytes // a.shape[2] * position for a in model._caches)
     return total
 
 

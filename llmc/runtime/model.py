@@ -34,10 +34,10 @@ class ReferenceExecutor:
         except (IRError, UnicodeDecodeError) as exc:
             raise ArtifactError(f"{artifact.path}: its graph cannot be read ({exc}); rebuild the artifact") from None
 
-    def run(self, graph: str, tokens: np.ndarray, start_pos: int, k_cache, v_cache) -> np.ndarray:
+    def run(self, graph: str, tokens: np.ndarray, start_pos: int, caches: list[np.ndarray]) -> np.ndarray:
         from llmc.interpret import run
 
-        return run(self.graphs[graph], [tokens, np.array(start_pos, np.int64), k_cache, v_cache])[0]
+        return run(self.graphs[graph], [tokens, np.array(start_pos, np.int64)] + caches)[0]
 
 
 EXECUTORS = {"ref": ReferenceExecutor}
@@ -58,13 +58,26 @@ class Model:
         self.max_context = min(limit, DEFAULT_MAX_CONTEXT) if max_context is None else int(max_context)
         if not 1 <= self.max_context <= limit:
             raise LlmcError(f"max_context must be between 1 and the model's {limit} positions, not {max_context}")
-        cache = manifest["kv_cache"]
-        shape = (cache["layers"], cache["kv_heads"], self.max_context, cache["head_dim"])
-        self._k_cache = np.zeros(shape, np.float32)
-        self._v_cache = np.zeros(shape, np.float32)
+        self._caches = self._allocate_caches(manifest["kv_cache"])
         tok = manifest.get("tokenizer")
         self.tokenizer = Tokenizer(bytes(artifact.section("tokenizer")).decode(), tok) if tok else None
         self.vocab_size = int(manifest["vocab_size"])
+
+    def _allocate_caches(self, cache: dict) -> list[np.ndarray]:
+        """The cache arrays the graph takes after tokens and start_pos, with ctx = max_context."""
+        from llmc import dims
+        from llmc.ir import numpy_dtype, parse_type
+
+        arrays = []
+        for _, text in cache["inputs"]:
+            t = parse_type(text)
+            shape = tuple(dims.evaluate(d, {"ctx": self.max_context}) for d in t.shape)
+            arrays.append(np.zeros(shape, numpy_dtype(t.dtype)))
+        return arrays
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(a.nbytes for a in self._caches)
 
     # -- entry points ------------------------------------------------------------------------
 
@@ -86,13 +99,13 @@ class Model:
         """One prefill or decode step over the KV cache: the logits of the last token, [vocab]."""
         ids = self._check_ids(token_ids)
         self._fits(start_pos + len(ids))
-        return self.executor.run("graph", ids, start_pos, self._k_cache, self._v_cache)[-1]
+        return self.executor.run("graph", ids, start_pos, self._caches)[-1]
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """Logits for every position, [len(token_ids), vocab] float32."""
         ids = self._check_ids(token_ids)
         self._fits(len(ids))
-        return self.executor.run("graph_all", ids, 0, self._k_cache, self._v_cache).astype(np.float32)
+        return self.executor.run("graph_all", ids, 0, self._caches).astype(np.float32)
 
     # -- generation --------------------------------------------------------------------------
 
