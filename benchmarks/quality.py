@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--schemes", default="f32,f16,q8,q4g32,q4g128")
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--kv", default="f32", choices=["f32", "int8"], help="KV cache format of every artifact")
+    parser.add_argument("--calib", default=None, help="calibration text for the quantized schemes ('default': llmc's)")
     args = parser.parse_args()
     import llmc
     from llmc.compiler import compile_model
@@ -58,7 +59,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         for scheme in args.schemes.split(","):
             path = Path(folder) / f"{scheme}.llmc"
-            compile_model(imported, path, quant=scheme, kv=args.kv, progress=None)
+            calibrate = args.calib if args.calib and scheme not in ("f32", "f16", "gguf") else None
+            compile_model(imported, path, quant=scheme, kv=args.kv, calib=calibrate, progress=None)
             model = llmc.load(path, max_context=args.context)
             ids = model.tokenizer.encode(text)
             result = perplexity(model, ids, args.context)

@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument("--quant", default="f32", metavar="SCHEME",
                           help="weight format: f32 (default), f16, q8, q4g32, q4g128, or gguf (a GGUF source's "
                                "Q4_0/Q4_1/Q8_0 blocks kept as they are)")
+    compile_.add_argument("--calib", metavar="FILE", default=None,
+                          help="calibrate quantized weights (AWQ-style scales) on this text; 'default' uses the "
+                               "public-domain text shipped with llmc")
     compile_.add_argument("--kv", default="f32", choices=["f32", "int8"],
                           help="KV cache storage: f32 (default) or int8 with a scale per head and position")
     compile_.add_argument("--attn", choices=["sdpa", "eager"], default=None, help=argparse.SUPPRESS)
@@ -113,7 +116,7 @@ def run_compile(args) -> int:
     from llmc.compiler import compile_model
 
     report = compile_model(args.source, args.output, target=args.target, quant=args.quant, kv=args.kv,
-                           attn_implementation=args.attn)
+                           calib=args.calib, attn_implementation=args.attn)
     phases = ", ".join(f"{k} {v:.1f} s" for k, v in report.phases.items())
     print(f"wrote {report.output} ({report.file_bytes / 1e6:.1f} MB, weights {report.weight_bytes / 1e6:.1f} MB) "
           f"for target {args.target}, {args.quant}, KV cache {args.kv}, in {report.seconds:.1f} s ({phases})")

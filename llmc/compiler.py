@@ -48,8 +48,34 @@ def input_hashes(source) -> dict[str, str]:
     return out
 
 
+DEFAULT_CALIBRATION = Path(__file__).parent / "data" / "calibration.txt"
+CALIBRATION_TOKENS = 512
+
+
+def calibration_ids(calib: str | Path, source) -> "np.ndarray":
+    """Token ids of the calibration text (``"default"``: the public-domain text shipped with llmc)."""
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    from llmc.frontend.tokenizer import tokenizer_info
+
+    path = DEFAULT_CALIBRATION if str(calib) == "default" else Path(calib)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LlmcError(f"cannot read the calibration text {path}: {exc}") from None
+    info = tokenizer_info(source, {})
+    if not info.tokenizer_json:
+        raise LlmcError("calibration needs the model's tokenizer to read the text, and this source has none")
+    ids = Tokenizer.from_str(info.tokenizer_json).encode(text, add_special_tokens=False).ids[:CALIBRATION_TOKENS]
+    if len(ids) < 16:
+        raise LlmcError(f"the calibration text {path} is too short ({len(ids)} tokens); give a few paragraphs")
+    return np.asarray(ids, np.int64)
+
+
 def compile_model(source: Any, output: str | Path, *, target: str = "ref", quant: str = "f32", kv: str = "f32",
-                  progress: TextIO | None = sys.stderr, **import_options: Any) -> CompileReport:
+                  calib: str | Path | None = None, progress: TextIO | None = sys.stderr,
+                  **import_options: Any) -> CompileReport:
     """Build ``output`` from ``source`` (anything ``import_model`` takes, or an already imported model)."""
     from llmc.frontend import Imported
     from llmc.frontend.tokenizer import tokenizer_info
@@ -64,15 +90,18 @@ def compile_model(source: Any, output: str | Path, *, target: str = "ref", quant
     if not folder.is_dir():
         raise LlmcError(f"cannot write {output}: the folder {folder} does not exist")
     start = time.perf_counter()
-    if isinstance(source, Imported):
-        prefill = run_phases(source, progress=progress, quant=quant, kv=kv)
-    else:
-        prefill = run_pipeline(source, progress=progress, quant=quant, kv=kv, **import_options)
+    if not isinstance(source, Imported):
+        from llmc.frontend import import_model
+
+        source = import_model(source, **import_options)
+    calibration = calibration_ids(calib, source.source) if calib else None
+    prefill = run_phases(source, progress=progress, quant=quant, kv=kv, calibration=calibration)
     graph = prefill.graph
     if graph.inputs[0].attrs["name"] != "tokens":
         raise LlmcError("cannot build a generation artifact: " + "; ".join(prefill.notes))
     # The same model with logits for every position, for Model.logits (evaluation, comparisons).
-    everything = run_phases(prefill.imported, progress=None, all_logits=True, quant=quant, kv=kv).graph
+    everything = run_phases(prefill.imported, progress=None, all_logits=True, quant=quant, kv=kv,
+                            calibration=calibration).graph
     imported = prefill.imported
     tokenizer = tokenizer_info(imported.source, imported.config)
     cache = graph.inputs[2].type
@@ -83,7 +112,8 @@ def compile_model(source: Any, output: str | Path, *, target: str = "ref", quant
         "model": {"source": str(imported.source.spec), "kind": imported.source.kind, "config": imported.config,
                   "max_seq": imported.max_seq},
         "inputs": input_hashes(imported.source),
-        "quantization": quant,
+        "quantization": quant + (" (calibrated)" if calib else ""),
+        "calibration": {"text": str(calib), "tokens": int(len(calibration))} if calib else None,
         # Entry points over the KV cache that the runtime owns; arguments in call order.
         "entry_points": {
             "prefill": {"inputs": [["tokens", "i64[seq]"], ["start_pos", "i64[]"]],

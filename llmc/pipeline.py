@@ -80,7 +80,8 @@ class PipelineResult:
 
 def run_pipeline(source: Any, *, until: str | None = None, dump_ir: str | Path | None = None,
                  verify: bool | None = None, progress: TextIO | None = sys.stderr, all_logits: bool = False,
-                 quant: str = "f32", kv: str = "f32", **import_options: Any) -> PipelineResult:
+                 quant: str = "f32", kv: str = "f32", calibration: Any = None,
+                 **import_options: Any) -> PipelineResult:
     """Run the phases on ``source`` up to and including ``until`` (default: all of them)."""
     from llmc.frontend import import_model
 
@@ -92,12 +93,14 @@ def run_pipeline(source: Any, *, until: str | None = None, dump_ir: str | Path |
     start = time.perf_counter()
     imported = import_model(source, **import_options)
     return run_phases(imported, until=until, dump_ir=dump_ir, verify=verify, progress=progress,
-                      all_logits=all_logits, quant=quant, kv=kv, import_seconds=time.perf_counter() - start)
+                      all_logits=all_logits, quant=quant, kv=kv, calibration=calibration,
+                      import_seconds=time.perf_counter() - start)
 
 
 def run_phases(imported: Any, *, until: str | None = None, dump_ir: str | Path | None = None,
                verify: bool | None = None, progress: TextIO | None = sys.stderr, all_logits: bool = False,
-               quant: str = "f32", kv: str = "f32", import_seconds: float = 0.0) -> PipelineResult:
+               quant: str = "f32", kv: str = "f32", calibration: Any = None,
+               import_seconds: float = 0.0) -> PipelineResult:
     """Run the phases after import on an already imported model (``llmc.frontend.Imported``)."""
     from llmc.passes.context import PassContext
 
@@ -124,7 +127,8 @@ def run_phases(imported: Any, *, until: str | None = None, dump_ir: str | Path |
 
     finish(1, "import", imported.graph, import_seconds)
     graph = imported.graph
-    ctx = PassContext(imported.config, imported.max_seq, all_logits, result.notes, verify, quant, imported.source, kv)
+    ctx = PassContext(imported.config, imported.max_seq, all_logits, result.notes, verify, quant, imported.source, kv,
+                      calibration)
     for index, phase in enumerate(PHASES[: total - 1], start=2):
         start = time.perf_counter()
         graph = phase.run(graph, ctx)

@@ -17,6 +17,7 @@ class PassContext:
     quant: str = "f32"                           # the weight quantization scheme (llmc.quant)
     source: object = None                        # the model source (llmc.frontend.sources.ModelSource)
     kv: str = "f32"                              # KV cache storage: f32, or int8 with a scale per head and position
+    calibration: object = None                   # token ids of a calibration text (numpy), for AWQ-style scales
 
     def after(self, name: str, graph: Graph) -> Graph:
         """Call after each pass: with verification on, a pass that breaks the graph fails here, by name."""

@@ -28,6 +28,17 @@ def quantize_weights(graph: Graph, ctx: PassContext) -> Graph:
         return _passthrough(graph, ctx, linear_weights)
     for name in sorted(linear_weights):
         scheme.check_layer(name, weights[name].shape)
+    column_scales = _calibrate(graph, ctx, scheme, linear_weights)
+    inverses: dict[str, Node] = {}
+
+    def scaled_input(name: str, x: Node) -> Node:
+        """x * (1/s): what a linear whose weight columns were multiplied by s must be fed."""
+        if name not in column_scales:
+            return x
+        if name not in inverses:
+            inverses[name] = add_weight(weights, f"{name}.awq_inverse", (1.0 / column_scales[name]).astype(np.float32))
+        return emit("mul", [x, inverses[name]])
+
     parts: dict[str, list[Node]] = {}
     halves: dict[str, Node] = {}
 
@@ -38,7 +49,8 @@ def quantize_weights(graph: Graph, ctx: PassContext) -> Graph:
 
     def parts_of(name: str) -> list[Node]:
         if name not in parts:
-            pieces = quantize(weights[name], scheme)
+            weight = weights[name] * column_scales[name][None, :] if name in column_scales else weights[name]
+            pieces = quantize(weight, scheme)
             parts[name] = [add_weight(weights, f"{name}.{scheme.name}.{key}", pieces[key])
                            for key in ("q", "scales", "mins") if key in pieces]
         return parts[name]
@@ -49,17 +61,40 @@ def quantize_weights(graph: Graph, ctx: PassContext) -> Graph:
             name = original.inputs[1].attrs["name"]
             if not scheme.quantized:     # f16: half-precision storage, widened where it is read
                 return emit("linear", [inputs[0], emit("cast", [half_of(name)], dtype="f32")] + inputs[2:])
-            return emit("qlinear", [inputs[0]] + parts_of(name) + inputs[2:], scheme=scheme.name)
+            return emit("qlinear", [scaled_input(name, inputs[0])] + parts_of(name) + inputs[2:], scheme=scheme.name)
         if original.op == "embedding" and original.inputs[0].op == "weight" \
                 and original.inputs[0].attrs["name"] in linear_weights:
             name = original.inputs[0].attrs["name"]
             if not scheme.quantized:
                 return emit("cast", [emit("embedding", [half_of(name), inputs[1]])], dtype="f32")
-            return emit("qembedding", parts_of(name) + [inputs[1]], scheme=scheme.name)
+            # A tied table's rows are the scaled weight's rows: scale them back the same way.
+            return scaled_input(name, emit("qembedding", parts_of(name) + [inputs[1]], scheme=scheme.name))
         return None
 
     return rebuild(graph, replace)
 
+
+
+def _calibrate(graph: Graph, ctx: PassContext, scheme, names: set[str]) -> dict[str, np.ndarray]:
+    """Per-column scales for each linear weight from the calibration text (empty without one)."""
+    from llmc.errors import LlmcError
+    from llmc.passes.calibrate import capture_linear_inputs, search_scales
+
+    if ctx.calibration is None:
+        return {}
+    if not scheme.quantized:
+        raise LlmcError(f"calibration sets the scales of quantized weights; {scheme.name} has none "
+                        "(use it with q8, q4g32 or q4g128)")
+    # A table also read by an embedding (tied LM head) serves lookups too, where dividing by
+    # scales tuned for the head's inputs would amplify the quantization error: leave it RTN.
+    looked_up = {n.inputs[0].attrs["name"] for n in graph.nodes() if n.op == "embedding" and n.inputs[0].op == "weight"}
+    captured = capture_linear_inputs(graph, ctx.calibration, names - looked_up)
+    scales = {}
+    for name in sorted(captured):
+        column_scales, alpha = search_scales(graph.weights[name], captured[name], scheme)
+        if alpha > 0:
+            scales[name] = column_scales
+    return scales
 
 
 def _passthrough(graph: Graph, ctx: PassContext, linear_weights: set[str]) -> Graph:
@@ -68,6 +103,8 @@ def _passthrough(graph: Graph, ctx: PassContext, linear_weights: set[str]) -> Gr
     from llmc.passes.gguf_blocks import GGUFRows
 
     source = ctx.source
+    if ctx.calibration is not None:
+        raise LlmcError("--quant gguf keeps the file's blocks as they are: there is nothing to calibrate")
     if source is None or getattr(source, "kind", None) != "gguf":
         raise LlmcError("--quant gguf keeps a GGUF file's quantized blocks, so the source must be a .gguf file; "
                         "for other sources choose f32, f16, q8, q4g32 or q4g128")

@@ -94,3 +94,56 @@ def test_perplexity_matches_a_direct_computation(tmp_path):
         if end == 50:
             break
     assert result.perplexity == pytest.approx(math.exp(total / 49), rel=1e-5)
+
+
+def test_activation_aware_scales_beat_round_to_nearest_where_channels_differ():
+    from llmc.passes.calibrate import search_scales
+
+    scheme = parse_scheme("q4g32")
+    channels = np.where(np.arange(128) % 16 == 0, 30.0, 0.3)          # a few salient input channels
+    calib = (rng.standard_normal((256, 128)) * channels).astype(np.float32)
+    held_out = (rng.standard_normal((256, 128)) * channels).astype(np.float32)
+    weight = rng.standard_normal((64, 128)).astype(np.float32)
+    scales, alpha = search_scales(weight, calib, scheme)
+    assert alpha > 0
+
+    def output_error(w):
+        return float(np.mean((held_out @ w.T - held_out @ weight.T) ** 2))
+
+    rtn = dequantize(quantize(weight, scheme), scheme, 128)
+    awq = dequantize(quantize(weight * scales, scheme), scheme, 128) / scales
+    assert output_error(awq) < 0.7 * output_error(rtn)
+
+
+def test_weights_already_on_a_4_bit_grid_keep_round_to_nearest():
+    from llmc.passes.calibrate import search_scales
+
+    scheme = parse_scheme("q4g32")
+    on_grid = dequantize(quantize(rng.standard_normal((16, 64)).astype(np.float32), scheme), scheme, 64)
+    inputs = (rng.standard_normal((128, 64)) * rng.uniform(0.1, 10, 64)).astype(np.float32)
+    assert search_scales(on_grid, inputs, scheme)[1] == 0.0     # as with SmolLM2's dequantized Q4_1
+
+
+def test_calibrated_graph_runs_and_scales_only_untied_linears():
+    model = tiny_model("llama")
+    calibration = rng.integers(0, 128, 200)
+    graph = run_phases(import_model(model), progress=None, quant="q4g32", calibration=calibration).graph
+    scaled = {n.inputs[1].attrs["name"] for n in graph.nodes() if n.op == "mul" and n.inputs[1].op == "weight"
+              and n.inputs[1].attrs["name"].endswith(".awq_inverse")}
+    assert scaled                                                          # some layers chose alpha > 0
+    assert not any("embed_tokens" in name for name in scaled)              # the tied table stays RTN
+    ids = np.arange(3, 40)
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor(ids[None])).logits[0, -1].numpy()
+    k = np.zeros((2, 2, 64, 16), np.float32)
+    assert relative_error(run(graph, [ids, np.array(0), k, np.zeros_like(k)])[0][0], want) < 0.2
+
+
+def test_calibration_needs_a_tokenizer_and_a_quantized_scheme(tmp_path):
+    from llmc.compiler import compile_model
+    from llmc.errors import LlmcError
+
+    with pytest.raises(LlmcError, match="calibration needs the model's tokenizer"):
+        compile_model(tiny_model("llama"), tmp_path / "x.llmc", quant="q8", calib="default", progress=None)
+    with pytest.raises(LlmcError, match="f16 has none"):
+        run_phases(import_model(tiny_model("llama")), progress=None, quant="f16", calibration=np.arange(20))
