@@ -572,16 +572,22 @@ def _attention_infer(ts, a):
     return Type(dtype, (1, hq, q.shape[2], v.shape[3]))
 
 
-def _attention_ref(xs, a, shape, dt):
+def _cache_span(q, cache, start_pos) -> tuple[int, int]:
+    """The positions this step writes, start..end, checked against the cache's capacity."""
     from llmc.errors import InterpretError
 
-    q, k, v, k_cache, v_cache, start_pos = xs
-    layer, seq, capacity = a["layer"], q.shape[2], k_cache.shape[2]
-    start = int(start_pos)
-    end = start + seq
+    start, capacity = int(start_pos), cache.shape[2]
+    end = start + q.shape[2]
     if start < 0 or end > capacity:
         raise InterpretError(f"the KV cache holds {capacity} positions; positions {start}..{end - 1} do not fit "
                              "(load the model with a larger max_context)")
+    return start, end
+
+
+def _attention_ref(xs, a, shape, dt):
+    q, k, v, k_cache, v_cache, start_pos = xs
+    layer = a["layer"]
+    start, end = _cache_span(q, k_cache, start_pos)
     k_cache[layer, :, start:end] = k[0]
     v_cache[layer, :, start:end] = v[0]
     return _attend(q, k_cache[layer, :, :end], v_cache[layer, :, :end], start, a)
@@ -809,15 +815,9 @@ def quantize_kv_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _attention_kv8_ref(xs, a, shape, dt):
-    from llmc.errors import InterpretError
-
     q, k, v, k_cache, k_scale, v_cache, v_scale, start_pos = xs
-    layer, seq, capacity = a["layer"], q.shape[2], k_cache.shape[2]
-    start = int(start_pos)
-    end = start + seq
-    if start < 0 or end > capacity:
-        raise InterpretError(f"the KV cache holds {capacity} positions; positions {start}..{end - 1} do not fit "
-                             "(load the model with a larger max_context)")
+    layer = a["layer"]
+    start, end = _cache_span(q, k_cache, start_pos)
     for step, cache, scales in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
         cache[layer, :, start:end], scales[layer, :, start:end] = quantize_kv_rows(step[0])
     keys = k_cache[layer, :, :end].astype(np.float32) * k_scale[layer, :, :end, None]
