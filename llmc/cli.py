@@ -251,8 +251,8 @@ def run_inspect(args) -> int:
 
     if _is_artifact(args.source):
         return inspect_artifact(args.source)
-    result = run_pipeline(args.source, until=args.after, dump_ir=args.dump_ir, all_logits=args.all_logits,
-                          attn_implementation=args.attn)
+    result = run_pipeline(args.source, until=args.after, dump_ir=args.dump_ir,
+                          logits="all" if args.all_logits else "last", attn_implementation=args.attn)
     imported, graph = result.imported, result.graph
     config = imported.config
     out = sys.stdout

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+import numpy as np
+
 from llmc import __version__
 from llmc.artifact import write_artifact
 from llmc.errors import LlmcError
@@ -52,22 +54,19 @@ DEFAULT_CALIBRATION = Path(__file__).parent / "data" / "calibration.txt"
 CALIBRATION_TOKENS = 512
 
 
-def calibration_ids(calib: str | Path, source) -> "np.ndarray":
-    """Token ids of the calibration text (``"default"``: the public-domain text shipped with llmc)."""
-    import numpy as np
+def calibration_ids(calib: str | Path, tokenizer) -> np.ndarray:
+    """Token ids of the calibration text (``"default"``: the public-domain text shipped with llmc),
+    read with the model's tokenizer (a ``TokenizerInfo``)."""
     from tokenizers import Tokenizer
-
-    from llmc.frontend.tokenizer import tokenizer_info
 
     path = DEFAULT_CALIBRATION if str(calib) == "default" else Path(calib)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise LlmcError(f"cannot read the calibration text {path}: {exc}") from None
-    info = tokenizer_info(source, {})
-    if not info.tokenizer_json:
+    if not tokenizer.tokenizer_json:
         raise LlmcError("calibration needs the model's tokenizer to read the text, and this source has none")
-    ids = Tokenizer.from_str(info.tokenizer_json).encode(text, add_special_tokens=False).ids[:CALIBRATION_TOKENS]
+    ids = Tokenizer.from_str(tokenizer.tokenizer_json).encode(text, add_special_tokens=False).ids[:CALIBRATION_TOKENS]
     if len(ids) < 16:
         raise LlmcError(f"the calibration text {path} is too short ({len(ids)} tokens); give a few paragraphs")
     return np.asarray(ids, np.int64)
@@ -79,8 +78,8 @@ def compile_model(source: Any, output: str | Path, *, target: str = "ref", quant
     """Build ``output`` from ``source`` (anything ``import_model`` takes, or an already imported model)."""
     from llmc.frontend import Imported
     from llmc.frontend.tokenizer import tokenizer_info
-    from llmc.pipeline import run_phases, run_pipeline
-
+    from llmc.ir import Graph
+    from llmc.pipeline import run_phases
     from llmc.quant import parse_scheme
 
     if target not in TARGETS:
@@ -94,16 +93,16 @@ def compile_model(source: Any, output: str | Path, *, target: str = "ref", quant
         from llmc.frontend import import_model
 
         source = import_model(source, **import_options)
-    calibration = calibration_ids(calib, source.source) if calib else None
-    prefill = run_phases(source, progress=progress, quant=quant, kv=kv, calibration=calibration)
-    graph = prefill.graph
-    if graph.inputs[0].attrs["name"] != "tokens":
-        raise LlmcError("cannot build a generation artifact: " + "; ".join(prefill.notes))
-    # The same model with logits for every position, for Model.logits (evaluation, comparisons).
-    everything = run_phases(prefill.imported, progress=None, all_logits=True, quant=quant, kv=kv,
-                            calibration=calibration).graph
-    imported = prefill.imported
+    imported = source
     tokenizer = tokenizer_info(imported.source, imported.config)
+    calibration = calibration_ids(calib, tokenizer) if calib else None
+    # One run of the phases gives both outputs: last-position logits for generation, and logits
+    # for every position for Model.logits (evaluation, comparisons).
+    prefill = run_phases(imported, progress=progress, logits="both", quant=quant, kv=kv, calibration=calibration)
+    if prefill.graph.inputs[0].attrs["name"] != "tokens":
+        raise LlmcError("cannot build a generation artifact: " + "; ".join(prefill.notes))
+    both = prefill.graph
+    graph, everything = (Graph(both.inputs, [out], both.weights, both.name) for out in both.outputs)
     cache = graph.inputs[2].type
     manifest = {
         "llmc_version": __version__,
@@ -135,10 +134,9 @@ def compile_model(source: Any, output: str | Path, *, target: str = "ref", quant
     sections = {"graph": str(graph).encode(), "graph_all": str(everything).encode()}
     if tokenizer.tokenizer_json:
         sections["tokenizer"] = tokenizer.tokenizer_json.encode()
-    names = sorted({n.attrs["name"] for g in (graph, everything) for n in g.nodes() if n.op == "weight"})
-    weights = {name: graph.weights.get(name, everything.weights.get(name)) for name in names}
-    dtypes = {n.attrs["name"]: n.type.dtype for n in graph.nodes() if n.op == "weight"}
-    write_artifact(output, manifest, sections, weights, dtypes)
+    used = {n.attrs["name"]: n.type.dtype for n in both.nodes() if n.op == "weight"}
+    weights = {name: both.weights[name] for name in sorted(used)}
+    write_artifact(output, manifest, sections, weights, used)
     seconds = time.perf_counter() - start
     return CompileReport(Path(output), prefill.timings, prefill.notes, sum(w.nbytes for w in weights.values()),
                          Path(output).stat().st_size, seconds)

@@ -79,7 +79,7 @@ class PipelineResult:
 
 
 def run_pipeline(source: Any, *, until: str | None = None, dump_ir: str | Path | None = None,
-                 verify: bool | None = None, progress: TextIO | None = sys.stderr, all_logits: bool = False,
+                 verify: bool | None = None, progress: TextIO | None = sys.stderr, logits: str = "last",
                  quant: str = "f32", kv: str = "f32", calibration: Any = None,
                  **import_options: Any) -> PipelineResult:
     """Run the phases on ``source`` up to and including ``until`` (default: all of them)."""
@@ -93,12 +93,12 @@ def run_pipeline(source: Any, *, until: str | None = None, dump_ir: str | Path |
     start = time.perf_counter()
     imported = import_model(source, **import_options)
     return run_phases(imported, until=until, dump_ir=dump_ir, verify=verify, progress=progress,
-                      all_logits=all_logits, quant=quant, kv=kv, calibration=calibration,
+                      logits=logits, quant=quant, kv=kv, calibration=calibration,
                       import_seconds=time.perf_counter() - start)
 
 
 def run_phases(imported: Any, *, until: str | None = None, dump_ir: str | Path | None = None,
-               verify: bool | None = None, progress: TextIO | None = sys.stderr, all_logits: bool = False,
+               verify: bool | None = None, progress: TextIO | None = sys.stderr, logits: str = "last",
                quant: str = "f32", kv: str = "f32", calibration: Any = None,
                import_seconds: float = 0.0) -> PipelineResult:
     """Run the phases after import on an already imported model (``llmc.frontend.Imported``)."""
@@ -106,6 +106,8 @@ def run_phases(imported: Any, *, until: str | None = None, dump_ir: str | Path |
 
     until = _check_phase(until)
     _check_kv(kv)
+    if logits not in LOGITS:
+        raise LlmcError(f"logits must be one of {', '.join(LOGITS)}, not {logits!r}")
     if verify is None:
         verify = os.environ.get("LLMC_VERIFY") == "1"
     dump_dir = Path(dump_ir) if dump_ir else None
@@ -127,7 +129,7 @@ def run_phases(imported: Any, *, until: str | None = None, dump_ir: str | Path |
 
     finish(1, "import", imported.graph, import_seconds)
     graph = imported.graph
-    ctx = PassContext(imported.config, imported.max_seq, all_logits, result.notes, verify, quant, imported.source, kv,
+    ctx = PassContext(imported.config, imported.max_seq, logits, result.notes, verify, quant, imported.source, kv,
                       calibration)
     for index, phase in enumerate(PHASES[: total - 1], start=2):
         start = time.perf_counter()
@@ -141,6 +143,7 @@ def run_phases(imported: Any, *, until: str | None = None, dump_ir: str | Path |
 
 
 KV_FORMATS = ("f32", "int8")
+LOGITS = ("last", "all", "both")      # last position, every position, or both as two outputs
 
 
 def _check_kv(kv: str) -> None:

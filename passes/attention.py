@@ -91,7 +91,8 @@ def _rewrite(graph: Graph, ctx: PassContext) -> Graph:
         return None
 
     out = rebuild(graph, replace, inputs=[tokens, start_pos] + cache_inputs)
-    out.outputs = [_logits(out.outputs[0], ctx.all_logits)]
+    full = out.outputs[0]
+    out.outputs = [_logits(full, kind) for kind in (("last", "all") if ctx.logits == "both" else (ctx.logits,))]
     leftover = [n.op for n in out.nodes() if _is_attention(n)]
     if leftover:
         raise Decline(f"{len(leftover)} attention sites remain after the rewrite")
@@ -242,12 +243,13 @@ def _is_positions(node: Node) -> bool:
             and node.type.dtype == "i64")
 
 
-def _logits(out: Node, all_logits: bool) -> Node:
-    """Logits as [seq, vocab], or as [1, vocab] for the last position only, sliced before the LM head."""
+def _logits(out: Node, kind: str) -> Node:
+    """Logits as [seq, vocab] ("all"), or as [1, vocab] for the last position only ("last"), sliced
+    before the LM head."""
     shape = out.type.shape
     if out.type.rank != 3 or shape[:2] != (1, SEQ):
         raise Decline(f"the output {out.type} is not logits [1, seq, vocab]")
-    if all_logits:
+    if kind == "all":
         return emit("reshape", [out], shape=[SEQ, shape[2]])
     last = dims.sub(SEQ, 1)
     if out.op == "linear" and out.inputs[0].type.rank == 3 and out.inputs[0].type.shape[1] == SEQ:

@@ -156,7 +156,7 @@ def test_prefill_then_decode_matches_transformers(family, attn):
 
 def test_all_logits_prefill_and_cache_overflow():
     model = tiny_model("qwen2")
-    graph = run_phases(import_model(model), progress=None, all_logits=True).graph
+    graph = run_phases(import_model(model), progress=None, logits="all").graph
     assert str(graph.outputs[0].type) == "f32[seq, 128]"
     ids = torch.randint(0, 128, (1, 11), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():

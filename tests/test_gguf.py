@@ -122,8 +122,8 @@ def test_passthrough_keeps_the_blocks_exactly(tmp_path, qtype, scheme):
     path = tmp_path / "q.gguf"
     write_gguf(tiny_model("llama"), "llama", path, True, qtype=qtype)
     imported = import_model(path)
-    exact = run_phases(imported, progress=None, all_logits=True).graph
-    kept = run_phases(imported, progress=None, all_logits=True, quant="gguf")
+    exact = run_phases(imported, progress=None, logits="all").graph
+    kept = run_phases(imported, progress=None, logits="all", quant="gguf")
     assert kept.notes == []
     histogram = kept.graph.op_histogram()
     assert histogram["qlinear"] == 9 and histogram["qembedding"] == 1 and "linear" not in histogram

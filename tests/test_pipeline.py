@@ -5,9 +5,10 @@ import pytest
 
 from conftest import tiny_model
 from llmc.errors import LlmcError
+from llmc.frontend import import_model
 from llmc.interpret import run
 from llmc.ir import parse_graph, verify
-from llmc.pipeline import PHASE_NAMES, run_pipeline
+from llmc.pipeline import PHASE_NAMES, run_phases, run_pipeline
 
 
 def test_phases_report_progress_dump_ir_and_preserve_numerics(tmp_path):
@@ -33,3 +34,15 @@ def test_until_stops_early_and_rejects_unknown_phases():
     assert result.graph is result.imported.graph and list(result.timings) == ["import"]
     with pytest.raises(LlmcError, match="unknown phase 'fuze'"):
         run_pipeline(model, until="fuze", progress=None)
+
+
+def test_both_logits_come_from_one_run_as_two_outputs():
+    model = tiny_model("qwen2")
+    graph = run_phases(import_model(model), progress=None, logits="both").graph
+    assert [str(o.type) for o in graph.outputs] == ["f32[1, 128]", "f32[seq, 128]"]
+    ids = np.arange(4, 17)
+    k = np.zeros((2, 2, 16, 16), np.float32)
+    last, every = run(graph, [ids, np.array(0), k, np.zeros_like(k)])
+    np.testing.assert_allclose(last[0], every[-1], rtol=1e-5, atol=1e-6)
+    with pytest.raises(LlmcError, match="logits must be one of last, all, both"):
+        run_phases(import_model(model), progress=None, logits="first")

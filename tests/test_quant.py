@@ -51,7 +51,7 @@ def test_bad_schemes_list_the_valid_ones():
 @pytest.mark.parametrize("code, tolerance", [("f16", 1e-3), ("q8", 2e-2), ("q4g32", 0.2)])
 def test_quantized_graphs_stay_close_and_keep_the_tie(code, tolerance):
     model = tiny_model("llama")                         # tied embeddings
-    result = run_phases(import_model(model), progress=None, all_logits=True, quant=code)
+    result = run_phases(import_model(model), progress=None, logits="all", quant=code)
     graph = result.graph
     ids = np.arange(3, 40)
     with torch.no_grad():

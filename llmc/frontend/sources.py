@@ -176,8 +176,7 @@ def _module_source(module: Any, spec: str) -> ModelSource:
 
     if not isinstance(module, torch.nn.Module):
         raise SourceError(f"{spec} is not a torch.nn.Module (or a path or a built-in name)")
-    has_tokenizer = False
-    return ModelSource(spec, "module", None, lambda: module.eval(), has_tokenizer)
+    return ModelSource(spec, "module", None, lambda: module.eval())
 
 
 def _factory(text: str) -> ModelSource:
