@@ -1,6 +1,6 @@
 """llmc against its peers on SmolLM2-135M-Instruct, side by side in one run.
 
-    python benchmarks/peers.py [--artifact smollm2.llmc] [--runs 3] [--json out.json]
+    python benchmarks/peers.py [--artifact smollm2.llmc ...] [--runs 3] [--json out.json]
 
 Peers: llama.cpp through llama-cpp-python on the same GGUF (Q4_1), 2 threads; transformers eager,
 fp32, 2 threads. Measures prefill of 128 and 512 tokens and decode of 128 tokens (greedy, after a
@@ -125,9 +125,19 @@ def bench_transformers(runs: int) -> dict:
     return out
 
 
+def _label(path: str) -> str:
+    """target and weights of an artifact, e.g. "cpu gguf"."""
+    from llmc.artifact import read_artifact
+
+    manifest = read_artifact(path, verify=False).manifest
+    return f"{manifest['target']['name']} {manifest['quantization']}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--artifact", default="smollm2.llmc", help="an llmc artifact of SmolLM2 (llmc compile smollm2)")
+    parser.add_argument("--artifact", action="append",
+                        help="an llmc artifact of SmolLM2 (llmc compile smollm2 ...); repeat for several builds "
+                             "(default: smollm2.llmc)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
@@ -135,9 +145,10 @@ def main() -> None:
 
     bandwidth = measure_bandwidth()
     results = {}
-    for name, run in (("llmc", lambda: bench_llmc(Path(args.artifact), args.runs)),
-                      ("llama.cpp", lambda: bench_llama_cpp(args.runs)),
-                      ("transformers", lambda: bench_transformers(args.runs))):
+    engines = [(f"llmc {_label(path)}", lambda path=path: bench_llmc(Path(path), args.runs))
+               for path in args.artifact or ["smollm2.llmc"]]
+    engines += [("llama.cpp", lambda: bench_llama_cpp(args.runs)), ("transformers", lambda: bench_transformers(args.runs))]
+    for name, run in engines:
         try:
             results[name] = run()
         except ImportError as exc:
@@ -146,7 +157,7 @@ def main() -> None:
 
     print(f"SmolLM2-135M-Instruct, {THREADS} threads, medians of {args.runs} runs; {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores; measured bandwidth {bandwidth:.1f} GB/s; llmc {llmc.__version__}")
-    header = f"{'engine':<13}" + "".join(f"{'prefill ' + str(n):>16}" for n in PROMPTS) + f"{'decode ' + str(DECODE):>16}" \
+    header = f"{'engine':<22}" + "".join(f"{'prefill ' + str(n):>16}" for n in PROMPTS) + f"{'decode ' + str(DECODE):>16}" \
         + f"{'GB/s':>8}{'% bw':>7}"
     print(header)
     rows = {}
@@ -156,13 +167,13 @@ def main() -> None:
         gbs = r["bytes_per_token"] * decode / 1e9
         rows[name] = {"prefill_tok_s": prefill, "decode_tok_s": decode, "achieved_gbs": gbs,
                       "fraction_of_bandwidth": gbs / bandwidth}
-        print(f"{name:<13}" + "".join(f"{prefill[n]:>12.1f} t/s" for n in PROMPTS)
+        print(f"{name:<22}" + "".join(f"{prefill[n]:>12.1f} t/s" for n in PROMPTS)
               + f"{decode:>12.1f} t/s{gbs:>8.1f}{100 * gbs / bandwidth:>6.0f}%")
-    if "llmc" in rows:
-        for peer in (p for p in rows if p != "llmc"):
-            ratios = [rows["llmc"]["prefill_tok_s"][n] / rows[peer]["prefill_tok_s"][n] for n in PROMPTS]
-            decode_ratio = rows["llmc"]["decode_tok_s"] / rows[peer]["decode_tok_s"]
-            print(f"llmc / {peer}: " + ", ".join(f"prefill {n} {x:.2f}x" for n, x in zip(PROMPTS, ratios))
+    for ours in (name for name in rows if name.startswith("llmc")):
+        for peer in (p for p in rows if not p.startswith("llmc")):
+            ratios = [rows[ours]["prefill_tok_s"][n] / rows[peer]["prefill_tok_s"][n] for n in PROMPTS]
+            decode_ratio = rows[ours]["decode_tok_s"] / rows[peer]["decode_tok_s"]
+            print(f"{ours} / {peer}: " + ", ".join(f"prefill {n} {x:.2f}x" for n, x in zip(PROMPTS, ratios))
                   + f", decode {decode_ratio:.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps({"bandwidth_gbs": bandwidth, "runs": args.runs, "engines": rows},

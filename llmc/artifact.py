@@ -58,7 +58,7 @@ def pack_weights(weights: Mapping[str, np.ndarray], dtypes: Mapping[str, str]) -
     """(chunks to write, tensor table) for the weights section, in the given order."""
     chunks, table, offset = [], {}, 0
     for name, array in weights.items():
-        array = np.ascontiguousarray(array)
+        array = np.ascontiguousarray(array).reshape(np.shape(array))    # (ascontiguousarray makes 0-d 1-d)
         padding = _align(offset, TENSOR_ALIGN) - offset
         if padding:
             chunks.append(b"\0" * padding)

@@ -57,8 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    description="Trace, optimise and package a model for one target.")
     compile_.add_argument("source", help="Hugging Face model directory, .gguf file, built-in name or module:factory")
     compile_.add_argument("-o", "--output", required=True, help="the .llmc file to write")
-    compile_.add_argument("--target", default="ref", choices=["ref"],
-                          help="ref: the reference interpreter (numpy; portable, slow, the oracle)")
+    compile_.add_argument("--target", default="cpu", choices=["cpu", "ref"],
+                          help="cpu (default): generated C built into a shared library; ref: the reference "
+                               "interpreter (numpy; portable, slow, the oracle)")
+    compile_.add_argument("--cpu-level", default=None, choices=["x86-64-v3", "portable", "native"],
+                          help="CPU feature level of a cpu build: x86-64-v3 (AVX2/FMA, the default on such "
+                               "machines), portable (plain C), native (this machine's every feature)")
+    compile_.add_argument("--tune", default="off", choices=["off", "fast", "full"],
+                          help="autotune kernel tiles on this machine (results cached per CPU and shape)")
     compile_.add_argument("--quant", default="f32", metavar="SCHEME",
                           help="weight format: f32 (default), f16, q8, q4g32, q4g128, or gguf (a GGUF source's "
                                "Q4_0/Q4_1/Q8_0 blocks kept as they are)")
@@ -116,10 +122,16 @@ def run_compile(args) -> int:
     from llmc.compiler import compile_model
 
     report = compile_model(args.source, args.output, target=args.target, quant=args.quant, kv=args.kv,
-                           calib=args.calib, attn_implementation=args.attn)
+                           calib=args.calib, cpu_level=args.cpu_level, tune=args.tune,
+                           attn_implementation=args.attn)
     phases = ", ".join(f"{k} {v:.1f} s" for k, v in report.phases.items())
     print(f"wrote {report.output} ({report.file_bytes / 1e6:.1f} MB, weights {report.weight_bytes / 1e6:.1f} MB) "
           f"for target {args.target}, {args.quant}, KV cache {args.kv}, in {report.seconds:.1f} s ({phases})")
+    if report.target:
+        kernels = ", ".join(f"{k.removeprefix('llmc_')} x{n}" for k, n in report.target["kernels"].items())
+        tuning = ", ".join(f"{n} {k}" for k, n in report.target["tuning"].items() if n)
+        print(f"cpu {report.target['level']}: library {report.target['library_bytes'] / 1e3:.0f} kB; kernels: "
+              f"{kernels}; tiles: {tuning or 'none'}")
     return 0
 
 
@@ -224,7 +236,12 @@ def inspect_artifact(path: str) -> int:
     config = model.get("config") or {}
     out = sys.stdout
     out.write(f"artifact  {path} (format {m['format_version']}, llmc {m['llmc_version']})\n")
-    out.write(f"target    {m['target']['name']}: {m['target'].get('executor', '')}\n")
+    target = m["target"]
+    out.write(f"target    {target['name']}: {target.get('executor', '')}\n")
+    if target["name"] == "cpu":
+        kernels = ", ".join(f"{k.removeprefix('llmc_')} x{n}" for k, n in target["kernels"].items())
+        out.write(f"cpu       level {target['level']}, up to {target['chunk']} tokens a call, activation arena "
+                  f"{target['arena_bytes'] / 1e6:.1f} MB; kernels: {kernels}\n")
     features = m.get("requires", {}).get("cpu_features") or []
     out.write(f"requires  {', '.join(features) if features else 'nothing beyond numpy'}\n")
     out.write(f"model     {model['source']} ({model['kind']}){': ' + _describe_config(config) if config else ''}\n")

@@ -1,8 +1,9 @@
 """``llmc compile``: a model source -> the pipeline -> a .llmc artifact for one target.
 
-Targets so far: ``ref``, the reference target. It stores the optimised graph as IR text and runs
-it with the numpy reference interpreter: portable and slow, and the oracle that the compiled
-targets (cpu, cuda) are checked against. It is what the runtime uses until those land.
+Targets: ``cpu``, the optimised graph as generated C built into a shared library
+(``llmc.targets.cpu``), and ``ref``, the optimised graph as IR text run by the numpy reference
+interpreter: portable and slow, the oracle the compiled targets are checked against. Every
+artifact also carries the IR text, so any of them can be replayed through the interpreter.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from llmc import __version__
 from llmc.artifact import write_artifact
 from llmc.errors import LlmcError
 
-TARGETS = ("ref",)
+TARGETS = ("cpu", "ref")
 
 
 @dataclass
@@ -31,6 +32,7 @@ class CompileReport:
     weight_bytes: int
     file_bytes: int
     seconds: float
+    target: dict | None = None      # what the target reports: kernels, tuning, library size
 
 
 def input_hashes(source) -> dict[str, str]:
@@ -48,6 +50,21 @@ def input_hashes(source) -> dict[str, str]:
                 digest.update(block)
         out[f.name] = digest.hexdigest()
     return out
+
+
+def decode_weight_bytes(graph) -> int:
+    """Bytes of weights one decode step reads: all of each weight, except one row of a table that
+    only embedding lookups read."""
+    only_looked_up = {n.attrs["name"] for n in graph.nodes() if n.op == "weight"}
+    for node in graph.nodes():
+        for index, i in enumerate(node.inputs):
+            if i.op == "weight" and not (node.op in ("embedding", "qembedding") and index != len(node.inputs) - 1):
+                only_looked_up.discard(i.attrs["name"])
+    total = 0
+    for name in {n.attrs["name"] for n in graph.nodes() if n.op == "weight"}:
+        array = graph.weights[name]
+        total += array[0].nbytes if name in only_looked_up else array.nbytes
+    return total
 
 
 DEFAULT_CALIBRATION = Path(__file__).parent / "data" / "calibration.txt"
@@ -72,9 +89,9 @@ def calibration_ids(calib: str | Path, tokenizer) -> np.ndarray:
     return np.asarray(ids, np.int64)
 
 
-def compile_model(source: Any, output: str | Path, *, target: str = "ref", quant: str = "f32", kv: str = "f32",
-                  calib: str | Path | None = None, progress: TextIO | None = sys.stderr,
-                  **import_options: Any) -> CompileReport:
+def compile_model(source: Any, output: str | Path, *, target: str = "cpu", quant: str = "f32", kv: str = "f32",
+                  calib: str | Path | None = None, cpu_level: str | None = None, tune: str = "off",
+                  chunk: int | None = None, progress: TextIO | None = sys.stderr, **import_options: Any) -> CompileReport:
     """Build ``output`` from ``source`` (anything ``import_model`` takes, or an already imported model)."""
     from llmc.frontend import Imported
     from llmc.frontend.tokenizer import tokenizer_info
@@ -98,16 +115,25 @@ def compile_model(source: Any, output: str | Path, *, target: str = "ref", quant
     calibration = calibration_ids(calib, tokenizer) if calib else None
     # One run of the phases gives both outputs: last-position logits for generation, and logits
     # for every position for Model.logits (evaluation, comparisons).
-    prefill = run_phases(imported, progress=progress, logits="both", quant=quant, kv=kv, calibration=calibration)
+    prefill = run_phases(imported, progress=progress, logits="both", quant=quant, kv=kv, calibration=calibration,
+                         then=("lower",) if target == "cpu" else ())
     if prefill.graph.inputs[0].attrs["name"] != "tokens":
         raise LlmcError("cannot build a generation artifact: " + "; ".join(prefill.notes))
     both = prefill.graph
     graph, everything = (Graph(both.inputs, [out], both.weights, both.name) for out in both.outputs)
     cache = graph.inputs[2].type
+    sections = {"graph": str(graph).encode(), "graph_all": str(everything).encode()}
+    target_entry, requires, target_report = {"name": target, "executor": "reference interpreter (numpy)"}, [], None
+    if target == "cpu":
+        built = _build_cpu({"graph": graph, "graph_all": everything}, cpu_level, tune, chunk, progress)
+        sections["code"] = built.code
+        target_entry, requires = built.manifest, built.requires
+        target_report = {"kernels": built.kernels, "tuning": built.tuned, "library_bytes": len(built.code),
+                         "level": built.manifest["level"], "source": built.source_path}
     manifest = {
         "llmc_version": __version__,
-        "target": {"name": target, "executor": "reference interpreter (numpy)"},
-        "requires": {"cpu_features": []},
+        "target": target_entry,
+        "requires": {"cpu_features": requires},
         "model": {"source": str(imported.source.spec), "kind": imported.source.kind, "config": imported.config,
                   "max_seq": imported.max_seq},
         "inputs": input_hashes(imported.source),
@@ -127,11 +153,11 @@ def compile_model(source: Any, output: str | Path, *, target: str = "ref", quant
                      "dtype": cache.dtype, "layout": "[layers, kv_heads, ctx, head_dim]",
                      "inputs": [[n.attrs["name"], str(n.type)] for n in graph.inputs[2:]]},
         "vocab_size": graph.outputs[0].type.shape[-1],
+        "decode_weight_bytes": decode_weight_bytes(graph),
         "tokenizer": tokenizer.manifest() if tokenizer.tokenizer_json else None,
         "eos_token_ids": tokenizer.eos_token_ids,
         "notes": prefill.notes,
     }
-    sections = {"graph": str(graph).encode(), "graph_all": str(everything).encode()}
     if tokenizer.tokenizer_json:
         sections["tokenizer"] = tokenizer.tokenizer_json.encode()
     used = {n.attrs["name"]: n.type.dtype for n in both.nodes() if n.op == "weight"}
@@ -139,4 +165,18 @@ def compile_model(source: Any, output: str | Path, *, target: str = "ref", quant
     write_artifact(output, manifest, sections, weights, used)
     seconds = time.perf_counter() - start
     return CompileReport(Path(output), prefill.timings, prefill.notes, sum(w.nbytes for w in weights.values()),
-                         Path(output).stat().st_size, seconds)
+                         Path(output).stat().st_size, seconds, target_report)
+
+
+def _build_cpu(graphs, level, tune, chunk, progress):
+    """The lower phase for target cpu: generated C, tuned and built into a shared library."""
+    from llmc.targets.cpu import CHUNK, compile_graphs
+
+    start = time.perf_counter()
+    built = compile_graphs(graphs, level=level, tune=tune, chunk=chunk or CHUNK, progress=progress)
+    if progress:
+        sites = sum(built.kernels.values())
+        progress.write(f"[6/6] lower     {time.perf_counter() - start:6.2f} s  cpu {built.manifest['level']}: "
+                       f"{sites} kernel calls, library {len(built.code) / 1e3:.0f} kB\n")
+        progress.flush()
+    return built

@@ -8,7 +8,8 @@
               chains as single loops (llmc.passes.fuse)
 5. quantize   linear weights (and a tied embedding) into the scheme's format (llmc.passes.quantize)
 
-Later phases (plan memory, lower) join this list with the native targets. Each
+The target then plans memory and lowers the graph (``llmc.targets``; ``llmc compile`` prints it as
+the last phase, ``lower``). Each
 phase prints one progress line with its time; ``dump_ir`` writes the IR after every phase; the
 verifier runs after every pass when ``verify`` is on (tests, or LLMC_VERIFY=1).
 """
@@ -100,8 +101,9 @@ def run_pipeline(source: Any, *, until: str | None = None, dump_ir: str | Path |
 def run_phases(imported: Any, *, until: str | None = None, dump_ir: str | Path | None = None,
                verify: bool | None = None, progress: TextIO | None = sys.stderr, logits: str = "last",
                quant: str = "f32", kv: str = "f32", calibration: Any = None,
-               import_seconds: float = 0.0) -> PipelineResult:
-    """Run the phases after import on an already imported model (``llmc.frontend.Imported``)."""
+               import_seconds: float = 0.0, then: tuple[str, ...] = ()) -> PipelineResult:
+    """Run the phases after import on an already imported model (``llmc.frontend.Imported``).
+    ``then`` names the phases the caller runs afterwards (a target's lower), counted in the progress."""
     from llmc.passes.context import PassContext
 
     until = _check_phase(until)
@@ -113,7 +115,7 @@ def run_phases(imported: Any, *, until: str | None = None, dump_ir: str | Path |
     dump_dir = Path(dump_ir) if dump_ir else None
     if dump_dir:
         dump_dir.mkdir(parents=True, exist_ok=True)
-    total = PHASE_NAMES.index(until) + 1
+    total = PHASE_NAMES.index(until) + 1 + len(then)
     result = PipelineResult(imported.graph, imported)
 
     def finish(index: int, name: str, graph: Graph, seconds: float) -> None:

@@ -145,9 +145,11 @@ def test_compile_writes_an_artifact_that_runs(family_dirs, tmp_path):
     out = tmp_path / "tiny.llmc"
     result = llmc("compile", family_dirs["mistral"], "-o", out)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith(f"wrote {out} (") and "for target ref" in result.stdout
-    assert [ln.split()[1] for ln in result.stderr.splitlines() if ln.startswith("[")] == \
-        ["import", "simplify", "attention", "fuse", "quantize"]
+    assert result.stdout.startswith(f"wrote {out} (") and "for target cpu" in result.stdout
+    assert [ln.split()[:2] for ln in result.stderr.splitlines() if ln.startswith("[")] == \
+        [["[1/6]", "import"], ["[2/6]", "simplify"], ["[3/6]", "attention"], ["[4/6]", "fuse"],
+         ["[5/6]", "quantize"], ["[6/6]", "lower"]]
+    assert "kernels: embedding x2" in result.stdout
     # No tokenizer in the directory: a text prompt is a clear error, not a crash.
     assert_one_line_error(llmc("run", out, "hello"), "no tokenizer")
     missing = llmc("compile", family_dirs["mistral"], "-o", tmp_path / "no" / "x.llmc")

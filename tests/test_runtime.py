@@ -88,6 +88,7 @@ def test_load_and_generate_never_import_torch(tiny):
 def test_bench_reports_speed_bandwidth_and_its_share(tiny):
     import json
 
+    from llmc.artifact import read_artifact
     from llmc.runtime.bench import bench, bytes_per_decode_token
 
     _, path = tiny
@@ -99,7 +100,7 @@ def test_bench_reports_speed_bandwidth_and_its_share(tiny):
     assert d["achieved_gbs"] == pytest.approx(d["bytes_per_token"] * d["tokens_per_s"] / 1e9)
     assert d["fraction_of_bandwidth"] == pytest.approx(d["achieved_gbs"] / 10.0)
     # Qwen2's embedding is not tied: the table costs one row per token, the LM head all of it.
-    weights = model.executor.graphs["graph"].weights
+    weights = read_artifact(path).weights()
     embed = weights["model.embed_tokens.weight"]
     others = sum(a.nbytes for name, a in weights.items() if name != "model.embed_tokens.weight")
     cache = 2 * 2 * 2 * 16 * 4 * 12               # k and v, 2 layers, 2 kv heads, head_dim 16, f32, position 12

@@ -32,19 +32,8 @@ def measure_bandwidth(megabytes: int = 512, runs: int = 5) -> float:
 
 
 def bytes_per_decode_token(model: Model, position: int) -> int:
-    """Weights read for one token (an embedding table only read by lookups costs one row) plus the
-    KV cache read at ``position``."""
-    graph = model.executor.graphs["graph"]
-    weights = {n.attrs["name"]: n for n in graph.nodes() if n.op == "weight"}
-    only_looked_up = {name for name in weights}
-    for node in graph.nodes():
-        for position_in, i in enumerate(node.inputs):
-            if i.op == "weight" and not (node.op == "embedding" and position_in == 0):
-                only_looked_up.discard(i.attrs["name"])
-    total = 0
-    for name in weights:
-        array = graph.weights[name]
-        total += array[0].nbytes if name in only_looked_up else array.nbytes
+    """Weights read for one token (recorded at compile time) plus the KV cache read at ``position``."""
+    total = int(model.manifest["decode_weight_bytes"])
     # Every cache array holds one slot per position along ctx: read the first `position` of them.
     total += sum(a.nbytes // a.shape[2] * position for a in model._caches)
     return total

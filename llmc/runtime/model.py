@@ -22,7 +22,7 @@ DEFAULT_MAX_CONTEXT = 4096
 class ReferenceExecutor:
     """Target ``ref``: the artifact's IR run by the numpy reference interpreter."""
 
-    def __init__(self, artifact: Artifact):
+    def __init__(self, artifact: Artifact, threads: int | None = None):
         from llmc.ir import IRError, parse_graph, verify
 
         weights = artifact.weights()
@@ -40,7 +40,13 @@ class ReferenceExecutor:
         return run(self.graphs[graph], [tokens, np.array(start_pos, np.int64)] + caches)[0]
 
 
-EXECUTORS = {"ref": ReferenceExecutor}
+def _cpu_executor(artifact: Artifact, threads: int | None):
+    from llmc.targets.cpu.launch import CpuExecutor
+
+    return CpuExecutor(artifact, threads)
+
+
+EXECUTORS = {"ref": ReferenceExecutor, "cpu": _cpu_executor}
 
 
 class Model:
@@ -52,7 +58,7 @@ class Model:
         if target not in EXECUTORS:
             raise ArtifactError(f"{artifact.path} was built for target {target!r}; this llmc runs "
                                 f"{', '.join(EXECUTORS)} artifacts")
-        self.executor = EXECUTORS[target](artifact)
+        self.executor = EXECUTORS[target](artifact, threads)
         self.threads = threads
         limit = int(manifest["model"]["max_seq"])
         self.max_context = min(limit, DEFAULT_MAX_CONTEXT) if max_context is None else int(max_context)

@@ -1,0 +1,66 @@
+"""The kernels built alone, each wrapped in its own parallel region: what the kernel tests and
+the autotuner call through ctypes."""
+
+from __future__ import annotations
+
+import ctypes
+from functools import lru_cache
+
+WRAPPERS = r"""
+static int h_threads = 1;
+LLMC_EXPORT void h_set_threads(int n) { h_threads = n > 0 ? n : 1; }
+#define PARALLEL(call) { _Pragma("omp parallel num_threads(h_threads)") { call; } }
+LLMC_EXPORT void h_linear_f32(const float* x, int64_t ldx, const float* w, const float* b, float* y, int64_t M,
+    int64_t N, int64_t K, int64_t tile) PARALLEL(llmc_linear_f32(x, ldx, w, b, y, M, N, K, tile))
+LLMC_EXPORT void h_linear_f16(const float* x, int64_t ldx, const f16* w, const float* b, float* y, int64_t M,
+    int64_t N, int64_t K, int64_t tile) PARALLEL(llmc_linear_f16(x, ldx, w, b, y, M, N, K, tile))
+LLMC_EXPORT void h_linear_q(const float* x, int64_t ldx, const void* q, const f16* s, const f16* mn, const float* b,
+    float* y, int64_t M, int64_t N, int64_t K, int64_t bits, int64_t G, int64_t tile, void* scratch)
+    PARALLEL(llmc_linear_q(x, ldx, q, s, mn, b, y, M, N, K, bits, G, tile, scratch))
+LLMC_EXPORT void h_embedding(const char* table, int64_t row_bytes, int64_t rows, const int64_t* ids, int64_t n,
+    char* out) PARALLEL(llmc_embedding(table, row_bytes, rows, ids, n, out))
+LLMC_EXPORT void h_embedding_q(const void* q, const f16* s, const f16* mn, int64_t rows, int64_t K, int64_t bits,
+    int64_t G, const int64_t* ids, int64_t n, float* out) PARALLEL(llmc_embedding_q(q, s, mn, rows, K, bits, G, ids, n, out))
+LLMC_EXPORT void h_norm(const float* x, int64_t ldx, const float* w, const float* b, float eps, int64_t kind,
+    int64_t R, int64_t D, float* out) PARALLEL(llmc_norm(x, ldx, w, b, eps, kind, R, D, out))
+LLMC_EXPORT void h_add_norm(const float* x, int64_t ldx, const float* r, int64_t ldr, const float* w, const float* b,
+    float eps, int64_t kind, int64_t R, int64_t D, float* sum, float* out)
+    PARALLEL(llmc_add_norm(x, ldx, r, ldr, w, b, eps, kind, R, D, sum, out))
+LLMC_EXPORT void h_attention(const float* q, int64_t q_h, int64_t q_s, const float* k, int64_t k_h, int64_t k_s,
+    const float* v, int64_t v_h, int64_t v_s, void* kc, float* ks, void* vc, float* vs, int64_t kv8, int64_t ctx,
+    int64_t Hq, int64_t Hk, int64_t D, int64_t seq, int64_t start, float scale, int64_t window, float* out,
+    int64_t o_h, int64_t o_s, float* scratch, int64_t max_splits)
+    PARALLEL(llmc_attention(q, q_h, q_s, k, k_h, k_s, v, v_h, v_s, kc, ks, vc, vs, kv8, ctx, Hq, Hk, D, seq, start,
+                            scale, window, out, o_h, o_s, scratch, max_splits))
+"""
+
+_FLOAT = ctypes.c_float
+_INT = ctypes.c_int64
+_PTR = ctypes.c_void_p
+SIGNATURES = {
+    "h_linear_f32": [_PTR, _INT, _PTR, _PTR, _PTR, _INT, _INT, _INT, _INT],
+    "h_linear_f16": [_PTR, _INT, _PTR, _PTR, _PTR, _INT, _INT, _INT, _INT],
+    "h_linear_q": [_PTR, _INT, _PTR, _PTR, _PTR, _PTR, _PTR, _INT, _INT, _INT, _INT, _INT, _INT, _PTR],
+    "h_embedding": [_PTR, _INT, _INT, _PTR, _INT, _PTR],
+    "h_embedding_q": [_PTR, _PTR, _PTR, _INT, _INT, _INT, _INT, _PTR, _INT, _PTR],
+    "h_norm": [_PTR, _INT, _PTR, _PTR, _FLOAT, _INT, _INT, _INT, _PTR],
+    "h_add_norm": [_PTR, _INT, _PTR, _INT, _PTR, _PTR, _FLOAT, _INT, _INT, _INT, _PTR, _PTR],
+    "h_attention": [_PTR, _INT, _INT, _PTR, _INT, _INT, _PTR, _INT, _INT, _PTR, _PTR, _PTR, _PTR, _INT, _INT, _INT,
+                    _INT, _INT, _INT, _INT, _FLOAT, _INT, _PTR, _INT, _INT, _PTR, _INT],
+}
+
+
+@lru_cache(maxsize=None)
+def harness(level: str) -> ctypes.CDLL:
+    """The kernel library for a feature level (``portable``, ``x86-64-v3``, ``native``)."""
+    from .build import KERNELS, build_shared_library
+    from .launch import _library_file
+
+    source = "\n".join(["#define LLMC_KERNEL static", '#define LLMC_EXPORT __attribute__((visibility("default")))',
+                        KERNELS.read_text(), WRAPPERS])
+    code, _ = build_shared_library(source, level, name="harness")
+    lib = ctypes.CDLL(str(_library_file(code)))
+    for name, args in SIGNATURES.items():
+        getattr(lib, name).argtypes = args
+        getattr(lib, name).restype = None
+    return lib

@@ -1,0 +1,535 @@
+/* llmc CPU kernels. Included once into every generated model (and built alone for the kernel
+ * tests and the autotuner). Every kernel is called by all threads of one OpenMP parallel region
+ * and splits its work with orphaned `omp for` loops, whose implicit barrier ends the op: the
+ * threads are started once per step, never per op. Called outside a parallel region, the same
+ * code runs on one thread.
+ *
+ * Paths: AVX2 + FMA + F16C when the build targets x86-64-v3 (or native on such a CPU); plain C
+ * the compiler vectorises otherwise. Layouts follow llmc/quant.py: groups run along K, 4-bit codes
+ * pack element j in the low nibble and element j + G/2 in the high nibble of byte j. */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define LLMC_AVX2 1
+#else
+#define LLMC_AVX2 0
+#endif
+
+#ifndef LLMC_KERNEL
+#define LLMC_KERNEL
+#endif
+
+typedef _Float16 f16;
+
+/* ---------------------------------------------------------------------------------------------
+ * Dot products */
+
+static inline float dot_f32(const float* a, const float* b, int64_t n) {
+    int64_t i = 0;
+    float total = 0.0f;
+#if LLMC_AVX2
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
+    for (; i + 32 <= n; i += 32) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+        s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), _mm256_loadu_ps(b + i + 16), s2);
+        s3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), _mm256_loadu_ps(b + i + 24), s3);
+    }
+    for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    __m256 s = _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3));
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    total = _mm_cvtss_f32(h);
+#endif
+    for (; i < n; i++) total += a[i] * b[i];
+    return total;
+}
+
+static inline float dot_f16(const f16* w, const float* x, int64_t n) {
+    int64_t i = 0;
+    float total = 0.0f;
+#if LLMC_AVX2
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w + i))), _mm256_loadu_ps(x + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w + i + 8))), _mm256_loadu_ps(x + i + 8), s1);
+    }
+    __m256 s = _mm256_add_ps(s0, s1);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    total = _mm_cvtss_f32(h);
+#endif
+    for (; i < n; i++) total += (float)w[i] * x[i];
+    return total;
+}
+
+#if LLMC_AVX2
+static inline float hsum256(__m256 s) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+}
+#endif
+
+/* ---------------------------------------------------------------------------------------------
+ * Linear layers: y[m, n] = x[m, :] . W[n, :] (+ b[n]); x rows at a stride, y contiguous [M, N].
+ * `tile` (from the autotuner) is the number of W rows one task takes. */
+
+static inline int64_t llmc_tasks(int64_t n, int64_t tile) { return (n + tile - 1) / tile; }
+
+LLMC_KERNEL void llmc_linear_f32(const float* x, int64_t ldx, const float* w, const float* b, float* y,
+                                 int64_t M, int64_t N, int64_t K, int64_t tile) {
+    int64_t tasks = llmc_tasks(N, tile);
+    #pragma omp for schedule(static)
+    for (int64_t t = 0; t < tasks; t++) {
+        int64_t n1 = t * tile + tile < N ? t * tile + tile : N;
+        int64_t m = 0;
+#if LLMC_AVX2
+        /* 4 x-rows by 2 W-rows at a time: each W load feeds four FMAs */
+        for (; m + 4 <= M; m += 4) {
+            const float* x0 = x + m * ldx; const float* x1 = x0 + ldx; const float* x2 = x1 + ldx; const float* x3 = x2 + ldx;
+            int64_t n = t * tile;
+            for (; n + 2 <= n1; n += 2) {
+                const float* w0 = w + n * K; const float* w1 = w0 + K;
+                __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
+                int64_t k = 0;
+                for (; k + 8 <= K; k += 8) {
+                    __m256 v0 = _mm256_loadu_ps(w0 + k), v1 = _mm256_loadu_ps(w1 + k), u;
+                    u = _mm256_loadu_ps(x0 + k); a00 = _mm256_fmadd_ps(u, v0, a00); a01 = _mm256_fmadd_ps(u, v1, a01);
+                    u = _mm256_loadu_ps(x1 + k); a10 = _mm256_fmadd_ps(u, v0, a10); a11 = _mm256_fmadd_ps(u, v1, a11);
+                    u = _mm256_loadu_ps(x2 + k); a20 = _mm256_fmadd_ps(u, v0, a20); a21 = _mm256_fmadd_ps(u, v1, a21);
+                    u = _mm256_loadu_ps(x3 + k); a30 = _mm256_fmadd_ps(u, v0, a30); a31 = _mm256_fmadd_ps(u, v1, a31);
+                }
+                float r[8] = {hsum256(a00), hsum256(a01), hsum256(a10), hsum256(a11),
+                              hsum256(a20), hsum256(a21), hsum256(a30), hsum256(a31)};
+                for (; k < K; k++) {
+                    r[0] += x0[k] * w0[k]; r[1] += x0[k] * w1[k]; r[2] += x1[k] * w0[k]; r[3] += x1[k] * w1[k];
+                    r[4] += x2[k] * w0[k]; r[5] += x2[k] * w1[k]; r[6] += x3[k] * w0[k]; r[7] += x3[k] * w1[k];
+                }
+                for (int i = 0; i < 4; i++) {
+                    y[(m + i) * N + n] = r[2 * i] + (b ? b[n] : 0.0f);
+                    y[(m + i) * N + n + 1] = r[2 * i + 1] + (b ? b[n + 1] : 0.0f);
+                }
+            }
+            for (; n < n1; n++)
+                for (int i = 0; i < 4; i++) y[(m + i) * N + n] = dot_f32(x + (m + i) * ldx, w + n * K, K) + (b ? b[n] : 0.0f);
+        }
+#endif
+        for (; m < M; m++)
+            for (int64_t n = t * tile; n < n1; n++) y[m * N + n] = dot_f32(x + m * ldx, w + n * K, K) + (b ? b[n] : 0.0f);
+    }
+}
+
+LLMC_KERNEL void llmc_linear_f16(const float* x, int64_t ldx, const f16* w, const float* b, float* y,
+                                 int64_t M, int64_t N, int64_t K, int64_t tile) {
+    int64_t tasks = llmc_tasks(N, tile);
+    #pragma omp for schedule(static)
+    for (int64_t t = 0; t < tasks; t++) {
+        int64_t n1 = t * tile + tile < N ? t * tile + tile : N;
+        for (int64_t n = t * tile; n < n1; n++)
+            for (int64_t m = 0; m < M; m++) y[m * N + n] = dot_f16(w + n * K, x + m * ldx, K) + (b ? b[n] : 0.0f);
+    }
+}
+
+/* Activations for the integer dot products: each row of x in blocks of 32 as int8 codes with
+ * an f32 scale d and s = d * sum(codes) (what a weight group's min multiplies). */
+typedef struct { float d, s; } llmc_xblock;
+
+static void llmc_quantize_rows(const float* x, int64_t ldx, int64_t M, int64_t K, int8_t* codes, llmc_xblock* blocks) {
+    int64_t per_row = K / 32;
+    #pragma omp for schedule(static)
+    for (int64_t task = 0; task < M * per_row; task++) {
+        int64_t m = task / per_row, j = task % per_row;
+        const float* src = x + m * ldx + j * 32;
+        int8_t* dst = codes + m * K + j * 32;
+        float amax = 0.0f;
+        for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(src[i]));
+        float d = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        int sum = 0;
+        for (int i = 0; i < 32; i++) {
+            int q = (int)nearbyintf(src[i] * inv);
+            dst[i] = (int8_t)q;
+            sum += q;
+        }
+        blocks[m * per_row + j].d = d;
+        blocks[m * per_row + j].s = d * (float)sum;
+    }
+}
+
+/* sum of 32 products of weight codes (unsigned 4-bit in 32 bytes, or signed 8-bit) with int8 x */
+#if LLMC_AVX2
+static inline __m256 q4_dot32(__m256i w, const int8_t* x) {
+    __m256i p = _mm256_maddubs_epi16(w, _mm256_loadu_si256((const __m256i*)x));
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+}
+static inline __m256 q8_dot32(const int8_t* w, const int8_t* x) {
+    __m256i a = _mm256_loadu_si256((const __m256i*)w), b = _mm256_loadu_si256((const __m256i*)x);
+    __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a));
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+}
+/* a group of 32 4-bit codes (16 bytes: elements 0..15 low nibbles, 16..31 high) as 32 bytes */
+static inline __m256i q4_unpack32(const uint8_t* q) {
+    __m128i raw = _mm_loadu_si128((const __m128i*)q);
+    __m256i both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
+    return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+}
+#endif
+
+/* One W row (4-bit groups of G) against one quantized x row. */
+static inline float q4_row_dot(const uint8_t* q, const f16* scales, const f16* mins, const int8_t* xq,
+                               const llmc_xblock* xb, int64_t K, int64_t G) {
+    int64_t groups = K / G, sub = G / 32;
+    float total = 0.0f;
+#if LLMC_AVX2
+    __m256 acc = _mm256_setzero_ps();
+    float minacc = 0.0f;
+    for (int64_t g = 0; g < groups; g++) {
+        const uint8_t* gq = q + g * (G / 2);
+        float d = (float)scales[g], mn = (float)mins[g];
+        for (int64_t s = 0; s < sub; s++) {
+            const llmc_xblock* blk = xb + g * sub + s;
+            __m256i w;
+            if (G == 32) {
+                w = q4_unpack32(gq);
+            } else {             /* element e < G/2: low nibble of byte e; else high nibble of byte e - G/2 */
+                int64_t e0 = s * 32, half = G / 2;
+                __m256i raw = _mm256_loadu_si256((const __m256i*)(gq + (e0 < half ? e0 : e0 - half)));
+                if (e0 >= half) raw = _mm256_srli_epi16(raw, 4);
+                w = _mm256_and_si256(raw, _mm256_set1_epi8(0x0F));
+            }
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d * blk->d), q4_dot32(w, xq + g * G + s * 32), acc);
+            minacc += mn * blk->s;
+        }
+    }
+    total = hsum256(acc) + minacc;
+#else
+    int64_t half = G / 2;
+    for (int64_t g = 0; g < groups; g++) {
+        const uint8_t* gq = q + g * half;
+        float d = (float)scales[g], mn = (float)mins[g];
+        for (int64_t s = 0; s < sub; s++) {
+            const llmc_xblock* blk = xb + g * sub + s;
+            int isum = 0;
+            for (int64_t i = 0; i < 32; i++) {
+                int64_t e = s * 32 + i;
+                int code = e < half ? (gq[e] & 0x0F) : (gq[e - half] >> 4);
+                isum += code * xq[g * G + e];
+            }
+            total += d * blk->d * (float)isum + mn * blk->s;
+        }
+    }
+#endif
+    return total;
+}
+
+static inline float q8_row_dot(const int8_t* q, const f16* scales, const int8_t* xq, const llmc_xblock* xb, int64_t K) {
+    int64_t groups = K / 32;
+    float total = 0.0f;
+#if LLMC_AVX2
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; g++)
+        acc = _mm256_fmadd_ps(_mm256_set1_ps((float)scales[g] * xb[g].d), q8_dot32(q + g * 32, xq + g * 32), acc);
+    total = hsum256(acc);
+#else
+    for (int64_t g = 0; g < groups; g++) {
+        int isum = 0;
+        for (int i = 0; i < 32; i++) isum += q[g * 32 + i] * xq[g * 32 + i];
+        total += (float)scales[g] * xb[g].d * (float)isum;
+    }
+#endif
+    return total;
+}
+
+/* Four x rows against one W row: each weight group is decoded once for all four. */
+static inline void q_rows_dot4(const void* codes, const f16* scales, const f16* mins, int64_t bits, const int8_t* xq,
+                               const llmc_xblock* xb, int64_t K, int64_t G, float* r) {
+    int64_t groups = K / G, sub = G / 32, blocks = K / 32;
+#if LLMC_AVX2
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    float minacc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int64_t g = 0; g < groups; g++) {
+        float d = (float)scales[g], mn = bits == 4 ? (float)mins[g] : 0.0f;
+        for (int64_t s = 0; s < sub; s++) {
+            int64_t e0 = g * G + s * 32, b = g * sub + s;
+            if (bits == 8) {
+                __m256i w = _mm256_loadu_si256((const __m256i*)((const int8_t*)codes + e0));
+                __m256i wabs = _mm256_sign_epi8(w, w);
+                for (int j = 0; j < 4; j++) {
+                    __m256i x = _mm256_loadu_si256((const __m256i*)(xq + j * K + e0));
+                    __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, _mm256_sign_epi8(x, w)), _mm256_set1_epi16(1));
+                    acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb[j * blocks + b].d), _mm256_cvtepi32_ps(p), acc[j]);
+                }
+                continue;
+            }
+            const uint8_t* gq = (const uint8_t*)codes + g * (G / 2);
+            __m256i w;
+            if (G == 32) {
+                w = q4_unpack32(gq);
+            } else {
+                int64_t half = G / 2, at = s * 32;
+                __m256i raw = _mm256_loadu_si256((const __m256i*)(gq + (at < half ? at : at - half)));
+                if (at >= half) raw = _mm256_srli_epi16(raw, 4);
+                w = _mm256_and_si256(raw, _mm256_set1_epi8(0x0F));
+            }
+            for (int j = 0; j < 4; j++) {
+                const llmc_xblock* blk = xb + j * blocks + b;
+                acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d * blk->d), q4_dot32(w, xq + j * K + e0), acc[j]);
+                minacc[j] += mn * blk->s;
+            }
+        }
+    }
+    for (int j = 0; j < 4; j++) r[j] = hsum256(acc[j]) + minacc[j];
+#else
+    for (int j = 0; j < 4; j++)
+        r[j] = bits == 4 ? q4_row_dot((const uint8_t*)codes, scales, mins, xq + j * K, xb + j * blocks, K, G)
+                         : q8_row_dot((const int8_t*)codes, scales, xq + j * K, xb + j * blocks, K);
+#endif
+}
+
+#define LLMC_ROW_BLOCK 64      /* x rows kept hot while a task's W rows pass over them */
+
+/* Quantized linear: x rows are quantized to int8 blocks in `scratch` (M*K bytes, then M*K/32
+ * blocks), then each task takes `tile` W rows against every x row. bits 4: codes/scales/mins of
+ * group G; bits 8: codes/scales, G = 32. */
+LLMC_KERNEL void llmc_linear_q(const float* x, int64_t ldx, const void* codes, const f16* scales, const f16* mins,
+                               const float* b, float* y, int64_t M, int64_t N, int64_t K, int64_t bits, int64_t G,
+                               int64_t tile, void* scratch) {
+    int8_t* xq = (int8_t*)scratch;
+    llmc_xblock* xb = (llmc_xblock*)((char*)scratch + ((M * K + 63) / 64) * 64);
+    llmc_quantize_rows(x, ldx, M, K, xq, xb);
+    int64_t tasks = llmc_tasks(N, tile), groups = K / G, row_bytes = bits == 4 ? K / 2 : K;
+    #pragma omp for schedule(static)
+    for (int64_t t = 0; t < tasks; t++) {
+        int64_t n0 = t * tile, n1 = n0 + tile < N ? n0 + tile : N;
+        for (int64_t m0 = 0; m0 < M; m0 += LLMC_ROW_BLOCK) {
+            int64_t m1 = m0 + LLMC_ROW_BLOCK < M ? m0 + LLMC_ROW_BLOCK : M;
+            for (int64_t n = n0; n < n1; n++) {
+                const char* wq = (const char*)codes + n * row_bytes;
+                const f16* ws = scales + n * groups;
+                const f16* wm = bits == 4 ? mins + n * groups : 0;
+                float bias = b ? b[n] : 0.0f;
+                int64_t m = m0;
+                for (; m + 4 <= m1; m += 4) {
+                    float r[4];
+                    q_rows_dot4(wq, ws, wm, bits, xq + m * K, xb + m * (K / 32), K, G, r);
+                    for (int j = 0; j < 4; j++) y[(m + j) * N + n] = r[j] + bias;
+                }
+                for (; m < m1; m++) {
+                    float v = bits == 4 ? q4_row_dot((const uint8_t*)wq, ws, wm, xq + m * K, xb + m * (K / 32), K, G)
+                                        : q8_row_dot((const int8_t*)wq, ws, xq + m * K, xb + m * (K / 32), K);
+                    y[m * N + n] = v + bias;
+                }
+            }
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Embeddings */
+
+LLMC_KERNEL void llmc_embedding(const char* table, int64_t row_bytes, int64_t rows, const int64_t* ids, int64_t n,
+                                char* out) {
+    #pragma omp for schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        int64_t id = ids[i] < 0 ? 0 : (ids[i] >= rows ? rows - 1 : ids[i]);
+        memcpy(out + i * row_bytes, table + id * row_bytes, (size_t)row_bytes);
+    }
+}
+
+LLMC_KERNEL void llmc_embedding_q(const void* codes, const f16* scales, const f16* mins, int64_t rows, int64_t K,
+                                  int64_t bits, int64_t G, const int64_t* ids, int64_t n, float* out) {
+    int64_t groups = K / G;
+    #pragma omp for schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        int64_t id = ids[i] < 0 ? 0 : (ids[i] >= rows ? rows - 1 : ids[i]);
+        float* dst = out + i * K;
+        for (int64_t g = 0; g < groups; g++) {
+            float d = (float)scales[id * groups + g];
+            if (bits == 8) {
+                const int8_t* q = (const int8_t*)codes + id * K + g * G;
+                for (int64_t e = 0; e < G; e++) dst[g * G + e] = (float)q[e] * d;
+            } else {
+                const uint8_t* q = (const uint8_t*)codes + id * (K / 2) + g * (G / 2);
+                float mn = (float)mins[id * groups + g];
+                for (int64_t e = 0; e < G / 2; e++) {
+                    dst[g * G + e] = (float)(q[e] & 0x0F) * d + mn;
+                    dst[g * G + e + G / 2] = (float)(q[e] >> 4) * d + mn;
+                }
+            }
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Norms over the last axis: rows of D at a stride in, contiguous rows out. add_norm first writes
+ * sum = x + r (contiguous), then normalises it. kind 0: RMSNorm, 1: LayerNorm. */
+
+static inline void norm_row(const float* x, const float* w, const float* b, float eps, int kind, int64_t D, float* out) {
+    if (kind == 0) {
+        float ss = 0.0f;
+        for (int64_t i = 0; i < D; i++) ss += x[i] * x[i];
+        float scale = 1.0f / sqrtf(ss / (float)D + eps);
+        for (int64_t i = 0; i < D; i++) out[i] = x[i] * scale * (w ? w[i] : 1.0f);
+    } else {
+        float mean = 0.0f, var = 0.0f;
+        for (int64_t i = 0; i < D; i++) mean += x[i];
+        mean /= (float)D;
+        for (int64_t i = 0; i < D; i++) var += (x[i] - mean) * (x[i] - mean);
+        float scale = 1.0f / sqrtf(var / (float)D + eps);
+        for (int64_t i = 0; i < D; i++) out[i] = (x[i] - mean) * scale * (w ? w[i] : 1.0f) + (b ? b[i] : 0.0f);
+    }
+}
+
+LLMC_KERNEL void llmc_norm(const float* x, int64_t ldx, const float* w, const float* b, float eps, int64_t kind,
+                           int64_t R, int64_t D, float* out) {
+    #pragma omp for schedule(static)
+    for (int64_t r = 0; r < R; r++) norm_row(x + r * ldx, w, b, eps, (int)kind, D, out + r * D);
+}
+
+LLMC_KERNEL void llmc_add_norm(const float* x, int64_t ldx, const float* res, int64_t ldr, const float* w,
+                               const float* b, float eps, int64_t kind, int64_t R, int64_t D, float* sum, float* out) {
+    #pragma omp for schedule(static)
+    for (int64_t r = 0; r < R; r++) {
+        float* s = sum + r * D;
+        for (int64_t i = 0; i < D; i++) s[i] = x[r * ldx + i] + res[r * ldr + i];
+        norm_row(s, w, b, eps, (int)kind, D, out + r * D);
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Attention over the KV cache. q [Hq, seq, D], k/v [Hk, seq, D] at element strides (head, pos),
+ * D contiguous; the layer's caches are [Hk, ctx, D] (f32, or int8 codes with an f32 scale per
+ * head and position). This step's K/V are written at start..start+seq, then query i (position
+ * start+i) attends causally over 0..start+i, within the last `window` positions when window > 0.
+ * Online softmax in blocks of keys; out [seq, Hq, D] at strides (head, pos). Decode (seq = 1)
+ * splits the keys of each head across `splits` tasks (flash-decoding) and merges the partial
+ * results, kept in scratch: splits * Hq * (D + 2) floats. */
+
+#define LLMC_KEY_BLOCK 32
+
+static inline void kv8_quantize(const float* src, int64_t D, int8_t* codes, float* scale) {
+    float amax = 0.0f;
+    for (int64_t i = 0; i < D; i++) amax = fmaxf(amax, fabsf(src[i]));
+    float s = amax / 127.0f, inv = s > 0.0f ? 1.0f / s : 0.0f;
+    for (int64_t i = 0; i < D; i++) {
+        float q = nearbyintf(src[i] * inv);
+        codes[i] = (int8_t)(q > 127.0f ? 127.0f : (q < -127.0f ? -127.0f : q));
+    }
+    *scale = s;
+}
+
+/* partial attention of one query over keys [lo, hi): running max m, sum l, unnormalised acc */
+static void attend_span(const float* q, const void* kc, const float* ks, const void* vc, const float* vs, int kv8,
+                        int64_t lo, int64_t hi, int64_t D, float scale, float* m_out, float* l_out, float* acc) {
+    float m = -INFINITY, l = 0.0f, scores[LLMC_KEY_BLOCK];
+    for (int64_t i = 0; i < D; i++) acc[i] = 0.0f;
+    float kbuf[512];
+    for (int64_t t0 = lo; t0 < hi; t0 += LLMC_KEY_BLOCK) {
+        int64_t n = hi - t0 < LLMC_KEY_BLOCK ? hi - t0 : LLMC_KEY_BLOCK;
+        float block_max = -INFINITY;
+        for (int64_t j = 0; j < n; j++) {
+            float s;
+            if (kv8) {
+                const int8_t* kr = (const int8_t*)kc + (t0 + j) * D;
+                for (int64_t i = 0; i < D; i++) kbuf[i] = (float)kr[i];
+                s = dot_f32(q, kbuf, D) * ks[t0 + j];
+            } else {
+                s = dot_f32(q, (const float*)kc + (t0 + j) * D, D);
+            }
+            scores[j] = s * scale;
+            block_max = fmaxf(block_max, scores[j]);
+        }
+        float m_new = fmaxf(m, block_max);
+        float correction = expf(m - m_new);
+        l *= correction;
+        for (int64_t i = 0; i < D; i++) acc[i] *= correction;
+        for (int64_t j = 0; j < n; j++) {
+            float p = expf(scores[j] - m_new);
+            l += p;
+            if (kv8) {
+                const int8_t* vr = (const int8_t*)vc + (t0 + j) * D;
+                float pv = p * vs[t0 + j];
+                for (int64_t i = 0; i < D; i++) acc[i] += pv * (float)vr[i];
+            } else {
+                const float* vr = (const float*)vc + (t0 + j) * D;
+                for (int64_t i = 0; i < D; i++) acc[i] += p * vr[i];
+            }
+        }
+        m = m_new;
+    }
+    *m_out = m;
+    *l_out = l;
+}
+
+LLMC_KERNEL void llmc_attention(const float* q, int64_t q_h, int64_t q_s, const float* k, int64_t k_h, int64_t k_s,
+                                const float* v, int64_t v_h, int64_t v_s, void* k_cache, float* k_scale,
+                                void* v_cache, float* v_scale, int64_t kv8, int64_t ctx, int64_t Hq, int64_t Hk,
+                                int64_t D, int64_t seq, int64_t start, float scale, int64_t window,
+                                float* out, int64_t o_h, int64_t o_s, float* scratch, int64_t max_splits) {
+    /* 1. this step's keys and values into the cache */
+    #pragma omp for schedule(static)
+    for (int64_t task = 0; task < Hk * seq; task++) {
+        int64_t h = task / seq, i = task % seq, pos = h * ctx + start + i;
+        if (kv8) {
+            kv8_quantize(k + h * k_h + i * k_s, D, (int8_t*)k_cache + pos * D, k_scale + pos);
+            kv8_quantize(v + h * v_h + i * v_s, D, (int8_t*)v_cache + pos * D, v_scale + pos);
+        } else {
+            memcpy((float*)k_cache + pos * D, k + h * k_h + i * k_s, (size_t)D * sizeof(float));
+            memcpy((float*)v_cache + pos * D, v + h * v_h + i * v_s, (size_t)D * sizeof(float));
+        }
+    }
+    int64_t group = Hq / Hk, elem = kv8 ? 1 : 4;
+    int64_t keys = start + seq;
+    int64_t splits = 1;
+    if (seq == 1 && max_splits > 1) {
+        splits = (keys + 255) / 256;                      /* at least 256 keys per split */
+        if (splits > max_splits) splits = max_splits;
+    }
+    /* 2. every (head, query, split) */
+    #pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < Hq * seq * splits; task++) {
+        int64_t h = task / (seq * splits), rest = task % (seq * splits), i = rest / splits, part = rest % splits;
+        int64_t kh = h / group, pos = start + i;
+        int64_t lo = window > 0 && pos - window + 1 > 0 ? pos - window + 1 : 0, hi = pos + 1;
+        int64_t span = (hi - lo + splits - 1) / splits;
+        int64_t a = lo + part * span, z = a + span < hi ? a + span : hi;
+        const char* kc = (const char*)k_cache + kh * ctx * D * elem;
+        const char* vc = (const char*)v_cache + kh * ctx * D * elem;
+        const float* ks = kv8 ? k_scale + kh * ctx : 0;
+        const float* vs = kv8 ? v_scale + kh * ctx : 0;
+        float* dst = splits == 1 ? out + h * o_h + i * o_s : scratch + (h * splits + part) * (D + 2);
+        float m = -INFINITY, l = 0.0f;
+        if (a < z) attend_span(q + h * q_h + i * q_s, kc, ks, vc, vs, (int)kv8, a, z, D, scale, &m, &l, dst);
+        else for (int64_t d = 0; d < D; d++) dst[d] = 0.0f;
+        if (splits == 1) {
+            float inv = l > 0.0f ? 1.0f / l : 0.0f;
+            for (int64_t d = 0; d < D; d++) dst[d] *= inv;
+        } else {
+            dst[D] = m;
+            dst[D + 1] = l;
+        }
+    }
+    if (splits == 1) return;
+    /* 3. merge the splits of each head */
+    #pragma omp for schedule(static)
+    for (int64_t h = 0; h < Hq; h++) {
+        float m = -INFINITY, l = 0.0f;
+        for (int64_t p = 0; p < splits; p++) m = fmaxf(m, scratch[(h * splits + p) * (D + 2) + D]);
+        float* dst = out + h * o_h;
+        for (int64_t d = 0; d < D; d++) dst[d] = 0.0f;
+        for (int64_t p = 0; p < splits; p++) {
+            const float* part = scratch + (h * splits + p) * (D + 2);
+            if (part[D + 1] == 0.0f) continue;
+            float c = expf(part[D] - m);
+            l += c * part[D + 1];
+            for (int64_t d = 0; d < D; d++) dst[d] += c * part[d];
+        }
+        float inv = l > 0.0f ? 1.0f / l : 0.0f;
+        for (int64_t d = 0; d < D; d++) dst[d] *= inv;
+    }
+}

@@ -1,0 +1,525 @@
+"""Lower an optimised generation graph to one C function over the kernels of kernels.c.
+
+The function runs one step (prefill chunk or decode token) inside a single OpenMP parallel region::
+
+    int NAME(const int64_t* tokens, int64_t seq, int64_t start_pos, int64_t ctx,
+             void* const* caches, const void* const* W, char* arena, float* out)
+
+``caches`` are the graph's cache inputs in order, ``W`` the weights in the order of
+``WeightTable.names``, ``arena`` the activation memory (``arena_bytes``, planned here for
+``seq <= chunk``) and ``out`` the graph's single f32 output. Nodes are lowered in topological order;
+view ops make views (views.py), elementwise ops become generated loops, the rest call kernels. The
+target never rewrites the graph: where a kernel wants a layout a view lacks, the view is copied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from llmc import dims
+from llmc.dims import Dim
+from llmc.errors import LlmcError
+from llmc.ir import Graph, Node, TupleType, Type
+from llmc.ops import OPS
+from llmc.quant import parse_scheme
+
+from .scalar import ScalarError, c_type, expression, literal
+from .views import View, c_dim
+
+ALIGN = 64
+MAX_SPLITS = 16            # flash-decoding splits of one head's keys
+DEFAULT_TILES = {"gemv": 16, "gemm": 16}
+SYMBOLS = {"seq", "ctx"}
+
+
+class LoweringError(LlmcError):
+    """A graph the CPU target cannot generate code for."""
+
+
+class WeightTable:
+    """The weights the generated code reads, in the order the runtime passes their pointers."""
+
+    def __init__(self):
+        self.names: list[str] = []
+        self._index: dict[str, int] = {}
+
+    def index(self, name: str) -> int:
+        if name not in self._index:
+            self._index[name] = len(self.names)
+            self.names.append(name)
+        return self._index[name]
+
+
+@dataclass
+class Buffer:
+    nbytes: Dim          # symbolic in seq
+    first: int           # the node indices that write it first and read it last
+    last: int
+    offset: int = 0
+    size: int = 0        # bytes at seq = chunk, aligned
+
+
+@dataclass
+class Lowered:
+    name: str
+    code: str
+    arena_bytes: int
+    kernels: dict[str, int] = field(default_factory=dict)     # kernel -> call sites
+
+
+def _f16_weight(node: Node) -> Node | None:
+    """The f16 weight behind ``cast(weight f16) -> f32`` (f16 storage), read directly by the f16 kernel."""
+    if node.op == "cast" and node.inputs[0].op == "weight" and node.inputs[0].type.dtype == "f16" \
+            and node.type.dtype == "f32":
+        return node.inputs[0]
+    return None
+
+
+def _operands(node: Node) -> tuple[Node, ...]:
+    """The inputs whose values the node's code reads."""
+    if node.op == "linear" and _f16_weight(node.inputs[1]) is not None:
+        return (node.inputs[0], _f16_weight(node.inputs[1])) + node.inputs[2:]
+    return node.inputs
+
+
+class FunctionLowering:
+    def __init__(self, graph: Graph, name: str, weights: WeightTable, tiles: Callable[[str, int, int], dict],
+                 chunk: int):
+        self.graph = graph
+        self.name = name
+        self.weights = weights
+        self.tiles = tiles
+        self.chunk = chunk
+        self.lines: list[str] = []
+        self.buffers: list[Buffer] = []
+        self.values: dict[int, View | tuple[View, ...]] = {}
+        self.index = 0
+        self.kernels: dict[str, int] = {}
+        self.out_node: int | None = None
+
+    # -- driver ----------------------------------------------------------------------------
+
+    def run(self) -> Lowered:
+        graph = self.graph
+        if len(graph.outputs) != 1 or graph.outputs[0].type.dtype != "f32":
+            raise LoweringError("the cpu target lowers graphs with one f32 output")
+        for node in graph.nodes():
+            for d in (node.type.shape if isinstance(node.type, Type) else ()):
+                if not isinstance(d, int) and not dims.symbols(d) <= SYMBOLS:
+                    raise LoweringError(f"dimension {d} of {node.op} uses symbols other than seq and ctx")
+        self.out_node = self._output_producer(graph.outputs[0])
+        order = graph.nodes()
+        needed = {id(o) for o in graph.outputs}
+        for node in reversed(order):
+            if id(node) in needed:
+                needed.update(id(i) for i in _operands(node))
+        for self.index, node in enumerate(order):
+            if id(node) in needed:
+                self.lines.append(f"/* %{self.index} {node.op} : {node.type} */")
+                try:
+                    self.values[id(node)] = self.lower(node)
+                except ScalarError as exc:
+                    raise LoweringError(f"cannot lower {node.op} ({exc}); build with --target ref") from None
+        self.index = len(order)
+        result = self.read(graph.outputs[0])
+        if not (result.base == "out" and result.contiguous and result.offset == 0):
+            self.copy_into(result, View.of_buffer("f32", result.shape, "out"))
+        arena_bytes = self._plan()
+        return Lowered(self.name, self._function(), arena_bytes, self.kernels)
+
+    def _output_producer(self, node: Node) -> int | None:
+        """The node whose contiguous result is the output once reshaped: it writes to ``out``."""
+        while node.op == "reshape":
+            node = node.inputs[0]
+        return id(node) if node.op in ("linear", "qlinear") else None
+
+    # -- values and buffers ----------------------------------------------------------------
+
+    def read(self, node: Node) -> View:
+        value = self.values[id(node)]
+        if isinstance(value, tuple):
+            raise LoweringError(f"{node.op} has several results; read them with get")
+        self._use(value)
+        return value
+
+    def _use(self, view: View) -> None:
+        if view.buffer is not None:
+            buffer = self.buffers[view.buffer]
+            buffer.last = max(buffer.last, self.index)
+
+    def alloc(self, dtype: str, shape, node: Node | None = None) -> View:
+        """A fresh contiguous buffer for a result (``out`` itself for the output's producer)."""
+        if node is not None and id(node) == self.out_node:
+            return View.of_buffer(dtype, shape, "out")
+        nbytes = dims.mul(dims.product(shape), _itemsize(dtype))
+        buffer = len(self.buffers)
+        self.buffers.append(Buffer(nbytes, self.index, self.index))
+        return View.of_buffer(dtype, shape, f"(arena + {self._macro(buffer)})", buffer)
+
+    def scratch(self, nbytes) -> str:
+        buffer = len(self.buffers)
+        self.buffers.append(Buffer(nbytes, self.index, self.index))
+        return f"(arena + {self._macro(buffer)})"
+
+    def _macro(self, buffer: int) -> str:
+        return f"{self.name.upper()}_B{buffer}"
+
+    def contiguous(self, view: View) -> View:
+        if view.contiguous:
+            return view
+        out = self.alloc(view.dtype, view.shape)
+        self.copy_into(view, out)
+        return out
+
+    def rows(self, view: View) -> tuple[View, object, object]:
+        """(view, row count, row stride) of a view read as rows of its last axis (copied if need be)."""
+        got = view.rows()
+        if got is None:
+            view = self.contiguous(view)
+            got = view.rows()
+        return view, got[0], got[1]
+
+    def copy_into(self, source: View, dest: View) -> None:
+        self.loop(dest, [source], lambda load: ([], load(0, "i")))
+
+    # -- generated loops ------------------------------------------------------------------
+
+    def loop(self, out: View, inputs: list[View], body) -> None:
+        """out[...] = body over the inputs, broadcast to out's shape. ``body(load)`` returns
+        (statements, expression); ``load(k, index)`` reads input k at inner index ``index``."""
+        shape = out.shape
+        lead, inner = (shape[:-1], shape[-1]) if shape else ((), 1)
+        views = [v.expand(shape) if v.shape != shape else v for v in inputs]
+        rows = dims.product(lead)
+        code = [f"{{ const int64_t R = {c_dim(rows)}, I = {c_dim(inner)};",
+                "  #pragma omp for schedule(static)",
+                "  for (int64_t r = 0; r < R; r++) {",
+                "    int64_t rem = r;"]
+        for axis in range(len(lead) - 1, -1, -1):
+            if axis == 0:
+                code.append(f"    const int64_t i{axis} = rem;")
+            else:
+                code.append(f"    const int64_t i{axis} = rem % {c_dim(lead[axis])}; rem /= {c_dim(lead[axis])};")
+
+        def pointer(name: str, view: View, const: bool) -> str:
+            terms = [f"i{a} * {c_dim(s)}" for a, s in enumerate(view.strides[:-1] if shape else ()) if s != 0]
+            offset = " + ".join(terms) or "0"
+            qualifier = "const " if const else ""
+            return f"    {qualifier}{c_type(view.dtype)}* {name} = {view.pointer(c_type(view.dtype))} + {offset};"
+
+        for k, view in enumerate(views):
+            if view.literal is None:
+                self._use(view)
+                code.append(pointer(f"p{k}", view, True))
+        code.append(pointer("o", out, False))
+
+        def load(k: int, index: str) -> str:
+            view = views[k]
+            if view.literal is not None:
+                return view.literal
+            step = view.strides[-1] if shape else 0
+            if step == 0:
+                return f"p{k}[0]"
+            return f"p{k}[{index}]" if step == 1 else f"p{k}[({index}) * {c_dim(step)}]"
+
+        statements, result = body(load)
+        out_step = out.strides[-1] if shape else 0
+        target = "o[i]" if out_step == 1 else ("o[0]" if out_step == 0 else f"o[i * {c_dim(out_step)}]")
+        code.append("    for (int64_t i = 0; i < I; i++) {")
+        code += [f"      {s}" for s in statements]
+        code.append(f"      {target} = {result};")
+        code += ["    }", "  }", "}"]
+        self.lines += code
+
+    def elementwise(self, node: Node) -> View:
+        inputs = [self.read(i) for i in node.inputs]
+        out = self.alloc(node.type.dtype, node.type.shape, node)
+        if node.op == "fused":
+            self.loop(out, inputs, lambda load: _fused_body(node, load))
+        else:
+            dtype = node.inputs[0].type.dtype if node.inputs else node.type.dtype
+            if node.op == "where":
+                dtype = node.inputs[1].type.dtype
+            self.loop(out, inputs, lambda load: ([], expression(
+                node.op, [load(k, "i") for k in range(len(inputs))], node.attrs, dtype, node.type.dtype)))
+        return out
+
+    # -- the ops -----------------------------------------------------------------------------
+
+    def lower(self, node: Node):
+        op, a, t = node.op, node.attrs, node.type
+        if op == "input":
+            return self._input(node)
+        if op == "weight":
+            index = self.weights.index(a["name"])
+            return View.of_buffer(t.dtype, t.shape, f"W[{index}]")
+        if op == "const":
+            return View.scalar(t.dtype, literal(a["value"], t.dtype))
+        if op == "full":
+            return View.scalar(t.dtype, literal(a["value"], t.dtype), t.shape)
+        if op == "arange":
+            out = self.alloc(t.dtype, t.shape, node)
+            start, step = a["start"], a["step"]
+            self.loop(out, [], lambda load: ([], f"(({c_type(t.dtype)})({c_dim(start)} + {step} * i))"))
+            return out
+        if op == "reshape":
+            view = self.read(node.inputs[0])
+            reshaped = view.reshape(t.shape)
+            return reshaped if reshaped is not None else self.contiguous(view).reshape(t.shape)
+        if op == "permute":
+            return self.read(node.inputs[0]).permute(a["perm"])
+        if op == "slice":
+            return self.read(node.inputs[0]).slice(a["axis"], a["start"], a["end"], a["step"], t.shape[a["axis"]])
+        if op == "expand":
+            return self.read(node.inputs[0]).expand(t.shape)
+        if op == "get":
+            value = self.values[id(node.inputs[0])]
+            self._use(value[a["index"]])
+            return value[a["index"]]
+        if op == "concat":
+            out = self.alloc(t.dtype, t.shape, node)
+            start = 0
+            for i in node.inputs:
+                length = i.type.shape[a["axis"]]
+                self.copy_into(self.read(i), out.slice(a["axis"], start, dims.add(start, length), 1, length))
+                start = dims.add(start, length)
+            return out
+        if op == "rope":
+            return self._rope(node)
+        if op in ("swiglu", "geglu") or (op in OPS and OPS[op].kind == "elementwise"):
+            return self.elementwise(node)
+        handler = getattr(self, "_" + op, None)
+        if handler is None:
+            raise LoweringError(f"the cpu target has no kernel for op {op!r} ({OPS[op].doc if op in OPS else ''}); "
+                                "build with --target ref")
+        return handler(node)
+
+    def _input(self, node: Node) -> View:
+        name, t = node.attrs["name"], node.type
+        if name == "tokens":
+            return View.of_buffer("i64", t.shape, "tokens")
+        if name == "start_pos":
+            return View.scalar("i64", "start_pos")
+        caches = [i.attrs["name"] for i in self.graph.inputs[2:]]
+        if name in caches:
+            return View.of_buffer(t.dtype, t.shape, f"caches[{caches.index(name)}]")
+        raise LoweringError(f"graph input {name!r} is not one of tokens, start_pos or the caches")
+
+    def _call(self, function: str, *args, kernel: str | None = None) -> None:
+        """Call a kernel function; ``kernel`` names the variant for the report (default: the function)."""
+        kernel = kernel or function
+        self.kernels[kernel] = self.kernels.get(kernel, 0) + 1
+        self.lines.append(f"{function}({', '.join(str(x) for x in args)});")
+
+    def _tile(self, kernel: str, rows, n: int, k: int) -> str:
+        tiles = self.tiles(kernel, n, k)
+        if rows == 1:
+            return str(tiles["gemv"])
+        return f"({c_dim(rows)} == 1 ? {tiles['gemv']} : {tiles['gemm']})"
+
+    def _linear(self, node: Node) -> View:
+        x, m, ldx = self.rows(self.read(node.inputs[0]))
+        f16 = _f16_weight(node.inputs[1])
+        w = self.read(f16) if f16 is not None else self.contiguous(self.read(node.inputs[1]))
+        n, k = w.shape
+        bias = self._bias(node.inputs[2]) if len(node.inputs) > 2 else "0"
+        out = self.alloc("f32", node.type.shape, node)
+        kernel = "llmc_linear_f16" if f16 is not None else "llmc_linear_f32"
+        self._call(kernel, x.pointer("float"), c_dim(ldx), w.pointer("f16" if f16 is not None else "float"), bias,
+                   out.pointer("float"), c_dim(m), n, k, self._tile(kernel, m, n, k))
+        return out
+
+    def _bias(self, node: Node) -> str:
+        return self.contiguous(self.read(node)).pointer("float")
+
+    def _qlinear(self, node: Node) -> View:
+        scheme = parse_scheme(node.attrs["scheme"])
+        count = 2 if scheme.symmetric else 3
+        x, m, ldx = self.rows(self.read(node.inputs[0]))
+        parts = [self.contiguous(self.read(i)) for i in node.inputs[1:1 + count]]
+        n = parts[0].shape[0]
+        k = node.inputs[0].type.shape[-1]
+        bias = self._bias(node.inputs[1 + count]) if len(node.inputs) > 1 + count else "0"
+        out = self.alloc("f32", node.type.shape, node)
+        scratch = self.scratch(dims.add(dims.mul(m, _round_up(k, ALIGN)), dims.mul(m, (k // 32) * 8)))
+        mins = parts[2].pointer("f16") if count == 3 else "0"
+        kernel = f"llmc_linear_{scheme.name}"
+        self._call("llmc_linear_q", x.pointer("float"), c_dim(ldx), parts[0].pointer("void"),
+                   parts[1].pointer("f16"), mins, bias, out.pointer("float"), c_dim(m), n, k, scheme.bits,
+                   scheme.group, self._tile(kernel, m, n, k), scratch, kernel=kernel)
+        return out
+
+    def _embedding(self, node: Node) -> View:
+        table = self.contiguous(self.read(node.inputs[0]))
+        ids = self.contiguous(self.read(node.inputs[1]))
+        rows, width = table.shape
+        out = self.alloc(table.dtype, node.type.shape, node)
+        self._call("llmc_embedding", table.pointer("char"), width * _itemsize(table.dtype), rows,
+                   ids.pointer("int64_t"), c_dim(dims.product(ids.shape)), out.pointer("char"))
+        return out
+
+    def _qembedding(self, node: Node) -> View:
+        scheme = parse_scheme(node.attrs["scheme"])
+        count = 2 if scheme.symmetric else 3
+        parts = [self.contiguous(self.read(i)) for i in node.inputs[:count]]
+        ids = self.contiguous(self.read(node.inputs[count]))
+        k = node.type.shape[-1]
+        out = self.alloc("f32", node.type.shape, node)
+        mins = parts[2].pointer("f16") if count == 3 else "0"
+        self._call("llmc_embedding_q", parts[0].pointer("void"), parts[1].pointer("f16"), mins, parts[0].shape[0],
+                   k, scheme.bits, scheme.group, ids.pointer("int64_t"), c_dim(dims.product(ids.shape)),
+                   out.pointer("float"))
+        return out
+
+    def _norm_params(self, node: Node, params: tuple[Node, ...]) -> tuple[str, str, str]:
+        """(weight, bias, eps) arguments of a norm kernel; a missing weight or bias is a null pointer."""
+        pointers = [self.contiguous(self.read(p)).pointer("float") for p in params] + ["0", "0"]
+        return pointers[0], pointers[1], repr(float(node.attrs["eps"])) + "f"
+
+    def _rms_norm(self, node: Node) -> View:
+        return self._plain_norm(node, 0)
+
+    def _layer_norm(self, node: Node) -> View:
+        return self._plain_norm(node, 1)
+
+    def _plain_norm(self, node: Node, kind: int) -> View:
+        x, rows, ldx = self.rows(self.read(node.inputs[0]))
+        w, b, eps = self._norm_params(node, node.inputs[1:])
+        out = self.alloc("f32", node.type.shape, node)
+        self._call("llmc_norm", x.pointer("float"), c_dim(ldx), w, b, eps, kind, c_dim(rows),
+                   node.type.shape[-1], out.pointer("float"))
+        return out
+
+    def _add_norm(self, node: Node) -> tuple[View, View]:
+        kind = 0 if node.attrs["norm"] == "rms" else 1
+        x, rows, ldx = self.rows(self.read(node.inputs[0]))
+        r, _, ldr = self.rows(self.read(node.inputs[1]))
+        w, b, eps = self._norm_params(node, node.inputs[2:])
+        shape = node.type.types[0].shape
+        total, normed = self.alloc("f32", shape), self.alloc("f32", shape)
+        self._call("llmc_add_norm", x.pointer("float"), c_dim(ldx), r.pointer("float"), c_dim(ldr), w, b, eps, kind,
+                   c_dim(rows), shape[-1], total.pointer("float"), normed.pointer("float"))
+        return total, normed
+
+    def _rope(self, node: Node) -> View:
+        x, cos, sin = (self.read(i) for i in node.inputs)
+        if x.strides[-1] != 1:
+            x = self.contiguous(x)
+        half = node.type.shape[-1] // 2
+        out = self.alloc("f32", node.type.shape, node)
+
+        def body(load):
+            rotated = f"(i < {half} ? -{load(0, f'i + {half}')} : {load(0, f'i - {half}')})"
+            return [], f"{load(0, 'i')} * {load(1, 'i')} + {rotated} * {load(2, 'i')}"
+
+        self.loop(out, [x, cos, sin], body)
+        return out
+
+    def _attention(self, node: Node) -> View:
+        return self._attend(node, kv8=False)
+
+    def _attention_kv8(self, node: Node) -> View:
+        return self._attend(node, kv8=True)
+
+    def _attend(self, node: Node, kv8: bool) -> View:
+        a = node.attrs
+        q, k, v = (self._heads(self.read(i)) for i in node.inputs[:3])
+        if kv8:
+            k_cache, k_scale, v_cache, v_scale = (self.read(i) for i in node.inputs[3:7])
+        else:
+            (k_cache, v_cache), k_scale, v_scale = (self.read(i) for i in node.inputs[3:5]), None, None
+        layers, heads_kv, ctx, head_dim = k_cache.shape
+        heads, seq = q.shape[1], q.shape[2]
+        if head_dim > 512:
+            raise LoweringError(f"attention heads of {head_dim} values exceed the cpu kernel's 512")
+        layer = a["layer"]
+        elem = 1 if kv8 else 4
+        cache_stride = dims.mul(dims.mul(heads_kv, ctx), head_dim * elem)
+        scale_stride = dims.mul(dims.mul(heads_kv, ctx), 4)
+        k_at = f"((char*)({k_cache.base}) + {c_dim(dims.mul(layer, cache_stride))})"
+        v_at = f"((char*)({v_cache.base}) + {c_dim(dims.mul(layer, cache_stride))})"
+        ks_at = f"(float*)((char*)({k_scale.base}) + {c_dim(dims.mul(layer, scale_stride))})" if kv8 else "0"
+        vs_at = f"(float*)((char*)({v_scale.base}) + {c_dim(dims.mul(layer, scale_stride))})" if kv8 else "0"
+        # The result is laid out [seq, heads, head_dim], what the next permute + reshape reads.
+        raw = self.alloc("f32", (seq, heads, head_dim))
+        out = raw.reshape((1, seq, heads, head_dim)).permute((0, 2, 1, 3))
+        scratch = self.scratch(MAX_SPLITS * heads * (head_dim + 2) * 4)
+        self._call("llmc_attention", q.pointer("float"), c_dim(q.strides[1]), c_dim(q.strides[2]),
+                   k.pointer("float"), c_dim(k.strides[1]), c_dim(k.strides[2]),
+                   v.pointer("float"), c_dim(v.strides[1]), c_dim(v.strides[2]),
+                   k_at, ks_at, v_at, vs_at, int(kv8), "ctx", heads, heads_kv, head_dim, c_dim(seq), "start_pos",
+                   repr(float(a["scale"])) + "f", a["window"], raw.pointer("float"), head_dim,
+                   c_dim(heads * head_dim), f"(float*){scratch}", MAX_SPLITS)
+        return out
+
+    def _heads(self, view: View) -> View:
+        """q/k/v as [1, heads, seq, head_dim] with head_dim contiguous."""
+        return view if view.strides[-1] == 1 or view.shape[-1] == 1 else self.contiguous(view)
+
+    # -- output ------------------------------------------------------------------------------
+
+    def _plan(self) -> int:
+        """Offsets for every buffer (sizes at seq = chunk), reusing memory whose live ranges do not
+        overlap: first fit, largest buffers placed first. Returns the arena's size in bytes."""
+        placed: list[Buffer] = []
+        for buffer in sorted(self.buffers, key=lambda b: -dims.evaluate(b.nbytes, {"seq": self.chunk})):
+            size = _round_up(dims.evaluate(buffer.nbytes, {"seq": self.chunk}), ALIGN)
+            clashes = sorted((p.offset, p.offset + _round_up(dims.evaluate(p.nbytes, {"seq": self.chunk}), ALIGN))
+                             for p in placed if not (p.last < buffer.first or buffer.last < p.first))
+            offset = 0
+            for lo, hi in clashes:
+                if offset + size <= lo:
+                    break
+                offset = max(offset, hi)
+            buffer.offset = offset
+            buffer.size = size
+            placed.append(buffer)
+        return max((b.offset + b.size for b in placed), default=0)
+
+    def _function(self) -> str:
+        defines = [f"#define {self._macro(i)} {b.offset}" for i, b in enumerate(self.buffers)]
+        head = [f"LLMC_EXPORT int {self.name}(const int64_t* tokens, int64_t seq, int64_t start_pos, int64_t ctx,",
+                "        void* const* caches, const void* const* W, char* arena, float* out) {",
+                "  if (seq < 1 || seq > LLMC_CHUNK || start_pos < 0 || start_pos + seq > ctx) return 1;",
+                "  #pragma omp parallel num_threads(llmc_nthreads)",
+                "  {"]
+        body = ["    " + line for line in "\n".join(self.lines).split("\n")]
+        return "\n".join(defines + head + body + ["  }", "  return 0;", "}", ""])
+
+
+def _fused_body(node: Node, load) -> tuple[list[str], str]:
+    from llmc.ops import fused_body
+
+    statements = []
+    types: list[str] = []
+    input_types = [i.type.dtype for i in node.inputs]
+
+    def operand(ref: str) -> tuple[str, str]:
+        if ref.startswith("in"):
+            k = int(ref[2:])
+            return load(k, "i"), input_types[k]
+        k = int(ref[1:])
+        return f"t{k}", types[k]
+
+    for index, (op, args, attrs) in enumerate(fused_body(node.attrs["body"])):
+        values = [operand(r) for r in args]
+        in_dtype = values[1][1] if op == "where" else values[0][1]
+        out_dtype = attrs["dtype"] if op == "cast" else (
+            "bool" if op in ("eq", "ne", "lt", "le", "gt", "ge", "and", "or", "not") else in_dtype)
+        types.append(out_dtype)
+        statements.append(f"const {c_type(out_dtype)} t{index} = "
+                          f"{expression(op, [v for v, _ in values], attrs, in_dtype, out_dtype)};")
+    return statements, f"t{len(types) - 1}"
+
+
+def _itemsize(dtype: str) -> int:
+    return {"f64": 8, "i64": 8, "f32": 4, "i32": 4, "f16": 2, "i16": 2, "bf16": 2}.get(dtype, 1)
+
+
+def _round_up(n: int, to: int) -> int:
+    return -(-n // to) * to
+
+
+def lower_graph(graph: Graph, name: str, weights: WeightTable, tiles, chunk: int) -> Lowered:
+    return FunctionLowering(graph, name, weights, tiles, chunk).run()

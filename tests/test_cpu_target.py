@@ -1,0 +1,121 @@
+"""Target cpu end to end: every family's artifact generates what transformers generates; quantized
+and int8-KV artifacts agree with the reference target; chunked prefill, determinism, and the
+errors a build or a load can meet."""
+
+import numpy as np
+import pytest
+
+from conftest import FAMILIES, relative_error, tiny_model
+from llmc.compiler import compile_model
+from llmc.errors import LlmcError
+from test_runtime import greedy_reference
+
+import llmc
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory):
+    """name -> (transformers model, its imported form)."""
+    from llmc.frontend import import_model
+
+    out = {}
+    for name in FAMILIES:
+        model = tiny_model(name)
+        out[name] = (model, import_model(model))
+    return out
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_fp32_greedy_matches_transformers_for_64_tokens(families, name, tmp_path):
+    model, imported = families[name]
+    path = tmp_path / f"{name}.llmc"
+    compile_model(imported, path, target="cpu", progress=None)
+    loaded = llmc.load(path, max_context=128)
+    assert loaded.manifest["target"]["name"] == "cpu"
+    ids = [5, 77, 3, 101, 64, 9, 12, 1, 33]
+    assert loaded.generate(ids, max_new_tokens=64) == greedy_reference(model, ids, 64)
+
+
+@pytest.mark.parametrize("quant,kv,tolerance", [("f16", "f32", 1e-5), ("f32", "int8", 1e-5),
+                                                ("q8", "f32", 2e-2), ("q4g32", "f32", 2e-2)])
+def test_compiled_formats_agree_with_the_reference_target(families, tmp_path, quant, kv, tolerance):
+    """q8/q4 kernels round activations to int8 per block of 32 (as llama.cpp does); the reference
+    multiplies by the dequantized weight exactly, hence the looser tolerance there."""
+    _, imported = families["llama"]
+    ids = list(np.random.default_rng(5).integers(0, 128, 41))
+    logits = {}
+    for target in ("cpu", "ref"):
+        path = tmp_path / f"{target}.llmc"
+        compile_model(imported, path, target=target, quant=quant, kv=kv, progress=None)
+        logits[target] = llmc.load(path, max_context=64).logits(ids)
+    assert relative_error(logits["cpu"], logits["ref"]) < tolerance
+
+
+def test_prompts_longer_than_a_chunk_are_split(families, tmp_path):
+    model, imported = families["mistral"]                # sliding window 16 < the chunks' span
+    whole, chunked = tmp_path / "whole.llmc", tmp_path / "chunked.llmc"
+    compile_model(imported, whole, progress=None)
+    compile_model(imported, chunked, chunk=7, progress=None)
+    ids = list(np.random.default_rng(8).integers(0, 128, 45))
+    a, b = llmc.load(whole, max_context=100), llmc.load(chunked, max_context=100)
+    assert b.manifest["target"]["chunk"] == 7
+    np.testing.assert_allclose(b.logits(ids), a.logits(ids), rtol=1e-5, atol=1e-5)
+    assert b.generate(ids, max_new_tokens=20) == a.generate(ids, max_new_tokens=20) == \
+        greedy_reference(model, ids, 20)
+
+
+def test_threads_do_not_change_the_result(families, tmp_path):
+    _, imported = families["qwen2"]
+    path = tmp_path / "q.llmc"
+    compile_model(imported, path, progress=None)
+    ids = list(range(3, 40))
+    one, two = llmc.load(path, threads=1), llmc.load(path, threads=2)
+    assert one.executor.threads == 1 and two.executor.threads == 2
+    np.testing.assert_array_equal(one.logits(ids), two.logits(ids))
+
+
+def test_builds_are_byte_identical(families, tmp_path, monkeypatch):
+    """Two builds from scratch (separate build caches) give the same library and the same artifact."""
+    _, imported = families["gemma"]
+    files = []
+    for run in ("a", "b"):
+        monkeypatch.setenv("LLMC_CACHE_DIR", str(tmp_path / f"cache-{run}"))
+        files.append(tmp_path / f"{run}.llmc")
+        compile_model(imported, files[-1], progress=None)
+    assert files[0].read_bytes() == files[1].read_bytes()
+
+
+def test_missing_cpu_features_are_refused(families, tmp_path):
+    from llmc.artifact import read_artifact
+
+    _, imported = families["llama"]
+    path = tmp_path / "v3.llmc"
+    compile_model(imported, path, cpu_level="x86-64-v3", progress=None)
+    assert "avx2" in read_artifact(path).manifest["requires"]["cpu_features"]
+    with pytest.raises(LlmcError, match="needs CPU features avx.*avx2.*rebuild"):
+        read_artifact(path, features={"sse2"})
+    portable = tmp_path / "portable.llmc"
+    compile_model(imported, portable, cpu_level="portable", progress=None)
+    assert read_artifact(portable, features={"sse2"}).manifest["requires"]["cpu_features"] == []
+
+
+def test_compiler_errors_name_the_generated_file(tmp_path, monkeypatch):
+    from llmc.targets.cpu.build import BuildError, build_shared_library
+
+    monkeypatch.setenv("LLMC_CACHE_DIR", str(tmp_path))
+    with pytest.raises(BuildError, match=r"failed on the generated code .*model\.c: .*error"):
+        build_shared_library("int broken = ;\n", "portable")
+
+
+def test_ops_without_a_kernel_are_named(tmp_path):
+    from llmc.ir import parse_graph
+    from llmc.targets.cpu.lower import LoweringError, WeightTable, lower_graph
+
+    graph = parse_graph("""graph @forward(%tokens: i64[seq], %start_pos: i64[]) {
+  %0 = cast(%tokens) {dtype="f32"} : f32[seq]
+  %1 = reshape(%0) {shape=[1, "seq"]} : f32[1, seq]
+  %2 = softmax(%1) {axis=1} : f32[1, seq]
+  return %2
+}""")
+    with pytest.raises(LoweringError, match="no kernel for op 'softmax'.*--target ref"):
+        lower_graph(graph, "f", WeightTable(), lambda *a: {"gemv": 1, "gemm": 1}, 16)
