@@ -71,7 +71,7 @@ def bench_llmc(artifact: Path, runs: int) -> dict:
     return out
 
 
-def bench_llama_cpp(runs: int) -> dict:
+def bench_llama_cpp(runs: int, prefill_too: bool = True) -> dict:
     from llama_cpp import Llama
 
     llm = Llama(model_path=str(gguf_path()), n_ctx=1024, n_batch=512, n_threads=THREADS,
@@ -88,7 +88,7 @@ def bench_llama_cpp(runs: int) -> dict:
             token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
             llm.eval([token])
 
-    out = {"prefill": {n: median_time(lambda: prefill(n), runs) for n in PROMPTS}}
+    out = {"prefill": {n: median_time(lambda: prefill(n), runs) for n in PROMPTS} if prefill_too else {}}
     out["decode_seconds"] = median_time(decode, runs) - median_time(lambda: prefill(16), runs)
     # The GGUF's tensors as stored (Q4_1, the Q8_0 embedding read whole by the tied LM head) plus
     # llama.cpp's fp16 KV cache at the mean position.

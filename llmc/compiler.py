@@ -111,12 +111,13 @@ def compile_model(source: Any, output: str | Path, *, target: str = "cpu", quant
 
         source = import_model(source, **import_options)
     imported = source
+    import_seconds = time.perf_counter() - start
     tokenizer = tokenizer_info(imported.source, imported.config)
     calibration = calibration_ids(calib, tokenizer) if calib else None
     # One run of the phases gives both outputs: last-position logits for generation, and logits
     # for every position for Model.logits (evaluation, comparisons).
     prefill = run_phases(imported, progress=progress, logits="both", quant=quant, kv=kv, calibration=calibration,
-                         then=("lower",) if target == "cpu" else ())
+                         import_seconds=import_seconds, then=("lower",) if target == "cpu" else ())
     if prefill.graph.inputs[0].attrs["name"] != "tokens":
         raise LlmcError("cannot build a generation artifact: " + "; ".join(prefill.notes))
     both = prefill.graph
@@ -125,7 +126,9 @@ def compile_model(source: Any, output: str | Path, *, target: str = "cpu", quant
     sections = {"graph": str(graph).encode(), "graph_all": str(everything).encode()}
     target_entry, requires, target_report = {"name": target, "executor": "reference interpreter (numpy)"}, [], None
     if target == "cpu":
+        lower_start = time.perf_counter()
         built = _build_cpu({"graph": graph, "graph_all": everything}, cpu_level, tune, chunk, progress)
+        prefill.timings["lower"] = time.perf_counter() - lower_start
         sections["code"] = built.code
         target_entry, requires = built.manifest, built.requires
         target_report = {"kernels": built.kernels, "tuning": built.tuned, "library_bytes": len(built.code),

@@ -9,6 +9,7 @@
  * pack element j in the low nibble and element j + G/2 in the high nibble of byte j. */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -82,46 +83,53 @@ static inline float hsum256(__m256 s) {
 
 static inline int64_t llmc_tasks(int64_t n, int64_t tile) { return (n + tile - 1) / tile; }
 
+/* y[m, n] = x[m, :] . w[n, :] + b[n] for M x-rows and N w-rows (both K-contiguous, at strides
+ * ldx / ldw), into y at row stride ldy: 4 x-rows by 2 w-rows at a time, each W load feeding four
+ * FMAs. The serial body of a task; callers split N across threads. */
+static void gemm_f32_block(const float* x, int64_t ldx, const float* w, int64_t ldw, const float* b, float* y,
+                           int64_t ldy, int64_t M, int64_t N, int64_t K) {
+    int64_t m = 0;
+#if LLMC_AVX2
+    for (; m + 4 <= M; m += 4) {
+        const float* x0 = x + m * ldx; const float* x1 = x0 + ldx; const float* x2 = x1 + ldx; const float* x3 = x2 + ldx;
+        int64_t n = 0;
+        for (; n + 2 <= N; n += 2) {
+            const float* w0 = w + n * ldw; const float* w1 = w0 + ldw;
+            __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
+            int64_t k = 0;
+            for (; k + 8 <= K; k += 8) {
+                __m256 v0 = _mm256_loadu_ps(w0 + k), v1 = _mm256_loadu_ps(w1 + k), u;
+                u = _mm256_loadu_ps(x0 + k); a00 = _mm256_fmadd_ps(u, v0, a00); a01 = _mm256_fmadd_ps(u, v1, a01);
+                u = _mm256_loadu_ps(x1 + k); a10 = _mm256_fmadd_ps(u, v0, a10); a11 = _mm256_fmadd_ps(u, v1, a11);
+                u = _mm256_loadu_ps(x2 + k); a20 = _mm256_fmadd_ps(u, v0, a20); a21 = _mm256_fmadd_ps(u, v1, a21);
+                u = _mm256_loadu_ps(x3 + k); a30 = _mm256_fmadd_ps(u, v0, a30); a31 = _mm256_fmadd_ps(u, v1, a31);
+            }
+            float r[8] = {hsum256(a00), hsum256(a01), hsum256(a10), hsum256(a11),
+                          hsum256(a20), hsum256(a21), hsum256(a30), hsum256(a31)};
+            for (; k < K; k++) {
+                r[0] += x0[k] * w0[k]; r[1] += x0[k] * w1[k]; r[2] += x1[k] * w0[k]; r[3] += x1[k] * w1[k];
+                r[4] += x2[k] * w0[k]; r[5] += x2[k] * w1[k]; r[6] += x3[k] * w0[k]; r[7] += x3[k] * w1[k];
+            }
+            for (int i = 0; i < 4; i++) {
+                y[(m + i) * ldy + n] = r[2 * i] + (b ? b[n] : 0.0f);
+                y[(m + i) * ldy + n + 1] = r[2 * i + 1] + (b ? b[n + 1] : 0.0f);
+            }
+        }
+        for (; n < N; n++)
+            for (int i = 0; i < 4; i++) y[(m + i) * ldy + n] = dot_f32(x + (m + i) * ldx, w + n * ldw, K) + (b ? b[n] : 0.0f);
+    }
+#endif
+    for (; m < M; m++)
+        for (int64_t n = 0; n < N; n++) y[m * ldy + n] = dot_f32(x + m * ldx, w + n * ldw, K) + (b ? b[n] : 0.0f);
+}
+
 LLMC_KERNEL void llmc_linear_f32(const float* x, int64_t ldx, const float* w, const float* b, float* y,
                                  int64_t M, int64_t N, int64_t K, int64_t tile) {
     int64_t tasks = llmc_tasks(N, tile);
     #pragma omp for schedule(static)
     for (int64_t t = 0; t < tasks; t++) {
-        int64_t n1 = t * tile + tile < N ? t * tile + tile : N;
-        int64_t m = 0;
-#if LLMC_AVX2
-        /* 4 x-rows by 2 W-rows at a time: each W load feeds four FMAs */
-        for (; m + 4 <= M; m += 4) {
-            const float* x0 = x + m * ldx; const float* x1 = x0 + ldx; const float* x2 = x1 + ldx; const float* x3 = x2 + ldx;
-            int64_t n = t * tile;
-            for (; n + 2 <= n1; n += 2) {
-                const float* w0 = w + n * K; const float* w1 = w0 + K;
-                __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
-                int64_t k = 0;
-                for (; k + 8 <= K; k += 8) {
-                    __m256 v0 = _mm256_loadu_ps(w0 + k), v1 = _mm256_loadu_ps(w1 + k), u;
-                    u = _mm256_loadu_ps(x0 + k); a00 = _mm256_fmadd_ps(u, v0, a00); a01 = _mm256_fmadd_ps(u, v1, a01);
-                    u = _mm256_loadu_ps(x1 + k); a10 = _mm256_fmadd_ps(u, v0, a10); a11 = _mm256_fmadd_ps(u, v1, a11);
-                    u = _mm256_loadu_ps(x2 + k); a20 = _mm256_fmadd_ps(u, v0, a20); a21 = _mm256_fmadd_ps(u, v1, a21);
-                    u = _mm256_loadu_ps(x3 + k); a30 = _mm256_fmadd_ps(u, v0, a30); a31 = _mm256_fmadd_ps(u, v1, a31);
-                }
-                float r[8] = {hsum256(a00), hsum256(a01), hsum256(a10), hsum256(a11),
-                              hsum256(a20), hsum256(a21), hsum256(a30), hsum256(a31)};
-                for (; k < K; k++) {
-                    r[0] += x0[k] * w0[k]; r[1] += x0[k] * w1[k]; r[2] += x1[k] * w0[k]; r[3] += x1[k] * w1[k];
-                    r[4] += x2[k] * w0[k]; r[5] += x2[k] * w1[k]; r[6] += x3[k] * w0[k]; r[7] += x3[k] * w1[k];
-                }
-                for (int i = 0; i < 4; i++) {
-                    y[(m + i) * N + n] = r[2 * i] + (b ? b[n] : 0.0f);
-                    y[(m + i) * N + n + 1] = r[2 * i + 1] + (b ? b[n + 1] : 0.0f);
-                }
-            }
-            for (; n < n1; n++)
-                for (int i = 0; i < 4; i++) y[(m + i) * N + n] = dot_f32(x + (m + i) * ldx, w + n * K, K) + (b ? b[n] : 0.0f);
-        }
-#endif
-        for (; m < M; m++)
-            for (int64_t n = t * tile; n < n1; n++) y[m * N + n] = dot_f32(x + m * ldx, w + n * K, K) + (b ? b[n] : 0.0f);
+        int64_t n0 = t * tile, n1 = n0 + tile < N ? n0 + tile : N;
+        gemm_f32_block(x, ldx, w + n0 * K, K, b ? b + n0 : 0, y + n0, N, M, n1 - n0, K);
     }
 }
 
@@ -296,9 +304,48 @@ static inline void q_rows_dot4(const void* codes, const f16* scales, const f16* 
 /* Quantized linear: x rows are quantized to int8 blocks in `scratch` (M*K bytes, then M*K/32
  * blocks), then each task takes `tile` W rows against every x row. bits 4: codes/scales/mins of
  * group G; bits 8: codes/scales, G = 32. */
+/* W rows [n0, n1) of a quantized weight as f32 rows of K in out */
+static void dequantize_rows(const void* codes, const f16* scales, const f16* mins, int64_t bits, int64_t K, int64_t G,
+                            int64_t n0, int64_t n1, float* out) {
+    int64_t groups = K / G;
+    for (int64_t n = n0; n < n1; n++) {
+        float* dst = out + (n - n0) * K;
+        for (int64_t g = 0; g < groups; g++) {
+            float d = (float)scales[n * groups + g];
+            if (bits == 8) {
+                const int8_t* q = (const int8_t*)codes + n * K + g * G;
+                for (int64_t e = 0; e < G; e++) dst[g * G + e] = (float)q[e] * d;
+            } else {
+                const uint8_t* q = (const uint8_t*)codes + n * (K / 2) + g * (G / 2);
+                float mn = (float)mins[n * groups + g];
+                for (int64_t e = 0; e < G / 2; e++) {
+                    dst[g * G + e] = (float)(q[e] & 0x0F) * d + mn;
+                    dst[g * G + e + G / 2] = (float)(q[e] >> 4) * d + mn;
+                }
+            }
+        }
+    }
+}
+
+#define LLMC_DEQUANT_ROWS 16   /* prefill: from this many x rows on, W tiles are widened to f32 */
+
 LLMC_KERNEL void llmc_linear_q(const float* x, int64_t ldx, const void* codes, const f16* scales, const f16* mins,
                                const float* b, float* y, int64_t M, int64_t N, int64_t K, int64_t bits, int64_t G,
                                int64_t tile, void* scratch) {
+    if (M >= LLMC_DEQUANT_ROWS) {
+        /* Many rows: widening each task's W rows once costs little next to M dot products per row,
+         * and the f32 block is both faster here and exact (no activation rounding). */
+        float* wide = (float*)malloc((size_t)(tile * K) * sizeof(float));
+        int64_t tasks = llmc_tasks(N, tile);
+        #pragma omp for schedule(static)
+        for (int64_t t = 0; t < tasks; t++) {
+            int64_t n0 = t * tile, n1 = n0 + tile < N ? n0 + tile : N;
+            dequantize_rows(codes, scales, mins, bits, K, G, n0, n1, wide);
+            gemm_f32_block(x, ldx, wide, K, b ? b + n0 : 0, y + n0, N, M, n1 - n0, K);
+        }
+        free(wide);
+        return;
+    }
     int8_t* xq = (int8_t*)scratch;
     llmc_xblock* xb = (llmc_xblock*)((char*)scratch + ((M * K + 63) / 64) * 64);
     llmc_quantize_rows(x, ldx, M, K, xq, xb);
@@ -343,25 +390,10 @@ LLMC_KERNEL void llmc_embedding(const char* table, int64_t row_bytes, int64_t ro
 
 LLMC_KERNEL void llmc_embedding_q(const void* codes, const f16* scales, const f16* mins, int64_t rows, int64_t K,
                                   int64_t bits, int64_t G, const int64_t* ids, int64_t n, float* out) {
-    int64_t groups = K / G;
     #pragma omp for schedule(static)
     for (int64_t i = 0; i < n; i++) {
         int64_t id = ids[i] < 0 ? 0 : (ids[i] >= rows ? rows - 1 : ids[i]);
-        float* dst = out + i * K;
-        for (int64_t g = 0; g < groups; g++) {
-            float d = (float)scales[id * groups + g];
-            if (bits == 8) {
-                const int8_t* q = (const int8_t*)codes + id * K + g * G;
-                for (int64_t e = 0; e < G; e++) dst[g * G + e] = (float)q[e] * d;
-            } else {
-                const uint8_t* q = (const uint8_t*)codes + id * (K / 2) + g * (G / 2);
-                float mn = (float)mins[id * groups + g];
-                for (int64_t e = 0; e < G / 2; e++) {
-                    dst[g * G + e] = (float)(q[e] & 0x0F) * d + mn;
-                    dst[g * G + e + G / 2] = (float)(q[e] >> 4) * d + mn;
-                }
-            }
-        }
+        dequantize_rows(codes, scales, mins, bits, K, G, id, id + 1, out + i * K);
     }
 }
 
