@@ -5,7 +5,9 @@ tokens, in one run.
                                  [--kv int8] [--target cpu] [--runs 3]
 
 Each scheme (``name+calib``: calibrated on llmc's default text) is compiled into a temporary folder
-and scored with llmc's sliding-window perplexity (context 256, stride 128); decode tok/s is the
+and scored with llmc's sliding-window perplexity (context 256, stride 128), once with each window
+as one prefill and once token by token through decode (what generation computes: on the cpu
+target, quantized decode rounds activations to int8); decode tok/s is the
 median of --runs runs of 128 greedy tokens after a 16-token prompt (as ``llmc bench``). llama.cpp
 (llama-cpp-python, the GGUF as shipped: Q4_1, 2 threads) is scored on exactly the same token ids
 and windows and timed the same way. Needs llama-cpp-python for the last row.
@@ -71,9 +73,11 @@ def main() -> None:
             model = llmc.load(path, max_context=max(args.context, 16 + 128))
             ids = model.tokenizer.encode(text)
             result = perplexity(model, ids, args.context)
+            stepped = perplexity(model, ids, args.context, by_step=True).perplexity
             speed = bench(model, (), 128, args.runs, bandwidth_gbs=1.0)["decode"]["tokens_per_s"] if args.runs else 0
             rows[name] = (result.perplexity, path.stat().st_size)
-            print(f"{name:<14} perplexity {result.perplexity:8.4f}  decode {speed:6.1f} tok/s  ({result.tokens} tokens, "
+            print(f"{name:<14} perplexity {result.perplexity:8.4f}  by step {stepped:8.4f}  decode {speed:6.1f} tok/s  "
+                  f"({result.tokens} tokens, "
                   f"artifact {path.stat().st_size / 1e6:.0f} MB, KV cache {args.kv}: "
                   f"{model.cache_bytes / model.max_context / 1e3:.1f} KB per position)", flush=True)
     try:

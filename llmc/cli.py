@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--text", required=True, help="a UTF-8 text file")
     evaluate.add_argument("--context", type=int, default=256, help="tokens per window (default 256)")
     evaluate.add_argument("--stride", type=int, default=None, help="tokens a window advances (default context/2)")
+    evaluate.add_argument("--by-step", action="store_true",
+                          help="feed the text one token per step, as generation does (default: each window at once)")
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(run=run_eval)
     return parser
@@ -206,7 +208,7 @@ def run_eval(args) -> int:
     model = llmc.load(args.file, max_context=args.context)
     if model.tokenizer is None:
         raise LlmcError(f"{args.file} has no tokenizer, so it cannot read a text")
-    result = perplexity(model, model.tokenizer.encode(text), args.context, args.stride)
+    result = perplexity(model, model.tokenizer.encode(text), args.context, args.stride, by_step=args.by_step)
     if args.json:
         print(json.dumps({"perplexity": result.perplexity, "tokens": result.tokens, "context": result.context,
                           "stride": result.stride, "quantization": model.manifest["quantization"]}))

@@ -57,7 +57,7 @@ def test_quantized_linear_within_the_activation_rounding_bound(lib, scheme, m, n
     amax/254 * sum |w|. From 16 rows on (prefill) the weight tiles are widened to f32: exact."""
     rng = np.random.default_rng(n * 7 + m)
     s = parse_scheme(scheme)
-    k = 384 if s.group == 128 else 96 + 32 * (n % 3)
+    k = 384 if s.group == 128 else 32 * (2 + 8 * (n % 3))     # groups in eights (AVX2 blocks) and the rest
     store, x = rows_at_stride(rng, m, k, 5)
     w = rng.standard_normal((n, k)).astype(np.float32)
     parts = quantize(w, s)

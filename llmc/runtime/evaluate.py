@@ -24,7 +24,11 @@ class Perplexity:
     seconds: float
 
 
-def perplexity(model: Model, ids: Sequence[int], context: int = 256, stride: int | None = None) -> Perplexity:
+def perplexity(model: Model, ids: Sequence[int], context: int = 256, stride: int | None = None,
+               by_step: bool = False) -> Perplexity:
+    """``by_step`` feeds each window one token at a time through the decode entry point, so the
+    score reflects the arithmetic of generation (a compiled target may compute a long prefill
+    differently, e.g. quantized weights widened to f32 instead of int8 activation products)."""
     ids = list(ids)
     stride = stride or max(1, context // 2)
     if len(ids) < 2:
@@ -36,7 +40,12 @@ def perplexity(model: Model, ids: Sequence[int], context: int = 256, stride: int
     total, count, scored_until = 0.0, 0, 1            # token 0 has no prediction
     for begin in range(0, len(ids) - 1, stride):
         end = min(begin + context, len(ids))
-        logits = model.logits(ids[begin:end]).astype(np.float64)
+        window = ids[begin:end]
+        if by_step:
+            logits = np.stack([model.step([token], position) for position, token in enumerate(window)])
+        else:
+            logits = model.logits(window)
+        logits = logits.astype(np.float64)
         first = max(scored_until, begin + 1)
         rows = logits[first - begin - 1: end - begin - 1]
         targets = np.asarray(ids[first:end])

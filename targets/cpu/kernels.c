@@ -148,20 +148,30 @@ LLMC_KERNEL void llmc_linear_f16(const float* x, int64_t ldx, const f16* w, cons
  * an f32 scale d and s = d * sum(codes) (what a weight group's min multiplies). */
 typedef struct { float d, s; } llmc_xblock;
 
-static void llmc_quantize_rows(const float* x, int64_t ldx, int64_t M, int64_t K, int8_t* codes, llmc_xblock* blocks) {
-    int64_t per_row = K / 32;
+/* With `paired`, the codes of blocks 2p and 2p+1 inside each full span of eight blocks are stored
+ * as [2p: 0..15][2p+1: 0..15][2p: 16..31][2p+1: 16..31], the order in which one 32-byte load of
+ * 4-bit weight codes (two groups) yields its low and its high nibbles. */
+static void llmc_quantize_rows(const float* x, int64_t ldx, int64_t M, int64_t K, int8_t* codes, llmc_xblock* blocks,
+                               int paired) {
+    int64_t per_row = K / 32, spanned = paired ? per_row / 8 * 8 : 0;
     #pragma omp for schedule(static)
     for (int64_t task = 0; task < M * per_row; task++) {
         int64_t m = task / per_row, j = task % per_row;
         const float* src = x + m * ldx + j * 32;
         int8_t* dst = codes + m * K + j * 32;
+        int64_t lo = 0, hi = 16;                  /* where elements 0..15 and 16..31 go */
+        if (j < spanned) {
+            dst = codes + m * K + (j & ~1) * 32;
+            lo = (j & 1) * 16;
+            hi = 32 + (j & 1) * 16;
+        }
         float amax = 0.0f;
         for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(src[i]));
         float d = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
         int sum = 0;
         for (int i = 0; i < 32; i++) {
             int q = (int)nearbyintf(src[i] * inv);
-            dst[i] = (int8_t)q;
+            dst[i < 16 ? lo + i : hi + i - 16] = (int8_t)q;
             sum += q;
         }
         blocks[m * per_row + j].d = d;
@@ -188,15 +198,99 @@ static inline __m256i q4_unpack32(const uint8_t* q) {
 }
 #endif
 
+#if LLMC_AVX2
+/* The eight int32 lanes of each of s[0..7] summed: lane j of the result is the sum of s[j]. */
+static inline __m256i hsum8_epi32(const __m256i* s) {
+    __m256i s0123 = _mm256_hadd_epi32(_mm256_hadd_epi32(s[0], s[1]), _mm256_hadd_epi32(s[2], s[3]));
+    __m256i s4567 = _mm256_hadd_epi32(_mm256_hadd_epi32(s[4], s[5]), _mm256_hadd_epi32(s[6], s[7]));
+    return _mm256_add_epi32(_mm256_permute2x128_si256(s0123, s4567, 0x20), _mm256_permute2x128_si256(s0123, s4567, 0x31));
+}
+
+/* the d (even = 0) or s (odd = 1) fields of eight consecutive x blocks */
+static inline __m256 xblock_field8(const llmc_xblock* xb, int odd) {
+    __m256 a = _mm256_loadu_ps((const float*)xb), b = _mm256_loadu_ps((const float*)(xb + 4));
+    __m256 picked = odd ? _mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1)) : _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));
+    return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(picked), _MM_SHUFFLE(3, 1, 2, 0)));
+}
+
+/* Eight groups of 32 at a time (G = 32: every x block meets one weight group): integer sums
+ * reduced to one vector of eight group sums, then one FMA with eight combined scales. Returns the
+ * number of groups done; the caller finishes the rest. */
+static inline int64_t q4g32_dot_blocks8(const uint8_t* q, const f16* scales, const f16* mins, const int8_t* xq,
+                                        const llmc_xblock* xb, int64_t groups, __m256* acc, __m256* minacc) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    int64_t g = 0;
+    for (; g + 8 <= groups; g += 8) {
+        __m256i sums[8];
+        for (int j = 0; j < 8; j++) {
+            __m256i p = _mm256_maddubs_epi16(q4_unpack32(q + (g + j) * 16),
+                                             _mm256_loadu_si256((const __m256i*)(xq + (g + j) * 32)));
+            sums[j] = _mm256_madd_epi16(p, ones);
+        }
+        __m256 total = _mm256_cvtepi32_ps(hsum8_epi32(sums));
+        __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(scales + g)));
+        __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(mins + g)));
+        *acc = _mm256_fmadd_ps(_mm256_mul_ps(dw, xblock_field8(xb + g, 0)), total, *acc);
+        *minacc = _mm256_fmadd_ps(mw, xblock_field8(xb + g, 1), *minacc);
+    }
+    return g;
+}
+
+/* As q4g32_dot_blocks8 over pair-interleaved x codes: one load covers two groups' codes. */
+static inline int64_t q4g32_dot_paired8(const uint8_t* q, const f16* scales, const f16* mins, const int8_t* xq,
+                                        const llmc_xblock* xb, int64_t groups, __m256* acc, __m256* minacc) {
+    const __m256i ones = _mm256_set1_epi16(1), nibble = _mm256_set1_epi8(0x0F);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    int64_t g = 0;
+    for (; g + 8 <= groups; g += 8) {
+        __m256i pairs[4];
+        for (int p = 0; p < 4; p++) {
+            __m256i w = _mm256_loadu_si256((const __m256i*)(q + (g + 2 * p) * 16));
+            const int8_t* x = xq + (g + 2 * p) * 32;
+            __m256i low = _mm256_maddubs_epi16(_mm256_and_si256(w, nibble), _mm256_loadu_si256((const __m256i*)x));
+            __m256i high = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w, 4), nibble),
+                                                _mm256_loadu_si256((const __m256i*)(x + 32)));
+            pairs[p] = _mm256_madd_epi16(_mm256_add_epi16(low, high), ones);   /* lanes 0-3: 2p, 4-7: 2p+1 */
+        }
+        __m256i mixed = _mm256_hadd_epi32(_mm256_hadd_epi32(pairs[0], pairs[1]), _mm256_hadd_epi32(pairs[2], pairs[3]));
+        __m256 total = _mm256_cvtepi32_ps(_mm256_permutevar8x32_epi32(mixed, order));
+        __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(scales + g)));
+        __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(mins + g)));
+        *acc = _mm256_fmadd_ps(_mm256_mul_ps(dw, xblock_field8(xb + g, 0)), total, *acc);
+        *minacc = _mm256_fmadd_ps(mw, xblock_field8(xb + g, 1), *minacc);
+    }
+    return g;
+}
+
+static inline int64_t q8_dot_blocks8(const int8_t* q, const f16* scales, const int8_t* xq, const llmc_xblock* xb,
+                                     int64_t groups, __m256* acc) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    int64_t g = 0;
+    for (; g + 8 <= groups; g += 8) {
+        __m256i sums[8];
+        for (int j = 0; j < 8; j++) {
+            __m256i w = _mm256_loadu_si256((const __m256i*)(q + (g + j) * 32));
+            __m256i x = _mm256_loadu_si256((const __m256i*)(xq + (g + j) * 32));
+            sums[j] = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)), ones);
+        }
+        __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(scales + g)));
+        *acc = _mm256_fmadd_ps(_mm256_mul_ps(dw, xblock_field8(xb + g, 0)), _mm256_cvtepi32_ps(hsum8_epi32(sums)), *acc);
+    }
+    return g;
+}
+#endif
+
 /* One W row (4-bit groups of G) against one quantized x row. */
 static inline float q4_row_dot(const uint8_t* q, const f16* scales, const f16* mins, const int8_t* xq,
-                               const llmc_xblock* xb, int64_t K, int64_t G) {
+                               const llmc_xblock* xb, int64_t K, int64_t G, int paired) {
     int64_t groups = K / G, sub = G / 32;
     float total = 0.0f;
 #if LLMC_AVX2
-    __m256 acc = _mm256_setzero_ps();
+    __m256 acc = _mm256_setzero_ps(), minvec = _mm256_setzero_ps();
     float minacc = 0.0f;
-    for (int64_t g = 0; g < groups; g++) {
+    int64_t first = G != 32 ? 0 : paired ? q4g32_dot_paired8(q, scales, mins, xq, xb, groups, &acc, &minvec)
+                                         : q4g32_dot_blocks8(q, scales, mins, xq, xb, groups, &acc, &minvec);
+    for (int64_t g = first; g < groups; g++) {
         const uint8_t* gq = q + g * (G / 2);
         float d = (float)scales[g], mn = (float)mins[g];
         for (int64_t s = 0; s < sub; s++) {
@@ -214,7 +308,7 @@ static inline float q4_row_dot(const uint8_t* q, const f16* scales, const f16* m
             minacc += mn * blk->s;
         }
     }
-    total = hsum256(acc) + minacc;
+    total = hsum256(acc) + hsum256(minvec) + minacc;
 #else
     int64_t half = G / 2;
     for (int64_t g = 0; g < groups; g++) {
@@ -240,7 +334,7 @@ static inline float q8_row_dot(const int8_t* q, const f16* scales, const int8_t*
     float total = 0.0f;
 #if LLMC_AVX2
     __m256 acc = _mm256_setzero_ps();
-    for (int64_t g = 0; g < groups; g++)
+    for (int64_t g = q8_dot_blocks8(q, scales, xq, xb, groups, &acc); g < groups; g++)
         acc = _mm256_fmadd_ps(_mm256_set1_ps((float)scales[g] * xb[g].d), q8_dot32(q + g * 32, xq + g * 32), acc);
     total = hsum256(acc);
 #else
@@ -294,7 +388,7 @@ static inline void q_rows_dot4(const void* codes, const f16* scales, const f16* 
     for (int j = 0; j < 4; j++) r[j] = hsum256(acc[j]) + minacc[j];
 #else
     for (int j = 0; j < 4; j++)
-        r[j] = bits == 4 ? q4_row_dot((const uint8_t*)codes, scales, mins, xq + j * K, xb + j * blocks, K, G)
+        r[j] = bits == 4 ? q4_row_dot((const uint8_t*)codes, scales, mins, xq + j * K, xb + j * blocks, K, G, 0)
                          : q8_row_dot((const int8_t*)codes, scales, xq + j * K, xb + j * blocks, K);
 #endif
 }
@@ -348,7 +442,9 @@ LLMC_KERNEL void llmc_linear_q(const float* x, int64_t ldx, const void* codes, c
     }
     int8_t* xq = (int8_t*)scratch;
     llmc_xblock* xb = (llmc_xblock*)((char*)scratch + ((M * K + 63) / 64) * 64);
-    llmc_quantize_rows(x, ldx, M, K, xq, xb);
+    /* decode on AVX2: pair-interleaved x codes for the 4-bit groups-of-32 fast path */
+    int paired = LLMC_AVX2 && M == 1 && bits == 4 && G == 32;
+    llmc_quantize_rows(x, ldx, M, K, xq, xb, paired);
     int64_t tasks = llmc_tasks(N, tile), groups = K / G, row_bytes = bits == 4 ? K / 2 : K;
     #pragma omp for schedule(static)
     for (int64_t t = 0; t < tasks; t++) {
@@ -367,7 +463,8 @@ LLMC_KERNEL void llmc_linear_q(const float* x, int64_t ldx, const void* codes, c
                     for (int j = 0; j < 4; j++) y[(m + j) * N + n] = r[j] + bias;
                 }
                 for (; m < m1; m++) {
-                    float v = bits == 4 ? q4_row_dot((const uint8_t*)wq, ws, wm, xq + m * K, xb + m * (K / 32), K, G)
+                    float v = bits == 4 ? q4_row_dot((const uint8_t*)wq, ws, wm, xq + m * K, xb + m * (K / 32), K, G,
+                                                     paired)
                                         : q8_row_dot((const int8_t*)wq, ws, xq + m * K, xb + m * (K / 32), K);
                     y[m * N + n] = v + bias;
                 }
