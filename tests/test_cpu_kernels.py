@@ -30,7 +30,8 @@ def rows_at_stride(rng, m, k, pad):
     return store, store[:, :k]
 
 
-@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (1, 37, 67), (3, 5, 8), (7, 33, 131), (4, 6, 40), (9, 2, 17)])
+@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (1, 37, 67), (3, 5, 8), (7, 33, 131), (4, 6, 40), (9, 2, 17),
+                                   (16, 16, 8), (17, 35, 67), (23, 1, 3), (101, 50, 33)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_f32_and_f16(lib, m, n, k, bias):
     rng = np.random.default_rng(m * 100 + n * 10 + k)

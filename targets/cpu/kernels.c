@@ -123,14 +123,98 @@ static void gemm_f32_block(const float* x, int64_t ldx, const float* w, int64_t 
         for (int64_t n = 0; n < N; n++) y[m * ldy + n] = dot_f32(x + m * ldx, w + n * ldw, K) + (b ? b[n] : 0.0f);
 }
 
+#define LLMC_PACKED_ROWS 16    /* from this many x rows on, linears run the packed outer-product kernel */
+#define LLMC_PANEL 16          /* W columns per packed panel */
+#define LLMC_STRIP 6           /* x rows per micro-tile */
+#define LLMC_ROWS_IN_L2 96     /* x rows kept in L2 while a task's panels pass over them */
+
+#if LLMC_AVX2
+/* W rows [0, N) as panels of 16, k-major: panel p holds w[16p + j][k] at p*16*K + k*16 + j (zeros past N). */
+static void pack_panels(const float* w, int64_t ldw, int64_t N, int64_t K, float* packed) {
+    for (int64_t p = 0; p * LLMC_PANEL < N; p++)
+        for (int64_t k = 0; k < K; k++)
+            for (int64_t j = 0; j < LLMC_PANEL; j++) {
+                int64_t n = p * LLMC_PANEL + j;
+                packed[(p * K + k) * LLMC_PANEL + j] = n < N ? w[n * ldw + k] : 0.0f;
+            }
+}
+
+/* y[0..rows, 0..cols) (+ b) = x[0..rows, :] . panel: 6 rows by 16 columns in 12 accumulators; each k
+ * loads two W vectors and broadcasts six x values. Rows past `rows` repeat the last one, unstored. */
+static void micro_6x16(const float* x, int64_t ldx, const float* panel, int64_t K, const float* b, float* y,
+                       int64_t ldy, int64_t rows, int64_t cols) {
+    /* named accumulators (an array of them is kept in memory by gcc, not in registers) */
+    const float *x0 = x, *x1 = x + (rows > 1 ? 1 : 0) * ldx, *x2 = x + (rows > 2 ? 2 : rows - 1) * ldx,
+                *x3 = x + (rows > 3 ? 3 : rows - 1) * ldx, *x4 = x + (rows > 4 ? 4 : rows - 1) * ldx,
+                *x5 = x + (rows > 5 ? 5 : rows - 1) * ldx;
+    __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00,
+           a30 = a00, a31 = a00, a40 = a00, a41 = a00, a50 = a00, a51 = a00;
+    for (int64_t k = 0; k < K; k++) {
+        __m256 w0 = _mm256_loadu_ps(panel + k * LLMC_PANEL), w1 = _mm256_loadu_ps(panel + k * LLMC_PANEL + 8), v;
+        v = _mm256_broadcast_ss(x0 + k); a00 = _mm256_fmadd_ps(v, w0, a00); a01 = _mm256_fmadd_ps(v, w1, a01);
+        v = _mm256_broadcast_ss(x1 + k); a10 = _mm256_fmadd_ps(v, w0, a10); a11 = _mm256_fmadd_ps(v, w1, a11);
+        v = _mm256_broadcast_ss(x2 + k); a20 = _mm256_fmadd_ps(v, w0, a20); a21 = _mm256_fmadd_ps(v, w1, a21);
+        v = _mm256_broadcast_ss(x3 + k); a30 = _mm256_fmadd_ps(v, w0, a30); a31 = _mm256_fmadd_ps(v, w1, a31);
+        v = _mm256_broadcast_ss(x4 + k); a40 = _mm256_fmadd_ps(v, w0, a40); a41 = _mm256_fmadd_ps(v, w1, a41);
+        v = _mm256_broadcast_ss(x5 + k); a50 = _mm256_fmadd_ps(v, w0, a50); a51 = _mm256_fmadd_ps(v, w1, a51);
+    }
+    float out[LLMC_STRIP][LLMC_PANEL];
+    _mm256_storeu_ps(out[0], a00); _mm256_storeu_ps(out[0] + 8, a01);
+    _mm256_storeu_ps(out[1], a10); _mm256_storeu_ps(out[1] + 8, a11);
+    _mm256_storeu_ps(out[2], a20); _mm256_storeu_ps(out[2] + 8, a21);
+    _mm256_storeu_ps(out[3], a30); _mm256_storeu_ps(out[3] + 8, a31);
+    _mm256_storeu_ps(out[4], a40); _mm256_storeu_ps(out[4] + 8, a41);
+    _mm256_storeu_ps(out[5], a50); _mm256_storeu_ps(out[5] + 8, a51);
+    for (int64_t i = 0; i < rows; i++)
+        for (int64_t j = 0; j < cols; j++) y[i * ldy + j] = out[i][j] + (b ? b[j] : 0.0f);
+}
+
+/* The serial body of a task over many x rows: pack W rows [0, N), then strips of x rows against
+ * every panel, x blocked to stay in L2. `packed` holds ceil(N/16)*16*K floats. */
+static void gemm_packed_block(const float* x, int64_t ldx, const float* w, int64_t ldw, const float* b, float* y,
+                              int64_t ldy, int64_t M, int64_t N, int64_t K, float* packed) {
+    pack_panels(w, ldw, N, K, packed);
+    for (int64_t m0 = 0; m0 < M; m0 += LLMC_ROWS_IN_L2) {
+        int64_t m1 = m0 + LLMC_ROWS_IN_L2 < M ? m0 + LLMC_ROWS_IN_L2 : M;
+        for (int64_t p = 0; p * LLMC_PANEL < N; p++) {
+            int64_t cols = N - p * LLMC_PANEL < LLMC_PANEL ? N - p * LLMC_PANEL : LLMC_PANEL;
+            for (int64_t m = m0; m < m1; m += LLMC_STRIP)
+                micro_6x16(x + m * ldx, ldx, packed + p * K * LLMC_PANEL, K, b ? b + p * LLMC_PANEL : 0,
+                           y + m * ldy + p * LLMC_PANEL, ldy, m1 - m < LLMC_STRIP ? m1 - m : LLMC_STRIP, cols);
+        }
+    }
+}
+#endif
+
+/* A task's W rows [n0, n1) against every x row: packed outer products for many rows (AVX2), the
+ * dot-product block otherwise. `packed` is the task's packing buffer (NULL: none). */
+static void linear_rows(const float* x, int64_t ldx, const float* w, int64_t ldw, const float* b, float* y,
+                        int64_t ldy, int64_t M, int64_t N, int64_t K, float* packed) {
+#if LLMC_AVX2
+    if (packed && M >= LLMC_PACKED_ROWS) {
+        gemm_packed_block(x, ldx, w, ldw, b, y, ldy, M, N, K, packed);
+        return;
+    }
+#endif
+    (void)packed;
+    gemm_f32_block(x, ldx, w, ldw, b, y, ldy, M, N, K);
+}
+
+static float* packing_buffer(int64_t M, int64_t tile, int64_t K) {
+    if (!LLMC_AVX2 || M < LLMC_PACKED_ROWS) return 0;
+    return (float*)malloc((size_t)(llmc_tasks(tile, LLMC_PANEL) * LLMC_PANEL * K) * sizeof(float));
+}
+
 LLMC_KERNEL void llmc_linear_f32(const float* x, int64_t ldx, const float* w, const float* b, float* y,
                                  int64_t M, int64_t N, int64_t K, int64_t tile) {
     int64_t tasks = llmc_tasks(N, tile);
+    float* packed = packing_buffer(M, tile, K);
     #pragma omp for schedule(static)
     for (int64_t t = 0; t < tasks; t++) {
         int64_t n0 = t * tile, n1 = n0 + tile < N ? n0 + tile : N;
-        gemm_f32_block(x, ldx, w + n0 * K, K, b ? b + n0 : 0, y + n0, N, M, n1 - n0, K);
+        linear_rows(x, ldx, w + n0 * K, K, b ? b + n0 : 0, y + n0, N, M, n1 - n0, K, packed);
     }
+    free(packed);
 }
 
 LLMC_KERNEL void llmc_linear_f16(const float* x, int64_t ldx, const f16* w, const float* b, float* y,
@@ -430,13 +514,15 @@ LLMC_KERNEL void llmc_linear_q(const float* x, int64_t ldx, const void* codes, c
         /* Many rows: widening each task's W rows once costs little next to M dot products per row,
          * and the f32 block is both faster here and exact (no activation rounding). */
         float* wide = (float*)malloc((size_t)(tile * K) * sizeof(float));
+        float* packed = packing_buffer(M, tile, K);
         int64_t tasks = llmc_tasks(N, tile);
         #pragma omp for schedule(static)
         for (int64_t t = 0; t < tasks; t++) {
             int64_t n0 = t * tile, n1 = n0 + tile < N ? n0 + tile : N;
             dequantize_rows(codes, scales, mins, bits, K, G, n0, n1, wide);
-            gemm_f32_block(x, ldx, wide, K, b ? b + n0 : 0, y + n0, N, M, n1 - n0, K);
+            linear_rows(x, ldx, wide, K, b ? b + n0 : 0, y + n0, N, M, n1 - n0, K, packed);
         }
+        free(packed);
         free(wide);
         return;
     }

@@ -29,7 +29,7 @@ from .views import View, c_dim
 
 ALIGN = 64
 MAX_SPLITS = 16            # flash-decoding splits of one head's keys
-DEFAULT_TILES = {"gemv": 16, "gemm": 16}
+DEFAULT_TILES = {"gemv": 16, "gemm": 32}
 SYMBOLS = {"seq", "ctx"}
 
 
