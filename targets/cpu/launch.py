@@ -26,8 +26,11 @@ def _library_file(code: bytes) -> Path:
     digest = hashlib.sha256(code).hexdigest()
     for folder in (cache_dir() / "cpu" / "lib", Path(tempfile.gettempdir()) / f"llmc-{os.getuid()}"):
         path = folder / f"{digest}.so"
-        if path.is_file() and path.stat().st_size == len(code):
-            return path
+        try:
+            if hashlib.sha256(path.read_bytes()).hexdigest() == digest:
+                return path
+        except OSError:
+            pass
         try:
             folder.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=folder, suffix=".so")
