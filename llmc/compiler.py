@@ -102,6 +102,8 @@ def compile_model(source: Any, output: str | Path, *, target: str = "cpu", quant
     if target not in TARGETS:
         raise LlmcError(f"unknown target {target!r}; this llmc builds: {', '.join(TARGETS)}")
     parse_scheme(quant)
+    if target == "cpu":                       # bad options fail before the model is traced
+        _check_cpu_options(cpu_level, tune, chunk)
     folder = Path(output).resolve().parent
     if not folder.is_dir():
         raise LlmcError(f"cannot write {output}: the folder {folder} does not exist")
@@ -169,6 +171,18 @@ def compile_model(source: Any, output: str | Path, *, target: str = "cpu", quant
     seconds = time.perf_counter() - start
     return CompileReport(Path(output), prefill.timings, prefill.notes, sum(w.nbytes for w in weights.values()),
                          Path(output).stat().st_size, seconds, target_report)
+
+
+def _check_cpu_options(level, tune, chunk) -> None:
+    from llmc.targets.cpu.build import LEVELS
+    from llmc.targets.cpu.tune import MODES
+
+    if level is not None and level not in LEVELS:
+        raise LlmcError(f"unknown cpu feature level {level!r}; choose {', '.join(LEVELS)}")
+    if tune not in MODES:
+        raise LlmcError(f"unknown tuning mode {tune!r}; choose {', '.join(MODES)}")
+    if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+        raise LlmcError(f"the prefill chunk must be a positive number of tokens, not {chunk!r}")
 
 
 def _build_cpu(graphs, level, tune, chunk, progress):

@@ -119,3 +119,18 @@ def test_ops_without_a_kernel_are_named(tmp_path):
 }""")
     with pytest.raises(LoweringError, match="no kernel for op 'softmax'.*--target ref"):
         lower_graph(graph, "f", WeightTable(), lambda *a: {"gemv": 1, "gemm": 1}, 16)
+
+
+@pytest.mark.parametrize("option,message", [({"cpu_level": "avx9"}, "unknown cpu feature level 'avx9'; choose"),
+                                            ({"tune": "fastest"}, "unknown tuning mode 'fastest'; choose off"),
+                                            ({"chunk": 0}, "prefill chunk must be a positive")])
+def test_bad_cpu_options_fail_before_tracing(tmp_path, option, message):
+    """A module that fails the moment it is traced: the options must be refused before that."""
+    import torch
+
+    class Untraceable(torch.nn.Module):
+        def forward(self, input_ids):
+            raise AssertionError("traced")
+
+    with pytest.raises(LlmcError, match=message):
+        compile_model(Untraceable(), tmp_path / "x.llmc", progress=None, **option)

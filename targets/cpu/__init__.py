@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from llmc import __version__
-from llmc.errors import LlmcError
 from llmc.ir import Graph
 
 CHUNK = 512            # the most tokens one call takes; the runtime splits longer prompts
@@ -44,8 +43,6 @@ def compile_graphs(graphs: dict[str, Graph], *, level: str | None = None, tune: 
     requires = level_requirements(level, features)
     tuner = Tuner(level, tune, features, progress)
     weights = WeightTable()
-    if not isinstance(chunk, int) or chunk < 1:
-        raise LlmcError(f"the prefill chunk must be a positive number of tokens, not {chunk!r}")
     functions = {name: lower_graph(graph, f"llmc_{name}", weights, tuner.tiles, chunk)
                  for name, graph in graphs.items()}
     kernels: dict[str, int] = {}
