@@ -6,7 +6,8 @@ Peers: llama.cpp through llama-cpp-python on the same GGUF (Q4_1), 2 threads; tr
 fp32, 2 threads. Measures prefill of 128 and 512 tokens and decode of 128 tokens (greedy, after a
 16-token prompt); every figure is the median of --runs runs, and ratios are taken within this run.
 Decode is also reported as achieved GB/s (bytes read per token x tokens/s) and as a share of the
-machine's bandwidth measured in the same run. Needs: pip install llama-cpp-python (builds from
+machine's bandwidth measured in the same run (numpy, or the first cpu artifact's own threads
+streaming, whichever is faster). Needs: pip install llama-cpp-python (builds from
 source, ~10 minutes on 2 cores). Not a test: the machine is shared and noisy.
 """
 
@@ -141,9 +142,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
-    from llmc.runtime.bench import measure_bandwidth
+    import llmc
+    from llmc.runtime.bench import machine_bandwidth
 
-    bandwidth = measure_bandwidth()
+    cpu_artifacts = [path for path in args.artifact or [] if "cpu" in _label(path)]
+    bandwidth = machine_bandwidth(llmc.load(cpu_artifacts[0], max_context=16) if cpu_artifacts else None)
     results = {}
     engines = [(f"llmc {_label(path)}", lambda path=path: bench_llmc(Path(path), args.runs))
                for path in args.artifact or ["smollm2.llmc"]]
@@ -153,8 +156,6 @@ def main() -> None:
             results[name] = run()
         except ImportError as exc:
             print(f"skipping {name}: {exc}", file=sys.stderr)
-    import llmc
-
     print(f"SmolLM2-135M-Instruct, {THREADS} threads, medians of {args.runs} runs; {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores; measured bandwidth {bandwidth:.1f} GB/s; llmc {llmc.__version__}")
     header = f"{'engine':<22}" + "".join(f"{'prefill ' + str(n):>16}" for n in PROMPTS) + f"{'decode ' + str(DECODE):>16}" \

@@ -134,3 +134,17 @@ def test_bad_cpu_options_fail_before_tracing(tmp_path, option, message):
 
     with pytest.raises(LlmcError, match=message):
         compile_model(Untraceable(), tmp_path / "x.llmc", progress=None, **option)
+
+
+def test_bandwidth_probe_reads_everything_with_the_models_threads(families, tmp_path):
+    import ctypes
+
+    _, imported = families["llama"]
+    path = tmp_path / "b.llmc"
+    compile_model(imported, path, progress=None)
+    model = llmc.load(path, threads=2)
+    probe = model.executor.lib.llmc_stream_read
+    probe.restype, probe.argtypes = ctypes.c_double, [ctypes.c_void_p, ctypes.c_int64]
+    data = np.arange(1001, dtype=np.float32)
+    assert probe(data.ctypes.data, data.size) == float(data.sum(dtype=np.float64))
+    assert model.executor.stream_bandwidth(megabytes=16, runs=2) > 0

@@ -59,6 +59,17 @@ def compile_graphs(graphs: dict[str, Graph], *, level: str | None = None, tune: 
         "static int llmc_nthreads = 1;",
         "LLMC_EXPORT int llmc_abi(void) { return 1; }",
         "LLMC_EXPORT void llmc_set_threads(int n) { llmc_nthreads = n > 0 ? n : 1; }",
+        "/* the bandwidth probe: a streaming read by the same threads the model runs on */",
+        "LLMC_EXPORT double llmc_stream_read(const float* x, int64_t n) {",
+        "  double total = 0.0;",
+        "  #pragma omp parallel for num_threads(llmc_nthreads) reduction(+:total) schedule(static)",
+        "  for (int64_t i = 0; i < n; i += 8) {",
+        "    float part = 0.0f;",
+        "    for (int64_t j = i; j < i + 8 && j < n; j++) part += x[j];",
+        "    total += part;",
+        "  }",
+        "  return total;",
+        "}",
         "",
     ] + [lowered.code for lowered in functions.values()])
     code, path = build_shared_library(source, level)

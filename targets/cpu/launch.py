@@ -11,6 +11,7 @@ import ctypes
 import hashlib
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,19 @@ class CpuExecutor:
     def set_threads(self, threads: int | None) -> None:
         self.threads = max(1, int(threads or len(os.sched_getaffinity(0))))
         self.lib.llmc_set_threads(ctypes.c_int(self.threads))
+
+    def stream_bandwidth(self, megabytes: int = 512, runs: int = 5) -> float:
+        """GB/s of a streaming read by the library's own threads (median of ``runs``)."""
+        probe = self.lib.llmc_stream_read
+        probe.restype, probe.argtypes = ctypes.c_double, [ctypes.c_void_p, ctypes.c_int64]
+        data = np.ones(megabytes * (1 << 20) // 4, np.float32)
+        probe(data.ctypes.data, data.size)
+        rates = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            probe(data.ctypes.data, data.size)
+            rates.append(data.nbytes / (time.perf_counter() - start) / 1e9)
+        return float(np.median(rates))
 
     def run(self, graph: str, tokens: np.ndarray, start_pos: int, caches: list[np.ndarray]) -> np.ndarray:
         """Logits of ``graph`` for ``tokens`` at ``start_pos``, split into chunks the arena was planned for."""
