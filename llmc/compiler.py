@@ -55,13 +55,15 @@ def input_hashes(source) -> dict[str, str]:
 def decode_weight_bytes(graph) -> int:
     """Bytes of weights one decode step reads: all of each weight, except one row of a table that
     only embedding lookups read."""
-    only_looked_up = {n.attrs["name"] for n in graph.nodes() if n.op == "weight"}
-    for node in graph.nodes():
+    nodes = graph.nodes()
+    names = {n.attrs["name"] for n in nodes if n.op == "weight"}
+    only_looked_up = set(names)
+    for node in nodes:
         for index, i in enumerate(node.inputs):
             if i.op == "weight" and not (node.op in ("embedding", "qembedding") and index != len(node.inputs) - 1):
                 only_looked_up.discard(i.attrs["name"])
     total = 0
-    for name in {n.attrs["name"] for n in graph.nodes() if n.op == "weight"}:
+    for name in names:
         array = graph.weights[name]
         total += array[0].nbytes if name in only_looked_up else array.nbytes
     return total
@@ -103,7 +105,9 @@ def compile_model(source: Any, output: str | Path, *, target: str = "cpu", quant
         raise LlmcError(f"unknown target {target!r}; this llmc builds: {', '.join(TARGETS)}")
     parse_scheme(quant)
     if target == "cpu":                       # bad options fail before the model is traced
-        _check_cpu_options(cpu_level, tune, chunk)
+        from llmc.targets.cpu import check_options
+
+        check_options(cpu_level, tune, chunk)
     folder = Path(output).resolve().parent
     if not folder.is_dir():
         raise LlmcError(f"cannot write {output}: the folder {folder} does not exist")
@@ -171,18 +175,6 @@ def compile_model(source: Any, output: str | Path, *, target: str = "cpu", quant
     seconds = time.perf_counter() - start
     return CompileReport(Path(output), prefill.timings, prefill.notes, sum(w.nbytes for w in weights.values()),
                          Path(output).stat().st_size, seconds, target_report)
-
-
-def _check_cpu_options(level, tune, chunk) -> None:
-    from llmc.targets.cpu.build import LEVELS
-    from llmc.targets.cpu.tune import MODES
-
-    if level is not None and level not in LEVELS:
-        raise LlmcError(f"unknown cpu feature level {level!r}; choose {', '.join(LEVELS)}")
-    if tune not in MODES:
-        raise LlmcError(f"unknown tuning mode {tune!r}; choose {', '.join(MODES)}")
-    if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
-        raise LlmcError(f"the prefill chunk must be a positive number of tokens, not {chunk!r}")
 
 
 def _build_cpu(graphs, level, tune, chunk, progress):

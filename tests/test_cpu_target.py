@@ -137,14 +137,53 @@ def test_bad_cpu_options_fail_before_tracing(tmp_path, option, message):
 
 
 def test_bandwidth_probe_reads_everything_with_the_models_threads(families, tmp_path):
-    import ctypes
-
     _, imported = families["llama"]
     path = tmp_path / "b.llmc"
     compile_model(imported, path, progress=None)
     model = llmc.load(path, threads=2)
     probe = model.executor.lib.llmc_stream_read
-    probe.restype, probe.argtypes = ctypes.c_double, [ctypes.c_void_p, ctypes.c_int64]
     data = np.arange(1001, dtype=np.float32)
     assert probe(data.ctypes.data, data.size) == float(data.sum(dtype=np.float64))
     assert model.executor.stream_bandwidth(megabytes=16, runs=2) > 0
+
+
+def test_fused_elementwise_loops_match_the_interpreter(tmp_path):
+    """A fused body mixing float math, comparisons, where and casts, as group_elementwise makes it,
+    lowered to one loop and run against the reference interpreter (the families' graphs have no
+    chain left to fuse, so this is the loop generator's only end-to-end check)."""
+    import ctypes
+
+    from llmc.interpret import run
+    from llmc.ir import parse_graph
+    from llmc.passes.elementwise import group_elementwise
+    from llmc.targets.cpu import compile_graphs
+    from llmc.targets.cpu.launch import library_file
+
+    graph = group_elementwise(parse_graph("""graph @forward(%tokens: i64[seq], %start_pos: i64[]) {
+  %0 = add(%tokens, %start_pos) : i64[seq]
+  %1 = cast(%0) {dtype="f32"} : f32[seq]
+  %2 = const() {dtype="f32", value=0.37} : f32[]
+  %3 = mul(%1, %2) : f32[seq]
+  %4 = sin(%3) : f32[seq]
+  %5 = gt(%4, %2) : bool[seq]
+  %6 = exp(%3) : f32[seq]
+  %7 = neg(%4) : f32[seq]
+  %8 = where(%5, %6, %7) : f32[seq]
+  %9 = cast(%5) {dtype="f32"} : f32[seq]
+  %10 = add(%8, %9) : f32[seq]
+  %11 = reshape(%10) {shape=[1, "seq"]} : f32[1, seq]
+  return %11
+}"""))
+    steps = {step[0] for n in graph.nodes() if n.op == "fused" for step in n.attrs["body"]}
+    assert {"where", "cast", "exp", "add"} <= steps
+    built = compile_graphs({"g": graph})
+    lib = ctypes.CDLL(str(library_file(built.code)))
+    tokens = np.arange(3, 40, dtype=np.int64)
+    arena = np.zeros(built.manifest["arena_bytes"] + 64, np.uint8)
+    out = np.full((1, tokens.size), np.nan, np.float32)
+    status = lib.llmc_g(ctypes.c_void_p(tokens.ctypes.data), ctypes.c_int64(tokens.size), ctypes.c_int64(5),
+                        ctypes.c_int64(100), None, None, ctypes.c_void_p(arena.ctypes.data),
+                        ctypes.c_void_p(out.ctypes.data))
+    assert status == 0
+    want = run(graph, [tokens, np.array(5)])[0]
+    np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)

@@ -13,9 +13,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from llmc import __version__
+from llmc.errors import LlmcError
 from llmc.ir import Graph
 
 CHUNK = 512            # the most tokens one call takes; the runtime splits longer prompts
+
+
+def check_options(level: str | None, tune: str, chunk: int | None) -> None:
+    """Refuse a cpu feature level, tuning mode or prefill chunk this target does not know."""
+    from .build import LEVELS
+    from .tune import MODES
+
+    if level is not None and level not in LEVELS:
+        raise LlmcError(f"unknown cpu feature level {level!r}; choose {', '.join(LEVELS)}")
+    if tune not in MODES:
+        raise LlmcError(f"unknown tuning mode {tune!r}; choose {', '.join(MODES)}")
+    if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
+        raise LlmcError(f"the prefill chunk must be a positive number of tokens, not {chunk!r}")
 
 
 @dataclass
@@ -38,6 +52,7 @@ def compile_graphs(graphs: dict[str, Graph], *, level: str | None = None, tune: 
     from .lower import WeightTable, lower_graph
     from .tune import Tuner
 
+    check_options(level, tune, chunk)
     features = host_cpu_features() if features is None else features
     level = level or default_level(features)
     requires = level_requirements(level, features)

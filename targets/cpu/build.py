@@ -50,8 +50,7 @@ def default_level(features: set[str]) -> str:
 
 
 def level_requirements(level: str, features: set[str]) -> list[str]:
-    if level not in LEVELS:
-        raise LlmcError(f"unknown cpu feature level {level!r}; choose {', '.join(LEVELS)}")
+    """The CPU flags an artifact built at ``level`` (a key of LEVELS) requires."""
     need = LEVELS[level][1]
     return sorted(f for f in NATIVE_FLAGS if f in features) if need is None else list(need)
 

@@ -362,6 +362,17 @@ static inline int64_t q8_dot_blocks8(const int8_t* q, const f16* scales, const i
     }
     return g;
 }
+
+/* Codes 32s .. 32s+31 of one 4-bit group of G as 32 bytes. G = 32: elements 0..15 are the low
+ * nibbles of the group's 16 bytes, 16..31 the high ones; G >= 64: element e < G/2 is the low
+ * nibble of byte e, the rest the high nibble of byte e - G/2. */
+static inline __m256i q4_codes32(const uint8_t* gq, int64_t G, int64_t s) {
+    if (G == 32) return q4_unpack32(gq);
+    int64_t e0 = s * 32, half = G / 2;
+    __m256i raw = _mm256_loadu_si256((const __m256i*)(gq + (e0 < half ? e0 : e0 - half)));
+    if (e0 >= half) raw = _mm256_srli_epi16(raw, 4);
+    return _mm256_and_si256(raw, _mm256_set1_epi8(0x0F));
+}
 #endif
 
 /* One W row (4-bit groups of G) against one quantized x row. */
@@ -379,15 +390,7 @@ static inline float q4_row_dot(const uint8_t* q, const f16* scales, const f16* m
         float d = (float)scales[g], mn = (float)mins[g];
         for (int64_t s = 0; s < sub; s++) {
             const llmc_xblock* blk = xb + g * sub + s;
-            __m256i w;
-            if (G == 32) {
-                w = q4_unpack32(gq);
-            } else {             /* element e < G/2: low nibble of byte e; else high nibble of byte e - G/2 */
-                int64_t e0 = s * 32, half = G / 2;
-                __m256i raw = _mm256_loadu_si256((const __m256i*)(gq + (e0 < half ? e0 : e0 - half)));
-                if (e0 >= half) raw = _mm256_srli_epi16(raw, 4);
-                w = _mm256_and_si256(raw, _mm256_set1_epi8(0x0F));
-            }
+            __m256i w = q4_codes32(gq, G, s);
             acc = _mm256_fmadd_ps(_mm256_set1_ps(d * blk->d), q4_dot32(w, xq + g * G + s * 32), acc);
             minacc += mn * blk->s;
         }
@@ -453,15 +456,7 @@ static inline void q_rows_dot4(const void* codes, const f16* scales, const f16* 
                 continue;
             }
             const uint8_t* gq = (const uint8_t*)codes + g * (G / 2);
-            __m256i w;
-            if (G == 32) {
-                w = q4_unpack32(gq);
-            } else {
-                int64_t half = G / 2, at = s * 32;
-                __m256i raw = _mm256_loadu_si256((const __m256i*)(gq + (at < half ? at : at - half)));
-                if (at >= half) raw = _mm256_srli_epi16(raw, 4);
-                w = _mm256_and_si256(raw, _mm256_set1_epi8(0x0F));
-            }
+            __m256i w = q4_codes32(gq, G, s);
             for (int j = 0; j < 4; j++) {
                 const llmc_xblock* blk = xb + j * blocks + b;
                 acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d * blk->d), q4_dot32(w, xq + j * K + e0), acc[j]);

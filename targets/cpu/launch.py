@@ -21,7 +21,8 @@ from llmc.artifact import Artifact, ArtifactError
 ABI_VERSION = 1
 
 
-def _library_file(code: bytes) -> Path:
+def library_file(code: bytes) -> Path:
+    """A file holding ``code`` (dlopen needs one), written once per content."""
     from .build import cache_dir
 
     digest = hashlib.sha256(code).hexdigest()
@@ -51,7 +52,7 @@ class CpuExecutor:
         target = artifact.manifest["target"]
         code = bytes(artifact.section("code"))
         try:
-            self.lib = ctypes.CDLL(str(_library_file(code)))
+            self.lib = ctypes.CDLL(str(library_file(code)))
             abi = self.lib.llmc_abi()
         except (OSError, AttributeError) as exc:
             raise ArtifactError(f"{artifact.path}: its cpu library cannot be loaded ({exc}); rebuild the artifact "
@@ -73,6 +74,8 @@ class CpuExecutor:
             fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
             self.functions[graph] = fn
+        self.lib.llmc_stream_read.restype = ctypes.c_double
+        self.lib.llmc_stream_read.argtypes = [ctypes.c_void_p, ctypes.c_int64]
         self.set_threads(threads)
 
     def set_threads(self, threads: int | None) -> None:
@@ -82,7 +85,6 @@ class CpuExecutor:
     def stream_bandwidth(self, megabytes: int = 512, runs: int = 5) -> float:
         """GB/s of a streaming read by the library's own threads (median of ``runs``)."""
         probe = self.lib.llmc_stream_read
-        probe.restype, probe.argtypes = ctypes.c_double, [ctypes.c_void_p, ctypes.c_int64]
         data = np.ones(megabytes * (1 << 20) // 4, np.float32)
         probe(data.ctypes.data, data.size)
         rates = []

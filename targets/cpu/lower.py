@@ -17,10 +17,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
+
 from llmc import dims
 from llmc.dims import Dim
 from llmc.errors import LlmcError
-from llmc.ir import Graph, Node, TupleType, Type
+from llmc.ir import Graph, Node, Type, numpy_dtype
 from llmc.ops import OPS
 from llmc.quant import parse_scheme
 
@@ -489,7 +491,7 @@ class FunctionLowering:
 
 
 def _fused_body(node: Node, load) -> tuple[list[str], str]:
-    from llmc.ops import fused_body
+    from llmc.ops import fused_body, infer
 
     statements = []
     types: list[str] = []
@@ -505,8 +507,7 @@ def _fused_body(node: Node, load) -> tuple[list[str], str]:
     for index, (op, args, attrs) in enumerate(fused_body(node.attrs["body"])):
         values = [operand(r) for r in args]
         in_dtype = values[1][1] if op == "where" else values[0][1]
-        out_dtype = attrs["dtype"] if op == "cast" else (
-            "bool" if op in ("eq", "ne", "lt", "le", "gt", "ge", "and", "or", "not") else in_dtype)
+        out_dtype = infer(op, [Type(d, ()) for _, d in values], attrs).dtype
         types.append(out_dtype)
         statements.append(f"const {c_type(out_dtype)} t{index} = "
                           f"{expression(op, [v for v, _ in values], attrs, in_dtype, out_dtype)};")
@@ -514,7 +515,7 @@ def _fused_body(node: Node, load) -> tuple[list[str], str]:
 
 
 def _itemsize(dtype: str) -> int:
-    return {"f64": 8, "i64": 8, "f32": 4, "i32": 4, "f16": 2, "i16": 2, "bf16": 2}.get(dtype, 1)
+    return np.dtype(numpy_dtype(dtype)).itemsize
 
 
 def _round_up(n: int, to: int) -> int:
