@@ -1,7 +1,8 @@
 """``llmc compile``: a model source -> the pipeline -> a .llmc artifact for one target.
 
 Targets: ``cpu``, the optimised graph as generated C built into a shared library
-(``llmc.targets.cpu``), and ``ref``, the optimised graph as IR text run by the numpy reference
+(``llmc.targets.cpu``); ``cuda``, launch plans over Triton kernels cross-compiled to cubins per GPU
+arch (``llmc.targets.cuda``); and ``ref``, the optimised graph as IR text run by the numpy reference
 interpreter: portable and slow, the oracle the compiled targets are checked against. Every
 artifact also carries the IR text, so any of them can be replayed through the interpreter.
 """
@@ -21,7 +22,7 @@ from llmc import __version__
 from llmc.artifact import write_artifact
 from llmc.errors import LlmcError
 
-TARGETS = ("cpu", "ref")
+TARGETS = ("cpu", "cuda", "ref")
 
 
 @dataclass
@@ -93,7 +94,7 @@ def calibration_ids(calib: str | Path, tokenizer) -> np.ndarray:
 
 def compile_model(source: Any, output: str | Path, *, target: str = "cpu", quant: str = "f32", kv: str = "f32",
                   calib: str | Path | None = None, cpu_level: str | None = None, tune: str = "off",
-                  chunk: int | None = None, progress: TextIO | None = sys.stderr, **import_options: Any) -> CompileReport:
+                  chunk: int | None = None, arch: str | list | None = None, act: str = "f16", progress: TextIO | None = sys.stderr, **import_options: Any) -> CompileReport:
     """Build ``output`` from ``source`` (anything ``import_model`` takes, or an already imported model)."""
     from llmc.frontend import Imported
     from llmc.frontend.tokenizer import tokenizer_info
@@ -108,6 +109,12 @@ def compile_model(source: Any, output: str | Path, *, target: str = "cpu", quant
         from llmc.targets.cpu import check_options
 
         check_options(cpu_level, tune, chunk)
+    if target == "cuda":
+        from llmc.targets.cuda import check_options as check_cuda
+        from llmc.targets.cuda.build import triton_version
+
+        check_cuda(arch, act, chunk)
+        triton_version()
     folder = Path(output).resolve().parent
     if not folder.is_dir():
         raise LlmcError(f"cannot write {output}: the folder {folder} does not exist")
@@ -123,7 +130,7 @@ def compile_model(source: Any, output: str | Path, *, target: str = "cpu", quant
     # One run of the phases gives both outputs: last-position logits for generation, and logits
     # for every position for Model.logits (evaluation, comparisons).
     prefill = run_phases(imported, progress=progress, logits="both", quant=quant, kv=kv, calibration=calibration,
-                         import_seconds=import_seconds, then=("lower",) if target == "cpu" else ())
+                         import_seconds=import_seconds, then=("lower",) if target in ("cpu", "cuda") else ())
     if prefill.graph.inputs[0].attrs["name"] != "tokens":
         raise LlmcError("cannot build a generation artifact: " + "; ".join(prefill.notes))
     both = prefill.graph
@@ -131,6 +138,7 @@ def compile_model(source: Any, output: str | Path, *, target: str = "cpu", quant
     cache = graph.inputs[2].type
     sections = {"graph": str(graph).encode(), "graph_all": str(everything).encode()}
     target_entry, requires, target_report = {"name": target, "executor": "reference interpreter (numpy)"}, [], None
+    cuda_arches: list[str] = []
     if target == "cpu":
         lower_start = time.perf_counter()
         built = _build_cpu({"graph": graph, "graph_all": everything}, cpu_level, tune, chunk, progress)
@@ -139,10 +147,18 @@ def compile_model(source: Any, output: str | Path, *, target: str = "cpu", quant
         target_entry, requires = built.manifest, built.requires
         target_report = {"kernels": built.kernels, "tuning": built.tuned, "library_bytes": len(built.code),
                          "level": built.manifest["level"], "source": built.source_path}
+    if target == "cuda":
+        lower_start = time.perf_counter()
+        built = _build_cuda({"graph": graph, "graph_all": everything}, arch, act, chunk, progress)
+        prefill.timings["lower"] = time.perf_counter() - lower_start
+        sections.update(built.sections)
+        target_entry, cuda_arches = built.manifest, built.manifest["arches"]
+        target_report = {"kernels": built.kernels, "arches": cuda_arches, "compiled": built.compiled,
+                         "cached": built.cached}
     manifest = {
         "llmc_version": __version__,
         "target": target_entry,
-        "requires": {"cpu_features": requires},
+        "requires": {"cpu_features": requires, "cuda_arches": cuda_arches},
         "model": {"source": str(imported.source.spec), "kind": imported.source.kind, "config": imported.config,
                   "max_seq": imported.max_seq},
         "inputs": input_hashes(imported.source),
@@ -187,5 +203,20 @@ def _build_cpu(graphs, level, tune, chunk, progress):
         sites = sum(built.kernels.values())
         progress.write(f"[6/6] lower     {time.perf_counter() - start:6.2f} s  cpu {built.manifest['level']}: "
                        f"{sites} kernel calls, library {len(built.code) / 1e3:.0f} kB\n")
+        progress.flush()
+    return built
+
+
+def _build_cuda(graphs, arch, act, chunk, progress):
+    """The lower phase for target cuda: launch plans, their kernels cross-compiled per arch."""
+    from llmc.targets.cuda import CHUNK, compile_graphs
+
+    start = time.perf_counter()
+    built = compile_graphs(graphs, arches=arch, act=act, chunk=chunk or CHUNK, progress=progress)
+    if progress:
+        size = sum(len(v) for k, v in built.sections.items() if k.startswith("cubin_"))
+        progress.write(f"[6/6] lower     {time.perf_counter() - start:6.2f} s  cuda {','.join(built.manifest['arches'])}: "
+                       f"{sum(built.kernels.values())} launches per decode step, {built.compiled} kernels compiled, "
+                       f"{built.cached} cached, cubins {size / 1e3:.0f} kB\n")
         progress.flush()
     return built

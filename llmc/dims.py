@@ -188,3 +188,20 @@ def evaluate(d: Dim, env: Mapping[str, int]) -> int:
             term *= env[name]
         total += term
     return total
+
+
+def evaluator(d: Dim):
+    """``evaluate`` with ``d`` parsed once: a function of ``env`` (for dims evaluated per call)."""
+    if isinstance(d, int) and not isinstance(d, bool):
+        return lambda env: d
+    terms = [(coeff, mono) for mono, coeff in _poly(d).items()]
+
+    def value(env: Mapping[str, int]) -> int:
+        total = 0
+        for coeff, mono in terms:
+            for name in mono:
+                coeff *= env[name]
+            total += coeff
+        return total
+
+    return value

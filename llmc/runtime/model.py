@@ -46,7 +46,19 @@ def _cpu_executor(artifact: Artifact, threads: int | None):
     return CpuExecutor(artifact, threads)
 
 
-EXECUTORS = {"ref": ReferenceExecutor, "cpu": _cpu_executor}
+def _cuda_executor(artifact: Artifact, threads: int | None):
+    import os
+
+    if os.environ.get("LLMC_CUDA_EMULATE") == "1":          # no GPU: Triton's interpreter, slowly
+        from llmc.targets.cuda.emulate import EmulatedExecutor
+
+        return EmulatedExecutor(artifact, threads)
+    from llmc.targets.cuda.launch import CudaExecutor
+
+    return CudaExecutor(artifact, threads)
+
+
+EXECUTORS = {"ref": ReferenceExecutor, "cpu": _cpu_executor, "cuda": _cuda_executor}
 
 
 class Model:
@@ -64,7 +76,10 @@ class Model:
         self.max_context = min(limit, DEFAULT_MAX_CONTEXT) if max_context is None else int(max_context)
         if not 1 <= self.max_context <= limit:
             raise LlmcError(f"max_context must be between 1 and the model's {limit} positions, not {max_context}")
-        self._caches = self._allocate_caches(manifest["kv_cache"])
+        # A device target keeps the KV cache in its own memory; the others get numpy arrays.
+        on_device = getattr(self.executor, "allocate_caches", None)
+        self._caches = [] if on_device else self._allocate_caches(manifest["kv_cache"])
+        self._cache_bytes = on_device(self.max_context) if on_device else sum(a.nbytes for a in self._caches)
         tok = manifest.get("tokenizer")
         self.tokenizer = Tokenizer(bytes(artifact.section("tokenizer")).decode(), tok) if tok else None
         self.vocab_size = int(manifest["vocab_size"])
@@ -83,7 +98,7 @@ class Model:
 
     @property
     def cache_bytes(self) -> int:
-        return sum(a.nbytes for a in self._caches)
+        return self._cache_bytes
 
     # -- entry points ------------------------------------------------------------------------
 

@@ -20,14 +20,14 @@ from typing import Callable
 import numpy as np
 
 from llmc import dims
-from llmc.dims import Dim
 from llmc.errors import LlmcError
 from llmc.ir import Graph, Node, Type, numpy_dtype
 from llmc.ops import OPS
 from llmc.quant import parse_scheme
 
 from .scalar import ScalarError, c_type, expression, literal
-from .views import View, c_dim
+from ..arena import Buffer, plan_arena
+from ..views import View, c_dim
 
 ALIGN = 64
 MAX_SPLITS = 16            # flash-decoding splits of one head's keys
@@ -51,15 +51,6 @@ class WeightTable:
             self._index[name] = len(self.names)
             self.names.append(name)
         return self._index[name]
-
-
-@dataclass
-class Buffer:
-    nbytes: Dim          # symbolic in seq
-    first: int           # the node indices that write it first and read it last
-    last: int
-    offset: int = 0
-    size: int = 0        # bytes at seq = chunk, aligned
 
 
 @dataclass
@@ -462,22 +453,7 @@ class FunctionLowering:
     # -- output ------------------------------------------------------------------------------
 
     def _plan(self) -> int:
-        """Offsets for every buffer (sizes at seq = chunk), reusing memory whose live ranges do not
-        overlap: first fit, largest buffers placed first. Returns the arena's size in bytes."""
-        placed: list[Buffer] = []
-        for buffer in sorted(self.buffers, key=lambda b: -dims.evaluate(b.nbytes, {"seq": self.chunk})):
-            size = _round_up(dims.evaluate(buffer.nbytes, {"seq": self.chunk}), ALIGN)
-            clashes = sorted((p.offset, p.offset + _round_up(dims.evaluate(p.nbytes, {"seq": self.chunk}), ALIGN))
-                             for p in placed if not (p.last < buffer.first or buffer.last < p.first))
-            offset = 0
-            for lo, hi in clashes:
-                if offset + size <= lo:
-                    break
-                offset = max(offset, hi)
-            buffer.offset = offset
-            buffer.size = size
-            placed.append(buffer)
-        return max((b.offset + b.size for b in placed), default=0)
+        return plan_arena(self.buffers, {"seq": self.chunk}, ALIGN)
 
     def _function(self) -> str:
         defines = [f"#define {self._macro(i)} {b.offset}" for i, b in enumerate(self.buffers)]

@@ -1,7 +1,8 @@
-"""Strided views: how the CPU target addresses a tensor without copying it.
+"""Strided views: how a target addresses a tensor without copying it (shared by cpu and cuda).
 
-A value in generated code is a base pointer plus an element offset, a shape and element strides,
-all symbolic dims (``seq``, ``ctx``) that print as C expressions. reshape, permute, slice and
+A value in generated code is a base (a C pointer expression on the cpu target, a named device
+buffer on cuda) plus an element offset, a shape and element strides, all symbolic dims (``seq``,
+``ctx``). reshape, permute, slice and
 expand only make new views; a kernel that needs rows or a contiguous block asks for them and gets
 ``None`` when the view cannot give them, and the lowering then copies the view into a buffer.
 """
@@ -32,9 +33,9 @@ class View:
     dtype: str
     shape: tuple[Dim, ...]
     strides: tuple[Dim, ...]
-    base: str | None = None          # C pointer expression (char* or typed); None for a literal
+    base: str | None = None          # where the data lives (target-defined text); None for a literal
     offset: Dim = 0
-    literal: str | None = None       # a scalar C expression broadcast over the shape (consts, start_pos)
+    literal: str | None = None       # a scalar expression broadcast over the shape (consts, start_pos)
     buffer: int | None = None        # the planned buffer it lives in, for liveness
 
     @staticmethod

@@ -1,0 +1,358 @@
+"""The CUDA target's hand-written Triton kernels.
+
+Every value a kernel loads is widened to fp32 and every sum accumulates in fp32; stores convert to
+the destination's dtype (fp16 or bf16 for activations and the KV cache, fp32 for logits). Sizes
+and element strides are i32 arguments; ``meta`` points at the step's i64 scalars on the device
+(``meta[0]`` = start_pos), so a captured decode graph replays with new positions.
+
+This module is imported only where Triton is: by the build worker (cross-compiling each kernel to
+cubins) and by the emulator (``TRITON_INTERPRET=1``, the kernels run on CPU tensors). References
+for every kernel are in tests/test_cuda_kernels.py.
+"""
+
+import triton
+import triton.language as tl
+
+# -- weights -----------------------------------------------------------------------------------
+
+
+@triton.jit
+def _weight_tile(w, scales, mins, offs_n, offs_k, mask, K, MODE: tl.constexpr, GROUP: tl.constexpr):
+    """fp32 tile W[offs_n, offs_k] of an [N, K] weight: float (MODE 0), q8 codes times a scale per
+    GROUP (MODE 8), or q4 codes packed two per byte, times a scale plus a min (MODE 4, the
+    llmc.quant order: byte j of a group holds element j low and element j + GROUP/2 high)."""
+    n = offs_n.to(tl.int64)[:, None]
+    k = offs_k[None, :]
+    if MODE == 0:
+        tile = tl.load(w + n * K + k, mask=mask, other=0.0).to(tl.float32)
+    else:
+        group_at = n * (K // GROUP) + k // GROUP
+        scale = tl.load(scales + group_at, mask=mask, other=0.0).to(tl.float32)
+        if MODE == 8:
+            tile = tl.load(w + n * K + k, mask=mask, other=0).to(tl.float32) * scale
+        else:
+            half: tl.constexpr = GROUP // 2
+            j = k % GROUP
+            byte = tl.load(w + n * (K // 2) + (k // GROUP) * half + j % half, mask=mask, other=0).to(tl.int32)
+            code = tl.where(j >= half, byte >> 4, byte & 15).to(tl.float32)
+            tile = code * scale + tl.load(mins + group_at, mask=mask, other=0.0).to(tl.float32)
+    return tile
+
+
+@triton.jit
+def linear(x, ldx, w, scales, mins, bias, out, ldo, M, N, K, MODE: tl.constexpr, GROUP: tl.constexpr,
+           HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[M, N] = x[M, K] @ W[N, K].T (+ bias). BLOCK_M == 1 is the decode GEMV (one row per
+    program column, fp32 FMAs); otherwise BLOCK_M x BLOCK_N tiles on the tensor cores, the weight
+    tile dequantized to the activation dtype."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    if BLOCK_M == 1:
+        acc = tl.zeros((BLOCK_N,), tl.float32)
+        row = pid_m.to(tl.int64)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < K
+            xv = tl.load(x + row * ldx + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+            tile = _weight_tile(w, scales, mins, offs_n, offs_k, n_ok[:, None] & k_ok[None, :], K, MODE, GROUP)
+            acc += tl.sum(tile * xv[None, :], axis=1)
+        if HAS_BIAS:
+            acc += tl.load(bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        tl.store(out + row * ldo + offs_n, acc.to(out.dtype.element_ty), mask=n_ok)
+    else:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < M
+        rows = offs_m.to(tl.int64)[:, None]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < K
+            xt = tl.load(x + rows * ldx + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            tile = _weight_tile(w, scales, mins, offs_n, offs_k, n_ok[:, None] & k_ok[None, :], K, MODE, GROUP)
+            acc = tl.dot(xt, tl.trans(tile.to(xt.dtype)), acc)
+        if HAS_BIAS:
+            acc += tl.load(bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(out + rows * ldo + offs_n[None, :], acc.to(out.dtype.element_ty),
+                 mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def embedding(table, scales, mins, ids, out, WIDTH, MODE: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr):
+    """out[r, :] = table[ids[r], :], dequantized like _weight_tile."""
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < WIDTH
+    token = tl.load(ids + row) + tl.zeros((1,), tl.int64)
+    tile = _weight_tile(table, scales, mins, token, offs, ok[None, :], WIDTH, MODE, GROUP)
+    tl.store(out + row.to(tl.int64) * WIDTH + offs, tl.sum(tile, axis=0).to(out.dtype.element_ty), mask=ok)
+
+
+# -- norms and rotary embedding ---------------------------------------------------------------
+
+
+@triton.jit
+def norm(x, ldx, r, ldr, w, b, total, normed, N, eps, KIND: tl.constexpr, ADD: tl.constexpr,
+         HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK: tl.constexpr):
+    """One row per program: RMSNorm (KIND 0) or LayerNorm (KIND 1) of x, or with ADD of x + r,
+    whose sum is stored to ``total`` (the residual stream) before it is normalised."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    ok = offs < N
+    v = tl.load(x + row * ldx + offs, mask=ok, other=0.0).to(tl.float32)
+    if ADD:
+        v += tl.load(r + row * ldr + offs, mask=ok, other=0.0).to(tl.float32)
+        tl.store(total + row * N + offs, v.to(total.dtype.element_ty), mask=ok)
+        v = tl.load(total + row * N + offs, mask=ok, other=0.0).to(tl.float32)   # normalise what was stored
+    if KIND == 0:
+        y = v / tl.sqrt(tl.sum(v * v, axis=0) / N + eps)
+    else:
+        centred = tl.where(ok, v - tl.sum(v, axis=0) / N, 0.0)
+        y = centred / tl.sqrt(tl.sum(centred * centred, axis=0) / N + eps)
+    if HAS_W:
+        y = y * tl.load(w + offs, mask=ok, other=0.0).to(tl.float32)
+    if HAS_B:
+        y = y + tl.load(b + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(normed + row * N + offs, y.to(normed.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def rope(x, xs0, xs1, xs2, c, cs0, cs1, cs2, cs3, s, ss0, ss1, ss2, ss3, out, D1, D2, D, BLOCK: tl.constexpr):
+    """out[row, :] = x*cos + rotate_half(x)*sin for each row of a rank-4 x (last axis contiguous);
+    cos and sin are strided views broadcast to x's shape (stride 0 where they repeat)."""
+    row = tl.program_id(0)
+    i2 = row % D2
+    i1 = (row // D2) % D1
+    i0 = row // (D2 * D1)
+    offs = tl.arange(0, BLOCK)
+    ok = offs < D
+    half = D // 2
+    base = x + i0.to(tl.int64) * xs0 + i1 * xs1 + i2 * xs2
+    v = tl.load(base + offs, mask=ok, other=0.0).to(tl.float32)
+    partner = tl.load(base + tl.where(offs < half, offs + half, offs - half), mask=ok, other=0.0).to(tl.float32)
+    rotated = tl.where(offs < half, -partner, partner)
+    cv = tl.load(c + i0 * cs0 + i1 * cs1 + i2 * cs2 + offs * cs3, mask=ok, other=0.0).to(tl.float32)
+    sv = tl.load(s + i0 * ss0 + i1 * ss1 + i2 * ss2 + offs * ss3, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out + row.to(tl.int64) * D + offs, (v * cv + rotated * sv).to(out.dtype.element_ty), mask=ok)
+
+
+# -- attention over the KV cache ----------------------------------------------------------------
+# The caches are [kv_heads, ctx, D] per layer (the pointer arrives at the layer's first element).
+# Query head h reads key/value head h // GROUP: grouped-query attention without repeating K/V.
+
+
+@triton.jit
+def kv_append(k, k_sh, k_ss, v, v_sh, v_ss, kc, vc, meta, CTX, D, BLOCK_D: tl.constexpr):
+    """Write the step's keys and values (token s, head h) to the cache at start_pos + s."""
+    s = tl.program_id(0)
+    h = tl.program_id(1)
+    pos = tl.load(meta) + s
+    offs = tl.arange(0, BLOCK_D)
+    ok = offs < D
+    at = (h.to(tl.int64) * CTX + pos) * D + offs
+    tl.store(kc + at, tl.load(k + h * k_sh + s * k_ss + offs, mask=ok).to(kc.dtype.element_ty), mask=ok)
+    tl.store(vc + at, tl.load(v + h * v_sh + s * v_ss + offs, mask=ok).to(vc.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def attn_decode(q, q_sh, kc, vc, part, meta, CTX, GROUP, D, scale, WINDOW, SPLITS: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Flash-decoding: program (h, split) attends one token's query head h over its share of the
+    positions 0..start_pos and writes (unnormalised output, running max, sum) to ``part``."""
+    h = tl.program_id(0)
+    split = tl.program_id(1)
+    kv = (h // GROUP).to(tl.int64)
+    end = tl.load(meta).to(tl.int32) + 1
+    first = 0
+    if WINDOW > 0:
+        first = tl.maximum(end - WINDOW, 0)
+    share = tl.cdiv(tl.cdiv(end - first, SPLITS), BLOCK_N) * BLOCK_N
+    lo = first + split * share
+    hi = tl.minimum(lo + share, end)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    qv = tl.load(q + h * q_sh + offs_d, mask=d_ok, other=0.0).to(tl.float32) * scale
+    m = tl.max(tl.full((BLOCK_N,), -float("inf"), tl.float32), axis=0)
+    total = tl.sum(tl.zeros((BLOCK_N,), tl.float32), axis=0)
+    acc = tl.zeros((BLOCK_D,), tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < hi
+        at = (kv * CTX + offs_n)[:, None] * D + offs_d[None, :]
+        keys = tl.load(kc + at, mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        scores = tl.where(n_ok, tl.sum(keys * qv[None, :], axis=1), -float("inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=0))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(scores - m_new)
+        values = tl.load(vc + at, mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        total = total * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * values, axis=0)
+        m = m_new
+    slot = part + (h * SPLITS + split).to(tl.int64) * (BLOCK_D + 2)
+    tl.store(slot + offs_d, acc)
+    tl.store(slot + BLOCK_D, m)
+    tl.store(slot + BLOCK_D + 1, total)
+
+
+@triton.jit
+def attn_merge(part, out, o_sh, D, SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Combine head h's flash-decoding splits: out = sum(w_i * acc_i) / sum(w_i * l_i), w_i = exp(m_i - max m)."""
+    h = tl.program_id(0)
+    offs_s = tl.arange(0, SPLITS)
+    offs_d = tl.arange(0, BLOCK_D)
+    slots = part + (h * SPLITS + offs_s).to(tl.int64) * (BLOCK_D + 2)
+    accs = tl.load(slots[:, None] + offs_d[None, :])
+    ms = tl.load(slots + BLOCK_D)
+    totals = tl.load(slots + BLOCK_D + 1)
+    weights = tl.where(ms == -float("inf"), 0.0, tl.exp(ms - tl.max(ms, axis=0)))
+    o = tl.sum(weights[:, None] * accs, axis=0) / tl.sum(weights * totals, axis=0)
+    tl.store(out + h * o_sh + offs_d, o.to(out.dtype.element_ty), mask=offs_d < D)
+
+
+@triton.jit
+def attn_prefill(q, q_sh, q_ss, kc, vc, out, o_sh, o_ss, meta, SEQ, CTX, GROUP, D, scale, WINDOW,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Tiled causal attention of BLOCK_M queries of head h (positions start_pos + m) over the cache
+    (the step's keys already appended), with online softmax; keys past the block's last query are
+    never read."""
+    mb = tl.program_id(0)
+    h = tl.program_id(1)
+    kv = (h // GROUP).to(tl.int64)
+    start = tl.load(meta).to(tl.int32)
+    offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < SEQ
+    qpos = start + offs_m
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    qt = tl.load(q + h * q_sh + offs_m[:, None] * q_ss + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :],
+                 other=0.0)
+    hi = start + tl.minimum(SEQ, (mb + 1) * BLOCK_M)
+    lo = 0
+    if WINDOW > 0:
+        lo = tl.maximum(start + mb * BLOCK_M - WINDOW + 1, 0) // BLOCK_N * BLOCK_N
+    m_i = tl.full((BLOCK_M,), -float("inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < hi
+        at = (kv * CTX + offs_n)[:, None] * D + offs_d[None, :]
+        keys = tl.load(kc + at, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        scores = tl.dot(qt, tl.trans(keys.to(qt.dtype))) * scale
+        allowed = (offs_n[None, :] <= qpos[:, None]) & n_ok[None, :]
+        allowed = allowed & ((WINDOW == 0) | (qpos[:, None] - offs_n[None, :] < WINDOW))
+        scores = tl.where(allowed, scores, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)     # rows with no key yet
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(scores - m_safe[:, None])
+        values = tl.load(vc + at, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(qt.dtype), values.to(qt.dtype))
+        m_i = m_new
+    o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(out + offs_m[:, None] * o_ss + h * o_sh + offs_d[None, :], o.to(out.dtype.element_ty),
+             mask=m_ok[:, None] & d_ok[None, :])
+
+
+# -- sampling: only a token id crosses to the host --------------------------------------------
+
+
+@triton.jit
+def argmax(logits, N, token, BLOCK: tl.constexpr):
+    """token[0] = the first index of the largest logit (one program)."""
+    best = tl.max(tl.full((BLOCK,), -float("inf"), tl.float32), axis=0)
+    index = tl.sum(tl.zeros((BLOCK,), tl.int32), axis=0)
+    for n0 in range(0, N, BLOCK):
+        offs = n0 + tl.arange(0, BLOCK)
+        v = tl.load(logits + offs, mask=offs < N, other=-float("inf")).to(tl.float32)
+        block_best = tl.max(v, axis=0)
+        block_index = tl.min(tl.where(v == block_best, offs, N), axis=0)
+        index = tl.where(block_best > best, block_index, index)
+        best = tl.maximum(best, block_best)
+    tl.store(token, index.to(tl.int64))
+
+
+@triton.jit
+def _uniform(seed, offs):
+    """A uniform number in (0, 1) per (seed, offset): a 32-bit integer hash, the same on any device
+    and in llmc.targets.cuda.reference."""
+    h = (offs.to(tl.int64) ^ ((seed.to(tl.int64) * 2654435769) & 4294967295)) & 4294967295
+    h = (h * 2246822507) & 4294967295
+    h = h ^ (h >> 13)
+    h = (h * 3266489909) & 4294967295
+    h = h ^ (h >> 16)
+    return ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+
+
+@triton.jit
+def _count_above(z, N, scale, t, BLOCK: tl.constexpr):
+    count = tl.sum(tl.zeros((BLOCK,), tl.int32), axis=0)
+    for n0 in range(0, N, BLOCK):
+        offs = n0 + tl.arange(0, BLOCK)
+        v = tl.load(z + offs, mask=offs < N, other=-float("inf")).to(tl.float32) * scale
+        count += tl.sum((v >= t).to(tl.int32), axis=0)
+    return count
+
+
+@triton.jit
+def _mass_above(z, N, scale, top, t, BLOCK: tl.constexpr):
+    mass = tl.sum(tl.zeros((BLOCK,), tl.float32), axis=0)
+    for n0 in range(0, N, BLOCK):
+        offs = n0 + tl.arange(0, BLOCK)
+        v = tl.load(z + offs, mask=offs < N, other=-float("inf")).to(tl.float32) * scale
+        mass += tl.sum(tl.where(v >= t, tl.exp(v - top), 0.0), axis=0)
+    return mass
+
+
+@triton.jit
+def sample(logits, N, params, seed, token, BLOCK: tl.constexpr, STEPS: tl.constexpr):
+    """token[0] drawn from softmax(logits / T) after top-k, top-p and min-p, by the Gumbel-max
+    trick over the kept tokens. ``params`` is f32 [T, top_k, top_p, min_p] (top_k 0: no limit).
+    The top-k and top-p cut-offs are found by bisection on the logit value (STEPS halvings), so
+    nothing is sorted."""
+    inv_t = 1.0 / tl.load(params)
+    top_k = tl.load(params + 1).to(tl.int32)
+    top_p = tl.load(params + 2)
+    min_p = tl.load(params + 3)
+    top = tl.max(tl.full((BLOCK,), -float("inf"), tl.float32), axis=0)
+    low = tl.max(tl.full((BLOCK,), float("inf"), tl.float32), axis=0)
+    for n0 in range(0, N, BLOCK):
+        offs = n0 + tl.arange(0, BLOCK)
+        v = tl.load(logits + offs, mask=offs < N, other=-float("inf")).to(tl.float32) * inv_t
+        top = tl.maximum(top, tl.max(v, axis=0))
+        low = tl.minimum(low, tl.min(tl.where(offs < N, v, float("inf")), axis=0))
+    cut = low
+    if (top_k > 0) & (top_k < N):         # the largest t with at least top_k values >= t
+        lo = low
+        hi = top + 1.0
+        for _ in range(STEPS):
+            mid = (lo + hi) * 0.5
+            above = _count_above(logits, N, inv_t, mid, BLOCK) >= top_k
+            lo = tl.where(above, mid, lo)
+            hi = tl.where(above, hi, mid)
+        cut = lo
+    if top_p < 1.0:                       # the largest t whose tokens >= t hold top_p of the mass
+        need = top_p * _mass_above(logits, N, inv_t, top, cut, BLOCK)
+        lo = cut
+        hi = top + 1.0
+        for _ in range(STEPS):
+            mid = (lo + hi) * 0.5
+            enough = _mass_above(logits, N, inv_t, top, mid, BLOCK) >= need
+            lo = tl.where(enough, mid, lo)
+            hi = tl.where(enough, hi, mid)
+        cut = lo
+    cut = tl.maximum(cut, top + tl.log(tl.maximum(min_p, 1e-30)))
+    best = tl.max(tl.full((BLOCK,), -float("inf"), tl.float32), axis=0)
+    index = tl.sum(tl.zeros((BLOCK,), tl.int32), axis=0)
+    for n0 in range(0, N, BLOCK):
+        offs = n0 + tl.arange(0, BLOCK)
+        v = tl.load(logits + offs, mask=offs < N, other=-float("inf")).to(tl.float32) * inv_t
+        gumbel = -tl.log(-tl.log(_uniform(seed, offs)))
+        score = tl.where((v >= cut) & (offs < N), v + gumbel, -float("inf"))
+        block_best = tl.max(score, axis=0)
+        block_index = tl.min(tl.where(score == block_best, offs, N), axis=0)
+        index = tl.where(block_best > best, block_index, index)
+        best = tl.maximum(best, block_best)
+    tl.store(token, index.to(tl.int64))

@@ -1,0 +1,543 @@
+"""Lower an optimised generation graph to a launch plan: the kernels one step runs, in order.
+
+A plan is data (JSON in the artifact), so the launcher needs no code generation at load time::
+
+    {"arena_bytes": int, "steps": [{"kernel": key, "grid": [[dim, divisor], x3], "args": [...]}]}
+
+Each argument is ``["p", base, byte_offset]`` (a device pointer: ``arena``, ``out``, ``tokens``,
+``meta``, weight ``w<i>`` or cache ``c<i>``), ``["i", dim]`` (an i32) or ``["f", value]`` (an
+f32), where dims are symbolic in ``seq`` and ``ctx`` and evaluated per call. ``kernels`` maps each
+key to the Triton function, its arguments' names and types in order, and the constexprs and launch
+options it is compiled with.
+
+Storage on the device: activations and the KV cache in the activation dtype (fp16 or bf16), logits
+and small fp32 values that are not activations (RoPE angles, tables built from positions) in fp32,
+booleans as int8. View ops make views (targets/views.py); the target never rewrites the graph.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from llmc import dims
+from llmc.errors import LlmcError
+from llmc.ir import Graph, Node, Type, numpy_dtype
+from llmc.ops import OPS
+from llmc.quant import parse_scheme
+
+from ..arena import Buffer, plan_arena
+from ..views import View
+from .elementwise import ElementwiseError, body, compute_type, kernel_source, literal
+
+ALIGN = 256
+SYMBOLS = {"seq", "ctx"}
+POINTER_TYPES = {"f32": "*fp32", "f16": "*fp16", "bf16": "*bf16", "i64": "*i64", "i32": "*i32", "i8": "*i8",
+                 "u8": "*u8"}
+# Ops whose f32 results are activations, stored in the activation dtype.
+ACTIVATIONS = {"linear", "qlinear", "embedding", "qembedding", "rms_norm", "layer_norm", "add_norm", "attention",
+               "rope", "swiglu", "geglu"}
+MAX_NORM_WIDTH = 16384
+
+
+class LoweringError(LlmcError):
+    """A graph the cuda target cannot generate a plan for."""
+
+
+@dataclass
+class KernelTable:
+    """The kernel instances the plans launch: key -> what to compile."""
+    entries: dict[str, dict] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)     # generated module id -> source
+
+    def add(self, module: str, function: str, arguments: list, constexprs: dict, options: dict) -> str:
+        entry = {"module": module, "function": function, "arguments": arguments, "constexprs": constexprs,
+                 "options": options}
+        digest = hashlib.sha256(json.dumps(entry, sort_keys=True).encode()).hexdigest()[:10]
+        key = f"{function.split('_')[0] if module != 'kernels' else function}_{digest}"
+        self.entries[key] = entry
+        return key
+
+
+@dataclass
+class WeightTable:
+    """The weights the plans read, in order, with the dtype each is stored in on the device."""
+    names: list[str] = field(default_factory=list)
+    dtypes: list[str] = field(default_factory=list)
+
+    def index(self, name: str, dtype: str) -> int:
+        if name not in self.names:
+            self.names.append(name)
+            self.dtypes.append(dtype)
+        return self.names.index(name)
+
+
+def _pow2(n: int, least: int = 16) -> int:
+    return max(least, 1 << (max(int(n), 1) - 1).bit_length())
+
+
+def _itemsize(dtype: str) -> int:
+    return 2 if dtype == "bf16" else np.dtype(numpy_dtype(dtype)).itemsize
+
+
+def _f16_weight(node: Node) -> Node | None:
+    """The f16 weight behind ``cast(weight f16) -> f32``, read directly by the kernels."""
+    if node.op == "cast" and node.inputs[0].op == "weight" and node.inputs[0].type.dtype == "f16" \
+            and node.type.dtype == "f32":
+        return node.inputs[0]
+    return None
+
+
+def _operands(node: Node) -> tuple[Node, ...]:
+    """The inputs whose values the node's kernels read."""
+    if node.op == "linear" and _f16_weight(node.inputs[1]) is not None:
+        return (node.inputs[0], _f16_weight(node.inputs[1])) + node.inputs[2:]
+    if node.op == "embedding" and _f16_weight(node.inputs[0]) is not None:
+        return (_f16_weight(node.inputs[0]),) + node.inputs[1:]
+    return node.inputs
+
+
+class PlanLowering:
+    def __init__(self, graph: Graph, kernels: KernelTable, weights: WeightTable, tuning: dict, act: str,
+                 decode: bool):
+        self.graph = graph
+        self.kernels = kernels
+        self.weights = weights
+        self.tuning = tuning
+        self.act = act
+        self.decode = decode            # seq == 1: the decode step, launched as a captured CUDA graph
+        self.steps: list[dict] = []
+        self.buffers: list[Buffer] = []
+        self.values: dict[int, View | tuple[View, ...]] = {}
+        self.index = 0
+        self.out_node: int | None = None
+        self.weight_dtypes = self._weight_storage(graph)
+
+    # -- driver ----------------------------------------------------------------------------
+
+    def run(self, chunk: int) -> dict:
+        graph = self.graph
+        if len(graph.outputs) != 1 or graph.outputs[0].type.dtype != "f32":
+            raise LoweringError("the cuda target lowers graphs with one f32 output")
+        for node in graph.nodes():
+            for d in (node.type.shape if isinstance(node.type, Type) else ()):
+                if not isinstance(d, int) and not dims.symbols(d) <= SYMBOLS:
+                    raise LoweringError(f"dimension {d} of {node.op} uses symbols other than seq and ctx")
+        out = graph.outputs[0]
+        producer = out
+        while producer.op == "reshape":
+            producer = producer.inputs[0]
+        self.out_node = id(producer) if producer.op in ("linear", "qlinear") else None
+        order = graph.nodes()
+        needed = {id(out)}
+        for node in reversed(order):
+            if id(node) in needed:
+                needed.update(id(i) for i in _operands(node))
+        for self.index, node in enumerate(order):
+            if id(node) in needed:
+                try:
+                    self.values[id(node)] = self.lower(node)
+                except ElementwiseError as exc:
+                    raise LoweringError(f"cannot lower {node.op} ({exc}); build with --target cpu") from None
+        self.index = len(order)
+        result = self.read(out)
+        if not (result.base == "out" and result.contiguous and result.offset == 0):
+            self.copy_into(result, View.of_buffer("f32", result.shape, "out"))
+        arena = plan_arena(self.buffers, {"seq": 1 if self.decode else chunk}, ALIGN)
+        return {"arena_bytes": arena, "steps": [self._resolve(step) for step in self.steps]}
+
+    def _weight_storage(self, graph: Graph) -> dict[str, str]:
+        """Device dtype per weight: f32 matrices that only linears and embeddings read are stored
+        in the activation dtype (what the tensor cores take); other f32 weights stay fp32."""
+        readers: dict[str, set[str]] = {}
+        for node in graph.nodes():
+            for slot, i in enumerate(node.inputs):
+                if i.op == "weight":
+                    matrix = (node.op == "linear" and slot == 1) or (node.op == "embedding" and slot == 0)
+                    readers.setdefault(i.attrs["name"], set()).add("matrix" if matrix else "other")
+        out = {}
+        for node in graph.nodes():
+            if node.op == "weight":
+                name, dtype = node.attrs["name"], node.type.dtype
+                out[name] = self.act if dtype == "f32" and readers.get(name) == {"matrix"} else self._storage(dtype)
+        return out
+
+    def _storage(self, dtype: str, activation: bool = False) -> str:
+        if dtype == "bool":
+            return "i8"
+        if dtype == "f64":
+            raise LoweringError("the cuda target has no fp64 storage; build with --target cpu")
+        return self.act if activation and dtype == "f32" else dtype
+
+    # -- values and buffers ----------------------------------------------------------------
+
+    def read(self, node: Node) -> View:
+        value = self.values[id(node)]
+        if isinstance(value, tuple):
+            raise LoweringError(f"{node.op} has several results; read them with get")
+        self._use(value)
+        return value
+
+    def _use(self, view: View) -> None:
+        if view.buffer is not None:
+            buffer = self.buffers[view.buffer]
+            buffer.last = max(buffer.last, self.index)
+
+    def alloc(self, dtype: str, shape, node: Node | None = None) -> View:
+        if node is not None and id(node) == self.out_node:
+            return View.of_buffer("f32", shape, "out")
+        buffer = len(self.buffers)
+        self.buffers.append(Buffer(dims.mul(dims.product(shape), _itemsize(dtype)), self.index, self.index))
+        return View.of_buffer(dtype, shape, f"b{buffer}", buffer)
+
+    def scratch(self, nbytes: int) -> View:
+        return self.alloc("f32", (nbytes // 4,))
+
+    def contiguous(self, view: View) -> View:
+        if view.contiguous:
+            return view
+        out = self.alloc(view.dtype, view.shape)
+        self.copy_into(view, out)
+        return out
+
+    def rows(self, view: View) -> tuple[View, object, object]:
+        got = view.rows()
+        if got is None:
+            view = self.contiguous(view)
+            got = view.rows()
+        return view, got[0], got[1]
+
+    def copy_into(self, source: View, dest: View) -> None:
+        self._elementwise(dest, [source], lambda ops: ([], ops[0][0]))
+
+    # -- launches --------------------------------------------------------------------------
+
+    def launch(self, function: str, grid, args: list[tuple], constexprs: dict, options: dict,
+               module: str = "kernels") -> None:
+        """One kernel launch. ``args`` are (name, value): a View (pointer), a dim (i32) or a float."""
+        arguments, encoded = [], []
+        for name, value in args:
+            if isinstance(value, View):
+                self._use(value)
+                arguments.append([name, POINTER_TYPES[value.dtype]])
+                encoded.append(["p", value.base, dims.mul(value.offset, _itemsize(value.dtype))])
+            elif isinstance(value, float):
+                arguments.append([name, "fp32"])
+                encoded.append(["f", value])
+            else:
+                arguments.append([name, "i32"])
+                encoded.append(["i", dims.canonical(value) if isinstance(value, str) else int(value)])
+        key = self.kernels.add(module, function, arguments, constexprs, options)
+        grid = [list(g) if isinstance(g, tuple) else [g, 1] for g in grid] + [[1, 1]] * (3 - len(grid))
+        self.steps.append({"kernel": key, "grid": grid, "args": encoded})
+
+    def _resolve(self, step: dict) -> dict:
+        """Arena buffers b<k> become offsets into the one arena, now that the plan has placed them."""
+        args = []
+        for arg in step["args"]:
+            if arg[0] == "p" and arg[1].startswith("b"):
+                arg = ["p", "arena", dims.add(self.buffers[int(arg[1][1:])].offset, arg[2])]
+            args.append(arg)
+        return {**step, "args": args}
+
+    def _options(self, kind: str) -> dict:
+        tune = self.tuning[kind]
+        return {"num_warps": tune["num_warps"], "num_stages": tune.get("num_stages", 1)}
+
+    # -- the ops -----------------------------------------------------------------------------
+
+    def lower(self, node: Node):
+        op, a, t = node.op, node.attrs, node.type
+        if op == "input":
+            return self._input(node)
+        if op == "weight":
+            dtype = self.weight_dtypes[a["name"]]
+            return View.of_buffer(dtype, t.shape, f"w{self.weights.index(a['name'], dtype)}")
+        if op in ("const", "full"):
+            return View.scalar(t.dtype, literal(a["value"], t.dtype), t.shape if op == "full" else ())
+        if op == "arange":
+            if not isinstance(a["start"], int):
+                raise LoweringError(f"arange from {a['start']} is not supported by the cuda target")
+            out = self.alloc(self._storage(t.dtype), t.shape, node)
+            self._elementwise(out, [], lambda ops: ([], f"({a['start']} + {a['step']} * i).to({compute_type(t.dtype)})"))
+            return out
+        if op == "reshape":
+            view = self.read(node.inputs[0])
+            reshaped = view.reshape(t.shape)
+            return reshaped if reshaped is not None else self.contiguous(view).reshape(t.shape)
+        if op == "permute":
+            return self.read(node.inputs[0]).permute(a["perm"])
+        if op == "slice":
+            return self.read(node.inputs[0]).slice(a["axis"], a["start"], a["end"], a["step"], t.shape[a["axis"]])
+        if op == "expand":
+            return self.read(node.inputs[0]).expand(t.shape)
+        if op == "get":
+            value = self.values[id(node.inputs[0])]
+            self._use(value[a["index"]])
+            return value[a["index"]]
+        if op == "concat":
+            parts = [self.read(i) for i in node.inputs]
+            out = self.alloc(self._storage(t.dtype, any(p.dtype == self.act for p in parts)), t.shape, node)
+            start = 0
+            for i, part in zip(node.inputs, parts):
+                length = i.type.shape[a["axis"]]
+                self.copy_into(part, out.slice(a["axis"], start, dims.add(start, length), 1, length))
+                start = dims.add(start, length)
+            return out
+        if op in ("swiglu", "geglu") or (op in OPS and OPS[op].kind == "elementwise"):
+            return self._node_elementwise(node)
+        handler = getattr(self, "_" + op, None)
+        if handler is None:
+            raise LoweringError(f"the cuda target has no kernel for op {op!r} "
+                                f"({OPS[op].doc if op in OPS else ''}); build with --target cpu")
+        return handler(node)
+
+    def _input(self, node: Node) -> View:
+        name, t = node.attrs["name"], node.type
+        if name == "tokens":
+            return View.of_buffer("i64", t.shape, "tokens")
+        if name == "start_pos":
+            return View.scalar("i64", "start_pos")
+        caches = [i.attrs["name"] for i in self.graph.inputs[2:]]
+        if name in caches:
+            if t.dtype != "f32":
+                raise LoweringError(f"the cuda target keeps the KV cache in {self.act}; build with --kv f32")
+            return View.of_buffer(self.act, t.shape, f"c{caches.index(name)}")
+        raise LoweringError(f"graph input {name!r} is not one of tokens, start_pos or the caches")
+
+    # -- elementwise -----------------------------------------------------------------------
+
+    def _node_elementwise(self, node: Node) -> View:
+        inputs = [self.read(i) for i in node.inputs]
+        activation = any(v.literal is None and v.dtype == self.act for v in inputs) or node.op in ACTIVATIONS
+        out = self.alloc(self._storage(node.type.dtype, activation), node.type.shape, node)
+        ir_types = [i.type.dtype for i in node.inputs]
+        self._elementwise(out, inputs, lambda ops: body(node.op, node.attrs, ops, node.type.dtype), ir_types)
+        return out
+
+    def _elementwise(self, out: View, inputs: list[View], make_body, ir_types: list[str] | None = None) -> None:
+        """out = body(inputs) by a generated kernel. ``make_body(operands)`` gets (expression, IR
+        dtype) per input and returns (statements, result expression)."""
+        ir_types = ir_types or [_ir_of(v.dtype) for v in inputs]
+        shape = out.shape
+        views = [v.expand(shape) if v.shape != shape else v for v in inputs]
+        pointers = [k for k, v in enumerate(views) if v.literal is None]
+        operands, reads_start = [], False
+        for k, v in enumerate(views):
+            if v.literal is None:
+                operands.append((f"a{pointers.index(k)}", ir_types[k]))
+            else:
+                reads_start |= v.literal == "start_pos"
+                operands.append((v.literal, ir_types[k]))
+        statements, result = make_body(operands)
+        name, source = kernel_source(statements, result, [(views[k].dtype, ir_types[k]) for k in pointers],
+                                     reads_start)
+        self.kernels.sources[name] = source
+        lead, inner, strides = _collapse(shape, [out.strides] + [views[k].strides for k in pointers])
+        rows = dims.product(lead)
+        tune = self.tuning["elementwise"]
+        block = tune["BLOCK"] if not isinstance(inner, int) else min(tune["BLOCK"], _pow2(inner, 32))
+        args: list[tuple] = [("out", out)] + [(f"os{a}", s) for a, s in enumerate(strides[0])]
+        for index, k in enumerate(pointers):
+            args += [(f"in{index}", views[k])] + [(f"s{index}_{a}", s) for a, s in enumerate(strides[1 + index])]
+        meta = View.of_buffer("i64", (1,), "meta")
+        args += [("meta", meta), ("D1", lead[1]), ("D2", lead[2]), ("I", inner)]
+        self.launch(name, [rows, (inner, block)], args, {"BLOCK": block}, self._options("elementwise"), module=name)
+
+    # -- linear algebra ---------------------------------------------------------------------
+
+    def _gemv(self, rows) -> bool:
+        return rows == 1 or (self.decode and dims.symbols(rows) <= {"seq"} and dims.evaluate(rows, {"seq": 1}) == 1)
+
+    def _matmul(self, node: Node, x: View, m, ldx, parts: list[View], mode: int, group: int, bias) -> View:
+        n, k = parts[0].shape[0], node.inputs[0].type.shape[-1]
+        out = self.alloc(self.act, node.type.shape, node)
+        gemv = self._gemv(m)
+        tune = self.tuning["gemv" if gemv else "gemm"]
+        w, scales, mins = (parts + [parts[0]] * 2)[:3]
+        if mode == 8:
+            mins = scales
+        bias_view = self.contiguous(self.read(bias)) if bias is not None else w
+        block_m = 1 if gemv else tune["BLOCK_M"]
+        grid = [(n, tune["BLOCK_N"]), m if gemv else (m, block_m)]
+        self.launch("linear", grid, [("x", x), ("ldx", ldx), ("w", w), ("scales", scales), ("mins", mins),
+                                     ("bias", bias_view), ("out", out), ("ldo", n), ("M", m), ("N", n), ("K", k)],
+                    {"MODE": mode, "GROUP": group, "HAS_BIAS": bias is not None, "BLOCK_M": block_m,
+                     "BLOCK_N": tune["BLOCK_N"], "BLOCK_K": tune["BLOCK_K"]}, self._options("gemv" if gemv else "gemm"))
+        return out
+
+    def _linear(self, node: Node) -> View:
+        x, m, ldx = self.rows(self.read(node.inputs[0]))
+        f16 = _f16_weight(node.inputs[1])
+        w = self.read(f16) if f16 is not None else self.contiguous(self.read(node.inputs[1]))
+        return self._matmul(node, x, m, ldx, [w], 0, 1, node.inputs[2] if len(node.inputs) > 2 else None)
+
+    def _qlinear(self, node: Node) -> View:
+        scheme = parse_scheme(node.attrs["scheme"])
+        count = 2 if scheme.symmetric else 3
+        x, m, ldx = self.rows(self.read(node.inputs[0]))
+        parts = [self.contiguous(self.read(i)) for i in node.inputs[1:1 + count]]
+        bias = node.inputs[1 + count] if len(node.inputs) > 1 + count else None
+        return self._matmul(node, x, m, ldx, parts, scheme.bits, scheme.group, bias)
+
+    def _embedding(self, node: Node) -> View:
+        f16 = _f16_weight(node.inputs[0])
+        table = self.read(f16) if f16 is not None else self.contiguous(self.read(node.inputs[0]))
+        return self._lookup(node, [table], self.contiguous(self.read(node.inputs[1])), 0, 1)
+
+    def _qembedding(self, node: Node) -> View:
+        scheme = parse_scheme(node.attrs["scheme"])
+        count = 2 if scheme.symmetric else 3
+        parts = [self.contiguous(self.read(i)) for i in node.inputs[:count]]
+        return self._lookup(node, parts, self.contiguous(self.read(node.inputs[count])), scheme.bits, scheme.group)
+
+    def _lookup(self, node: Node, parts: list[View], ids: View, mode: int, group: int) -> View:
+        width = node.type.shape[-1]
+        out = self.alloc(self.act, node.type.shape, node)
+        table, scales, mins = (parts + [parts[0]] * 2)[:3]
+        if mode == 8:
+            mins = scales
+        block = min(1024, _pow2(width))
+        self.launch("embedding", [dims.product(ids.shape), (width, block)],
+                    [("table", table), ("scales", scales), ("mins", mins), ("ids", ids), ("out", out),
+                     ("WIDTH", width)], {"MODE": mode, "GROUP": group, "BLOCK": block}, {"num_warps": 4, "num_stages": 1})
+        return out
+
+    # -- norms and RoPE ---------------------------------------------------------------------
+
+    def _norm(self, node: Node, kind: int, x: View, ldx, rows, residual: tuple | None, params) -> tuple[View, View]:
+        width = x.shape[-1]
+        if _pow2(width) > MAX_NORM_WIDTH:
+            raise LoweringError(f"rows of {width} values exceed the cuda norm kernel's {MAX_NORM_WIDTH}")
+        shape = node.type.types[0].shape if residual else node.type.shape
+        total = self.alloc(self.act, shape) if residual else x
+        normed = self.alloc(self.act, shape, None if residual else node)
+        weights = [self.contiguous(self.read(p)) for p in params]
+        w, b = (weights + [x, x])[:2]
+        r, ldr = residual if residual else (x, ldx)
+        self.launch("norm", [rows], [("x", x), ("ldx", ldx), ("r", r), ("ldr", ldr), ("w", w), ("b", b),
+                                     ("total", total), ("normed", normed), ("N", width),
+                                     ("eps", float(node.attrs["eps"]))],
+                    {"KIND": kind, "ADD": residual is not None, "HAS_W": len(weights) > 0, "HAS_B": len(weights) > 1,
+                     "BLOCK": _pow2(width)}, {"num_warps": 4 if width <= 4096 else 8, "num_stages": 1})
+        return total, normed
+
+    def _rms_norm(self, node: Node) -> View:
+        x, rows, ldx = self.rows(self.read(node.inputs[0]))
+        return self._norm(node, 0, x, ldx, rows, None, node.inputs[1:])[1]
+
+    def _layer_norm(self, node: Node) -> View:
+        x, rows, ldx = self.rows(self.read(node.inputs[0]))
+        return self._norm(node, 1, x, ldx, rows, None, node.inputs[1:])[1]
+
+    def _add_norm(self, node: Node) -> tuple[View, View]:
+        x, rows, ldx = self.rows(self.read(node.inputs[0]))
+        r, _, ldr = self.rows(self.read(node.inputs[1]))
+        return self._norm(node, 0 if node.attrs["norm"] == "rms" else 1, x, ldx, rows, (r, ldr), node.inputs[2:])
+
+    def _rope(self, node: Node) -> View:
+        x, cos, sin = (self.read(i) for i in node.inputs)
+        shape = node.type.shape
+        if len(shape) > 4:
+            raise LoweringError(f"rope over rank {len(shape)} is not supported by the cuda target")
+        if x.strides[-1] != 1:
+            x = self.contiguous(x)
+        cos, sin = (self.contiguous(v) if v.literal is not None else v.expand(shape) for v in (cos, sin))
+        pad = 4 - len(shape)
+        full = (1,) * pad + tuple(shape)
+
+        def strides(view: View):
+            return (0,) * pad + tuple(view.strides)
+
+        xs, cs, ss = strides(x), strides(cos), strides(sin)
+        out = self.alloc(self.act, shape, node)
+        rows = dims.product(full[:3])
+        self.launch("rope", [rows], [("x", x), ("xs0", xs[0]), ("xs1", xs[1]), ("xs2", xs[2]),
+                                     ("c", cos), ("cs0", cs[0]), ("cs1", cs[1]), ("cs2", cs[2]), ("cs3", cs[3]),
+                                     ("s", sin), ("ss0", ss[0]), ("ss1", ss[1]), ("ss2", ss[2]), ("ss3", ss[3]),
+                                     ("out", out), ("D1", full[1]), ("D2", full[2]), ("D", full[3])],
+                    {"BLOCK": _pow2(full[3])}, {"num_warps": 1, "num_stages": 1})
+        return out
+
+    # -- attention ---------------------------------------------------------------------------
+
+    def _attention(self, node: Node) -> View:
+        a = node.attrs
+        q, k, v = (self._heads(self.read(i)) for i in node.inputs[:3])
+        k_cache, v_cache = (self.read(i) for i in node.inputs[3:5])
+        layers, heads_kv, ctx, head_dim = k_cache.shape
+        heads, seq = q.shape[1], q.shape[2]
+        layer_at = dims.mul(a["layer"], dims.mul(dims.mul(heads_kv, ctx), head_dim))
+        kc = View(self.act, (heads_kv, ctx, head_dim), (dims.mul(ctx, head_dim), head_dim, 1), k_cache.base, layer_at)
+        vc = View(self.act, (heads_kv, ctx, head_dim), (dims.mul(ctx, head_dim), head_dim, 1), v_cache.base, layer_at)
+        meta = View.of_buffer("i64", (1,), "meta")
+        block_d = _pow2(head_dim)
+        self.launch("kv_append", [seq, heads_kv],
+                    [("k", k), ("k_sh", k.strides[1]), ("k_ss", k.strides[2]), ("v", v), ("v_sh", v.strides[1]),
+                     ("v_ss", v.strides[2]), ("kc", kc), ("vc", vc), ("meta", meta), ("CTX", "ctx"),
+                     ("D", head_dim)], {"BLOCK_D": block_d}, {"num_warps": 1, "num_stages": 1})
+        # The result is laid out [seq, heads, head_dim], what the next permute + reshape reads.
+        raw = self.alloc(self.act, (seq, heads, head_dim))
+        out = raw.reshape((1, seq, heads, head_dim)).permute((0, 2, 1, 3))
+        common = [("CTX", "ctx"), ("GROUP", heads // heads_kv), ("D", head_dim), ("scale", float(a["scale"])),
+                  ("WINDOW", int(a["window"] or 0))]
+        if self.decode:
+            tune = self.tuning["attn_decode"]
+            splits = tune["SPLITS"]
+            part = self.scratch(heads * splits * (block_d + 2) * 4)
+            self.launch("attn_decode", [heads, splits],
+                        [("q", q), ("q_sh", q.strides[1]), ("kc", kc), ("vc", vc), ("part", part),
+                         ("meta", meta)] + common,
+                        {"SPLITS": splits, "BLOCK_N": tune["BLOCK_N"], "BLOCK_D": block_d}, self._options("attn_decode"))
+            self.launch("attn_merge", [heads], [("part", part), ("out", raw), ("o_sh", head_dim), ("D", head_dim)],
+                        {"SPLITS": splits, "BLOCK_D": block_d}, {"num_warps": 1, "num_stages": 1})
+        else:
+            tune = self.tuning["attn_prefill"]
+            self.launch("attn_prefill", [(seq, tune["BLOCK_M"]), heads],
+                        [("q", q), ("q_sh", q.strides[1]), ("q_ss", q.strides[2]), ("kc", kc), ("vc", vc),
+                         ("out", raw), ("o_sh", head_dim), ("o_ss", heads * head_dim), ("meta", meta),
+                         ("SEQ", seq)] + common,
+                        {"BLOCK_M": tune["BLOCK_M"], "BLOCK_N": tune["BLOCK_N"], "BLOCK_D": block_d},
+                        self._options("attn_prefill"))
+        return out
+
+    def _attention_kv8(self, node: Node) -> View:
+        raise LoweringError("the cuda target has no int8 KV cache yet; build with --kv f32 (the cache is then "
+                            "stored in the activation dtype on the GPU)")
+
+    def _heads(self, view: View) -> View:
+        return view if view.strides[-1] == 1 or view.shape[-1] == 1 else self.contiguous(view)
+
+
+def _ir_of(storage: str) -> str:
+    return "f32" if storage in ("f16", "bf16") else storage
+
+
+def _collapse(shape, all_strides) -> tuple[tuple, object, list[tuple]]:
+    """(lead sizes x3, inner size, per view (strides of the 3 lead axes + inner)) for the kernels'
+    rank-4 indexing: axes of size 1 dropped, adjacent axes merged where every view steps through
+    them as one, and the rest padded in front."""
+    axes = [a for a, size in enumerate(shape) if size != 1]
+    sizes = [shape[a] for a in axes]
+    strides = [[s[a] for a in axes] for s in all_strides]
+    while len(sizes) > 4:
+        for a in range(len(sizes) - 2, -1, -1):
+            if all(s[a] == dims.mul(s[a + 1], sizes[a + 1]) for s in strides):
+                sizes[a:a + 2] = [dims.mul(sizes[a], sizes[a + 1])]
+                for s in strides:
+                    s[a:a + 2] = [s[a + 1]]
+                break
+        else:
+            raise LoweringError(f"an elementwise op over shape {shape} needs more than 4 axes on the cuda target")
+    pad = 4 - len(sizes)
+    sizes = [1] * pad + sizes
+    strides = [tuple([0] * pad + s) for s in strides]
+    return tuple(sizes[:3]), sizes[3], strides
+
+
+def lower_graph(graph: Graph, kernels: KernelTable, weights: WeightTable, tuning: dict, act: str, decode: bool,
+                chunk: int) -> dict:
+    return PlanLowering(graph, kernels, weights, tuning, act, decode).run(chunk)
