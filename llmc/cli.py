@@ -57,9 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    description="Trace, optimise and package a model for one target.")
     compile_.add_argument("source", help="Hugging Face model directory, .gguf file, built-in name or module:factory")
     compile_.add_argument("-o", "--output", required=True, help="the .llmc file to write")
-    compile_.add_argument("--target", default="cpu", choices=["cpu", "ref"],
-                          help="cpu (default): generated C built into a shared library; ref: the reference "
+    compile_.add_argument("--target", default="cpu", choices=["cpu", "cuda", "ref"],
+                          help="cpu (default): generated C built into a shared library; cuda: Triton kernels "
+                               "cross-compiled to cubins (no GPU needed to build); ref: the reference "
                                "interpreter (numpy; portable, slow, the oracle)")
+    compile_.add_argument("--arch", default=None, metavar="ARCHES",
+                          help="GPU archs of a cuda build, comma-separated: sm_80, sm_86, sm_89, sm_90 "
+                               "(default sm_80,sm_90)")
+    compile_.add_argument("--act-dtype", default="f16", choices=["f16", "bf16"],
+                          help="activation and KV cache dtype of a cuda build (fp32 accumulation either way)")
     compile_.add_argument("--cpu-level", default=None, choices=["x86-64-v3", "portable", "native"],
                           help="CPU feature level of a cpu build: x86-64-v3 (AVX2/FMA, the default on such "
                                "machines), portable (plain C), native (this machine's every feature)")
@@ -124,12 +130,16 @@ def run_compile(args) -> int:
     from llmc.compiler import compile_model
 
     report = compile_model(args.source, args.output, target=args.target, quant=args.quant, kv=args.kv,
-                           calib=args.calib, cpu_level=args.cpu_level, tune=args.tune,
-                           attn_implementation=args.attn)
+                           calib=args.calib, cpu_level=args.cpu_level, tune=args.tune, arch=args.arch,
+                           act=args.act_dtype, attn_implementation=args.attn)
     phases = ", ".join(f"{k} {v:.1f} s" for k, v in report.phases.items())
     print(f"wrote {report.output} ({report.file_bytes / 1e6:.1f} MB, weights {report.weight_bytes / 1e6:.1f} MB) "
           f"for target {args.target}, {args.quant}, KV cache {args.kv}, in {report.seconds:.1f} s ({phases})")
-    if report.target:
+    if report.target and args.target == "cuda":
+        launches = ", ".join(f"{k} x{n}" for k, n in report.target["kernels"].items())
+        print(f"cuda {','.join(report.target['arches'])}: {report.target['compiled']} kernels compiled, "
+              f"{report.target['cached']} from the cache; a decode step launches {launches}")
+    elif report.target:
         kernels = ", ".join(f"{k.removeprefix('llmc_')} x{n}" for k, n in report.target["kernels"].items())
         tuning = ", ".join(f"{n} {k}" for k, n in report.target["tuning"].items() if n)
         print(f"cpu {report.target['level']}: library {report.target['library_bytes'] / 1e3:.0f} kB; kernels: "
@@ -229,6 +239,25 @@ def _is_artifact(path: str) -> bool:
         return False
 
 
+def _describe_cuda(art, out) -> None:
+    import json
+
+    target = art.manifest["target"]
+    plan = json.loads(bytes(art.section("cuda_plan")).decode())
+    launches = ", ".join(f"{k} x{n}" for k, n in target["decode_launches"].items())
+    out.write(f"cuda      activations and KV cache {target['act_dtype']}, up to {target['chunk']} tokens a call, "
+              f"activation arena {target['arena_bytes'] / 1e6:.1f} MB; a decode step launches {launches}\n")
+    for arch in target["arches"]:
+        cubins = plan["cubins"][arch]
+        size = len(art.section(f"cubin_sm{arch[3:]}"))
+        out.write(f"cubins    {arch}: {len(cubins)} kernels, {size / 1e3:.0f} kB\n")
+        for key in sorted(cubins):
+            entry, meta = plan["kernels"][key], cubins[key]
+            params = ", ".join(f"{k}={v}" for k, v in sorted(entry["constexprs"].items()))
+            out.write(f"            {meta['name']:<28} {meta['num_warps']} warps, {meta['shared']:>6} B shared"
+                      f"{', ' + params if params else ''}\n")
+
+
 def inspect_artifact(path: str) -> int:
     from llmc.artifact import read_artifact
 
@@ -244,8 +273,12 @@ def inspect_artifact(path: str) -> int:
         kernels = ", ".join(f"{k.removeprefix('llmc_')} x{n}" for k, n in target["kernels"].items())
         out.write(f"cpu       level {target['level']}, up to {target['chunk']} tokens a call, activation arena "
                   f"{target['arena_bytes'] / 1e6:.1f} MB; kernels: {kernels}\n")
+    if target["name"] == "cuda":
+        _describe_cuda(art, out)
     features = m.get("requires", {}).get("cpu_features") or []
-    out.write(f"requires  {', '.join(features) if features else 'nothing beyond numpy'}\n")
+    arches = m.get("requires", {}).get("cuda_arches") or []
+    needs = features + ([f"an NVIDIA GPU of {' or '.join(arches)} (or a later minor of the same major)"] if arches else [])
+    out.write(f"requires  {', '.join(needs) if needs else 'nothing beyond numpy'}\n")
     out.write(f"model     {model['source']} ({model['kind']}){': ' + _describe_config(config) if config else ''}\n")
     out.write(f"quant     {m['quantization']}\n")
     kv = m["kv_cache"]

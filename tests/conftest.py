@@ -9,6 +9,9 @@ import pytest
 
 # The verifier runs after every pipeline phase under tests.
 os.environ["LLMC_VERIFY"] = "1"
+# cuda kernels run on CPU tensors through Triton's interpreter (the switch is read when Triton is
+# imported); cross-compilation runs in worker processes without it.
+os.environ["TRITON_INTERPRET"] = "1"
 
 COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)

@@ -165,3 +165,52 @@ def test_gguf_passthrough_on_the_cpu_target(artifact, smollm2, tmp_path):
     ppl_f = perplexity(exact, tokens, 256, 128).perplexity
     assert perplexity(quantized, tokens, 256, 128).perplexity == pytest.approx(ppl_f, rel=1e-5)   # prefill: exact
     assert ppl_f < perplexity(quantized, tokens, 256, 128, by_step=True).perplexity < ppl_f * 1.01
+
+
+def test_cuda_artifact_holds_cubins_for_each_arch(smollm2, tmp_path, capsys):
+    from llmc.artifact import read_artifact
+    from llmc.cli import main
+    from llmc.compiler import compile_model
+
+    path = tmp_path / "s-cuda.llmc"
+    compile_model(smollm2, path, target="cuda", arch="sm_80,sm_90", progress=None)
+    art = read_artifact(path)
+    assert art.manifest["target"]["arches"] == ["sm_80", "sm_90"]
+    for arch in ("sm_80", "sm_90"):
+        assert bytes(art.section(f"cubin_sm{arch[3:]}")[:4]) == b"\x7fELF"
+    assert main(["inspect", str(path)]) == 0
+    shown = capsys.readouterr().out
+    assert "cubins    sm_80:" in shown and "cubins    sm_90:" in shown and "attn_decode" in shown
+
+
+def test_cuda_plans_of_the_first_layer_match_the_cpu_target(reference_model, tmp_path, monkeypatch):
+    """SmolLM2 cut to its first layer (real weights, real shapes), its cuda plans run by Triton's
+    interpreter against the cpu artifact: prefill logits, then decode steps over the cache. A tuned
+    table with wide blocks (read from the cache folder, as a table measured on a GPU would be)
+    keeps the interpreter's program count, hence its time, down."""
+    import copy
+    import json
+
+    import numpy as np
+
+    import llmc
+    from llmc.compiler import compile_model
+
+    model = copy.deepcopy(reference_model)
+    model.model.layers = model.model.layers[:1]
+    model.config.num_hidden_layers = 1
+    imported = import_model(model)
+    monkeypatch.setenv("LLMC_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "cache" / "cuda").mkdir(parents=True)
+    wide = {"gemv": {"BLOCK_N": 128, "BLOCK_K": 256}, "gemm": {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 64}}
+    (tmp_path / "cache" / "cuda" / "tuning.json").write_text(json.dumps({"sm_80": wide}))
+    compile_model(imported, tmp_path / "c.llmc", target="cuda", arch="sm_80", progress=None)
+    compile_model(imported, tmp_path / "h.llmc", target="cpu", progress=None)
+    host = llmc.load(tmp_path / "h.llmc", max_context=32)
+    monkeypatch.setenv("LLMC_CUDA_EMULATE", "1")
+    gpu = llmc.load(tmp_path / "c.llmc", max_context=32)
+    ids = [1, 4093, 314, 253, 1345, 28, 2365, 30, 378, 17, 42]
+    assert relative_error(gpu.step(ids, 0), host.step(ids, 0)) < 5e-3
+    for pos, token in enumerate([915, 281], start=len(ids)):
+        got, want = gpu.step([token], pos), host.step([token], pos)
+        assert relative_error(got, want) < 5e-3 and np.argmax(got) == np.argmax(want)

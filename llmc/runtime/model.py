@@ -152,6 +152,19 @@ class Model:
     def _tokens(self, ids: np.ndarray, max_new_tokens: int, sampler: Sampler) -> Iterator[int]:
         eos = set(self.manifest.get("eos_token_ids") or [])
         history = list(ids)
+        on_device = getattr(self.executor, "step_token", None)
+        if on_device and sampler.params.repetition_penalty == 1.0:
+            # The device samples; only token ids cross to the host (the penalty needs the history).
+            token = on_device(ids, 0, sampler.params, 0)
+            for step in range(max_new_tokens):
+                if token in eos:
+                    return
+                yield token
+                history.append(token)
+                if step + 1 < max_new_tokens:
+                    self._fits(len(history))
+                    token = on_device(np.array([token], np.int64), len(history) - 1, sampler.params, step + 1)
+            return
         logits = self.step(ids, 0)
         for step in range(max_new_tokens):
             token = sampler(logits, history)

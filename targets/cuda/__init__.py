@@ -66,6 +66,7 @@ def compile_graphs(graphs: dict[str, Graph], *, arches=None, act: str = "f16", c
     for every arch in ``arches``."""
     from .build import cache_dir, compile_kernels
     from .lower import KernelTable, WeightTable, lower_graph
+    from .plan import SAMPLE_STEPS
     from .tuning import table
 
     check_options(arches, act, chunk)
@@ -79,15 +80,18 @@ def compile_graphs(graphs: dict[str, Graph], *, arches=None, act: str = "f16", c
             "graph": lower_graph(graphs["graph"], kernels, weights, tuning, act, False, chunk),
             "graph_all": lower_graph(graphs["graph_all"], kernels, weights, tuning, act, False, chunk),
         }
-    # Each arch compiles only the kernels its own plans launch.
-    used = {name: {s["kernel"] for plan in arch_plans.values() for s in plan["steps"]}
+    sampling = {
+        "argmax": kernels.add("kernels", "argmax", [["logits", "*fp32"], ["N", "i32"], ["token", "*i64"]],
+                              {"BLOCK": 1024}, {"num_warps": 4, "num_stages": 1}),
+        "sample": kernels.add("kernels", "sample", [["logits", "*fp32"], ["N", "i32"], ["params", "*fp32"],
+                                                    ["seed", "i32"], ["token", "*i64"]],
+                              {"BLOCK": 1024, "STEPS": SAMPLE_STEPS}, {"num_warps": 4, "num_stages": 1}),
+    }
+    # Each arch compiles only the kernels its own plans launch, and the sampling kernels.
+    used = {name: {s["kernel"] for plan in arch_plans.values() for s in plan["steps"]} | set(sampling.values())
             for name, arch_plans in plans.items()}
-    compiled, cached = {}, 0
-    for arch in targets:
-        mine = {k: kernels.entries[k] for k in sorted(used[f"sm_{arch}"])}
-        got, hits = compile_kernels(mine, kernels.sources, [arch], progress)
-        compiled.update(got)
-        cached += hits
+    wanted = {arch: {k: kernels.entries[k] for k in sorted(used[f"sm_{arch}"])} for arch in targets}
+    compiled, cached = compile_kernels(wanted, kernels.sources, progress)
     sections, table_of = {}, {}
     for arch, entries in compiled.items():
         blob, index = bytearray(), {}
@@ -98,7 +102,7 @@ def compile_graphs(graphs: dict[str, Graph], *, arches=None, act: str = "f16", c
             blob += b"\0" * (-len(blob) % 256)
         sections[f"cubin_sm{arch}"] = bytes(blob)
         table_of[f"sm_{arch}"] = index
-    plan = {"plans": plans, "kernels": {k: kernels.entries[k] for k in sorted(set().union(*used.values()))},
+    plan = {"plans": plans, "sampling": sampling, "kernels": {k: kernels.entries[k] for k in sorted(set().union(*used.values()))},
             "cubins": table_of}
     sections["cuda_plan"] = json.dumps(plan, sort_keys=True).encode()
     sources = {name: src for name, src in kernels.sources.items() if name in {e["module"] for e in plan["kernels"].values()}}

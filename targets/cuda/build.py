@@ -21,6 +21,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from importlib import metadata
 from pathlib import Path
 
@@ -51,18 +52,19 @@ def job_key(job: dict) -> str:
     return hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()
 
 
-def compile_kernels(kernels: dict[str, dict], sources: dict[str, str], arches: list[int], progress=None,
+def compile_kernels(kernels: dict[int, dict[str, dict]], sources: dict[str, str], progress=None,
                     workers: int | None = None) -> tuple[dict[int, dict[str, tuple[bytes, dict]]], int]:
-    """{arch: {key: (cubin, launch metadata)}} for every kernel, and how many came from the cache."""
+    """{arch: {key: (cubin, launch metadata)}} for the kernels wanted per arch, and how many came
+    from the cache."""
     version = triton_version()
     folder = cache_dir() / "kernels"
     jobs: dict[str, dict] = {}
     wanted: dict[int, dict[str, str]] = {}
-    for arch in arches:
-        for key, entry in sorted(kernels.items()):
+    for arch, entries in kernels.items():
+        for key, entry in sorted(entries.items()):
             source = KERNELS.read_text() if entry["module"] == "kernels" else sources[entry["module"]]
             job = {"source": source, "function": entry["function"], "arguments": entry["arguments"],
-                   "constexprs": entry["constexprs"], "options": entry["options"], "arch": arch, "triton": version}
+                   "constexprs": entry["constexprs"], "options": entry["options"], "arch": arch, "triton": version, "line_info": False}
             digest = job_key(job)
             jobs[digest] = job
             wanted.setdefault(arch, {})[key] = digest
@@ -88,26 +90,31 @@ def _run_workers(jobs: dict[str, dict], folder: Path, progress, workers: int | N
     shares = [dict(list(jobs.items())[i::count]) for i in range(count)]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_CACHE_DIR", str(cache_dir() / "triton"))
+    env["TRITON_DISABLE_LINE_INFO"] = "1"      # line info names the source file's path: builds must not
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    # stderr goes to files: a worker blocked on a full pipe while we read another would never finish.
+    logs = [tempfile.TemporaryFile("w+") for _ in shares]
     procs = [subprocess.Popen([sys.executable, "-m", "llmc.targets.cuda.build", str(folder)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in shares]
+                              stdout=subprocess.PIPE, stderr=log, text=True, env=env) for log in logs]
     for proc, share in zip(procs, shares):
         proc.stdin.write(json.dumps(share))
         proc.stdin.close()
     done = 0
     failures = []
-    for proc in procs:
+    for proc, log in zip(procs, logs):
         for line in proc.stdout:
             if line.startswith("done "):
                 done += 1
-                if progress:
+                if progress and progress.isatty():
                     progress.write(f"\r      cuda kernels: compiled {done}/{len(jobs)}")
                     progress.flush()
             elif line.startswith("error "):
                 failures.append(line[6:].strip())
-        stderr = proc.stderr.read()
+        log.seek(0)
+        stderr = log.read()
         if proc.wait() != 0 and not failures:
             failures.append(stderr.strip().splitlines()[-1] if stderr.strip() else f"worker exited {proc.returncode}")
-    if progress:
+    if progress and progress.isatty():
         progress.write("\n")
     if failures:
         raise BuildError("Triton could not compile a cuda kernel: " + failures[0])

@@ -17,7 +17,7 @@ import numpy as np
 from llmc.artifact import Artifact
 from llmc.errors import LlmcError
 
-from .plan import plan_for, read_program, to_storage
+from .plan import Launch, PlanRunner, read_program, to_storage
 
 TORCH_DTYPES = {"*fp32": "float32", "*fp16": "float16", "*bf16": "bfloat16", "*i64": "int64", "*i32": "int32",
                 "*i8": "int8", "*u8": "uint8"}
@@ -53,7 +53,7 @@ def load_module(source: str, folder):
     return module
 
 
-class EmulatedExecutor:
+class EmulatedExecutor(PlanRunner):
     """Target ``cuda`` on the CPU: the same plans and kernels, run by Triton's interpreter."""
 
     def __init__(self, artifact: Artifact, threads: int | None = None, arch: str | None = None):
@@ -109,24 +109,30 @@ class EmulatedExecutor:
         usable = (raw.numel() - offset) // size * size
         return raw[offset: offset + usable].view(dtype)
 
-    def run(self, graph: str, tokens: np.ndarray, start_pos: int, caches=None) -> np.ndarray:
+    def _begin(self, ids: np.ndarray, start_pos: int) -> None:
         torch = self.torch
-        pieces = []
-        for at in range(0, len(tokens), self.program.chunk):
-            ids = np.ascontiguousarray(tokens[at: at + self.program.chunk], dtype=np.int64)
-            rows = len(ids) if graph == "graph_all" else 1
-            out = torch.zeros((rows, self.vocab), dtype=torch.float32)
-            buffers = {"arena": self.arena, "out": out, "tokens": torch.from_numpy(ids.copy()),
-                       "meta": torch.tensor([start_pos + at, len(ids)], dtype=torch.int64)}
-            plan = self.program.plans[plan_for(graph, len(ids))]
-            for launch in plan.launches({"seq": len(ids), "ctx": self.ctx}):
-                entry = self.program.kernels[launch.kernel]
-                kinds = [t for _, t in entry["arguments"]]
-                args = [self._pointer(a[1], a[2], kind, buffers) if a[0] == "p" else a[1]
-                        for a, kind in zip(launch.args, kinds)]
-                if all(launch.grid):
-                    self.functions[launch.kernel][launch.grid](*args, **entry["constexprs"])
-            pieces.append(out.numpy().copy())
-        if graph == "graph_all":
-            return np.concatenate(pieces)
-        return pieces[-1]
+        rows = len(ids)
+        self.buffers = {"arena": self.arena, "tokens": torch.from_numpy(ids.copy()),
+                        "meta": torch.tensor([start_pos, rows], dtype=torch.int64),
+                        "out": torch.zeros((rows, self.vocab), dtype=torch.float32),
+                        "params": torch.zeros(4, dtype=torch.float32), "token": torch.zeros(1, dtype=torch.int64)}
+
+    def _execute(self, plan: str, env: dict) -> None:
+        for launch in self.program.plans[plan].launches(env):
+            self._launch(launch)
+
+    def _launch(self, launch: Launch) -> None:
+        entry = self.program.kernels[launch.kernel]
+        args = [self._pointer(a[1], a[2], kind, self.buffers) if a[0] == "p" else a[1]
+                for a, (_, kind) in zip(launch.args, entry["arguments"])]
+        if all(launch.grid):
+            self.functions[launch.kernel][launch.grid](*args, **entry["constexprs"])
+
+    def _logits(self, rows: int) -> np.ndarray:
+        return self.buffers["out"][:rows].numpy().copy()
+
+    def _set_params(self, values: np.ndarray) -> None:
+        self.buffers["params"].copy_(self.torch.from_numpy(values))
+
+    def _token(self) -> int:
+        return int(self.buffers["token"][0])

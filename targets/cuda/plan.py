@@ -11,7 +11,8 @@ from typing import Iterator
 from llmc import dims
 from llmc.artifact import Artifact, ArtifactError
 
-POINTER_BASES = ("arena", "out", "tokens", "meta")
+POINTER_BASES = ("arena", "out", "tokens", "meta", "params", "token")
+SAMPLE_STEPS = 32          # bisection halvings of the top-k / top-p cut-offs
 
 
 @dataclass
@@ -66,6 +67,7 @@ class CudaProgram:
     weight_dtypes: list[str]
     act: str
     chunk: int
+    sampling: dict[str, str]          # "argmax" / "sample" -> kernel key
 
 
 def read_program(artifact: Artifact, arch: str | None = None) -> CudaProgram:
@@ -82,7 +84,8 @@ def read_program(artifact: Artifact, arch: str | None = None) -> CudaProgram:
         caches = len(artifact.manifest["kv_cache"]["inputs"])
         plans = {name: Plan(p, kernels, len(target["weights"]), caches) for name, p in data["plans"][arch].items()}
         return CudaProgram(arch, plans, kernels, data["cubins"][arch], list(target["weights"]),
-                           list(target["weight_dtypes"]), target["act_dtype"], int(target["chunk"]))
+                           list(target["weight_dtypes"]), target["act_dtype"], int(target["chunk"]),
+                           dict(data["sampling"]))
     except (KeyError, ValueError, TypeError, IndexError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{artifact.path}: its cuda plan cannot be read ({exc}); rebuild the artifact") from None
 
@@ -90,6 +93,55 @@ def read_program(artifact: Artifact, arch: str | None = None) -> CudaProgram:
 def plan_for(graph: str, count: int) -> str:
     """The plan a call runs: one token through "graph" is the decode step."""
     return "decode" if graph == "graph" and count == 1 else graph
+
+
+class PlanRunner:
+    """How a cuda executor runs calls, whatever runs the kernels. A backend provides ``program``,
+    ``vocab``, ``ctx`` and: ``_begin(ids, start_pos)`` (tokens and meta to the device),
+    ``_execute(plan, env)``, ``_logits(rows)`` (the output to the host), ``_launch(launch)`` and
+    ``_token()`` (the sampled id to the host)."""
+
+    def run(self, graph: str, tokens, start_pos: int, caches=None):
+        import numpy as np
+
+        pieces = []
+        for at, ids in self._chunks(tokens):
+            self._call(graph, ids, start_pos + at)
+            pieces.append(self._logits(len(ids) if graph == "graph_all" else 1))
+        if graph == "graph_all":
+            return np.concatenate(pieces)
+        return pieces[-1]
+
+    def step_token(self, tokens, start_pos: int, params, draw: int) -> int:
+        """One prefill or decode step, then the next token chosen on the device (argmax, or a draw
+        after temperature, top-k, top-p and min-p): only its id crosses to the host."""
+        for at, ids in self._chunks(tokens):
+            self._call("graph", ids, start_pos + at)
+        if params.temperature == 0:
+            args = [("p", "out", 0), ("i", self.vocab), ("p", "token", 0)]
+            self._launch(Launch(self.sampling["argmax"], (1, 1, 1), args))
+        else:
+            import numpy as np
+
+            self._set_params(np.array([params.temperature, params.top_k, params.top_p, params.min_p], np.float32))
+            seed = ((params.seed or 0) * 1000003 + draw) & 0x7FFFFFFF
+            args = [("p", "out", 0), ("i", self.vocab), ("p", "params", 0), ("i", seed), ("p", "token", 0)]
+            self._launch(Launch(self.sampling["sample"], (1, 1, 1), args))
+        return self._token()
+
+    @property
+    def sampling(self) -> dict[str, str]:
+        return self.program.sampling
+
+    def _chunks(self, tokens):
+        import numpy as np
+
+        for at in range(0, len(tokens), self.program.chunk):
+            yield at, np.ascontiguousarray(tokens[at: at + self.program.chunk], dtype=np.int64)
+
+    def _call(self, graph: str, ids, start_pos: int) -> None:
+        self._begin(ids, start_pos)
+        self._execute(plan_for(graph, len(ids)), {"seq": len(ids), "ctx": self.ctx})
 
 
 def to_storage(array, dtype: str):

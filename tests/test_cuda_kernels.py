@@ -1,0 +1,273 @@
+"""Every Triton kernel of the cuda target against its numpy reference, run by Triton's interpreter
+on CPU tensors (conftest sets TRITON_INTERPRET=1) at small, awkward sizes. Outputs start as NaN
+so a kernel that skips an element fails."""
+
+import numpy as np
+import pytest
+import torch
+
+from llmc.ops import OPS, _attend
+from llmc.quant import dequantize, parse_scheme, quantize
+from llmc.targets.cuda import kernels as K
+from llmc.targets.cuda.elementwise import body, kernel_source
+from llmc.targets.cuda.emulate import interpreter, load_module
+
+interpreter()
+rng = np.random.default_rng(7)
+
+
+def t(array, dtype=None):
+    out = torch.from_numpy(np.ascontiguousarray(array))
+    return out.to(dtype) if dtype is not None else out
+
+
+def nans(*shape, dtype=torch.float32):
+    return torch.full(shape, float("nan"), dtype=dtype)
+
+
+def rel(got, want) -> float:
+    got = got.float().numpy() if isinstance(got, torch.Tensor) else got
+    return float(np.abs(got.astype(np.float64) - want).max() / np.abs(want).max())
+
+
+def half(array):
+    """What the device holds: values rounded to fp16."""
+    return np.asarray(array, np.float32).astype(np.float16).astype(np.float64)
+
+
+# -- linear -----------------------------------------------------------------------------------
+
+def _weight_parts(n, k, scheme):
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    if scheme in ("f32", "f16"):
+        parts = [t(w, torch.float16 if scheme == "f16" else None)]
+        return parts, (half(w) if scheme == "f16" else w.astype(np.float64)), 0, 1
+    s = parse_scheme(scheme)
+    q = quantize(w, s)
+    names = ["q", "scales", "mins"][: 2 if s.symmetric else 3]
+    return [t(q[n]) for n in names], dequantize(q, s, k).astype(np.float64), s.bits, s.group
+
+
+@pytest.mark.parametrize("scheme", ["f32", "f16", "q8", "q4g32", "q4g128"])
+@pytest.mark.parametrize("m,block_m", [(1, 1), (3, 1), (19, 16), (37, 32)])
+def test_linear(scheme, m, block_m):
+    n, k = 45, 256
+    parts, dense, mode, group = _weight_parts(n, k, scheme)
+    ldx = k + 9                                              # rows that do not touch
+    x = rng.standard_normal((m, ldx)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    xs = t(x, torch.float16)
+    out = nans(m, n, dtype=torch.float16)
+    w, scales, mins = (parts + [parts[0]] * 2)[:3]
+    if mode == 8:
+        mins = scales
+    grid = (-(-n // 16), m if block_m == 1 else -(-m // block_m))
+    K.linear[grid](xs, ldx, w, scales, mins, t(bias), out, n, m, n, k, MODE=mode, GROUP=group, HAS_BIAS=True,
+                   BLOCK_M=block_m, BLOCK_N=16, BLOCK_K=64)
+    want = half(x[:, :k]) @ dense.T + bias
+    # Tensor-core tiles take the dequantized weight in fp16; the GEMV multiplies in fp32.
+    assert rel(out, want) < (4e-3 if block_m > 1 else 2e-3)
+
+
+@pytest.mark.parametrize("scheme", ["f32", "q8", "q4g32"])
+def test_embedding(scheme):
+    rows, width = 29, 96
+    parts, dense, mode, group = _weight_parts(rows, width, scheme)
+    ids = np.array([3, 0, 28, 3, 17], np.int64)
+    table, scales, mins = (parts + [parts[0]] * 2)[:3]
+    if mode == 8:
+        mins = scales
+    out = nans(len(ids), width, dtype=torch.float16)
+    K.embedding[(len(ids), 2)](table, scales, mins, t(ids), out, width, MODE=mode, GROUP=group, BLOCK=64)
+    assert rel(out, dense[ids]) < 1e-3
+
+
+# -- norms and RoPE -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind,add,params", [(0, False, 1), (0, True, 1), (1, False, 2), (1, True, 0)])
+def test_norm(kind, add, params):
+    rows, n, ld = 5, 100, 131
+    x = rng.standard_normal((rows, ld)).astype(np.float32)
+    r = rng.standard_normal((rows, ld)).astype(np.float32)
+    w, b = rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+    total, normed = nans(rows, n, dtype=torch.float16), nans(rows, n, dtype=torch.float16)
+    xs, rs = t(x, torch.float16), t(r, torch.float16)
+    K.norm[(rows,)](xs, ld, rs, ld, t(w), t(b), total, normed, n, 1e-5, KIND=kind, ADD=add, HAS_W=params > 0,
+                    HAS_B=params > 1, BLOCK=128)
+    v = half(x[:, :n]) + (half(r[:, :n]) if add else 0)
+    if add:
+        assert rel(total, v) < 1e-3
+        v = half(v)
+    if kind == 0:
+        y = v / np.sqrt((v * v).mean(-1, keepdims=True) + 1e-5)
+    else:
+        c = v - v.mean(-1, keepdims=True)
+        y = c / np.sqrt((c * c).mean(-1, keepdims=True) + 1e-5)
+    y = y * (w if params > 0 else 1) + (b if params > 1 else 0)
+    assert rel(normed, y) < 2e-3
+
+
+def test_rope_on_a_permuted_view_with_broadcast_tables():
+    heads, seq, d = 3, 7, 24
+    raw = rng.standard_normal((seq, heads, d)).astype(np.float32)          # [seq, heads, d] in memory
+    x = raw.transpose(1, 0, 2)[None]                                         # viewed as [1, heads, seq, d]
+    cos, sin = rng.standard_normal((seq, d)).astype(np.float32), rng.standard_normal((seq, d)).astype(np.float32)
+    out = nans(heads * seq, d, dtype=torch.float16)
+    xs = t(raw, torch.float16)
+    K.rope[(heads * seq,)](xs, 0, d, heads * d, t(cos), 0, 0, d, 1, t(sin), 0, 0, d, 1, out, heads, seq, d, BLOCK=32)
+    want = OPS["rope"].ref([half(x), cos[None, None], sin[None, None]], {}, None, None)
+    assert rel(out.reshape(1, heads, seq, d), want) < 2e-3
+
+
+# -- attention --------------------------------------------------------------------------------
+
+def _cache_setup(heads, heads_kv, d, ctx, start, seq):
+    """Caches holding `start` earlier positions, plus the step's q, k, v ([heads, seq, d])."""
+    k_cache = np.zeros((heads_kv, ctx, d), np.float32)
+    v_cache = np.zeros((heads_kv, ctx, d), np.float32)
+    k_cache[:, :start] = rng.standard_normal((heads_kv, start, d))
+    v_cache[:, :start] = rng.standard_normal((heads_kv, start, d))
+    q, k, v = (rng.standard_normal((h, seq, d)).astype(np.float32) for h in (heads, heads_kv, heads_kv))
+    return k_cache, v_cache, q, k, v
+
+
+def _append(k, v, kc, vc, start, ctx, d):
+    heads_kv, seq = k.shape[:2]
+    K.kv_append[(seq, heads_kv)](k, seq * d, d, v, seq * d, d, kc, vc, torch.tensor([start]), ctx, d, BLOCK_D=32)
+
+
+@pytest.mark.parametrize("heads,heads_kv,window", [(4, 2, 0), (6, 2, 5), (3, 3, 0)])
+def test_decode_attention_splits_and_merge(heads, heads_kv, window):
+    d, ctx, start, splits = 24, 80, 37, 8
+    k_cache, v_cache, q, k, v = _cache_setup(heads, heads_kv, d, ctx, start, 1)
+    kc, vc = t(k_cache, torch.float16), t(v_cache, torch.float16)
+    _append(t(k, torch.float16), t(v, torch.float16), kc, vc, start, ctx, d)
+    part = nans(heads * splits * 34)
+    meta = torch.tensor([start, 1])
+    scale = d ** -0.5
+    K.attn_decode[(heads, splits)](t(q, torch.float16), d, kc, vc, part, meta, ctx, heads // heads_kv, d, scale,
+                                   window, SPLITS=splits, BLOCK_N=4, BLOCK_D=32)
+    out = nans(heads, d, dtype=torch.float16)
+    K.attn_merge[(heads,)](part, out, d, d, SPLITS=splits, BLOCK_D=32)
+    keys, values = half(k_cache), half(v_cache)
+    keys[:, start], values[:, start] = half(k[:, 0]), half(v[:, 0])
+    want = _attend(half(q)[None], keys[:, :start + 1], values[:, :start + 1], start,
+                   {"scale": scale, "window": window})[0, :, 0]
+    assert rel(out, want) < 2e-3
+    assert rel(kc[:, start], half(k[:, 0])) == 0
+
+
+@pytest.mark.parametrize("heads,heads_kv,window,start", [(4, 2, 0, 11), (6, 3, 6, 0), (2, 1, 0, 0)])
+def test_prefill_attention_is_causal_over_the_cache(heads, heads_kv, window, start):
+    d, ctx, seq = 24, 64, 19
+    k_cache, v_cache, q, k, v = _cache_setup(heads, heads_kv, d, ctx, start, seq)
+    kc, vc = t(k_cache, torch.float16), t(v_cache, torch.float16)
+    _append(t(k, torch.float16), t(v, torch.float16), kc, vc, start, ctx, d)
+    out = nans(seq, heads, d, dtype=torch.float16)
+    scale = d ** -0.5
+    K.attn_prefill[(-(-seq // 16), heads)](t(q, torch.float16), seq * d, d, kc, vc, out, d, heads * d,
+                                           torch.tensor([start, seq]), seq, ctx, heads // heads_kv, d, scale, window,
+                                           BLOCK_M=16, BLOCK_N=16, BLOCK_D=32)
+    keys, values = half(k_cache), half(v_cache)
+    keys[:, start:start + seq], values[:, start:start + seq] = half(k), half(v)
+    want = _attend(half(q)[None], keys[:, :start + seq], values[:, :start + seq], start,
+                   {"scale": scale, "window": window})[0]
+    assert rel(out.permute(1, 0, 2), want) < 3e-3
+
+
+# -- sampling ----------------------------------------------------------------------------------
+
+def _draw(logits, temperature, top_k, top_p, min_p, seed):
+    token = torch.full((1,), -1, dtype=torch.int64)
+    params = torch.tensor([temperature, top_k, top_p, min_p], dtype=torch.float32)
+    K.sample[(1,)](t(logits), len(logits), params, seed, token, BLOCK=64, STEPS=32)
+    return int(token[0])
+
+
+def test_argmax_takes_the_first_largest():
+    logits = rng.standard_normal(300).astype(np.float32)
+    logits[[77, 201]] = 9.0
+    token = torch.full((1,), -1, dtype=torch.int64)
+    K.argmax[(1,)](t(logits), 300, token, BLOCK=64)
+    assert int(token[0]) == 77
+
+
+def test_sampling_respects_top_k_top_p_and_min_p():
+    logits = rng.standard_normal(150).astype(np.float32) * 2
+    order = np.argsort(-logits)
+    assert _draw(logits, 1.0, 1, 1.0, 0.0, 3) == order[0]
+    top3 = {_draw(logits, 5.0, 3, 1.0, 0.0, seed) for seed in range(40)}
+    assert top3 <= set(order[:3]) and len(top3) > 1
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    nucleus = order[: int(np.searchsorted(np.cumsum(probs[order]), 0.5)) + 1]
+    assert {_draw(logits, 1.0, 0, 0.5, 0.0, seed) for seed in range(40)} <= set(nucleus)
+    kept = set(np.flatnonzero(probs >= 0.3 * probs.max()))
+    assert {_draw(logits, 1.0, 0, 1.0, 0.3, seed) for seed in range(40)} <= kept
+    assert _draw(logits, 1.0, 0, 1.0, 0.0, 11) == _draw(logits, 1.0, 0, 1.0, 0.0, 11)
+
+
+def test_sampling_follows_the_softmax():
+    logits = np.array([0.0, 1.0, 2.0, -1.0, 0.5], np.float32)
+    draws = np.bincount([_draw(logits, 1.0, 0, 1.0, 0.0, seed) for seed in range(600)], minlength=5) / 600
+    probs = np.exp(logits) / np.exp(logits).sum()
+    assert np.abs(draws - probs).max() < 0.06
+
+
+# -- generated elementwise kernels ---------------------------------------------------------
+
+UNARY = ["neg", "exp", "log", "sqrt", "rsqrt", "reciprocal", "sin", "cos", "tanh", "erf", "sigmoid", "silu", "relu",
+         "abs"]
+
+
+def _run_elementwise(op, attrs, inputs, out_dtype="f32"):
+    """One generated kernel over broadcast inputs (second input as a strided column)."""
+    shape = (3, 5, 37)
+    ir = ["bool" if a.dtype == np.bool_ else ("i64" if a.dtype == np.int64 else "f32") for a in inputs]
+    statements, result = body(op, attrs, [(f"a{k}", d) for k, d in enumerate(ir)], out_dtype)
+    storage = [("i8" if d == "bool" else d, d) for d in ir]
+    name, source = kernel_source(statements, result, storage, False)
+    fn = getattr(load_module(source, _folder()), name)
+    out = torch.full(shape, float("nan"), dtype=torch.float32)
+    args = [out, 0, 5 * 37, 37, 1]                 # viewed as [1, 3, 5, 37]
+    for a in inputs:
+        tensor = t(a.astype(np.int8) if a.dtype == np.bool_ else a)
+        strides = [0 if size == 1 else s // a.itemsize for size, s in zip(a.shape, a.strides)]
+        args += [tensor, 0] + [0] * (3 - a.ndim) + strides
+    fn[(3 * 5, 1)](*args, torch.zeros(2, dtype=torch.int64), 3, 5, 37, BLOCK=64)
+    return out.numpy()
+
+
+def _folder():
+    from llmc.targets.cuda.build import cache_dir
+
+    return cache_dir() / "emulate"
+
+
+@pytest.mark.parametrize("op", UNARY)
+def test_unary_elementwise(op):
+    x = (rng.random((3, 5, 37)).astype(np.float32) + 0.1) * (1 if op in ("log", "sqrt", "rsqrt") else 3)
+    if op not in ("log", "sqrt", "rsqrt"):
+        x -= 1.5
+    want = OPS[op].ref([x], {}, x.shape, "f32")
+    assert rel(_run_elementwise(op, {}, [x]), want) < 1e-5
+
+
+@pytest.mark.parametrize("op,attrs", [("add", {}), ("mul", {}), ("div", {}), ("maximum", {}), ("pow", {}),
+                                      ("swiglu", {}), ("geglu", {"approximate": "tanh"}),
+                                      ("geglu", {"approximate": "none"})])
+def test_binary_elementwise_broadcasts(op, attrs):
+    x = rng.standard_normal((3, 5, 37)).astype(np.float32)
+    y = rng.standard_normal((5, 1)).astype(np.float32)
+    if op == "pow":
+        x, y = np.abs(x) + 0.5, np.round(y * 2)
+    want = OPS[op].ref([x, np.broadcast_to(y, x.shape)], attrs, x.shape, "f32")
+    assert rel(_run_elementwise(op, attrs, [x, y]), want) < 1e-5
+
+
+def test_where_and_comparisons_in_a_fused_body():
+    x = rng.standard_normal((3, 5, 37)).astype(np.float32)
+    y = rng.standard_normal((3, 5, 37)).astype(np.float32)
+    body_text = [["gt", "in0", "in1"], ["where", "t0", "in0", "in1"], ["mul", "t1", "in1"]]
+    got = _run_elementwise("fused", {"body": body_text}, [x, y])
+    assert rel(got, np.where(x > y, x, y) * y) < 1e-6
