@@ -24,6 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:                      # the reader went away (llmc inspect ... | head)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as exc:  # a bug in llmc: still one line unless asked for the traceback
         if os.environ.get("LLMC_DEBUG"):
             raise
