@@ -113,10 +113,7 @@ def compile_model(source: Any, output: str | Path, *, target: str = "cpu", quant
         from llmc.targets.cuda import check_options as check_cuda
         from llmc.targets.cuda.build import triton_version
 
-        check_cuda(arch, act, chunk)
-        if kv != "f32":
-            raise LlmcError("the cuda target has no int8 KV cache yet; build with --kv f32 (the cache is then "
-                            "stored in the activation dtype on the GPU)")
+        check_cuda(arch, act, chunk, kv)
         triton_version()
     folder = Path(output).resolve().parent
     if not folder.is_dir():

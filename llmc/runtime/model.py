@@ -154,26 +154,20 @@ class Model:
         history = list(ids)
         on_device = getattr(self.executor, "step_token", None)
         if on_device and sampler.params.repetition_penalty == 1.0:
-            # The device samples; only token ids cross to the host (the penalty needs the history).
-            token = on_device(ids, 0, sampler.params, 0)
-            for step in range(max_new_tokens):
-                if token in eos:
-                    return
-                yield token
-                history.append(token)
-                if step + 1 < max_new_tokens:
-                    self._fits(len(history))
-                    token = on_device(np.array([token], np.int64), len(history) - 1, sampler.params, step + 1)
-            return
-        logits = self.step(ids, 0)
+            # The device samples: only token ids cross to the host (the penalty needs the history).
+            def next_token(tokens, pos: int, step: int) -> int:
+                return on_device(np.asarray(tokens, np.int64), pos, sampler.params, step)
+        else:
+            def next_token(tokens, pos: int, step: int) -> int:
+                return sampler(self.step(tokens, pos), history)
+        token = next_token(ids, 0, 0)
         for step in range(max_new_tokens):
-            token = sampler(logits, history)
             if token in eos:
                 return
             yield token
             history.append(token)
             if step + 1 < max_new_tokens:
-                logits = self.step([token], len(history) - 1)
+                token = next_token([token], len(history) - 1, step + 1)
 
     def _pieces(self, ids, max_new_tokens, sampler, as_text, stops) -> Iterator[Any]:
         if not as_text:

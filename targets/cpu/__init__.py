@@ -16,6 +16,8 @@ from llmc import __version__
 from llmc.errors import LlmcError
 from llmc.ir import Graph
 
+from .. import check_chunk
+
 CHUNK = 512            # the most tokens one call takes; the runtime splits longer prompts
 
 
@@ -28,8 +30,7 @@ def check_options(level: str | None, tune: str, chunk: int | None) -> None:
         raise LlmcError(f"unknown cpu feature level {level!r}; choose {', '.join(LEVELS)}")
     if tune not in MODES:
         raise LlmcError(f"unknown tuning mode {tune!r}; choose {', '.join(MODES)}")
-    if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
-        raise LlmcError(f"the prefill chunk must be a positive number of tokens, not {chunk!r}")
+    check_chunk(chunk)
 
 
 @dataclass

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from llmc.errors import LlmcError
 
+from .. import cache_dir
+
 KERNELS = Path(__file__).with_name("kernels.c")
 
 # Feature levels: compiler flags and the CPU flags (as /proc/cpuinfo names them) an artifact built
@@ -32,10 +34,6 @@ NATIVE_FLAGS = ("avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "avx512f", "avx512
 
 class BuildError(LlmcError):
     """The system compiler is missing or rejected the generated code."""
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("LLMC_CACHE_DIR") or Path.home() / ".cache" / "llmc")
 
 
 def compiler() -> str:

@@ -23,7 +23,7 @@ ABI_VERSION = 1
 
 def library_file(code: bytes) -> Path:
     """A file holding ``code`` (dlopen needs one), written once per content."""
-    from .build import cache_dir
+    from .. import cache_dir
 
     digest = hashlib.sha256(code).hexdigest()
     for folder in (cache_dir() / "cpu" / "lib", Path(tempfile.gettempdir()) / f"llmc-{os.getuid()}"):

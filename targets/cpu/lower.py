@@ -26,13 +26,13 @@ from llmc.ops import OPS
 from llmc.quant import parse_scheme
 
 from .scalar import ScalarError, c_type, expression, literal
-from ..arena import Buffer, plan_arena
+from ..arena import plan_arena
+from ..lowering import GraphLowering, f16_weight
 from ..views import View, c_dim
 
 ALIGN = 64
 MAX_SPLITS = 16            # flash-decoding splits of one head's keys
 DEFAULT_TILES = {"gemv": 16, "gemm": 32}
-SYMBOLS = {"seq", "ctx"}
 
 
 class LoweringError(LlmcError):
@@ -61,117 +61,41 @@ class Lowered:
     kernels: dict[str, int] = field(default_factory=dict)     # kernel -> call sites
 
 
-def _f16_weight(node: Node) -> Node | None:
-    """The f16 weight behind ``cast(weight f16) -> f32`` (f16 storage), read directly by the f16 kernel."""
-    if node.op == "cast" and node.inputs[0].op == "weight" and node.inputs[0].type.dtype == "f16" \
-            and node.type.dtype == "f32":
-        return node.inputs[0]
-    return None
+class FunctionLowering(GraphLowering):
+    error = LoweringError
+    target = "cpu"
 
-
-def _operands(node: Node) -> tuple[Node, ...]:
-    """The inputs whose values the node's code reads."""
-    if node.op == "linear" and _f16_weight(node.inputs[1]) is not None:
-        return (node.inputs[0], _f16_weight(node.inputs[1])) + node.inputs[2:]
-    return node.inputs
-
-
-class FunctionLowering:
     def __init__(self, graph: Graph, name: str, weights: WeightTable, tiles: Callable[[str, int, int], dict],
                  chunk: int):
-        self.graph = graph
+        super().__init__(graph)
         self.name = name
         self.weights = weights
         self.tiles = tiles
         self.chunk = chunk
         self.lines: list[str] = []
-        self.buffers: list[Buffer] = []
-        self.values: dict[int, View | tuple[View, ...]] = {}
-        self.index = 0
         self.kernels: dict[str, int] = {}
-        self.out_node: int | None = None
 
     # -- driver ----------------------------------------------------------------------------
 
     def run(self) -> Lowered:
-        graph = self.graph
-        if len(graph.outputs) != 1 or graph.outputs[0].type.dtype != "f32":
-            raise LoweringError("the cpu target lowers graphs with one f32 output")
-        for node in graph.nodes():
-            for d in (node.type.shape if isinstance(node.type, Type) else ()):
-                if not isinstance(d, int) and not dims.symbols(d) <= SYMBOLS:
-                    raise LoweringError(f"dimension {d} of {node.op} uses symbols other than seq and ctx")
-        self.out_node = self._output_producer(graph.outputs[0])
-        order = graph.nodes()
-        needed = {id(o) for o in graph.outputs}
-        for node in reversed(order):
-            if id(node) in needed:
-                needed.update(id(i) for i in _operands(node))
-        for self.index, node in enumerate(order):
-            if id(node) in needed:
-                self.lines.append(f"/* %{self.index} {node.op} : {node.type} */")
-                try:
-                    self.values[id(node)] = self.lower(node)
-                except ScalarError as exc:
-                    raise LoweringError(f"cannot lower {node.op} ({exc}); build with --target ref") from None
-        self.index = len(order)
-        result = self.read(graph.outputs[0])
-        if not (result.base == "out" and result.contiguous and result.offset == 0):
-            self.copy_into(result, View.of_buffer("f32", result.shape, "out"))
+        self.walk(lambda node: self.lines.append(f"/* %{self.index} {node.op} : {node.type} */"), (ScalarError,))
         arena_bytes = self._plan()
         return Lowered(self.name, self._function(), arena_bytes, self.kernels)
 
-    def _output_producer(self, node: Node) -> int | None:
-        """The node whose contiguous result is the output once reshaped: it writes to ``out``."""
-        while node.op == "reshape":
-            node = node.inputs[0]
-        return id(node) if node.op in ("linear", "qlinear") else None
-
-    # -- values and buffers ----------------------------------------------------------------
-
-    def read(self, node: Node) -> View:
-        value = self.values[id(node)]
-        if isinstance(value, tuple):
-            raise LoweringError(f"{node.op} has several results; read them with get")
-        self._use(value)
-        return value
-
-    def _use(self, view: View) -> None:
-        if view.buffer is not None:
-            buffer = self.buffers[view.buffer]
-            buffer.last = max(buffer.last, self.index)
+    # -- buffers -----------------------------------------------------------------------------
 
     def alloc(self, dtype: str, shape, node: Node | None = None) -> View:
         """A fresh contiguous buffer for a result (``out`` itself for the output's producer)."""
         if node is not None and id(node) == self.out_node:
             return View.of_buffer(dtype, shape, "out")
-        nbytes = dims.mul(dims.product(shape), _itemsize(dtype))
-        buffer = len(self.buffers)
-        self.buffers.append(Buffer(nbytes, self.index, self.index))
+        buffer = self.new_buffer(dims.mul(dims.product(shape), _itemsize(dtype)))
         return View.of_buffer(dtype, shape, f"(arena + {self._macro(buffer)})", buffer)
 
     def scratch(self, nbytes) -> str:
-        buffer = len(self.buffers)
-        self.buffers.append(Buffer(nbytes, self.index, self.index))
-        return f"(arena + {self._macro(buffer)})"
+        return f"(arena + {self._macro(self.new_buffer(nbytes))})"
 
     def _macro(self, buffer: int) -> str:
         return f"{self.name.upper()}_B{buffer}"
-
-    def contiguous(self, view: View) -> View:
-        if view.contiguous:
-            return view
-        out = self.alloc(view.dtype, view.shape)
-        self.copy_into(view, out)
-        return out
-
-    def rows(self, view: View) -> tuple[View, object, object]:
-        """(view, row count, row stride) of a view read as rows of its last axis (copied if need be)."""
-        got = view.rows()
-        if got is None:
-            view = self.contiguous(view)
-            got = view.rows()
-        return view, got[0], got[1]
 
     def copy_into(self, source: View, dest: View) -> None:
         self.loop(dest, [source], lambda load: ([], load(0, "i")))
@@ -203,7 +127,7 @@ class FunctionLowering:
 
         for k, view in enumerate(views):
             if view.literal is None:
-                self._use(view)
+                self.use(view)
                 code.append(pointer(f"p{k}", view, True))
         code.append(pointer("o", out, False))
 
@@ -256,28 +180,11 @@ class FunctionLowering:
             start, step = a["start"], a["step"]
             self.loop(out, [], lambda load: ([], f"(({c_type(t.dtype)})({c_dim(start)} + {step} * i))"))
             return out
-        if op == "reshape":
-            view = self.read(node.inputs[0])
-            reshaped = view.reshape(t.shape)
-            return reshaped if reshaped is not None else self.contiguous(view).reshape(t.shape)
-        if op == "permute":
-            return self.read(node.inputs[0]).permute(a["perm"])
-        if op == "slice":
-            return self.read(node.inputs[0]).slice(a["axis"], a["start"], a["end"], a["step"], t.shape[a["axis"]])
-        if op == "expand":
-            return self.read(node.inputs[0]).expand(t.shape)
-        if op == "get":
-            value = self.values[id(node.inputs[0])]
-            self._use(value[a["index"]])
-            return value[a["index"]]
+        view = self.lower_view(node)
+        if view is not None:
+            return view
         if op == "concat":
-            out = self.alloc(t.dtype, t.shape, node)
-            start = 0
-            for i in node.inputs:
-                length = i.type.shape[a["axis"]]
-                self.copy_into(self.read(i), out.slice(a["axis"], start, dims.add(start, length), 1, length))
-                start = dims.add(start, length)
-            return out
+            return self.concat(node, self.alloc(t.dtype, t.shape, node), [self.read(i) for i in node.inputs])
         if op == "rope":
             return self._rope(node)
         if op in ("swiglu", "geglu") or (op in OPS and OPS[op].kind == "elementwise"):
@@ -294,9 +201,9 @@ class FunctionLowering:
             return View.of_buffer("i64", t.shape, "tokens")
         if name == "start_pos":
             return View.scalar("i64", "start_pos")
-        caches = [i.attrs["name"] for i in self.graph.inputs[2:]]
-        if name in caches:
-            return View.of_buffer(t.dtype, t.shape, f"caches[{caches.index(name)}]")
+        cache = self.cache_index(name)
+        if cache is not None:
+            return View.of_buffer(t.dtype, t.shape, f"caches[{cache}]")
         raise LoweringError(f"graph input {name!r} is not one of tokens, start_pos or the caches")
 
     def _call(self, function: str, *args, kernel: str | None = None) -> None:
@@ -313,7 +220,7 @@ class FunctionLowering:
 
     def _linear(self, node: Node) -> View:
         x, m, ldx = self.rows(self.read(node.inputs[0]))
-        f16 = _f16_weight(node.inputs[1])
+        f16 = f16_weight(node.inputs[1])
         w = self.read(f16) if f16 is not None else self.contiguous(self.read(node.inputs[1]))
         n, k = w.shape
         bias = self._bias(node.inputs[2]) if len(node.inputs) > 2 else "0"
@@ -417,7 +324,7 @@ class FunctionLowering:
 
     def _attend(self, node: Node, kv8: bool) -> View:
         a = node.attrs
-        q, k, v = (self._heads(self.read(i)) for i in node.inputs[:3])
+        q, k, v = (self.heads(self.read(i)) for i in node.inputs[:3])
         if kv8:
             k_cache, k_scale, v_cache, v_scale = (self.read(i) for i in node.inputs[3:7])
         else:
@@ -445,10 +352,6 @@ class FunctionLowering:
                    repr(float(a["scale"])) + "f", a["window"], raw.pointer("float"), head_dim,
                    c_dim(heads * head_dim), f"(float*){scratch}", MAX_SPLITS)
         return out
-
-    def _heads(self, view: View) -> View:
-        """q/k/v as [1, heads, seq, head_dim] with head_dim contiguous."""
-        return view if view.strides[-1] == 1 or view.shape[-1] == 1 else self.contiguous(view)
 
     # -- output ------------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .build import cache_dir
+from .. import cache_dir
 from .lower import DEFAULT_TILES
 
 MODES = ("off", "fast", "full")

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from llmc.errors import LlmcError
 from llmc.ir import Graph
 
+from .. import check_chunk
+
 CHUNK = 512                 # the most tokens one prefill call takes; the runtime splits longer prompts
 ARCHES = {"sm_80": 80, "sm_86": 86, "sm_89": 89, "sm_90": 90}
 ACT_DTYPES = ("f16", "bf16")
@@ -43,12 +45,15 @@ def parse_arches(text: str | list | None) -> list[int]:
     return sorted(out)
 
 
-def check_options(arches, act: str, chunk: int | None) -> None:
+def check_options(arches, act: str, chunk: int | None, kv: str = "f32") -> None:
+    """Refuse arches, an activation dtype, a chunk or a KV cache format this target cannot build."""
     parse_arches(arches)
     if act not in ACT_DTYPES:
         raise LlmcError(f"unknown activation dtype {act!r} for target cuda; choose {' or '.join(ACT_DTYPES)}")
-    if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
-        raise LlmcError(f"the prefill chunk must be a positive number of tokens, not {chunk!r}")
+    check_chunk(chunk)
+    if kv != "f32":
+        raise LlmcError("the cuda target has no int8 KV cache yet; build with --kv f32 (the cache is then "
+                        "stored in the activation dtype on the GPU)")
 
 
 @dataclass
@@ -102,17 +107,12 @@ def compile_graphs(graphs: dict[str, Graph], *, arches=None, act: str = "f16", c
             blob += b"\0" * (-len(blob) % 256)
         sections[f"cubin_sm{arch}"] = bytes(blob)
         table_of[f"sm_{arch}"] = index
-    plan = {"plans": plans, "sampling": sampling, "kernels": {k: kernels.entries[k] for k in sorted(set().union(*used.values()))},
-            "cubins": table_of}
+    plan = {"plans": plans, "sampling": sampling, "kernels": dict(sorted(kernels.entries.items())), "cubins": table_of}
     sections["cuda_plan"] = json.dumps(plan, sort_keys=True).encode()
-    sources = {name: src for name, src in kernels.sources.items() if name in {e["module"] for e in plan["kernels"].values()}}
-    from .build import KERNELS
-
-    sections["cuda_src"] = json.dumps(dict(sorted(sources.items()), kernels=KERNELS.read_text()), sort_keys=True).encode()
-    decode_steps = plans[f"sm_{targets[0]}"]["decode"]["steps"]
+    sections["cuda_src"] = json.dumps(kernels.sources, sort_keys=True).encode()
     launches: dict[str, int] = {}
-    for step in decode_steps:
-        function = plan["kernels"][step["kernel"]]["function"]
+    for step in plans[f"sm_{targets[0]}"]["decode"]["steps"]:
+        function = kernels.entries[step["kernel"]]["function"]
         function = "elementwise" if function.startswith("elementwise_") else function
         launches[function] = launches.get(function, 0) + 1
     manifest = {

@@ -43,7 +43,7 @@ def triton_version() -> str:
 
 
 def cache_dir() -> Path:
-    from llmc.targets.cpu.build import cache_dir as base
+    from llmc.targets import cache_dir as base
 
     return base() / "cuda"
 
@@ -54,15 +54,15 @@ def job_key(job: dict) -> str:
 
 def compile_kernels(kernels: dict[int, dict[str, dict]], sources: dict[str, str], progress=None,
                     workers: int | None = None) -> tuple[dict[int, dict[str, tuple[bytes, dict]]], int]:
-    """{arch: {key: (cubin, launch metadata)}} for the kernels wanted per arch, and how many came
-    from the cache."""
+    """{arch: {key: (cubin, launch metadata)}} for the kernels wanted per arch (their modules'
+    source in ``sources``), and how many came from the cache."""
     version = triton_version()
     folder = cache_dir() / "kernels"
     jobs: dict[str, dict] = {}
     wanted: dict[int, dict[str, str]] = {}
     for arch, entries in kernels.items():
         for key, entry in sorted(entries.items()):
-            source = KERNELS.read_text() if entry["module"] == "kernels" else sources[entry["module"]]
+            source = sources[entry["module"]]
             job = {"source": source, "function": entry["function"], "arguments": entry["arguments"],
                    "constexprs": entry["constexprs"], "options": entry["options"], "arch": arch, "triton": version, "line_info": False}
             digest = job_key(job)

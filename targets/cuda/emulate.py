@@ -17,7 +17,7 @@ import numpy as np
 from llmc.artifact import Artifact
 from llmc.errors import LlmcError
 
-from .plan import Launch, PlanRunner, read_program, to_storage
+from .plan import Launch, PlanRunner, cache_shapes, read_program, to_storage
 
 TORCH_DTYPES = {"*fp32": "float32", "*fp16": "float16", "*bf16": "bfloat16", "*i64": "int64", "*i32": "int32",
                 "*i8": "int8", "*u8": "uint8"}
@@ -74,9 +74,7 @@ class EmulatedExecutor(PlanRunner):
         self.weights = [self._tensor(to_storage(arrays[name], dtype), dtype)
                         for name, dtype in zip(self.program.weights, self.program.weight_dtypes)]
         self.vocab = int(artifact.manifest["vocab_size"])
-        self.cache_shapes = [tuple(artifact.manifest["kv_cache"][k] for k in ("layers", "kv_heads")) for _ in
-                             artifact.manifest["kv_cache"]["inputs"]]
-        self.head_dim = int(artifact.manifest["kv_cache"]["head_dim"])
+        self.kv_cache = artifact.manifest["kv_cache"]
         self.arena = torch.zeros(max(p.arena_bytes for p in self.program.plans.values()) + 256, dtype=torch.uint8)
         self.caches: list = []
         self.ctx = 0
@@ -91,11 +89,10 @@ class EmulatedExecutor(PlanRunner):
         """The KV cache on the (emulated) device, in the activation dtype; returns its bytes."""
         dtype = getattr(self.torch, {"f16": "float16", "bf16": "bfloat16"}[self.program.act])
         self.ctx = ctx
-        self.caches = [self.torch.zeros((layers, heads, ctx, self.head_dim), dtype=dtype)
-                       for layers, heads in self.cache_shapes]
+        self.caches = [self.torch.zeros(shape, dtype=dtype) for shape in cache_shapes(self.kv_cache, ctx)]
         return sum(c.numel() * c.element_size() for c in self.caches)
 
-    def _pointer(self, base: str, offset: int, kind: str, buffers: dict):
+    def _pointer(self, base: str, offset: int, kind: str):
         torch = self.torch
         dtype = getattr(torch, TORCH_DTYPES[kind])
         if base[0] == "w":
@@ -103,10 +100,9 @@ class EmulatedExecutor(PlanRunner):
         elif base[0] == "c":
             tensor = self.caches[int(base[1:])]
         else:
-            tensor = buffers[base]
+            tensor = self.buffers[base]
         raw = tensor.reshape(-1).view(torch.uint8)
-        size = dtype.itemsize if hasattr(dtype, "itemsize") else torch.empty((), dtype=dtype).element_size()
-        usable = (raw.numel() - offset) // size * size
+        usable = (raw.numel() - offset) // dtype.itemsize * dtype.itemsize
         return raw[offset: offset + usable].view(dtype)
 
     def _begin(self, ids: np.ndarray, start_pos: int) -> None:
@@ -123,7 +119,7 @@ class EmulatedExecutor(PlanRunner):
 
     def _launch(self, launch: Launch) -> None:
         entry = self.program.kernels[launch.kernel]
-        args = [self._pointer(a[1], a[2], kind, self.buffers) if a[0] == "p" else a[1]
+        args = [self._pointer(a[1], a[2], kind) if a[0] == "p" else a[1]
                 for a, (_, kind) in zip(launch.args, entry["arguments"])]
         if all(launch.grid):
             self.functions[launch.kernel][launch.grid](*args, **entry["constexprs"])

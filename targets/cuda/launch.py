@@ -17,7 +17,7 @@ import numpy as np
 from llmc.artifact import Artifact, ArtifactError
 
 from .driver import Driver
-from .plan import Launch, PlanRunner, read_program, to_storage
+from .plan import Launch, PlanRunner, cache_shapes, read_program, to_storage
 
 
 def pick_arch(arches: list[str], major: int, minor: int, path) -> str:
@@ -71,16 +71,16 @@ class CudaExecutor(PlanRunner):
     def allocate_caches(self, ctx: int) -> int:
         """The KV cache on the device (activation dtype) for ``ctx`` positions; then the decode
         step is captured as a CUDA graph over these buffers. Returns the cache's bytes."""
-        layers, heads, dim = (int(self.cache[k]) for k in ("layers", "kv_heads", "head_dim"))
-        nbytes = layers * heads * ctx * dim * 2
-        for index in range(len(self.cache["inputs"])):
+        shapes = cache_shapes(self.cache, ctx)
+        nbytes = 2 * int(np.prod(shapes[0]))            # fp16 or bf16
+        for index in range(len(shapes)):
             self.base[f"c{index}"] = self.driver.alloc(nbytes)
         self.ctx = ctx
         env = {"seq": 1, "ctx": ctx}
         launches = list(self.program.plans["decode"].launches(env))
         self._reserve_scratch(launches)
         self.decode_graph = self.driver.capture(lambda: [self._launch(launch) for launch in launches])
-        return nbytes * len(self.cache["inputs"])
+        return nbytes * len(shapes)
 
     # -- PlanRunner backend ------------------------------------------------------------------
 

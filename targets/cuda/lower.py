@@ -25,16 +25,17 @@ import numpy as np
 
 from llmc import dims
 from llmc.errors import LlmcError
-from llmc.ir import Graph, Node, Type, numpy_dtype
+from llmc.ir import Graph, Node, numpy_dtype
 from llmc.ops import OPS
 from llmc.quant import parse_scheme
 
-from ..arena import Buffer, plan_arena
+from ..arena import plan_arena
+from ..lowering import GraphLowering, f16_weight
 from ..views import View
+from .build import KERNELS
 from .elementwise import ElementwiseError, body, compute_type, kernel_source, literal
 
 ALIGN = 256
-SYMBOLS = {"seq", "ctx"}
 POINTER_TYPES = {"f32": "*fp32", "f16": "*fp16", "bf16": "*bf16", "i64": "*i64", "i32": "*i32", "i8": "*i8",
                  "u8": "*u8"}
 # Ops whose f32 results are activations, stored in the activation dtype.
@@ -49,15 +50,16 @@ class LoweringError(LlmcError):
 
 @dataclass
 class KernelTable:
-    """The kernel instances the plans launch: key -> what to compile."""
+    """The kernel instances the plans launch: key -> what to compile, and the Triton source of
+    every module they come from ("kernels" is kernels.py; the others are generated)."""
     entries: dict[str, dict] = field(default_factory=dict)
-    sources: dict[str, str] = field(default_factory=dict)     # generated module id -> source
+    sources: dict[str, str] = field(default_factory=lambda: {"kernels": KERNELS.read_text()})
 
     def add(self, module: str, function: str, arguments: list, constexprs: dict, options: dict) -> str:
         entry = {"module": module, "function": function, "arguments": arguments, "constexprs": constexprs,
                  "options": options}
         digest = hashlib.sha256(json.dumps(entry, sort_keys=True).encode()).hexdigest()[:10]
-        key = f"{function.split('_')[0] if module != 'kernels' else function}_{digest}"
+        key = f"{'elementwise' if module != 'kernels' else function}_{digest}"
         self.entries[key] = entry
         return key
 
@@ -83,71 +85,34 @@ def _itemsize(dtype: str) -> int:
     return 2 if dtype == "bf16" else np.dtype(numpy_dtype(dtype)).itemsize
 
 
-def _f16_weight(node: Node) -> Node | None:
-    """The f16 weight behind ``cast(weight f16) -> f32``, read directly by the kernels."""
-    if node.op == "cast" and node.inputs[0].op == "weight" and node.inputs[0].type.dtype == "f16" \
-            and node.type.dtype == "f32":
-        return node.inputs[0]
-    return None
+class PlanLowering(GraphLowering):
+    error = LoweringError
+    target = "cuda"
+    fallback = "cpu"
 
-
-def _operands(node: Node) -> tuple[Node, ...]:
-    """The inputs whose values the node's kernels read."""
-    if node.op == "linear" and _f16_weight(node.inputs[1]) is not None:
-        return (node.inputs[0], _f16_weight(node.inputs[1])) + node.inputs[2:]
-    if node.op == "embedding" and _f16_weight(node.inputs[0]) is not None:
-        return (_f16_weight(node.inputs[0]),) + node.inputs[1:]
-    return node.inputs
-
-
-class PlanLowering:
     def __init__(self, graph: Graph, kernels: KernelTable, weights: WeightTable, tuning: dict, act: str,
                  decode: bool):
-        self.graph = graph
+        super().__init__(graph)
         self.kernels = kernels
         self.weights = weights
         self.tuning = tuning
         self.act = act
         self.decode = decode            # seq == 1: the decode step, launched as a captured CUDA graph
         self.steps: list[dict] = []
-        self.buffers: list[Buffer] = []
-        self.values: dict[int, View | tuple[View, ...]] = {}
-        self.index = 0
-        self.out_node: int | None = None
         self.weight_dtypes = self._weight_storage(graph)
 
     # -- driver ----------------------------------------------------------------------------
 
     def run(self, chunk: int) -> dict:
-        graph = self.graph
-        if len(graph.outputs) != 1 or graph.outputs[0].type.dtype != "f32":
-            raise LoweringError("the cuda target lowers graphs with one f32 output")
-        for node in graph.nodes():
-            for d in (node.type.shape if isinstance(node.type, Type) else ()):
-                if not isinstance(d, int) and not dims.symbols(d) <= SYMBOLS:
-                    raise LoweringError(f"dimension {d} of {node.op} uses symbols other than seq and ctx")
-        out = graph.outputs[0]
-        producer = out
-        while producer.op == "reshape":
-            producer = producer.inputs[0]
-        self.out_node = id(producer) if producer.op in ("linear", "qlinear") else None
-        order = graph.nodes()
-        needed = {id(out)}
-        for node in reversed(order):
-            if id(node) in needed:
-                needed.update(id(i) for i in _operands(node))
-        for self.index, node in enumerate(order):
-            if id(node) in needed:
-                try:
-                    self.values[id(node)] = self.lower(node)
-                except ElementwiseError as exc:
-                    raise LoweringError(f"cannot lower {node.op} ({exc}); build with --target cpu") from None
-        self.index = len(order)
-        result = self.read(out)
-        if not (result.base == "out" and result.contiguous and result.offset == 0):
-            self.copy_into(result, View.of_buffer("f32", result.shape, "out"))
+        self.walk(soft_errors=(ElementwiseError,))
         arena = plan_arena(self.buffers, {"seq": 1 if self.decode else chunk}, ALIGN)
         return {"arena_bytes": arena, "steps": [self._resolve(step) for step in self.steps]}
+
+    def operands(self, node: Node) -> tuple[Node, ...]:
+        """As for every target, and an embedding reads an f16 table directly too."""
+        if node.op == "embedding" and f16_weight(node.inputs[0]) is not None:
+            return (f16_weight(node.inputs[0]),) + node.inputs[1:]
+        return super().operands(node)
 
     def _weight_storage(self, graph: Graph) -> dict[str, str]:
         """Device dtype per weight: f32 matrices that only linears and embeddings read are stored
@@ -172,43 +137,16 @@ class PlanLowering:
             raise LoweringError("the cuda target has no fp64 storage; build with --target cpu")
         return self.act if activation and dtype == "f32" else dtype
 
-    # -- values and buffers ----------------------------------------------------------------
-
-    def read(self, node: Node) -> View:
-        value = self.values[id(node)]
-        if isinstance(value, tuple):
-            raise LoweringError(f"{node.op} has several results; read them with get")
-        self._use(value)
-        return value
-
-    def _use(self, view: View) -> None:
-        if view.buffer is not None:
-            buffer = self.buffers[view.buffer]
-            buffer.last = max(buffer.last, self.index)
+    # -- buffers -----------------------------------------------------------------------------
 
     def alloc(self, dtype: str, shape, node: Node | None = None) -> View:
         if node is not None and id(node) == self.out_node:
             return View.of_buffer("f32", shape, "out")
-        buffer = len(self.buffers)
-        self.buffers.append(Buffer(dims.mul(dims.product(shape), _itemsize(dtype)), self.index, self.index))
+        buffer = self.new_buffer(dims.mul(dims.product(shape), _itemsize(dtype)))
         return View.of_buffer(dtype, shape, f"b{buffer}", buffer)
 
     def scratch(self, nbytes: int) -> View:
         return self.alloc("f32", (nbytes // 4,))
-
-    def contiguous(self, view: View) -> View:
-        if view.contiguous:
-            return view
-        out = self.alloc(view.dtype, view.shape)
-        self.copy_into(view, out)
-        return out
-
-    def rows(self, view: View) -> tuple[View, object, object]:
-        got = view.rows()
-        if got is None:
-            view = self.contiguous(view)
-            got = view.rows()
-        return view, got[0], got[1]
 
     def copy_into(self, source: View, dest: View) -> None:
         self._elementwise(dest, [source], lambda ops: ([], ops[0][0]))
@@ -221,7 +159,7 @@ class PlanLowering:
         arguments, encoded = [], []
         for name, value in args:
             if isinstance(value, View):
-                self._use(value)
+                self.use(value)
                 arguments.append([name, POINTER_TYPES[value.dtype]])
                 encoded.append(["p", value.base, dims.mul(value.offset, _itemsize(value.dtype))])
             elif isinstance(value, float):
@@ -264,29 +202,13 @@ class PlanLowering:
             out = self.alloc(self._storage(t.dtype), t.shape, node)
             self._elementwise(out, [], lambda ops: ([], f"({a['start']} + {a['step']} * i).to({compute_type(t.dtype)})"))
             return out
-        if op == "reshape":
-            view = self.read(node.inputs[0])
-            reshaped = view.reshape(t.shape)
-            return reshaped if reshaped is not None else self.contiguous(view).reshape(t.shape)
-        if op == "permute":
-            return self.read(node.inputs[0]).permute(a["perm"])
-        if op == "slice":
-            return self.read(node.inputs[0]).slice(a["axis"], a["start"], a["end"], a["step"], t.shape[a["axis"]])
-        if op == "expand":
-            return self.read(node.inputs[0]).expand(t.shape)
-        if op == "get":
-            value = self.values[id(node.inputs[0])]
-            self._use(value[a["index"]])
-            return value[a["index"]]
+        view = self.lower_view(node)
+        if view is not None:
+            return view
         if op == "concat":
             parts = [self.read(i) for i in node.inputs]
             out = self.alloc(self._storage(t.dtype, any(p.dtype == self.act for p in parts)), t.shape, node)
-            start = 0
-            for i, part in zip(node.inputs, parts):
-                length = i.type.shape[a["axis"]]
-                self.copy_into(part, out.slice(a["axis"], start, dims.add(start, length), 1, length))
-                start = dims.add(start, length)
-            return out
+            return self.concat(node, out, parts)
         if op in ("swiglu", "geglu") or (op in OPS and OPS[op].kind == "elementwise"):
             return self._node_elementwise(node)
         handler = getattr(self, "_" + op, None)
@@ -301,11 +223,11 @@ class PlanLowering:
             return View.of_buffer("i64", t.shape, "tokens")
         if name == "start_pos":
             return View.scalar("i64", "start_pos")
-        caches = [i.attrs["name"] for i in self.graph.inputs[2:]]
-        if name in caches:
+        cache = self.cache_index(name)
+        if cache is not None:
             if t.dtype != "f32":
                 raise LoweringError(f"the cuda target keeps the KV cache in {self.act}; build with --kv f32")
-            return View.of_buffer(self.act, t.shape, f"c{caches.index(name)}")
+            return View.of_buffer(self.act, t.shape, f"c{cache}")
         raise LoweringError(f"graph input {name!r} is not one of tokens, start_pos or the caches")
 
     # -- elementwise -----------------------------------------------------------------------
@@ -371,7 +293,7 @@ class PlanLowering:
 
     def _linear(self, node: Node) -> View:
         x, m, ldx = self.rows(self.read(node.inputs[0]))
-        f16 = _f16_weight(node.inputs[1])
+        f16 = f16_weight(node.inputs[1])
         w = self.read(f16) if f16 is not None else self.contiguous(self.read(node.inputs[1]))
         return self._matmul(node, x, m, ldx, [w], 0, 1, node.inputs[2] if len(node.inputs) > 2 else None)
 
@@ -384,7 +306,7 @@ class PlanLowering:
         return self._matmul(node, x, m, ldx, parts, scheme.bits, scheme.group, bias)
 
     def _embedding(self, node: Node) -> View:
-        f16 = _f16_weight(node.inputs[0])
+        f16 = f16_weight(node.inputs[0])
         table = self.read(f16) if f16 is not None else self.contiguous(self.read(node.inputs[0]))
         return self._lookup(node, [table], self.contiguous(self.read(node.inputs[1])), 0, 1)
 
@@ -466,7 +388,7 @@ class PlanLowering:
 
     def _attention(self, node: Node) -> View:
         a = node.attrs
-        q, k, v = (self._heads(self.read(i)) for i in node.inputs[:3])
+        q, k, v = (self.heads(self.read(i)) for i in node.inputs[:3])
         k_cache, v_cache = (self.read(i) for i in node.inputs[3:5])
         layers, heads_kv, ctx, head_dim = k_cache.shape
         heads, seq = q.shape[1], q.shape[2]
@@ -507,9 +429,6 @@ class PlanLowering:
     def _attention_kv8(self, node: Node) -> View:
         raise LoweringError("the cuda target has no int8 KV cache yet; build with --kv f32 (the cache is then "
                             "stored in the activation dtype on the GPU)")
-
-    def _heads(self, view: View) -> View:
-        return view if view.strides[-1] == 1 or view.shape[-1] == 1 else self.contiguous(view)
 
 
 def _ir_of(storage: str) -> str:

@@ -90,6 +90,13 @@ def read_program(artifact: Artifact, arch: str | None = None) -> CudaProgram:
         raise ArtifactError(f"{artifact.path}: its cuda plan cannot be read ({exc}); rebuild the artifact") from None
 
 
+def cache_shapes(kv_cache: dict, ctx: int) -> list[tuple[int, int, int, int]]:
+    """The shape of each KV cache buffer on the device ([layers, kv_heads, ctx, head_dim]), from
+    the manifest's "kv_cache" entry."""
+    shape = (int(kv_cache["layers"]), int(kv_cache["kv_heads"]), ctx, int(kv_cache["head_dim"]))
+    return [shape for _ in kv_cache["inputs"]]
+
+
 def plan_for(graph: str, count: int) -> str:
     """The plan a call runs: one token through "graph" is the decode step."""
     return "decode" if graph == "graph" and count == 1 else graph
