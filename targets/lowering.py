@@ -11,6 +11,7 @@ from __future__ import annotations
 from llmc import dims
 from llmc.errors import LlmcError
 from llmc.ir import Graph, Node, Type
+from llmc.ops import OPS
 
 from .arena import Buffer
 from .views import View
@@ -148,6 +149,15 @@ class GraphLowering:
             self.use(value[a["index"]])
             return value[a["index"]]
         return None
+
+    def kernel_op(self, node: Node):
+        """The target's ``_<op>`` method for a node, or an error naming the op and another target."""
+        handler = getattr(self, "_" + node.op, None)
+        if handler is None:
+            doc = OPS[node.op].doc if node.op in OPS else ""
+            raise self.error(f"the {self.target} target has no kernel for op {node.op!r} ({doc}); "
+                             f"build with --target {self.fallback}")
+        return handler(node)
 
     def concat(self, node: Node, out: View, parts: list[View]) -> View:
         """Each part copied into its slice of ``out`` along the concat axis."""

@@ -189,11 +189,7 @@ class FunctionLowering(GraphLowering):
             return self._rope(node)
         if op in ("swiglu", "geglu") or (op in OPS and OPS[op].kind == "elementwise"):
             return self.elementwise(node)
-        handler = getattr(self, "_" + op, None)
-        if handler is None:
-            raise LoweringError(f"the cpu target has no kernel for op {op!r} ({OPS[op].doc if op in OPS else ''}); "
-                                "build with --target ref")
-        return handler(node)
+        return self.kernel_op(node)
 
     def _input(self, node: Node) -> View:
         name, t = node.attrs["name"], node.type

@@ -211,11 +211,7 @@ class PlanLowering(GraphLowering):
             return self.concat(node, out, parts)
         if op in ("swiglu", "geglu") or (op in OPS and OPS[op].kind == "elementwise"):
             return self._node_elementwise(node)
-        handler = getattr(self, "_" + op, None)
-        if handler is None:
-            raise LoweringError(f"the cuda target has no kernel for op {op!r} "
-                                f"({OPS[op].doc if op in OPS else ''}); build with --target cpu")
-        return handler(node)
+        return self.kernel_op(node)
 
     def _input(self, node: Node) -> View:
         name, t = node.attrs["name"], node.type
