@@ -4,11 +4,11 @@ Importing llmc is cheap and never imports torch: the compiler front end (which n
 transformers) loads only when a model is imported.
 """
 
-from llmc.errors import LlmcError, LlmcWarning
+from llmc.errors import LlmcError, LlmcWarning, UsageError
 
 __version__ = "0.1.0"
 
-__all__ = ["LlmcError", "LlmcWarning", "__version__", "import_model", "load"]
+__all__ = ["LlmcError", "LlmcWarning", "UsageError", "__version__", "import_model", "load"]
 
 
 def load(path, max_context=None, threads=None):

@@ -54,6 +54,15 @@ def _sha256(data) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def sha256_file(path: str | Path) -> str:
+    """The hex sha256 of a whole file, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def pack_weights(weights: Mapping[str, np.ndarray], dtypes: Mapping[str, str]) -> tuple[list, dict]:
     """(chunks to write, tensor table) for the weights section, in the given order."""
     chunks, table, offset = [], {}, 0
@@ -187,9 +196,11 @@ def check_machine(manifest: Mapping[str, Any], path: Path, features: set[str] | 
                             "here, or for a lower CPU feature level")
 
 
-def read_artifact(path: str | Path, verify: bool = True, features: set[str] | None = None) -> Artifact:
+def read_artifact(path: str | Path, verify: bool = True, features: set[str] | None = None,
+                  machine: bool = True) -> Artifact:
     """Open an artifact; check its header, manifest, (with ``verify``) every section's checksum, and
-    that this machine has the CPU features it requires (``features`` overrides the host's, for tests)."""
+    (with ``machine``) that this machine has the CPU features it requires (``features`` overrides
+    the host's, for tests)."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -224,5 +235,6 @@ def read_artifact(path: str | Path, verify: bool = True, features: set[str] | No
                                 f"{size} bytes")
         if verify and _sha256(memoryview(mapped)[entry["offset"]: end]) != entry["sha256"]:
             raise ArtifactError(f"{path} is corrupt: section {name!r} does not match its checksum; rebuild the artifact")
-    check_machine(manifest, path, features)
+    if machine:
+        check_machine(manifest, path, features)
     return Artifact(path, manifest, mapped)

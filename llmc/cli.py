@@ -1,14 +1,18 @@
-"""The ``llmc`` command. Errors a user can cause print as one line and exit 1; usage errors exit 2."""
+"""The ``llmc`` command. Exit codes: 0 success; 1 an error a user can cause (a failed build, a corrupt
+artifact, an unreadable model), printed as one line; 2 a usage error (an unknown option, a bad
+option value, a bad build file), nothing done. With ``--json`` an error is also printed to stdout
+as ``{"ok": false, "error": ..., "exit_code": ...}``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import warnings
 
 from llmc import __version__
-from llmc.errors import LlmcError, LlmcWarning
+from llmc.errors import LlmcError, LlmcWarning, UsageError
 from llmc.pipeline import PHASE_NAMES
 
 
@@ -20,7 +24,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except LlmcError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        if getattr(args, "json", False):
+            print(json.dumps({"ok": False, "error": str(exc), "exit_code": exc.exit_code}))
+        return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -82,8 +88,36 @@ def build_parser() -> argparse.ArgumentParser:
                                "public-domain text shipped with llmc")
     compile_.add_argument("--kv", default="f32", choices=["f32", "int8"],
                           help="KV cache storage: f32 (default) or int8 with a scale per head and position")
+    compile_.add_argument("--context", type=int, default=None, metavar="TOKENS",
+                          help="the longest sequence (prompt + generated) the artifact takes (default: the model's own)")
+    _cache_option(compile_)
+    compile_.add_argument("--json", action="store_true", help="print what was built as JSON on stdout")
     compile_.add_argument("--attn", choices=["sdpa", "eager"], default=None, help=argparse.SUPPRESS)
     compile_.set_defaults(run=run_compile)
+
+    build = commands.add_parser("build", help="build every artifact a build file (llmc.toml) lists",
+                                description="Build every artifact of a build file from one import of its model, "
+                                            "then print a summary: artifact, size, compile time, cache hits.")
+    build.add_argument("file", nargs="?", default="llmc.toml", help="the build file (default: llmc.toml)")
+    build.add_argument("--only", action="append", metavar="NAME",
+                       help="build only this artifact (repeat for several)")
+    _cache_option(build, default=None)
+    build.add_argument("--json", action="store_true", help="print the build's result as JSON on stdout")
+    build.set_defaults(run=run_build)
+
+    verify = commands.add_parser("verify", help="check artifacts' checksums and show what they were built from",
+                                 description="Check every section checksum of each artifact and print what it was "
+                                             "built from: input hashes, llmc version, target, scheme, options.")
+    verify.add_argument("files", nargs="+", metavar="FILE", help=".llmc artifacts")
+    verify.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    verify.set_defaults(run=run_verify)
+
+    cache = commands.add_parser("cache", help="show or clear the build cache",
+                                description="Show where the build cache is ($LLMC_CACHE_DIR, else "
+                                            "$XDG_CACHE_HOME/llmc, else ~/.cache/llmc) and what it holds.")
+    cache.add_argument("--clear", action="store_true", help="delete every entry")
+    cache.add_argument("--json", action="store_true")
+    cache.set_defaults(run=run_cache)
 
     for name, helptext in (("run", "generate text from a prompt"), ("chat", "chat interactively")):
         sub = commands.add_parser(name, help=helptext, description=helptext[0].upper() + helptext[1:] + ".")
@@ -124,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _cache_option(parser, default: str | None = "on") -> None:
+    parser.add_argument("--cache", default=default, choices=["on", "off", "readonly", "refresh"],
+                        help="build cache policy: on (use and store entries), off (neither), readonly (use, "
+                             "store nothing), refresh (rebuild everything and store it)"
+                             + ("" if default else "; default: the build file's, else on"))
+
+
 def _sampling(args) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
@@ -134,7 +175,17 @@ def run_compile(args) -> int:
 
     report = compile_model(args.source, args.output, target=args.target, quant=args.quant, kv=args.kv,
                            calib=args.calib, cpu_level=args.cpu_level, tune=args.tune, arch=args.arch,
-                           act=args.act_dtype, attn_implementation=args.attn)
+                           act=args.act_dtype, cache=args.cache, progress=sys.stderr,
+                           attn_implementation=args.attn, max_seq=args.context)
+    if args.json:
+        from llmc.artifact import sha256_file
+
+        print(json.dumps({"ok": True, "path": str(report.output), "target": args.target, "quant": args.quant,
+                          "kv": args.kv, "bytes": report.file_bytes, "weight_bytes": report.weight_bytes,
+                          "sha256": sha256_file(report.output), "seconds": round(report.seconds, 3),
+                          "phases": {k: round(v, 3) for k, v in report.phases.items()}, "cache": report.cache,
+                          "details": report.target}, indent=2))
+        return 0
     phases = ", ".join(f"{k} {v:.1f} s" for k, v in report.phases.items())
     print(f"wrote {report.output} ({report.file_bytes / 1e6:.1f} MB, weights {report.weight_bytes / 1e6:.1f} MB) "
           f"for target {args.target}, {args.quant}, KV cache {args.kv}, in {report.seconds:.1f} s ({phases})")
@@ -147,6 +198,54 @@ def run_compile(args) -> int:
         tuning = ", ".join(f"{n} {k}" for k, n in report.target["tuning"].items() if n)
         print(f"cpu {report.target['level']}: library {report.target['library_bytes'] / 1e3:.0f} kB; kernels: "
               f"{kernels}; tiles: {tuning or 'none'}")
+    return 0
+
+
+def run_build(args) -> int:
+    from llmc.build import build
+
+    only = [name.strip() for value in args.only or [] for name in value.split(",") if name.strip()]
+    result = build(args.file, cache=args.cache, only=only or None, progress=sys.stderr)
+    if args.json:
+        print(json.dumps(result.as_json(), indent=2))
+    return 0 if result.ok else 1
+
+
+def run_verify(args) -> int:
+    from llmc.artifact import ArtifactError
+    from llmc.verify import format_result, verify_artifact
+
+    results = []
+    for path in args.files:
+        try:
+            results.append(verify_artifact(path))
+        except ArtifactError as exc:
+            results.append({"path": path, "ok": False, "error": str(exc)})
+        if not args.json:
+            result = results[-1]
+            if result["ok"]:
+                sys.stdout.write(format_result(result))
+            else:
+                print(f"error: {result['error']}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
+    return 0 if all(r["ok"] for r in results) else 1
+
+
+def run_cache(args) -> int:
+    from llmc.cache import clear, root, usage
+
+    if args.clear:
+        clear()
+    parts = usage()
+    if args.json:
+        print(json.dumps({"path": str(root()), "parts": parts}, indent=2))
+        return 0
+    print(f"cache     {root()}{' (cleared)' if args.clear else ''}")
+    for part in parts:
+        print(f"  {part['what']:<26} {part['files']:6d} files {part['bytes'] / 1e6:10.1f} MB  {part['path']}")
+    print(f"  {'total':<26} {sum(p['files'] for p in parts):6d} files "
+          f"{sum(p['bytes'] for p in parts) / 1e6:10.1f} MB")
     return 0
 
 
@@ -190,17 +289,15 @@ def run_chat(args) -> int:
 
 
 def run_bench(args) -> int:
-    import json
-
     import llmc
     from llmc.runtime.bench import bench, format_report
 
     try:
         lengths = [int(x) for x in args.prompt_tokens.split(",") if x.strip()]
     except ValueError:
-        raise LlmcError(f"--prompt-tokens takes comma-separated integers, not {args.prompt_tokens!r}") from None
+        raise UsageError(f"--prompt-tokens takes comma-separated integers, not {args.prompt_tokens!r}") from None
     if args.runs < 1 or args.decode_tokens < 1 or any(n < 1 for n in lengths):
-        raise LlmcError("--runs, --decode-tokens and --prompt-tokens must be positive")
+        raise UsageError("--runs, --decode-tokens and --prompt-tokens must be positive")
     model = llmc.load(args.file, max_context=max(lengths + [16 + args.decode_tokens]))
     result = bench(model, lengths, args.decode_tokens, args.runs)
     print(json.dumps(result, indent=2) if args.json else format_report(args.file, result))
@@ -208,7 +305,6 @@ def run_bench(args) -> int:
 
 
 def run_eval(args) -> int:
-    import json
     from pathlib import Path
 
     import llmc
@@ -243,7 +339,6 @@ def _is_artifact(path: str) -> bool:
 
 
 def _describe_cuda(art, out) -> None:
-    import json
 
     target = art.manifest["target"]
     plan = json.loads(bytes(art.section("cuda_plan")).decode())

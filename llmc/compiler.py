@@ -9,7 +9,6 @@ artifact also carries the IR text, so any of them can be replayed through the in
 
 from __future__ import annotations
 
-import hashlib
 import sys
 import time
 from dataclasses import dataclass
@@ -19,8 +18,8 @@ from typing import Any, TextIO
 import numpy as np
 
 from llmc import __version__
-from llmc.artifact import write_artifact
-from llmc.errors import LlmcError
+from llmc.artifact import sha256_file, write_artifact
+from llmc.errors import LlmcError, UsageError
 
 TARGETS = ("cpu", "cuda", "ref")
 
@@ -34,23 +33,7 @@ class CompileReport:
     file_bytes: int
     seconds: float
     target: dict | None = None      # what the target reports: kernels, tuning, library size
-
-
-def input_hashes(source) -> dict[str, str]:
-    """sha256 of the files the artifact was built from (name -> hash); {} for an in-memory module."""
-    if source.path is None:
-        return {}
-    path = Path(source.path)
-    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file()
-                                                 and p.suffix in (".json", ".safetensors", ".model", ".txt", ".jinja"))
-    out = {}
-    for f in files:
-        digest = hashlib.sha256()
-        with open(f, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(block)
-        out[f.name] = digest.hexdigest()
-    return out
+    cache: dict | None = None       # build cache lookups per kind: {"import": {"hits": 1, "misses": 0}, ...}
 
 
 def decode_weight_bytes(graph) -> int:
@@ -92,40 +75,64 @@ def calibration_ids(calib: str | Path, tokenizer) -> np.ndarray:
     return np.asarray(ids, np.int64)
 
 
-def compile_model(source: Any, output: str | Path, *, target: str = "cpu", quant: str = "f32", kv: str = "f32",
-                  calib: str | Path | None = None, cpu_level: str | None = None, tune: str = "off",
-                  chunk: int | None = None, arch: str | list | None = None, act: str = "f16", progress: TextIO | None = sys.stderr, **import_options: Any) -> CompileReport:
-    """Build ``output`` from ``source`` (anything ``import_model`` takes, or an already imported model)."""
-    from llmc.frontend import Imported
-    from llmc.frontend.tokenizer import tokenizer_info
-    from llmc.ir import Graph
-    from llmc.pipeline import run_phases
+def check_options(target: str = "cpu", quant: str = "f32", kv: str = "f32", cpu_level: str | None = None,
+                  tune: str = "off", chunk: int | None = None, arch: str | list | None = None, act: str = "f16",
+                  cache: str = "on", max_seq: int | None = None) -> None:
+    """Refuse options ``compile_model`` cannot build with (a UsageError), before anything is loaded."""
+    from llmc.cache import check_policy
+    from llmc.pipeline import check_kv
     from llmc.quant import parse_scheme
 
     if target not in TARGETS:
-        raise LlmcError(f"unknown target {target!r}; this llmc builds: {', '.join(TARGETS)}")
+        raise UsageError(f"unknown target {target!r}; this llmc builds: {', '.join(TARGETS)}")
     parse_scheme(quant)
-    if target == "cpu":                       # bad options fail before the model is traced
-        from llmc.targets.cpu import check_options
+    check_kv(kv)
+    check_policy(cache)
+    if max_seq is not None and (not isinstance(max_seq, int) or isinstance(max_seq, bool) or max_seq < 1):
+        raise UsageError(f"the context length must be a positive number of tokens, not {max_seq!r}")
+    if target == "cpu":
+        from llmc.targets.cpu import check_options as check_cpu
 
-        check_options(cpu_level, tune, chunk)
+        check_cpu(cpu_level, tune, chunk)
     if target == "cuda":
         from llmc.targets.cuda import check_options as check_cuda
         from llmc.targets.cuda.build import triton_version
 
         check_cuda(arch, act, chunk, kv)
         triton_version()
+
+
+def compile_model(source: Any, output: str | Path, *, target: str = "cpu", quant: str = "f32", kv: str = "f32",
+                  calib: str | Path | None = None, cpu_level: str | None = None, tune: str = "off",
+                  chunk: int | None = None, arch: str | list | None = None, act: str = "f16", cache: str = "on",
+                  progress: TextIO | None = sys.stderr, **import_options: Any) -> CompileReport:
+    """Build ``output`` from ``source`` (anything ``import_model`` takes, or an already imported
+    model), using the build cache under policy ``cache`` (``llmc.cache``: on, off, readonly, refresh)."""
+    from llmc.cache import using
+
+    check_options(target, quant, kv, cpu_level, tune, chunk, arch, act, cache, import_options.get("max_seq"))
     folder = Path(output).resolve().parent
     if not folder.is_dir():
         raise LlmcError(f"cannot write {output}: the folder {folder} does not exist")
-    start = time.perf_counter()
-    if not isinstance(source, Imported):
-        from llmc.frontend import import_model
+    with using(cache) as store:
+        report = _compile(source, Path(output), target, quant, kv, calib, cpu_level, tune, chunk, arch, act,
+                          progress, import_options)
+        report.cache = store.counts()
+    return report
 
-        source = import_model(source, **import_options)
-    imported = source
+
+def _compile(source, output: Path, target, quant, kv, calib, cpu_level, tune, chunk, arch, act, progress,
+             import_options) -> CompileReport:
+    from llmc.frontend import Imported
+    from llmc.frontend.stored import import_stored
+    from llmc.frontend.tokenizer import tokenizer_info
+    from llmc.ir import Graph
+    from llmc.pipeline import run_phases
+
+    start = time.perf_counter()
+    imported = source if isinstance(source, Imported) else import_stored(source, **import_options)
     import_seconds = time.perf_counter() - start
-    tokenizer = tokenizer_info(imported.source, imported.config)
+    tokenizer = imported.tokenizer or tokenizer_info(imported.source, imported.config)
     calibration = calibration_ids(calib, tokenizer) if calib else None
     # One run of the phases gives both outputs: last-position logits for generation, and logits
     # for every position for Model.logits (evaluation, comparisons).
@@ -161,9 +168,13 @@ def compile_model(source: Any, output: str | Path, *, target: str = "cpu", quant
         "requires": {"cpu_features": requires, "cuda_arches": cuda_arches},
         "model": {"source": str(imported.source.spec), "kind": imported.source.kind, "config": imported.config,
                   "max_seq": imported.max_seq},
-        "inputs": input_hashes(imported.source),
+        "inputs": imported.source.hashes(),
         "quantization": quant + (" (calibrated)" if calib else ""),
-        "calibration": {"text": str(calib), "tokens": int(len(calibration))} if calib else None,
+        "calibration": _calibration_entry(calib, calibration),
+        # What the build was asked for, so `llmc verify` can say how the artifact was made.
+        "options": {"target": target, "quant": quant, "kv": kv, "cpu_level": cpu_level, "tune": tune,
+                    "chunk": chunk, "arch": arch if arch is None or isinstance(arch, str) else ",".join(arch),
+                    "act_dtype": act if target == "cuda" else None, "context": import_options.get("max_seq")},
         # Entry points over the KV cache that the runtime owns; arguments in call order.
         "entry_points": {
             "prefill": {"inputs": [["tokens", "i64[seq]"], ["start_pos", "i64[]"]],
@@ -191,6 +202,16 @@ def compile_model(source: Any, output: str | Path, *, target: str = "cpu", quant
     seconds = time.perf_counter() - start
     return CompileReport(Path(output), prefill.timings, prefill.notes, sum(w.nbytes for w in weights.values()),
                          Path(output).stat().st_size, seconds, target_report)
+
+
+def _calibration_entry(calib, ids) -> dict | None:
+    """The calibration text by name and content (not by path: the artifact must not depend on
+    where the text lay)."""
+    if not calib:
+        return None
+    path = DEFAULT_CALIBRATION if str(calib) == "default" else Path(calib)
+    return {"text": "default" if str(calib) == "default" else path.name,
+            "sha256": sha256_file(path), "tokens": int(len(ids))}
 
 
 def _build_cpu(graphs, level, tune, chunk, progress):

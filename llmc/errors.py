@@ -1,8 +1,18 @@
-"""Errors a user can cause. Each says what went wrong and what to do; the CLI prints one line."""
+"""Errors a user can cause. Each says what went wrong and what to do; the CLI prints one line and
+exits with the error's ``exit_code``: 1 when a build or a run fails, 2 when llmc was asked for
+something it does not take (a bad option value, a bad build file)."""
 
 
 class LlmcError(Exception):
     """Base of every error a user can cause."""
+
+    exit_code = 1
+
+
+class UsageError(LlmcError):
+    """An option, option value or build file llmc does not take; nothing was built."""
+
+    exit_code = 2
 
 
 class SourceError(LlmcError):

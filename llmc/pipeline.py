@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-from llmc.errors import LlmcError
+from llmc.errors import UsageError
 from llmc.ir import Graph, verify as verify_graph
 
 
@@ -90,7 +90,7 @@ def run_pipeline(source: Any, *, until: str | None = None, dump_ir: str | Path |
     from llmc.quant import parse_scheme
 
     parse_scheme(quant)                      # bad options fail before the model is loaded
-    _check_kv(kv)
+    check_kv(kv)
     start = time.perf_counter()
     imported = import_model(source, **import_options)
     return run_phases(imported, until=until, dump_ir=dump_ir, verify=verify, progress=progress,
@@ -107,9 +107,9 @@ def run_phases(imported: Any, *, until: str | None = None, dump_ir: str | Path |
     from llmc.passes.context import PassContext
 
     until = _check_phase(until)
-    _check_kv(kv)
+    check_kv(kv)
     if logits not in LOGITS:
-        raise LlmcError(f"logits must be one of {', '.join(LOGITS)}, not {logits!r}")
+        raise UsageError(f"logits must be one of {', '.join(LOGITS)}, not {logits!r}")
     if verify is None:
         verify = os.environ.get("LLMC_VERIFY") == "1"
     dump_dir = Path(dump_ir) if dump_ir else None
@@ -118,7 +118,7 @@ def run_phases(imported: Any, *, until: str | None = None, dump_ir: str | Path |
     total = PHASE_NAMES.index(until) + 1 + len(then)
     result = PipelineResult(imported.graph, imported)
 
-    def finish(index: int, name: str, graph: Graph, seconds: float) -> None:
+    def finish(index: int, name: str, graph: Graph, seconds: float, remark: str = "") -> None:
         if verify:
             verify_graph(graph)
         result.timings[name] = seconds
@@ -126,10 +126,11 @@ def run_phases(imported: Any, *, until: str | None = None, dump_ir: str | Path |
         if dump_dir:
             (dump_dir / f"{index:02d}-{name}.ir").write_text(str(graph))
         if progress:
-            progress.write(f"[{index}/{total}] {name:<9} {seconds:6.2f} s  {len(graph.nodes())} nodes\n")
+            progress.write(f"[{index}/{total}] {name:<9} {seconds:6.2f} s  {len(graph.nodes())} nodes{remark}\n")
             progress.flush()
 
-    finish(1, "import", imported.graph, import_seconds)
+    origin = " (a copy of the import above)" if imported.copied else " (from the cache)" if imported.cached else ""
+    finish(1, "import", imported.graph, import_seconds, origin)
     graph = imported.graph
     ctx = PassContext(imported.config, imported.max_seq, logits, result.notes, verify, quant, imported.source, kv,
                       calibration)
@@ -148,13 +149,14 @@ KV_FORMATS = ("f32", "int8")
 LOGITS = ("last", "all", "both")      # last position, every position, or both as two outputs
 
 
-def _check_kv(kv: str) -> None:
+def check_kv(kv: str) -> None:
+    """Refuse a KV cache format llmc does not have."""
     if kv not in KV_FORMATS:
-        raise LlmcError(f"unknown KV cache format {kv!r}; choose {' or '.join(KV_FORMATS)}")
+        raise UsageError(f"unknown KV cache format {kv!r}; choose {' or '.join(KV_FORMATS)}")
 
 
 def _check_phase(until: str | None) -> str:
     until = until or PHASE_NAMES[-1]
     if until not in PHASE_NAMES:
-        raise LlmcError(f"unknown phase {until!r}; the phases are {', '.join(PHASE_NAMES)}")
+        raise UsageError(f"unknown phase {until!r}; the phases are {', '.join(PHASE_NAMES)}")
     return until

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from llmc.errors import LlmcError
+from llmc.errors import LlmcError, UsageError
 
 SCHEMES = ("f32", "f16", "q8", "q4g32", "q4g128", "gguf")
 
@@ -56,7 +56,7 @@ class Scheme:
 def parse_scheme(code: str) -> Scheme:
     m = re.fullmatch(r"f32|f16|q8|gguf|q4g(\d+)", code or "")
     if not m or code not in SCHEMES:
-        raise QuantError(f"unknown quantization scheme {code!r}; valid schemes: {', '.join(SCHEMES)}")
+        raise UsageError(f"unknown quantization scheme {code!r}; valid schemes: {', '.join(SCHEMES)}")
     if code == "gguf":
         return Scheme(code, 0, 32, False)
     if code == "f32":

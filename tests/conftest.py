@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import numpy as np
 import pytest
@@ -12,6 +13,9 @@ os.environ["LLMC_VERIFY"] = "1"
 # cuda kernels run on CPU tensors through Triton's interpreter (the switch is read when Triton is
 # imported); cross-compilation runs in worker processes without it.
 os.environ["TRITON_INTERPRET"] = "1"
+# The build cache of a test session is its own, never the user's (~/.cache/llmc).
+_CACHE = tempfile.TemporaryDirectory(prefix="llmc-test-cache-")
+os.environ["LLMC_CACHE_DIR"] = _CACHE.name
 
 COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)

@@ -1,4 +1,5 @@
-"""The llmc command: useful output on good sources, one clear line and exit 1 on bad ones."""
+"""The llmc command: useful output on good sources, one clear line and exit 1 on bad ones (2 on
+options it does not take)."""
 
 import json
 import subprocess
@@ -14,8 +15,8 @@ def llmc(*args, cwd=None):
                           cwd=cwd, timeout=600)
 
 
-def assert_one_line_error(result, *fragments):
-    assert result.returncode == 1, result.stderr
+def assert_one_line_error(result, *fragments, code=1):
+    assert result.returncode == code, result.stderr
     assert "Traceback" not in result.stderr
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     errors = [ln for ln in lines if not ln.startswith(("warning: ", "note: ", "["))]   # progress is not an error
@@ -156,4 +157,4 @@ def test_compile_writes_an_artifact_that_runs(family_dirs, tmp_path):
     assert_one_line_error(missing, "does not exist")
     assert "[1/" not in missing.stderr                      # refused before any work
     assert_one_line_error(llmc("compile", family_dirs["mistral"], "-o", out, "--quant", "q5"),
-                          "valid schemes: f32, f16, q8, q4g32, q4g128")
+                          "valid schemes: f32, f16, q8, q4g32, q4g128", code=2)      # a usage error

@@ -187,3 +187,12 @@ def test_fused_elementwise_loops_match_the_interpreter(tmp_path):
     assert status == 0
     want = run(graph, [tokens, np.array(5)])[0]
     np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
+
+
+def test_tuning_a_level_this_machine_cannot_run_is_refused(families):
+    from llmc.errors import UsageError
+    from llmc.targets.cpu import compile_graphs
+
+    _, imported = families["llama"]
+    with pytest.raises(UsageError, match="cannot tune x86-64-v3 kernels on this machine, which lacks avx.*--tune off"):
+        compile_graphs({"graph": imported.graph}, level="x86-64-v3", tune="fast", features={"sse2"})

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import relative_error, tiny_model
+from llmc.errors import UsageError
 from llmc.frontend import import_model
 from llmc.interpret import run
 from llmc.pipeline import run_phases
@@ -42,7 +43,7 @@ def test_constant_and_zero_groups_survive():
 
 def test_bad_schemes_list_the_valid_ones():
     for code in ("q3", "q4g64", "int8", ""):
-        with pytest.raises(QuantError, match="valid schemes: f32, f16, q8, q4g32, q4g128"):
+        with pytest.raises(UsageError, match="valid schemes: f32, f16, q8, q4g32, q4g128"):
             parse_scheme(code)
     with pytest.raises(QuantError, match="does not divide the 100 inputs of layer.x"):
         parse_scheme("q4g128").check_layer("layer.x", (8, 100))

@@ -214,3 +214,42 @@ def test_cuda_plans_of_the_first_layer_match_the_cpu_target(reference_model, tmp
     for pos, token in enumerate([915, 281], start=len(ids)):
         got, want = gpu.step([token], pos), host.step([token], pos)
         assert relative_error(got, want) < 5e-3 and np.argmax(got) == np.argmax(want)
+
+
+def test_the_ci_example_builds_and_verifies(tmp_path, capsys):
+    """examples/ci: the workflow's own llmc commands on its llmc.toml (copied into a temporary
+    folder, so the artifacts land there), then a short generation from the cpu artifact."""
+    import json
+    import shlex
+    import shutil
+
+    import yaml
+
+    import llmc
+    from llmc.cli import main
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "ci"
+    workflow = yaml.safe_load((example / "build.yml").read_text())
+    build_file = workflow["env"]["BUILD_FILE"]
+    assert (example.parent.parent / build_file).resolve() == example / "llmc.toml"
+    shutil.copy(example / "llmc.toml", tmp_path / "llmc.toml")
+    commands = [shlex.split(step["run"].split(">")[0]) for step in workflow["jobs"]["build"]["steps"]
+                if step.get("run", "").startswith("llmc ")]
+    assert [c[:2] for c in commands] == [["llmc", "build"], ["llmc", "verify"]]
+    outputs = {}
+    for command in commands:
+        args = [str(tmp_path / "llmc.toml") if a == "$BUILD_FILE" else a for a in command[1:]]
+        if args[0] == "verify":
+            args = ["verify"] + sorted(str(p) for p in (tmp_path / "dist").glob("*.llmc")) + args[2:]
+        assert main(args) == 0, args
+        outputs[args[0]] = json.loads(capsys.readouterr().out)
+    built = {a["name"]: a for a in outputs["build"]["artifacts"]}
+    assert set(built) == {"smollm2-cpu", "smollm2-cuda"} and outputs["build"]["ok"]
+    verified = {Path(v["path"]).stem: v for v in outputs["verify"]}
+    assert verified["smollm2-cuda"]["requires"]["cuda_arches"] == ["sm_80", "sm_90"]
+    assert verified["smollm2-cpu"]["target"]["level"] == "x86-64-v3"
+    for name, result in verified.items():
+        assert result["sha256"] == built[name]["sha256"] and result["quantization"] == "gguf"
+        assert result["inputs"] == {GGUF: result["inputs"][GGUF]} and result["model"]["max_seq"] == 2048
+    model = llmc.load(tmp_path / "dist" / "smollm2-cpu.llmc")
+    assert model.generate("The capital of France is", max_new_tokens=4).strip()

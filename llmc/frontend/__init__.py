@@ -20,6 +20,18 @@ class Imported:
     config: dict                       # the Hugging Face config as a dict ({} for a plain nn.Module)
     max_seq: int                       # the longest sequence the trace admits
     timings: dict[str, float] = field(default_factory=dict)
+    cached: bool = False               # read from the build cache (llmc.frontend.stored), not traced now
+    tokenizer: Any = None              # llmc.frontend.tokenizer.TokenizerInfo, once read
+    copied: bool = False               # a copy of an import made once for several builds
+
+    def copy(self) -> "Imported":
+        """A copy whose graph passes may rebuild and add weights to without touching this one (the
+        weight arrays themselves are shared; passes never write into them)."""
+        from llmc.ir import parse_graph
+
+        graph = parse_graph(str(self.graph), dict(self.graph.weights))
+        return Imported(graph, self.source, self.config, self.max_seq, dict(self.timings), self.cached, self.tokenizer,
+                        copied=True)
 
 
 def import_model(spec: Any, *, attn_implementation: str | None = None, max_seq: int | None = None) -> Imported:

@@ -34,10 +34,32 @@ class ModelSource:
     load: Callable[[], Any]           # -> nn.Module in eval mode, fp32
     has_tokenizer: bool = False
     info: dict = field(default_factory=dict)
+    _hashes: dict | None = field(default=None, repr=False)
+
+    def hashes(self) -> dict[str, str]:
+        """sha256 of the files the model is read from (file name -> hex digest), computed once;
+        {} for an in-memory module, which has no files."""
+        if self._hashes is None:
+            from llmc.artifact import sha256_file
+
+            self._hashes = {f.name: sha256_file(f) for f in self._files()}
+        return dict(self._hashes)
+
+    def _files(self) -> list[Path]:
+        if self.path is None:
+            return []
+        if self.path.is_file():
+            return [self.path]
+        return sorted(p for p in self.path.iterdir() if p.is_file() and p.suffix in INPUT_SUFFIXES)
+
+
+INPUT_SUFFIXES = (".json", ".safetensors", ".bin", ".model", ".txt", ".jinja")
 
 
 def resolve(spec: Any, attn_implementation: str | None = None) -> ModelSource:
     """Turn a user's source spec into a ``ModelSource``; raise SourceError with what to do if it can't."""
+    if isinstance(spec, ModelSource):
+        return spec
     if not isinstance(spec, (str, Path)):
         return _module_source(spec, repr(type(spec).__name__))
     text = str(spec)

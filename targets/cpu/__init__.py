@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from llmc import __version__
-from llmc.errors import LlmcError
+from llmc.errors import UsageError
 from llmc.ir import Graph
 
 from .. import check_chunk
@@ -27,9 +27,9 @@ def check_options(level: str | None, tune: str, chunk: int | None) -> None:
     from .tune import MODES
 
     if level is not None and level not in LEVELS:
-        raise LlmcError(f"unknown cpu feature level {level!r}; choose {', '.join(LEVELS)}")
+        raise UsageError(f"unknown cpu feature level {level!r}; choose {', '.join(LEVELS)}")
     if tune not in MODES:
-        raise LlmcError(f"unknown tuning mode {tune!r}; choose {', '.join(MODES)}")
+        raise UsageError(f"unknown tuning mode {tune!r}; choose {', '.join(MODES)}")
     check_chunk(chunk)
 
 

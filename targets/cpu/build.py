@@ -1,9 +1,9 @@
 """Compile generated C into a shared library with the system compiler.
 
-Builds are cached by content: the library for a given source and flags lives in
-``<cache>/cpu/<sha256>/`` (cache: ``$LLMC_CACHE_DIR``, default ``~/.cache/llmc``), so an unchanged
-rebuild does not run the compiler. The build runs in that folder on fixed file names and strips
-the result, so the same source gives the same bytes wherever it is built.
+Builds are cached by content: the library for a given source, flags and compiler version lives
+in ``<cache>/cpu/<sha256>/`` (``llmc.cache``), so an unchanged rebuild does not run the compiler.
+The build runs in a fresh folder on fixed file names and strips the result, so the same source
+gives the same bytes wherever it is built.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import os
 import shutil
 import subprocess
 import tempfile
+from functools import lru_cache
 from pathlib import Path
 
+from llmc.cache import active, replace_folder
 from llmc.errors import LlmcError
-
-from .. import cache_dir
 
 KERNELS = Path(__file__).with_name("kernels.c")
 
@@ -57,21 +57,32 @@ def flags(level: str) -> list[str]:
     return ["-O3", "-fPIC", "-shared", "-fopenmp", "-fvisibility=hidden", "-fno-math-errno", "-s"] + LEVELS[level][0]
 
 
+@lru_cache(maxsize=None)
+def compiler_version(cc: str) -> str:
+    """The compiler's own banner (``gcc (Debian 12.2.0-14) 12.2.0``): part of every library's key."""
+    try:
+        done = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise BuildError(f"cannot run the C compiler {cc}: {exc}") from None
+    return (done.stdout.splitlines() or ["unknown"])[0]
+
+
 def build_shared_library(source: str, level: str, name: str = "model") -> tuple[bytes, Path]:
     """(library bytes, path of the source it was built from); cached by content."""
+    cache = active()
     cc = compiler()
     command = [cc] + flags(level) + ["-o", f"{name}.so", f"{name}.c", "-lm"]
-    key = hashlib.sha256("\0".join(command[1:] + [source]).encode()).hexdigest()[:32]
-    folder = cache_dir() / "cpu" / key
-    library = folder / f"{name}.so"
-    if library.is_file():
-        return library.read_bytes(), folder / f"{name}.c"
+    key = hashlib.sha256("\0".join(command[1:] + [compiler_version(cc), source]).encode()).hexdigest()[:32]
+    found = cache.lookup("cpu library", cache.entry("cpu", key, f"{name}.so"))
+    if found:
+        return found.read_bytes(), found.with_name(f"{name}.c")
+    folder = cache.home("cpu", key)
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=folder.parent))
     except OSError as exc:
         raise BuildError(f"cannot create the build folder under {folder.parent}: {exc.strerror or exc}; "
-                         "set LLMC_CACHE_DIR to a writable folder") from None
+                         "set LLMC_CACHE_DIR to a writable folder, or build with --cache off") from None
     (work / f"{name}.c").write_text(source)
     done = subprocess.run(command, cwd=work, capture_output=True, text=True)
     if done.returncode != 0:
@@ -80,8 +91,5 @@ def build_shared_library(source: str, level: str, name: str = "model") -> tuple[
         shutil.rmtree(kept, ignore_errors=True)
         work.rename(kept)
         raise BuildError(f"{cc} failed on the generated code {kept / (name + '.c')}: {errors[0].strip()}")
-    try:
-        work.rename(folder)
-    except OSError:               # built by another process meanwhile: keep theirs
-        shutil.rmtree(work, ignore_errors=True)
-    return library.read_bytes(), folder / f"{name}.c"
+    replace_folder(work, folder)
+    return (folder / f"{name}.so").read_bytes(), folder / f"{name}.c"

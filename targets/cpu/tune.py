@@ -1,9 +1,10 @@
 """The autotuner: for each linear kernel and weight shape, time candidate tiles (W rows per task)
 on this machine and keep the fastest, for decode (one row of x) and prefill (many rows).
 
-Results live in ``<cache>/cpu/tuning.json``, keyed by CPU model, feature level, thread count,
-kernel and shape, so a second compile of the same model measures nothing. ``--tune off`` uses the
-defaults (sound on any machine), ``fast`` a few candidates, ``full`` more candidates and longer runs.
+Results live in ``<cache>/cpu/tuning.json`` (``llmc.cache``), keyed by CPU model, feature level,
+thread count, kernel and shape, so a second compile of the same model measures nothing. ``--tune
+off`` uses the defaults (sound on any machine, and the same on every machine: a reproducible build
+across machines tunes nothing), ``fast`` a few candidates, ``full`` more candidates and longer runs.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import cache_dir
+from llmc.cache import active
+from llmc.errors import UsageError
+
 from .lower import DEFAULT_TILES
 
 MODES = ("off", "fast", "full")
@@ -37,17 +40,25 @@ def cpu_model() -> str:
 
 class Tuner:
     def __init__(self, level: str, mode: str, features: set[str], progress=None):
+        from .build import LEVELS
+
         self.level, self.mode, self.progress = level, mode, progress
+        missing = [f for f in LEVELS[level][1] or [] if f not in features]
+        if mode != "off" and missing:
+            raise UsageError(f"cannot tune {level} kernels on this machine, which lacks {', '.join(missing)}: "
+                             "build with --tune off (tiles are then the defaults, sound on any machine)")
         self.threads = len(os.sched_getaffinity(0))
         self.cpu = cpu_model()
-        self.path = cache_dir() / "cpu" / "tuning.json"
-        self.cache = self._read() if mode != "off" else {}
+        self.build_cache = active()
+        self.cache = self._read(self.build_cache.entry("cpu", "tuning.json")) \
+            if mode != "off" and self.build_cache.reads else {}
+        self.measured: dict[str, dict] = {}
         self.counts = {"measured": 0, "cached": 0, "default": 0}
-        self.dirty = False
 
-    def _read(self) -> dict:
+    @staticmethod
+    def _read(path: Path) -> dict:
         try:
-            return json.loads(self.path.read_text())
+            return json.loads(path.read_text())
         except (OSError, ValueError):
             return {}
 
@@ -61,10 +72,11 @@ class Tuner:
         key = self.key(kernel, n, k)
         if key in self.cache:
             self.counts["cached"] += 1
+            self.build_cache.hits["cpu tuning"] += 1
             return self.cache[key]
-        self.cache[key] = {kind: self._best(kernel, n, k, kind) for kind in ("gemv", "gemm")}
+        self.cache[key] = self.measured[key] = {kind: self._best(kernel, n, k, kind) for kind in ("gemv", "gemm")}
         self.counts["measured"] += 1
-        self.dirty = True
+        self.build_cache.misses["cpu tuning"] += 1
         return self.cache[key]
 
     def _best(self, kernel: str, n: int, k: int, kind: str) -> int:
@@ -94,15 +106,20 @@ class Tuner:
         self.progress.flush()
 
     def finish(self) -> None:
-        if not self.dirty:
+        """Store what was measured, merged into the table as it is now (another build may have
+        added to it meanwhile); nothing when the cache policy stores nothing."""
+        if not self.measured or not self.build_cache.writes:
             return
+        path = self.build_cache.entry("cpu", "tuning.json")
+        table = self._read(path)
+        table.update(self.measured)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(dict(sorted(self.cache.items())), indent=1))
-            os.replace(tmp, self.path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(dict(sorted(table.items())), indent=1))
+            os.replace(tmp, path)
         except OSError as exc:
-            sys.stderr.write(f"warning: cannot save the tuning cache {self.path}: {exc}\n")
+            sys.stderr.write(f"warning: cannot save the tuning cache {path}: {exc}\n")
 
     def summary(self) -> dict:
         return dict(self.counts)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from llmc.errors import LlmcError
+from llmc.errors import UsageError
 from llmc.ir import Graph
 
 from .. import check_chunk
@@ -40,7 +40,7 @@ def parse_arches(text: str | list | None) -> list[int]:
     for name in names:
         name = str(name).strip()
         if name not in ARCHES:
-            raise LlmcError(f"unknown cuda arch {name!r}; choose from {', '.join(ARCHES)} (comma-separated)")
+            raise UsageError(f"unknown cuda arch {name!r}; choose from {', '.join(ARCHES)} (comma-separated)")
         out.add(ARCHES[name])
     return sorted(out)
 
@@ -49,10 +49,10 @@ def check_options(arches, act: str, chunk: int | None, kv: str = "f32") -> None:
     """Refuse arches, an activation dtype, a chunk or a KV cache format this target cannot build."""
     parse_arches(arches)
     if act not in ACT_DTYPES:
-        raise LlmcError(f"unknown activation dtype {act!r} for target cuda; choose {' or '.join(ACT_DTYPES)}")
+        raise UsageError(f"unknown activation dtype {act!r} for target cuda; choose {' or '.join(ACT_DTYPES)}")
     check_chunk(chunk)
     if kv != "f32":
-        raise LlmcError("the cuda target has no int8 KV cache yet; build with --kv f32 (the cache is then "
+        raise UsageError("the cuda target has no int8 KV cache yet; build with --kv f32 (the cache is then "
                         "stored in the activation dtype on the GPU)")
 
 
@@ -69,7 +69,9 @@ def compile_graphs(graphs: dict[str, Graph], *, arches=None, act: str = "f16", c
                    progress=None) -> CudaBuild:
     """Plans for the entry graphs ("graph", "graph_all") plus a decode plan, their kernels compiled
     for every arch in ``arches``."""
-    from .build import cache_dir, compile_kernels
+    from llmc.cache import active
+
+    from .build import compile_kernels
     from .lower import KernelTable, WeightTable, lower_graph
     from .plan import SAMPLE_STEPS
     from .tuning import table
@@ -78,8 +80,10 @@ def compile_graphs(graphs: dict[str, Graph], *, arches=None, act: str = "f16", c
     targets = parse_arches(arches)
     kernels, weights = KernelTable(), WeightTable()
     plans = {}
+    cache = active()
+    tuned = cache.entry("cuda", "tuning.json") if cache.reads else None
     for arch in targets:
-        tuning = table(arch, cache_dir() / "tuning.json")
+        tuning = table(arch, tuned)
         plans[f"sm_{arch}"] = {
             "decode": lower_graph(graphs["graph"], kernels, weights, tuning, act, True, chunk),
             "graph": lower_graph(graphs["graph"], kernels, weights, tuning, act, False, chunk),

@@ -2,8 +2,8 @@
 
 Each (kernel, arch) is a job keyed by everything that decides its cubin: the module's source, the
 function, signature, constexprs, launch options, the arch and the Triton version. Finished jobs
-live in ``<cache>/cuda/kernels/<key>.cubin`` with their launch metadata beside them, so an
-unchanged rebuild compiles nothing. Missing jobs run in worker processes (``python -m
+live in ``<cache>/cuda/kernels/<key>.cubin`` with their launch metadata beside them
+(``llmc.cache``), so an unchanged rebuild compiles nothing. Missing jobs run in worker processes (``python -m
 llmc.targets.cuda.build``): Triton's compiler state stays out of the compiling process, the
 workers run in parallel, and a process that set ``TRITON_INTERPRET=1`` (the tests, the emulator)
 can still cross-compile.
@@ -25,6 +25,7 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
+from llmc.cache import active
 from llmc.errors import LlmcError
 
 KERNELS = Path(__file__).with_name("kernels.py")
@@ -43,9 +44,10 @@ def triton_version() -> str:
 
 
 def cache_dir() -> Path:
-    from llmc.targets import cache_dir as base
+    """The cuda folder of the cache, for what the runtime keeps there (emulated kernels)."""
+    from llmc.cache import root
 
-    return base() / "cuda"
+    return root() / "cuda"
 
 
 def job_key(job: dict) -> str:
@@ -56,8 +58,8 @@ def compile_kernels(kernels: dict[int, dict[str, dict]], sources: dict[str, str]
                     workers: int | None = None) -> tuple[dict[int, dict[str, tuple[bytes, dict]]], int]:
     """{arch: {key: (cubin, launch metadata)}} for the kernels wanted per arch (their modules'
     source in ``sources``), and how many came from the cache."""
+    cache = active()
     version = triton_version()
-    folder = cache_dir() / "kernels"
     jobs: dict[str, dict] = {}
     wanted: dict[int, dict[str, str]] = {}
     for arch, entries in kernels.items():
@@ -68,13 +70,15 @@ def compile_kernels(kernels: dict[int, dict[str, dict]], sources: dict[str, str]
             digest = job_key(job)
             jobs[digest] = job
             wanted.setdefault(arch, {})[key] = digest
-    missing = [d for d in sorted(jobs) if not (folder / f"{d}.json").exists()]
+    found = {d: cache.lookup("cuda kernel", cache.entry("cuda", "kernels", f"{d}.json")) for d in sorted(jobs)}
+    missing = [d for d, path in found.items() if path is None]
     if missing:
-        _run_workers({d: jobs[d] for d in missing}, folder, progress, workers)
+        _run_workers({d: jobs[d] for d in missing}, cache.home("cuda", "kernels"), progress, workers)
     out: dict[int, dict[str, tuple[bytes, dict]]] = {}
     for arch, keys in wanted.items():
         out[arch] = {}
         for key, digest in keys.items():
+            folder = found[digest].parent if found[digest] else cache.home("cuda", "kernels")
             try:
                 meta = json.loads((folder / f"{digest}.json").read_text())
                 cubin = (folder / f"{digest}.cubin").read_bytes()
@@ -89,7 +93,11 @@ def _run_workers(jobs: dict[str, dict], folder: Path, progress, workers: int | N
     count = max(1, min(workers or len(os.sched_getaffinity(0)), len(jobs), 8))
     shares = [dict(list(jobs.items())[i::count]) for i in range(count)]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_CACHE_DIR", str(cache_dir() / "triton"))
+    cache = active()
+    if cache.policy == "on":
+        env.setdefault("TRITON_CACHE_DIR", str(cache.entry("cuda", "triton")))
+    else:                                      # Triton's own cache follows the policy too
+        env["TRITON_CACHE_DIR"] = str(cache.home("cuda", "triton"))
     env["TRITON_DISABLE_LINE_INFO"] = "1"      # line info names the source file's path: builds must not
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     # stderr goes to files: a worker blocked on a full pipe while we read another would never finish.
