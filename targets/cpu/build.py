@@ -87,7 +87,9 @@ def build_shared_library(source: str, level: str, name: str = "model") -> tuple[
     done = subprocess.run(command, cwd=work, capture_output=True, text=True)
     if done.returncode != 0:
         errors = [line for line in done.stderr.splitlines() if "error" in line] or done.stderr.splitlines() or ["?"]
-        kept = folder.parent / f"failed-{key}"
+        # Kept for the user to read: in the cache, or (when the build stores nothing there, and
+        # its scratch folder is about to go) in the system's temporary folder.
+        kept = (folder.parent if cache.writes else Path(tempfile.gettempdir())) / f"llmc-failed-{key}"
         shutil.rmtree(kept, ignore_errors=True)
         work.rename(kept)
         raise BuildError(f"{cc} failed on the generated code {kept / (name + '.c')}: {errors[0].strip()}")
