@@ -77,7 +77,9 @@ def import_stored(spec: Any, *, attn_implementation: str | None = None, max_seq:
         imported.timings = {"cached": time.perf_counter() - start}
         return imported
     imported = _fresh(source, attn_implementation, max_seq)
-    path = cache.home("import", f"{key}.llmc")
+    if not cache.writes:                         # nothing would read it
+        return imported
+    path = cache.entry("import", f"{key}.llmc")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         _write(path, imported)

@@ -91,7 +91,7 @@ def build_shared_library(source: str, level: str, name: str = "model") -> tuple[
         # its scratch folder is about to go) in the system's temporary folder.
         kept = (folder.parent if cache.writes else Path(tempfile.gettempdir())) / f"llmc-failed-{key}"
         shutil.rmtree(kept, ignore_errors=True)
-        work.rename(kept)
+        shutil.move(str(work), str(kept))
         raise BuildError(f"{cc} failed on the generated code {kept / (name + '.c')}: {errors[0].strip()}")
     replace_folder(work, folder)
     return (folder / f"{name}.so").read_bytes(), folder / f"{name}.c"

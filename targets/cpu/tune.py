@@ -72,11 +72,11 @@ class Tuner:
         key = self.key(kernel, n, k)
         if key in self.cache:
             self.counts["cached"] += 1
-            self.build_cache.hits["cpu tuning"] += 1
+            self.build_cache.record("cpu tuning", hit=True)
             return self.cache[key]
         self.cache[key] = self.measured[key] = {kind: self._best(kernel, n, k, kind) for kind in ("gemv", "gemm")}
         self.counts["measured"] += 1
-        self.build_cache.misses["cpu tuning"] += 1
+        self.build_cache.record("cpu tuning", hit=False)
         return self.cache[key]
 
     def _best(self, kernel: str, n: int, k: int, kind: str) -> int:

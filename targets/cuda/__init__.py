@@ -53,7 +53,7 @@ def check_options(arches, act: str, chunk: int | None, kv: str = "f32") -> None:
     check_chunk(chunk)
     if kv != "f32":
         raise UsageError("the cuda target has no int8 KV cache yet; build with --kv f32 (the cache is then "
-                        "stored in the activation dtype on the GPU)")
+                         "stored in the activation dtype on the GPU)")
 
 
 @dataclass
