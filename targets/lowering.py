@@ -8,6 +8,8 @@ A target subclasses ``GraphLowering`` and provides ``lower(node)`` for the ops t
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 from llmc import dims
 from llmc.errors import LlmcError
 from llmc.ir import Graph, Node, Type
@@ -27,7 +29,7 @@ def f16_weight(node: Node) -> Node | None:
     return None
 
 
-class GraphLowering:
+class GraphLowering(ABC):
     error: type[LlmcError] = LlmcError     # the target's LoweringError
     target = ""
     fallback = "ref"                        # the target to suggest for a graph this one cannot lower
@@ -82,14 +84,17 @@ class GraphLowering:
             self.copy_into(result, View.of_buffer("f32", result.shape, "out"))
         return result
 
+    @abstractmethod
     def lower(self, node: Node):
-        raise NotImplementedError
+        """Emit the target's code for one node that is not a view."""
 
+    @abstractmethod
     def alloc(self, dtype: str, shape, node: Node | None = None) -> View:
-        raise NotImplementedError
+        """A fresh buffer in the target's arena for ``node``'s value."""
 
+    @abstractmethod
     def copy_into(self, source: View, dest: View) -> None:
-        raise NotImplementedError
+        """Emit a copy of a (strided) view into another."""
 
     # -- values and buffers ----------------------------------------------------------------
 
