@@ -37,6 +37,7 @@ from llmc.errors import LlmcError, UsageError
 ARTIFACT_KEYS = {"name": str, "target": str, "quant": (str, list), "kv": str, "calib": str, "cpu_level": str,
                  "tune": str, "chunk": int, "arch": (str, list), "act_dtype": str}
 SECTION_KEYS = {"model": {"source": str, "context": int}, "build": {"output_dir": str, "cache": str}}
+TYPE_NAMES = {str: "a string", int: "an integer", list: "a list"}
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 
 
@@ -141,28 +142,24 @@ def _known(table: dict, keys: set[str], where: str) -> None:
 
 def _typed(table: dict, key: str, kind, where: str) -> None:
     if key in table and (not isinstance(table[key], kind) or isinstance(table[key], bool)):
-        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
-        raise UsageError(f"{where}: {key} must be a {names.replace('str', 'string').replace('int', 'integer')}, "
-                         f"not {table[key]!r}")
+        names = " or ".join(TYPE_NAMES[k] for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise UsageError(f"{where}: {key} must be {names}, not {table[key]!r}")
 
 
 def _expand(entry: dict, where: str) -> list[dict]:
     """One artifact per quantization scheme when ``quant`` is a list (the name holds {quant})."""
     quants = entry.get("quant", "f32")
     if isinstance(quants, str):
-        if not NAME.fullmatch(entry["name"]):
-            raise UsageError(f"{where}: the name {entry['name']!r} must be letters, digits, '.', '_', '+' or '-'")
-        return [entry]
-    if not quants or "{quant}" not in entry["name"]:
+        specs = [entry]
+    elif not quants or "{quant}" not in entry["name"]:
         raise UsageError(f"{where}: quant lists several schemes, so the name must hold {{quant}} "
                          "(e.g. \"model-{quant}\")")
-    out = []
-    for quant in quants:
-        name = entry["name"].replace("{quant}", str(quant))
-        if not NAME.fullmatch(name):
-            raise UsageError(f"{where}: the name {name!r} must be letters, digits, '.', '_', '+' or '-'")
-        out.append(dict(entry, name=name, quant=quant))
-    return out
+    else:
+        specs = [dict(entry, name=entry["name"].replace("{quant}", str(quant)), quant=quant) for quant in quants]
+    for spec in specs:
+        if not NAME.fullmatch(spec["name"]):
+            raise UsageError(f"{where}: the name {spec['name']!r} must be letters, digits, '.', '_', '+' or '-'")
+    return specs
 
 
 @dataclass
@@ -213,7 +210,6 @@ def build(path: str | Path, *, cache: str | None = None, only: list[str] | None 
           progress: TextIO | None = sys.stderr) -> BuildResult:
     """Build every artifact of the build file at ``path`` (those named in ``only``, if given)."""
     from llmc.cache import check_policy, using
-    from llmc.compiler import compile_model
     from llmc.frontend.sources import resolve
     from llmc.frontend.stored import import_stored
 
@@ -249,7 +245,7 @@ def build(path: str | Path, *, cache: str | None = None, only: list[str] | None 
     for index, artifact in enumerate(artifacts, 1):
         say(f"[{index}/{len(artifacts)}] {artifact.name}: {artifact.describe()}, {artifact.options.get('quant', 'f32')}"
             f" -> {_shown(artifact.output)}\n")
-        built.append(_build_one(compile_model, imported, artifact, policy, spec.context, progress))
+        built.append(_build_one(imported, artifact, policy, spec.context, progress))
     result = BuildResult(spec, built, import_seconds, store.counts(), time.perf_counter() - start)
     if progress:
         progress.write(summary(result))
@@ -257,8 +253,10 @@ def build(path: str | Path, *, cache: str | None = None, only: list[str] | None 
     return result
 
 
-def _build_one(compile_model, imported, artifact: ArtifactSpec, policy: str, context: int | None,
+def _build_one(imported, artifact: ArtifactSpec, policy: str, context: int | None,
                progress: TextIO | None) -> Built:
+    from llmc.compiler import compile_model
+
     start = time.perf_counter()
     try:
         report = compile_model(imported.copy(), artifact.output, cache=policy, max_seq=context,
@@ -305,13 +303,13 @@ class _Indented:
 
     def write(self, text: str) -> int:
         out = []
-        for piece in re.split(r"(\n|\r)", text):
-            if piece and piece not in "\n\r" and self.at_start:
+        for piece in re.split(r"([\n\r])", text):
+            if piece in ("\n", "\r"):
+                self.at_start = True
+            elif piece and self.at_start:
                 out.append(self.prefix)
                 self.at_start = False
             out.append(piece)
-            if piece in ("\n", "\r") and piece:
-                self.at_start = True
         self.stream.write("".join(out))
         return len(text)
 

@@ -146,9 +146,13 @@ def clear(folder: Path | None = None) -> None:
             raise LlmcError(f"cannot clear the cache {base}: {exc.strerror or exc}") from None
 
 
-def replace_folder(work: Path, final: Path) -> None:
-    """Move a finished entry folder into place; an old entry there (policy refresh) is replaced,
-    and an entry another process stored meanwhile is kept."""
+def replace_folder(work: Path, final: Path, cache: BuildCache) -> None:
+    """Move a finished entry folder into place. An entry already there is replaced when the policy
+    ignores entries (refresh); otherwise another process stored it meanwhile, and it is kept (it
+    holds the same bytes, and that process may be reading it)."""
+    if final.exists() and cache.reads:
+        shutil.rmtree(work, ignore_errors=True)
+        return
     if final.exists():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
         try:

@@ -57,12 +57,17 @@ DEFAULT_CALIBRATION = Path(__file__).parent / "data" / "calibration.txt"
 CALIBRATION_TOKENS = 512
 
 
+def calibration_path(calib: str | Path) -> Path:
+    """The calibration text's file: ``"default"`` is the public-domain text shipped with llmc."""
+    return DEFAULT_CALIBRATION if str(calib) == "default" else Path(calib)
+
+
 def calibration_ids(calib: str | Path, tokenizer) -> np.ndarray:
     """Token ids of the calibration text (``"default"``: the public-domain text shipped with llmc),
     read with the model's tokenizer (a ``TokenizerInfo``)."""
     from tokenizers import Tokenizer
 
-    path = DEFAULT_CALIBRATION if str(calib) == "default" else Path(calib)
+    path = calibration_path(calib)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -209,7 +214,7 @@ def _calibration_entry(calib, ids) -> dict | None:
     where the text lay)."""
     if not calib:
         return None
-    path = DEFAULT_CALIBRATION if str(calib) == "default" else Path(calib)
+    path = calibration_path(calib)
     return {"text": "default" if str(calib) == "default" else path.name,
             "sha256": sha256_file(path), "tokens": int(len(ids))}
 

@@ -20,13 +20,7 @@ def verify_artifact(path: str | Path) -> dict:
         m = art.manifest
         target = m["target"]
         requires = m.get("requires", {})
-        try:
-            check_machine(m, art.path)
-            runs_here, why = True, None
-        except ArtifactError as exc:
-            runs_here, why = False, str(exc)
-        if requires.get("cuda_arches"):
-            runs_here, why = None, "needs an NVIDIA GPU of " + " or ".join(requires["cuda_arches"])
+        runs_here, why = _runs_here(m, art.path)
         return {
             "path": str(path), "ok": True, "sha256": sha256_file(path), "bytes": Path(path).stat().st_size,
             "format_version": m["format_version"], "llmc_version": m.get("llmc_version"),
@@ -39,6 +33,18 @@ def verify_artifact(path: str | Path) -> dict:
         }
     finally:
         art.close()
+
+
+def _runs_here(manifest: dict, path: Path) -> tuple[bool | None, str | None]:
+    """(runs here, why not): None for a cuda artifact, which this check cannot answer."""
+    arches = manifest.get("requires", {}).get("cuda_arches")
+    if arches:
+        return None, "needs an NVIDIA GPU of " + " or ".join(arches)
+    try:
+        check_machine(manifest, path)
+    except ArtifactError as exc:
+        return False, str(exc)
+    return True, None
 
 
 def format_result(result: dict) -> str:

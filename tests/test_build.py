@@ -142,7 +142,7 @@ def test_build_file_mistakes_are_usage_errors(family_dirs, tmp_path, capsys):
         '[[artifact]]\nname = "x"\ntarget = "tpu"\n': "unknown target 'tpu'",
         '[[artifact]]\nname = "x"\ntarget = "cpu"\narchs = ["sm_80"]\n': "unknown key 'archs'",
         '[[artifact]]\nname = "x"\ntarget = "cuda"\narch = ["sm_70"]\n': "unknown cuda arch 'sm_70'",
-        '[[artifact]]\nname = "x"\ntarget = "cpu"\nchunk = "big"\n': "chunk must be a integer",
+        '[[artifact]]\nname = "x"\ntarget = "cpu"\nchunk = "big"\n': "chunk must be an integer, not 'big'",
         '[[artifact]]\nname = "x"\ntarget = "cpu"\n[[artifact]]\nname = "x"\ntarget = "ref"\n': "x is used twice",
         '[[artifact]]\nname = "m"\ntarget = "cpu"\nquant = ["q8", "f16"]\n': "the name must hold {quant}",
         '[[artifact]]\nname = "../m"\ntarget = "cpu"\n': "must be letters, digits",

@@ -79,10 +79,9 @@ def import_stored(spec: Any, *, attn_implementation: str | None = None, max_seq:
     imported = _fresh(source, attn_implementation, max_seq)
     if not cache.writes:                         # nothing would read it
         return imported
-    path = cache.entry("import", f"{key}.llmc")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _write(path, imported)
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        _write(entry, imported)
     except (OSError, ArtifactError) as exc:        # a full disk costs the next build time, not this one
         warnings.warn(f"cannot store the imported model in the cache: {exc}", LlmcWarning, stacklevel=2)
     return imported

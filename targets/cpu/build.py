@@ -93,5 +93,5 @@ def build_shared_library(source: str, level: str, name: str = "model") -> tuple[
         shutil.rmtree(kept, ignore_errors=True)
         shutil.move(str(work), str(kept))
         raise BuildError(f"{cc} failed on the generated code {kept / (name + '.c')}: {errors[0].strip()}")
-    replace_folder(work, folder)
+    replace_folder(work, folder, cache)
     return (folder / f"{name}.so").read_bytes(), folder / f"{name}.c"

@@ -50,7 +50,7 @@ class Tuner:
         self.threads = len(os.sched_getaffinity(0))
         self.cpu = cpu_model()
         self.build_cache = active()
-        self.cache = self._read(self.build_cache.entry("cpu", "tuning.json")) \
+        self.table = self._read(self.build_cache.entry("cpu", "tuning.json")) \
             if mode != "off" and self.build_cache.reads else {}
         self.measured: dict[str, dict] = {}
         self.counts = {"measured": 0, "cached": 0, "default": 0}
@@ -70,14 +70,14 @@ class Tuner:
             self.counts["default"] += 1
             return dict(DEFAULT_TILES)
         key = self.key(kernel, n, k)
-        if key in self.cache:
+        if key in self.table:
             self.counts["cached"] += 1
             self.build_cache.record("cpu tuning", hit=True)
-            return self.cache[key]
-        self.cache[key] = self.measured[key] = {kind: self._best(kernel, n, k, kind) for kind in ("gemv", "gemm")}
+            return self.table[key]
+        self.table[key] = self.measured[key] = {kind: self._best(kernel, n, k, kind) for kind in ("gemv", "gemm")}
         self.counts["measured"] += 1
         self.build_cache.record("cpu tuning", hit=False)
-        return self.cache[key]
+        return self.table[key]
 
     def _best(self, kernel: str, n: int, k: int, kind: str) -> int:
         candidates = CANDIDATES[self.mode][kind]
