@@ -11,11 +11,12 @@ __version__ = "0.1.0"
 __all__ = ["LlmcError", "LlmcWarning", "UsageError", "__version__", "import_model", "load"]
 
 
-def load(path, max_context=None, threads=None):
-    """Open a .llmc artifact and return a ``llmc.runtime.Model`` (generate, logits, chat, tokenizer)."""
+def load(path, max_context=None, threads=None, kv_blocks=None):
+    """Open a .llmc artifact and return a ``llmc.runtime.Model`` (generate, logits, chat, tokenizer;
+    ``run_batch`` for steps of many sequences over a KV pool of ``kv_blocks`` blocks)."""
     from llmc.runtime import load as _load
 
-    return _load(path, max_context=max_context, threads=threads)
+    return _load(path, max_context=max_context, threads=threads, kv_blocks=kv_blocks)
 
 
 def import_model(source, **options):

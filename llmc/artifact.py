@@ -34,7 +34,7 @@ from llmc.errors import LlmcError
 from llmc.ir import numpy_dtype
 
 MAGIC = b"LLMCART\0"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2         # 2: the batched, paged step of llmc.abi (1: one sequence, a contiguous cache)
 HEADER_SIZE = 64
 SECTION_ALIGN = 4096
 TENSOR_ALIGN = 64
@@ -218,6 +218,10 @@ def read_artifact(path: str | Path, verify: bool = True, features: set[str] | No
                             f"({FORMAT_VERSION}): upgrade llmc, or rebuild the artifact with this version")
     if version < 1 or header_size != HEADER_SIZE:
         raise ArtifactError(f"{path} has an unknown header (format version {version}); rebuild it")
+    if version < FORMAT_VERSION:
+        raise ArtifactError(f"{path} has artifact format version {version}, from an older llmc (one sequence over a "
+                            f"contiguous KV cache); this llmc runs version {FORMAT_VERSION}: rebuild it with "
+                            "`llmc compile`")
     if header_size + manifest_size > size:
         raise ArtifactError(f"{path} is truncated: its manifest ends at byte {header_size + manifest_size} "
                             f"but the file has {size} bytes")

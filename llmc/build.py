@@ -16,8 +16,9 @@ A build file::
     cpu_level = "x86-64-v3"
     quant = "gguf"
 
-An artifact takes the options of ``llmc compile``: target, quant, kv, calib, cpu_level, tune,
-chunk, arch, act_dtype. ``quant`` may be a list, one artifact per scheme, when the name holds
+An artifact takes the options of ``llmc compile``: target, quant, kv, calib, block_size, and its
+target's options (``llmc.targets``: cpu_level, tune, chunk for cpu; arch, act_dtype, chunk for
+cuda). ``quant`` may be a list, one artifact per scheme, when the name holds
 ``{quant}``. The whole file is checked before anything is built (a UsageError, exit 2); an
 artifact that fails to build is reported and the others are still built (exit 1).
 """
@@ -34,8 +35,7 @@ from typing import Any, TextIO
 from llmc.artifact import sha256_file
 from llmc.errors import LlmcError, UsageError
 
-ARTIFACT_KEYS = {"name": str, "target": str, "quant": (str, list), "kv": str, "calib": str, "cpu_level": str,
-                 "tune": str, "chunk": int, "arch": (str, list), "act_dtype": str}
+COMMON_KEYS = {"name": str, "target": str, "quant": (str, list), "kv": str, "calib": str, "block_size": int}
 SECTION_KEYS = {"model": {"source": str, "context": int}, "build": {"output_dir": str, "cache": str}}
 TYPE_NAMES = {str: "a string", int: "an integer", list: "a list"}
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
@@ -48,14 +48,12 @@ class ArtifactSpec:
     options: dict[str, Any]           # compile_model's keyword arguments
 
     def describe(self) -> str:
-        o = self.options
-        target = o["target"]
-        if target == "cpu":
-            target += f" {o.get('cpu_level') or 'default level'}"
-        if target == "cuda":
-            arch = o.get("arch")
-            target += f" {','.join(arch) if isinstance(arch, list) else arch or 'sm_80,sm_90'}"
-        return target
+        """The target and the target options the build file gives, e.g. "cpu cpu_level=x86-64-v3"."""
+        from llmc.targets import get
+
+        given = [f"{k}={','.join(v) if isinstance(v, list) else v}" for k, v in self.options.items()
+                 if k in get(self.options["target"]).option_names()]
+        return " ".join([self.options["target"]] + given)
 
 
 @dataclass
@@ -111,8 +109,9 @@ def read_build_file(path: str | Path) -> BuildFile:
         raise UsageError(f"{path} lists no artifacts: add [[artifact]] tables with a name and a target")
     for index, entry in enumerate(entries, 1):
         where = f"{path} artifact {index}" + (f" ({entry['name']})" if isinstance(entry.get("name"), str) else "")
-        _known(entry, set(ARTIFACT_KEYS), where)
-        for key, kind in ARTIFACT_KEYS.items():
+        keys = artifact_keys()
+        _known(entry, set(keys), where)
+        for key, kind in keys.items():
             _typed(entry, key, kind, where)
         if "name" not in entry or "target" not in entry:
             raise UsageError(f"{where}: needs a name and a target")
@@ -120,8 +119,6 @@ def read_build_file(path: str | Path) -> BuildFile:
             options = {key: value for key, value in spec.items() if key != "name"}
             if "calib" in options and options["calib"] != "default":
                 options["calib"] = str(base / options["calib"])
-            if "act_dtype" in options:
-                options["act"] = options.pop("act_dtype")
             try:
                 check_options(**{k: v for k, v in options.items() if k != "calib"}, max_seq=result.context)
             except UsageError as exc:
@@ -132,6 +129,19 @@ def read_build_file(path: str | Path) -> BuildFile:
     if repeated:
         raise UsageError(f"{path}: artifact names must differ, and {', '.join(repeated)} is used twice")
     return result
+
+
+def artifact_keys() -> dict[str, Any]:
+    """Every key an [[artifact]] table takes, with its TOML type: the common ones and every
+    registered target's options."""
+    from llmc.targets import option_fields
+
+    keys = dict(COMMON_KEYS)
+    for name, owners in option_fields().items():
+        f = owners[0][1]
+        kind = int if "int" in str(f.type).split(" | ") else str
+        keys[name] = (kind, list) if f.metadata.get("many") else kind
+    return keys
 
 
 def _known(table: dict, keys: set[str], where: str) -> None:

@@ -5,11 +5,8 @@ entry is named by a hash of everything that decides its content, so an entry is 
 only unused::
 
     import/<key>.llmc        traced and imported graphs, with config and tokenizer (llmc.frontend.stored)
-    cpu/<key>/model.so       cpu libraries built from generated C (llmc.targets.cpu.build)
-    cpu/tuning.json          cpu tile timings, per CPU model, level, threads and shape
-    cuda/kernels/<key>.*     cubins and their launch metadata (llmc.targets.cuda.build)
-    cuda/tuning.json         cuda kernel parameters measured on a GPU, per arch
-    cuda/triton/             Triton's own compile cache
+    <target>/...             what each target keeps: its libraries, kernels and tuning tables (each
+                             target package's CACHE_PARTS says what and where)
 
 The policy (``llmc compile/build --cache``):
 
@@ -118,17 +115,22 @@ def using(policy: str = "on", folder: Path | None = None) -> Iterator[BuildCache
         cache.close()
 
 
-# What ``llmc cache`` lists: (what, folder under the cache).
-PARTS = [("imported models", "import"), ("cpu libraries and tuning", "cpu"), ("cuda kernels", "cuda/kernels"),
-         ("cuda tuning table", "cuda/tuning.json"), ("Triton's cache", "cuda/triton"),
-         ("runtime files", "cuda/emulate"), ("kernel sources", "cuda/src")]
+def parts() -> list[tuple[str, str]]:
+    """What ``llmc cache`` lists: (what, folder under the cache): the imports, then what each
+    registered target keeps (its package's ``CACHE_PARTS``)."""
+    from llmc.targets import REGISTRY
+
+    out = [("imported models", "import")]
+    for target in REGISTRY.values():
+        out += getattr(target.package, "CACHE_PARTS", [])
+    return out
 
 
 def usage(folder: Path | None = None) -> list[dict]:
     """[{"what", "path", "files", "bytes"}] for each part of the cache."""
     base = Path(folder) if folder else root()
     out = []
-    for what, relative in PARTS:
+    for what, relative in parts():
         path = base / relative
         files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else []
         out.append({"what": what, "path": str(path), "files": len(files),

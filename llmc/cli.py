@@ -11,7 +11,7 @@ import os
 import sys
 import warnings
 
-from llmc import __version__
+from llmc import __version__, targets
 from llmc.errors import LlmcError, LlmcWarning, UsageError
 from llmc.pipeline import PHASE_NAMES
 
@@ -56,8 +56,6 @@ def build_parser() -> argparse.ArgumentParser:
                          help="show the graph after this pipeline phase: " + ", ".join(PHASE_NAMES)
                          + " (default: import)")
     inspect.add_argument("--dump-ir", metavar="DIR", help="write the IR after every phase into DIR")
-    inspect.add_argument("--all-logits", action="store_true",
-                         help="keep logits for every position (default: the last position only)")
     inspect.add_argument("--attn", choices=["sdpa", "eager"], default=None,
                          help="attention implementation to trace (default: the model's own)")
     inspect.set_defaults(run=run_inspect)
@@ -66,20 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    description="Trace, optimise and package a model for one target.")
     compile_.add_argument("source", help="Hugging Face model directory, .gguf file, built-in name or module:factory")
     compile_.add_argument("-o", "--output", required=True, help="the .llmc file to write")
-    compile_.add_argument("--target", default="cpu", choices=["cpu", "cuda", "ref"],
-                          help="cpu (default): generated C built into a shared library; cuda: Triton kernels "
-                               "cross-compiled to cubins (no GPU needed to build); ref: the reference "
-                               "interpreter (numpy; portable, slow, the oracle)")
-    compile_.add_argument("--arch", default=None, metavar="ARCHES",
-                          help="GPU archs of a cuda build, comma-separated: sm_80, sm_86, sm_89, sm_90 "
-                               "(default sm_80,sm_90)")
-    compile_.add_argument("--act-dtype", default="f16", choices=["f16", "bf16"],
-                          help="activation and KV cache dtype of a cuda build (fp32 accumulation either way)")
-    compile_.add_argument("--cpu-level", default=None, choices=["x86-64-v3", "portable", "native"],
-                          help="CPU feature level of a cpu build: x86-64-v3 (AVX2/FMA, the default on such "
-                               "machines), portable (plain C), native (this machine's every feature)")
-    compile_.add_argument("--tune", default="off", choices=["off", "fast", "full"],
-                          help="autotune kernel tiles on this machine (results cached per CPU and shape)")
+    compile_.add_argument("--target", default=targets.DEFAULT, choices=list(targets.REGISTRY),
+                          help="; ".join(f"{t.name}: {t.summary}" for t in targets.REGISTRY.values())
+                          + f" (default {targets.DEFAULT})")
+    _target_options(compile_)
     compile_.add_argument("--quant", default="f32", metavar="SCHEME",
                           help="weight format: f32 (default), f16, q8, q4g32, q4g128, or gguf (a GGUF source's "
                                "Q4_0/Q4_1/Q8_0 blocks kept as they are)")
@@ -88,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                                "public-domain text shipped with llmc")
     compile_.add_argument("--kv", default="f32", choices=["f32", "int8"],
                           help="KV cache storage: f32 (default) or int8 with a scale per head and position")
+    compile_.add_argument("--block-size", type=int, default=None, metavar="TOKENS",
+                          help="tokens per block of the paged KV pool: a power of two up to 256 (default 16)")
     compile_.add_argument("--context", type=int, default=None, metavar="TOKENS",
                           help="the longest sequence (prompt + generated) the artifact takes (default: the model's own)")
     _cache_option(compile_)
@@ -158,6 +148,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _target_options(parser) -> None:
+    """A flag per target option (``llmc.targets``), named after the options dataclasses' fields;
+    one flag serves every target that declares a field of that name."""
+    for name, owners in targets.option_fields().items():
+        metadata = owners[0][1].metadata
+        kind = int if "int" in str(owners[0][1].type).split(" | ") else str
+        said = "; ".join(f"{t}: {f.metadata.get('help', '')}" for t, f in owners) if len(owners) > 1 \
+            else f"{metadata.get('help', '')} (target {owners[0][0]})"
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=said,
+                            choices=metadata.get("choices"), metavar=metadata.get("metavar"))
+
+
 def _cache_option(parser, default: str | None = "on") -> None:
     parser.add_argument("--cache", default=default, choices=["on", "off", "readonly", "refresh"],
                         help="build cache policy: on (use and store entries), off (neither), readonly (use, "
@@ -173,10 +175,10 @@ def _sampling(args) -> dict:
 def run_compile(args) -> int:
     from llmc.compiler import compile_model
 
+    given = {name: getattr(args, name) for name in targets.option_fields()}
     report = compile_model(args.source, args.output, target=args.target, quant=args.quant, kv=args.kv,
-                           calib=args.calib, cpu_level=args.cpu_level, tune=args.tune, arch=args.arch,
-                           act=args.act_dtype, cache=args.cache, progress=sys.stderr,
-                           attn_implementation=args.attn, max_seq=args.context)
+                           calib=args.calib, block_size=args.block_size, cache=args.cache, progress=sys.stderr,
+                           attn_implementation=args.attn, max_seq=args.context, **given)
     if args.json:
         from llmc.artifact import sha256_file
 
@@ -189,15 +191,8 @@ def run_compile(args) -> int:
     phases = ", ".join(f"{k} {v:.1f} s" for k, v in report.phases.items())
     print(f"wrote {report.output} ({report.file_bytes / 1e6:.1f} MB, weights {report.weight_bytes / 1e6:.1f} MB) "
           f"for target {args.target}, {args.quant}, KV cache {args.kv}, in {report.seconds:.1f} s ({phases})")
-    if report.target and args.target == "cuda":
-        launches = ", ".join(f"{k} x{n}" for k, n in report.target["kernels"].items())
-        print(f"cuda {','.join(report.target['arches'])}: {report.target['compiled']} kernels compiled, "
-              f"{report.target['cached']} from the cache; a decode step launches {launches}")
-    elif report.target:
-        kernels = ", ".join(f"{k.removeprefix('llmc_')} x{n}" for k, n in report.target["kernels"].items())
-        tuning = ", ".join(f"{n} {k}" for k, n in report.target["tuning"].items() if n)
-        print(f"cpu {report.target['level']}: library {report.target['library_bytes'] / 1e3:.0f} kB; kernels: "
-              f"{kernels}; tiles: {tuning or 'none'}")
+    if report.summary:
+        print(f"{args.target} {report.summary}")
     return 0
 
 
@@ -338,26 +333,10 @@ def _is_artifact(path: str) -> bool:
         return False
 
 
-def _describe_cuda(art, out) -> None:
-
-    target = art.manifest["target"]
-    plan = json.loads(bytes(art.section("cuda_plan")).decode())
-    launches = ", ".join(f"{k} x{n}" for k, n in target["decode_launches"].items())
-    out.write(f"cuda      activations and KV cache {target['act_dtype']}, up to {target['chunk']} tokens a call, "
-              f"activation arena {target['arena_bytes'] / 1e6:.1f} MB; a decode step launches {launches}\n")
-    for arch in target["arches"]:
-        cubins = plan["cubins"][arch]
-        size = len(art.section(f"cubin_sm{arch[3:]}"))
-        out.write(f"cubins    {arch}: {len(cubins)} kernels, {size / 1e3:.0f} kB\n")
-        for key in sorted(cubins):
-            entry, meta = plan["kernels"][key], cubins[key]
-            params = ", ".join(f"{k}={v}" for k, v in sorted(entry["constexprs"].items()))
-            out.write(f"            {meta['name']:<28} {meta['num_warps']} warps, {meta['shared']:>6} B shared"
-                      f"{', ' + params if params else ''}\n")
-
-
 def inspect_artifact(path: str) -> int:
+    from llmc import abi
     from llmc.artifact import read_artifact
+    from llmc.verify import describe_requirements
 
     art = read_artifact(path)
     m = art.manifest
@@ -367,25 +346,13 @@ def inspect_artifact(path: str) -> int:
     out.write(f"artifact  {path} (format {m['format_version']}, llmc {m['llmc_version']})\n")
     target = m["target"]
     out.write(f"target    {target['name']}: {target.get('executor', '')}\n")
-    if target["name"] == "cpu":
-        kernels = ", ".join(f"{k.removeprefix('llmc_')} x{n}" for k, n in target["kernels"].items())
-        out.write(f"cpu       level {target['level']}, up to {target['chunk']} tokens a call, activation arena "
-                  f"{target['arena_bytes'] / 1e6:.1f} MB; kernels: {kernels}\n")
-    if target["name"] == "cuda":
-        _describe_cuda(art, out)
-    features = m.get("requires", {}).get("cpu_features") or []
-    arches = m.get("requires", {}).get("cuda_arches") or []
-    needs = features + ([f"an NVIDIA GPU of {' or '.join(arches)} (or a later minor of the same major)"] if arches else [])
-    out.write(f"requires  {', '.join(needs) if needs else 'nothing beyond numpy'}\n")
+    for line in targets.target_of(m, path).describe(art):
+        out.write(line + "\n")
+    out.write(f"requires  {describe_requirements(m)}\n")
     out.write(f"model     {model['source']} ({model['kind']}){': ' + _describe_config(config) if config else ''}\n")
-    out.write(f"quant     {m['quantization']}\n")
-    kv = m["kv_cache"]
-    out.write(f"kv cache  {kv['layout']} = [{kv['layers']}, {kv['kv_heads']}, ctx, {kv['head_dim']}] {kv['dtype']}, "
-              f"ctx <= {model['max_seq']}\n")
-    for name, entry in m["entry_points"].items():
-        inputs = ", ".join(f"{k}: {v}" for k, v in entry["inputs"])
-        outputs = ", ".join(f"{k}: {v}" for k, v in entry["outputs"])
-        out.write(f"entry     {name}({inputs}) -> {outputs}\n")
+    out.write(f"quant     {m['quantization']}, context <= {model['max_seq']}\n")
+    for line in abi.describe(m):
+        out.write(line + "\n")
     tok = m.get("tokenizer")
     out.write(f"tokenizer {'yes' if tok else 'none (token ids only)'}"
               f"{', chat template' if tok and tok.get('chat_template') else ''}\n")
@@ -401,8 +368,7 @@ def run_inspect(args) -> int:
 
     if _is_artifact(args.source):
         return inspect_artifact(args.source)
-    result = run_pipeline(args.source, until=args.after, dump_ir=args.dump_ir,
-                          logits="all" if args.all_logits else "last", attn_implementation=args.attn)
+    result = run_pipeline(args.source, until=args.after, dump_ir=args.dump_ir, attn_implementation=args.attn)
     imported, graph = result.imported, result.graph
     config = imported.config
     out = sys.stdout

@@ -17,7 +17,7 @@ import numpy as np
 
 from llmc import dims
 from llmc.dims import Dim
-from llmc.ir import FLOAT_DTYPES, TupleType, Type, numpy_dtype
+from llmc.types import FLOAT_DTYPES, TupleType, Type, numpy_dtype
 
 
 class OpError(Exception):
@@ -552,50 +552,76 @@ define("sdpa", "nn", "softmax(q@k.T*scale + mask) @ v over the whole sequence (k
 # ---------------------------------------------------------------------------------------------
 # Generation ops (introduced by passes)
 
-def _attention_infer(ts, a):
-    q, k, v, k_cache, v_cache, start_pos = ts
-    dtype = _same_dtype([_float(q), k, v])
+def _paged_infer(q, k, v, k_cache, v_cache, paging, a, dtype=None):
+    """The result type of (int8 or float) paged attention; ``paging`` = positions, seq_index,
+    block_tables."""
+    dtype = dtype or _same_dtype([_float(q), k, v])
     if q.rank != 4 or k.rank != 4 or v.rank != 4 or q.shape[0] != 1:
         raise OpError("attention takes q, k, v of shape [1, heads, seq, head_dim]")
-    if start_pos.dtype != "i64" or start_pos.rank != 0:
-        raise OpError("attention's start_pos must be an i64 scalar")
     hq, hk = q.shape[1], k.shape[1]
     if not (isinstance(hq, int) and isinstance(hk, int) and hq % hk == 0):
         raise OpError(f"attention: {hq} query heads are not a multiple of {hk} key/value heads")
     if k.shape[2] != q.shape[2] or v.shape[2] != q.shape[2] or v.shape[1] != hk or k.shape[3] != q.shape[3]:
         raise OpError(f"attention shapes q={q} k={k} v={v} do not agree")
+    positions, seq_index, tables = paging
+    for name, t in (("positions", positions), ("seq_index", seq_index)):
+        if t.dtype != "i64" or t.shape != (q.shape[2],):
+            raise OpError(f"attention's {name} must be i64[{q.shape[2]}], one per token, not {t}")
+    if tables.dtype != "i64" or tables.rank != 2:
+        raise OpError(f"attention's block_tables must be i64[seqs, max_blocks], not {tables}")
     for cache, step in ((k_cache, k), (v_cache, v)):
-        if cache.rank != 4 or cache.dtype != dtype or cache.shape[1] != hk or cache.shape[3] != step.shape[3]:
-            raise OpError(f"cache {cache} does not hold [layers, {hk}, ctx, {step.shape[3]}] of {dtype}")
+        if cache.rank != 5 or cache.dtype != dtype or cache.shape[2] != hk or cache.shape[4] != step.shape[3] \
+                or not isinstance(cache.shape[3], int):
+            raise OpError(f"KV pool {cache} does not hold [layers, blocks, {hk}, block_size, {step.shape[3]}] "
+                          f"of {dtype}")
         if not 0 <= a["layer"] < cache.shape[0]:
-            raise OpError(f"layer {a['layer']} is outside a cache of {cache.shape[0]} layers")
+            raise OpError(f"layer {a['layer']} is outside a KV pool of {cache.shape[0]} layers")
+    if k_cache.shape[:4] != v_cache.shape[:4]:
+        raise OpError(f"the key and value pools {k_cache} and {v_cache} differ in layers, blocks or block size")
     return Type(dtype, (1, hq, q.shape[2], v.shape[3]))
 
 
-def _cache_span(q, cache, start_pos) -> tuple[int, int]:
-    """The positions this step writes, start..end, checked against the cache's capacity."""
+def _attention_infer(ts, a):
+    q, k, v, k_cache, v_cache = ts[:5]
+    return _paged_infer(q, k, v, k_cache, v_cache, ts[5:], a)
+
+
+def kv_slots(positions: np.ndarray, seq_index: np.ndarray, tables: np.ndarray, blocks: int,
+             block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(block, offset) in the KV pool of every token, checked against the tables and the pool."""
     from llmc.errors import InterpretError
 
-    start, capacity = int(start_pos), cache.shape[2]
-    end = start + q.shape[2]
-    if start < 0 or end > capacity:
-        raise InterpretError(f"the KV cache holds {capacity} positions; positions {start}..{end - 1} do not fit "
-                             "(load the model with a larger max_context)")
-    return start, end
+    positions, seq_index = positions.astype(np.int64), seq_index.astype(np.int64)
+    if positions.size and positions.min() < 0:
+        raise InterpretError("token positions must be >= 0")
+    if seq_index.size and (seq_index.min() < 0 or seq_index.max() >= tables.shape[0]):
+        raise InterpretError(f"a token's seq_index is outside the {tables.shape[0]} block tables")
+    logical = positions // block_size
+    if logical.size and logical.max() >= tables.shape[1]:
+        raise InterpretError(f"position {int(positions.max())} needs more than the {tables.shape[1]} blocks "
+                             "a block table holds")
+    block = tables[seq_index, logical]
+    if block.size and (block.min() < 0 or block.max() >= blocks):
+        raise InterpretError(f"a block table names block {int(block.max() if block.max() >= blocks else block.min())}"
+                             f" outside the pool of {blocks} blocks")
+    return block, positions % block_size
 
 
 def _attention_ref(xs, a, shape, dt):
-    q, k, v, k_cache, v_cache, start_pos = xs
+    q, k, v, k_cache, v_cache, positions, seq_index, tables = xs
     layer = a["layer"]
-    start, end = _cache_span(q, k_cache, start_pos)
-    k_cache[layer, :, start:end] = k[0]
-    v_cache[layer, :, start:end] = v[0]
-    return _attend(q, k_cache[layer, :, :end], v_cache[layer, :, :end], start, a)
+    block, offset = kv_slots(positions, seq_index, tables, k_cache.shape[1], k_cache.shape[3])
+    k_cache[layer, block, :, offset] = k[0].transpose(1, 0, 2)
+    v_cache[layer, block, :, offset] = v[0].transpose(1, 0, 2)
+    return _attend_paged(q, lambda keys: (k_cache[layer, keys[0], :, keys[1]],
+                                          v_cache[layer, keys[0], :, keys[1]]), positions, seq_index, tables,
+                         k_cache.shape[3], a)
 
 
 define("attention", "generation",
-       "append k, v to the layer's cache at start_pos, then causal (windowed) attention over 0..start_pos+seq",
-       6, ["layer", "scale", "window"], infer=_attention_infer, ref=_attention_ref)
+       "write each token's k, v to its sequence's KV blocks at its position, then causal (windowed) "
+       "attention over that sequence's positions 0..position",
+       8, ["layer", "scale", "window"], infer=_attention_infer, ref=_attention_ref)
 
 
 def _rope_infer(ts, a):
@@ -654,7 +680,7 @@ define("geglu", "nn", "gelu(gate) * up", 2, ["approximate"], infer=_gated_infer,
 def fused_body(body: list) -> list[tuple[str, list[str], dict]]:
     """Decode a fused op's body: each step is [op, arg, ..., "key=value", ...]; an arg is "inN"
     (the N-th input) or "tN" (the N-th step's result)."""
-    from llmc.ir import parse_attrs
+    from llmc.types import parse_attrs
 
     steps = []
     for step in body:
@@ -798,13 +824,14 @@ define("qembedding", "shape", "rows of a quantized table picked by ids, dequanti
 
 
 def _attention_kv8_infer(ts, a):
-    q, k, v, k_cache, k_scale, v_cache, v_scale, start_pos = ts
-    for cache, scale, step in ((k_cache, k_scale, k), (v_cache, v_scale, v)):
-        if cache.dtype != "i8" or scale.dtype != "f32" or scale.shape != cache.shape[:3]:
-            raise OpError(f"int8 cache {cache} needs i8 codes and an f32 scale per [layer, head, position], "
+    q, k, v, k_cache, k_scale, v_cache, v_scale = ts[:7]
+    for cache, scale in ((k_cache, k_scale), (v_cache, v_scale)):
+        if cache.dtype != "i8" or scale.dtype != "f32" or scale.shape != cache.shape[:4]:
+            raise OpError(f"int8 KV pool {cache} needs i8 codes and an f32 scale per [layer, block, head, offset], "
                           f"got {scale}")
-    as_float = [Type(q.dtype, c.shape) for c in (k_cache, v_cache)]
-    return _attention_infer([q, k, v, as_float[0], as_float[1], start_pos], a)
+    dtype = _same_dtype([_float(q), k, v])
+    as_float = [Type(dtype, c.shape) for c in (k_cache, v_cache)]
+    return _paged_infer(q, k, v, as_float[0], as_float[1], ts[7:], a, dtype)
 
 
 def quantize_kv_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -815,24 +842,47 @@ def quantize_kv_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _attention_kv8_ref(xs, a, shape, dt):
-    q, k, v, k_cache, k_scale, v_cache, v_scale, start_pos = xs
+    q, k, v, k_cache, k_scale, v_cache, v_scale, positions, seq_index, tables = xs
     layer = a["layer"]
-    start, end = _cache_span(q, k_cache, start_pos)
+    block, offset = kv_slots(positions, seq_index, tables, k_cache.shape[1], k_cache.shape[3])
     for step, cache, scales in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
-        cache[layer, :, start:end], scales[layer, :, start:end] = quantize_kv_rows(step[0])
-    keys = k_cache[layer, :, :end].astype(np.float32) * k_scale[layer, :, :end, None]
-    values = v_cache[layer, :, :end].astype(np.float32) * v_scale[layer, :, :end, None]
-    return _attend(q, keys, values, start, a)
+        cache[layer, block, :, offset], scales[layer, block, :, offset] = quantize_kv_rows(step[0].transpose(1, 0, 2))
+
+    def gather(keys):
+        b, o = keys
+        return (k_cache[layer, b, :, o].astype(np.float32) * k_scale[layer, b, :, o][..., None],
+                v_cache[layer, b, :, o].astype(np.float32) * v_scale[layer, b, :, o][..., None])
+
+    return _attend_paged(q, gather, positions, seq_index, tables, k_cache.shape[3], a)
 
 
-def _attend(q, keys, values, start, a):
-    """Causal (windowed) attention of q [1, Hq, seq, D] at positions start.. over keys/values
-    [Hkv, start+seq, D] (K/V heads shared by groups of query heads)."""
-    seq, end = q.shape[2], keys.shape[1]
+def _attend_paged(q, gather, positions, seq_index, tables, block_size: int, a) -> np.ndarray:
+    """Each token's causal (windowed) attention over its sequence's positions 0..position, read
+    through its block table: q [1, Hq, seq, D]; ``gather((blocks, offsets))`` gives the keys and
+    values [n, Hkv, D] at those slots (K/V heads shared by groups of query heads)."""
+    rows = []
+    for s in np.unique(seq_index):
+        tokens = np.flatnonzero(seq_index == s)
+        end = int(positions[tokens].max()) + 1
+        key_pos = np.arange(end)
+        keys, values = gather((tables[s, key_pos // block_size], key_pos % block_size))
+        rows.append((tokens, _attend(q[:, :, tokens], keys.transpose(1, 0, 2), values.transpose(1, 0, 2),
+                                     positions[tokens], a)))
+    width = rows[0][1].shape[-1] if rows else q.shape[-1]
+    out = np.zeros(q.shape[:3] + (width,), q.dtype)
+    for tokens, result in rows:
+        out[:, :, tokens] = result
+    return out
+
+
+def _attend(q, keys, values, query_pos, a):
+    """Causal (windowed) attention of q [1, Hq, n, D] at positions ``query_pos`` [n] over
+    keys/values [Hkv, ctx, D] at positions 0..ctx-1 (K/V heads shared by groups of query heads)."""
+    end = keys.shape[1]
     groups = q.shape[1] // keys.shape[0]
     keys, values = np.repeat(keys, groups, axis=0), np.repeat(values, groups, axis=0)
     scores = np.matmul(q[0], np.swapaxes(keys, -1, -2)) * np.asarray(a["scale"], q.dtype)
-    query_pos = start + np.arange(seq)[:, None]
+    query_pos = np.asarray(query_pos)[:, None]
     key_pos = np.arange(end)[None, :]
     allowed = key_pos <= query_pos
     if a["window"]:
@@ -842,5 +892,5 @@ def _attend(q, keys, values, start, a):
 
 
 define("attention_kv8", "generation",
-       "attention whose cache holds int8 codes with an f32 scale per head and position",
-       8, ["layer", "scale", "window"], infer=_attention_kv8_infer, ref=_attention_kv8_ref)
+       "attention whose KV pool holds int8 codes with an f32 scale per head and slot",
+       10, ["layer", "scale", "window"], infer=_attention_kv8_infer, ref=_attention_kv8_ref)

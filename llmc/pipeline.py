@@ -2,8 +2,8 @@
 
 1. import     trace the model's own code and import it into llmc IR (llmc.frontend)
 2. simplify   CSE, constant folding, no-op and reshape/permute chain cleanup (llmc.passes.cleanup)
-3. attention  attention onto a KV cache, positions from start_pos, last-position logits
-              (llmc.passes.attention)
+3. attention  one batched step over a paged KV pool: per-token positions and sequences, logits
+              for the rows asked for (llmc.passes.attention)
 4. fuse       RMSNorm, RoPE, SwiGLU/GeGLU, GELU, merged Q/K/V and gate/up linears, elementwise
               chains as single loops (llmc.passes.fuse)
 5. quantize   linear weights (and a tied embedding) into the scheme's format (llmc.passes.quantize)
@@ -63,7 +63,7 @@ def _quantize(graph: Graph, ctx) -> Graph:
 
 PHASES: list[Phase] = [
     Phase("simplify", "CSE, constant folding, no-op and reshape/permute chain cleanup", _simplify),
-    Phase("attention", "attention onto a KV cache, positions from start_pos, last-position logits", _attention),
+    Phase("attention", "one batched step over a paged KV pool, logits for the rows asked for", _attention),
     Phase("fuse", "norms, rope, gated MLPs, merged linears, elementwise loops", _fuse),
     Phase("quantize", "linear weights (and a tied embedding) into the quantization scheme", _quantize),
 ]
@@ -80,7 +80,7 @@ class PipelineResult:
 
 
 def run_pipeline(source: Any, *, until: str | None = None, dump_ir: str | Path | None = None,
-                 verify: bool | None = None, progress: TextIO | None = sys.stderr, logits: str = "last",
+                 verify: bool | None = None, progress: TextIO | None = sys.stderr, block_size: int | None = None,
                  quant: str = "f32", kv: str = "f32", calibration: Any = None,
                  **import_options: Any) -> PipelineResult:
     """Run the phases on ``source`` up to and including ``until`` (default: all of them)."""
@@ -94,12 +94,12 @@ def run_pipeline(source: Any, *, until: str | None = None, dump_ir: str | Path |
     start = time.perf_counter()
     imported = import_model(source, **import_options)
     return run_phases(imported, until=until, dump_ir=dump_ir, verify=verify, progress=progress,
-                      logits=logits, quant=quant, kv=kv, calibration=calibration,
+                      block_size=block_size, quant=quant, kv=kv, calibration=calibration,
                       import_seconds=time.perf_counter() - start)
 
 
 def run_phases(imported: Any, *, until: str | None = None, dump_ir: str | Path | None = None,
-               verify: bool | None = None, progress: TextIO | None = sys.stderr, logits: str = "last",
+               verify: bool | None = None, progress: TextIO | None = sys.stderr, block_size: int | None = None,
                quant: str = "f32", kv: str = "f32", calibration: Any = None,
                import_seconds: float = 0.0, then: tuple[str, ...] = ()) -> PipelineResult:
     """Run the phases after import on an already imported model (``llmc.frontend.Imported``).
@@ -108,8 +108,7 @@ def run_phases(imported: Any, *, until: str | None = None, dump_ir: str | Path |
 
     until = _check_phase(until)
     check_kv(kv)
-    if logits not in LOGITS:
-        raise UsageError(f"logits must be one of {', '.join(LOGITS)}, not {logits!r}")
+    block_size = check_block_size(block_size)
     if verify is None:
         verify = os.environ.get("LLMC_VERIFY") == "1"
     dump_dir = Path(dump_ir) if dump_ir else None
@@ -132,7 +131,7 @@ def run_phases(imported: Any, *, until: str | None = None, dump_ir: str | Path |
     origin = " (a copy of the import above)" if imported.copied else " (from the cache)" if imported.cached else ""
     finish(1, "import", imported.graph, import_seconds, origin)
     graph = imported.graph
-    ctx = PassContext(imported.config, imported.max_seq, logits, result.notes, verify, quant, imported.source, kv,
+    ctx = PassContext(imported.config, imported.max_seq, block_size, result.notes, verify, quant, imported.source, kv,
                       calibration)
     for index, phase in enumerate(PHASES[: total - 1], start=2):
         start = time.perf_counter()
@@ -146,13 +145,24 @@ def run_phases(imported: Any, *, until: str | None = None, dump_ir: str | Path |
 
 
 KV_FORMATS = ("f32", "int8")
-LOGITS = ("last", "all", "both")      # last position, every position, or both as two outputs
 
 
 def check_kv(kv: str) -> None:
     """Refuse a KV cache format llmc does not have."""
     if kv not in KV_FORMATS:
         raise UsageError(f"unknown KV cache format {kv!r}; choose {' or '.join(KV_FORMATS)}")
+
+
+def check_block_size(block_size: int | None) -> int:
+    """The KV pool's block size (tokens per block): a power of two from 1 to 256."""
+    from llmc.abi import DEFAULT_BLOCK_SIZE
+
+    if block_size is None:
+        return DEFAULT_BLOCK_SIZE
+    if not isinstance(block_size, int) or isinstance(block_size, bool) or not 1 <= block_size <= 256 \
+            or block_size & (block_size - 1):
+        raise UsageError(f"the KV block size must be a power of two from 1 to 256 tokens, not {block_size!r}")
+    return block_size
 
 
 def _check_phase(until: str | None) -> str:

@@ -1,12 +1,20 @@
-"""The attention phase: a full-sequence forward becomes a generation step over a KV cache.
+"""The attention phase: a full-sequence forward becomes one batched, paged generation step.
 
 Before: ``forward(input_ids[1, seq]) -> logits[1, seq, vocab]`` with attention as traced (the SDPA op,
 or eager matmul-softmax-matmul), K/V repeated for GQA, a mask built from positions, positions from
-``arange(seq)``. After: ``forward(tokens[seq], start_pos, k_cache, v_cache[, k_scale, v_scale]) -> logits[1, vocab]``
-(or ``[seq, vocab]`` when all logits are asked for), where each attention site is one ``attention``
-op that appends this step's K/V to its layer of the cache and attends over ``0..start_pos+seq``,
-and every position is ``start_pos + arange(seq)`` — so RoPE tables (any rope_scaling variant) and
-learned position embeddings follow without knowing the formula.
+``arange(seq)``. After: the step of ``llmc.abi``::
+
+    step(tokens[seq], positions[seq], seq_index[seq], block_tables[seqs, max_blocks], logit_rows[rows],
+         k_cache, v_cache[, k_scale, v_scale]) -> logits[rows, vocab]
+
+The ``seq`` tokens may come from several sequences (prefill chunks and decode tokens mixed): each
+has its own position and its sequence's row of the block tables. The KV pool is
+``[layers, blocks, kv_heads, block_size, head_dim]``; each attention site becomes one ``attention``
+op that writes every token's K/V to its sequence's block slot and attends over that sequence's
+positions ``0..position``. The traced ``arange(seq)`` positions become the ``positions`` input, so
+RoPE tables (any rope_scaling variant) and learned position embeddings follow without knowing the
+formula; row-wise ops (linears, norms, MLPs) do not see the batching at all. The LM head runs only
+for the ``logit_rows`` rows.
 
 A mask is recognised by what it computes, not by its shape: it must depend on the sequence length
 only, and evaluated at several lengths it must equal a causal mask, or a causal sliding window.
@@ -19,13 +27,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from llmc import dims
 from llmc.interpret import run
 from llmc.ir import Graph, Node, Type
 from llmc.passes.context import PassContext
 from llmc.passes.rewrite import emit, rebuild
 
-SEQ, CTX = "seq", "ctx"
+SEQ = "seq"                 # tokens in the step, from any number of sequences
+ROWS = "rows"               # token rows whose logits the step returns
+SEQS, MAX_BLOCKS = "seqs", "max_blocks"     # block tables: one row per sequence in the step
+BLOCKS = "blocks"           # blocks in the KV pool: chosen when the artifact is loaded
 
 
 class Decline(Exception):
@@ -63,17 +73,24 @@ def _rewrite(graph: Graph, ctx: PassContext) -> Graph:
     heads, key_size, value_size, dtype = kv_shapes.pop()
     layers = len(sites)
 
-    tokens = Node("input", (), {"name": "tokens"}, Type("i64", (SEQ,)))
-    start_pos = Node("input", (), {"name": "start_pos"}, Type("i64", ()))
+    def step_input(name: str, dtype: str, shape: tuple) -> Node:
+        return Node("input", (), {"name": name}, Type(dtype, shape))
+
+    tokens = step_input("tokens", "i64", (SEQ,))
+    positions = step_input("positions", "i64", (SEQ,))
+    seq_index = step_input("seq_index", "i64", (SEQ,))
+    block_tables = step_input("block_tables", "i64", (SEQS, MAX_BLOCKS))
+    logit_rows = step_input("logit_rows", "i64", (ROWS,))
     int8 = ctx.kv == "int8"
     cache_dtype = "i8" if int8 else dtype
-    k_cache = Node("input", (), {"name": "k_cache"}, Type(cache_dtype, (layers, heads, CTX, key_size)))
-    v_cache = Node("input", (), {"name": "v_cache"}, Type(cache_dtype, (layers, heads, CTX, value_size)))
+    pool = (layers, BLOCKS, heads, ctx.block_size)
+    k_cache = step_input("k_cache", cache_dtype, pool + (key_size,))
+    v_cache = step_input("v_cache", cache_dtype, pool + (value_size,))
     cache_inputs = [k_cache, v_cache]
     if int8:
-        k_scale = Node("input", (), {"name": "k_scale"}, Type("f32", (layers, heads, CTX)))
-        v_scale = Node("input", (), {"name": "v_scale"}, Type("f32", (layers, heads, CTX)))
+        k_scale, v_scale = step_input("k_scale", "f32", pool), step_input("v_scale", "f32", pool)
         cache_inputs += [k_scale, v_scale]
+    paging = [positions, seq_index, block_tables]
     layer_of = {id(s.node): (i, s) for i, s in enumerate(sites)}
 
     def replace(original: Node, inputs: list[Node], rebuilt) -> Node | None:
@@ -84,15 +101,14 @@ def _rewrite(graph: Graph, ctx: PassContext) -> Graph:
             qkv = [rebuilt(site.q), rebuilt(site.k), rebuilt(site.v)]
             attrs = dict(layer=layer, scale=site.scale, window=site.window)
             if int8:
-                return emit("attention_kv8", qkv + [k_cache, k_scale, v_cache, v_scale, start_pos], **attrs)
-            return emit("attention", qkv + [k_cache, v_cache, start_pos], **attrs)
+                return emit("attention_kv8", qkv + [k_cache, k_scale, v_cache, v_scale] + paging, **attrs)
+            return emit("attention", qkv + [k_cache, v_cache] + paging, **attrs)
         if _is_positions(original):
-            return emit("add", [original, start_pos])
+            return positions
         return None
 
-    out = rebuild(graph, replace, inputs=[tokens, start_pos] + cache_inputs)
-    full = out.outputs[0]
-    out.outputs = [_logits(full, kind) for kind in (("last", "all") if ctx.logits == "both" else (ctx.logits,))]
+    out = rebuild(graph, replace, inputs=[tokens, positions, seq_index, block_tables, logit_rows] + cache_inputs)
+    out.outputs = [_logits(out.outputs[0], logit_rows)]
     leftover = [n.op for n in out.nodes() if _is_attention(n)]
     if leftover:
         raise Decline(f"{len(leftover)} attention sites remain after the rewrite")
@@ -243,18 +259,17 @@ def _is_positions(node: Node) -> bool:
             and node.type.dtype == "i64")
 
 
-def _logits(out: Node, kind: str) -> Node:
-    """Logits as [seq, vocab] ("all"), or as [1, vocab] for the last position only ("last"), sliced
-    before the LM head."""
+def _logits(out: Node, logit_rows: Node) -> Node:
+    """Logits [rows, vocab] of the token rows ``logit_rows`` names, gathered before the LM head
+    (so the head's matmul runs only for them)."""
     shape = out.type.shape
     if out.type.rank != 3 or shape[:2] != (1, SEQ):
         raise Decline(f"the output {out.type} is not logits [1, seq, vocab]")
-    if kind == "all":
-        return emit("reshape", [out], shape=[SEQ, shape[2]])
-    last = dims.sub(SEQ, 1)
+
+    def picked(x: Node) -> Node:
+        rows = emit("reshape", [x], shape=[SEQ, x.type.shape[2]])
+        return emit("embedding", [rows, logit_rows])
+
     if out.op == "linear" and out.inputs[0].type.rank == 3 and out.inputs[0].type.shape[1] == SEQ:
-        hidden = emit("slice", [out.inputs[0]], axis=1, start=last, end=SEQ, step=1)
-        out = emit("linear", [hidden] + list(out.inputs[1:]))
-    else:
-        out = emit("slice", [out], axis=1, start=last, end=SEQ, step=1)
-    return emit("reshape", [out], shape=[1, shape[2]])
+        return emit("linear", [picked(out.inputs[0])] + list(out.inputs[1:]))
+    return picked(out)

@@ -21,17 +21,14 @@ MAX_ROWS = 512
 
 def capture_linear_inputs(graph: Graph, tokens: np.ndarray, names: set[str]) -> dict[str, np.ndarray]:
     """weight name -> the [rows, K] inputs its linear saw while the graph ran on ``tokens``."""
-    from llmc import dims
-    from llmc.ir import numpy_dtype
+    from llmc.abi import one_sequence
 
     sites = {}
     for node in graph.nodes():
         if node.op == "linear" and node.inputs[1].op == "weight" and node.inputs[1].attrs["name"] in names:
             sites.setdefault(node.inputs[1].attrs["name"], node.inputs[0])
     probe = Graph(graph.inputs, list(sites.values()), graph.weights)
-    caches = [np.zeros(tuple(dims.evaluate(d, {"ctx": len(tokens)}) for d in n.type.shape), numpy_dtype(n.type.dtype))
-              for n in graph.inputs[2:]]
-    values = run(probe, [np.asarray(tokens, np.int64), np.array(0)] + caches)
+    values = run(probe, one_sequence(graph, tokens))
     return {name: value.reshape(-1, value.shape[-1])[-MAX_ROWS:] for name, value in zip(sites, values)}
 
 

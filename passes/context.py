@@ -11,7 +11,7 @@ from llmc.ir import Graph, IRError, verify
 class PassContext:
     config: dict = field(default_factory=dict)   # the model's Hugging Face config ({} if none)
     max_seq: int = 4096                          # the longest sequence the trace admits
-    logits: str = "last"                         # outputs: "last" position, "all" positions, or "both" (two outputs)
+    block_size: int = 16                         # tokens per KV pool block (llmc.abi.DEFAULT_BLOCK_SIZE)
     notes: list[str] = field(default_factory=list)
     verify: bool = False                         # run the verifier after every pass (tests, LLMC_VERIFY=1)
     quant: str = "f32"                           # the weight quantization scheme (llmc.quant)

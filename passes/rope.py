@@ -1,7 +1,7 @@
 """Rotary embedding as one op: ``x*cos + concat(-x[..., D/2:], x[..., :D/2])*sin`` -> rope(x, cos, sin).
 
 The cos/sin tables stay in the graph as computed from the positions (after the attention phase,
-``start_pos + arange(seq)``), so every rope_scaling variant keeps its own formula."""
+the step's ``positions``), so every rope_scaling variant keeps its own formula."""
 
 from __future__ import annotations
 

@@ -1,12 +1,140 @@
-"""Hardware targets, one package each, installed as ``llmc.targets``. A target turns an
-optimised graph into code, builds it and launches it; it never rewrites the graph. What targets
-share: views.py, arena.py, lowering.py, and the cache folder below."""
+"""Hardware targets, one package each, installed as ``llmc.targets``, and the registry that names
+them. A target turns an optimised graph into code, builds it and launches it; it never rewrites
+the graph. What targets share: views.py, arena.py, lowering.py, and the cache folder below.
+
+A target package provides (the protocol every ``Target`` entry is a name for):
+
+- ``Options``: a dataclass of the target's build options. Its fields are the build file's keys
+  and the manifest's ``options``; ``llmc compile`` takes each as ``--name-with-dashes`` (the
+  field's ``metadata`` gives ``help``, ``choices``, ``metavar``).
+- ``check(options)``: refuse options the target cannot build with (a UsageError), before tracing.
+- ``emit(graph, options, progress) -> Build``: the build: the step graph (``llmc.abi``) as
+  sections, the manifest's ``target`` entry, the machine it needs, and what the report shows.
+- ``describe(artifact) -> list[str]``: the target's lines of ``llmc inspect``.
+- ``runs_here(manifest) -> (bool | None, why)``: whether this machine runs the artifact (None:
+  cannot tell), for ``llmc verify``.
+- ``executor(artifact, threads)``: the runtime's side, with ``allocate_pool(blocks) -> bytes``
+  and ``run(entry, inputs) -> logits`` (optionally ``sample``, ``stream_bandwidth``).
+
+Adding a target is its folder plus one ``register`` line below; nothing outside ``targets/``
+names one.
+"""
 from __future__ import annotations
 
+import dataclasses
+import importlib
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Mapping
 
 from llmc.errors import UsageError
 
+
+@dataclass
+class Build:
+    """What a target's ``emit`` returns."""
+
+    sections: dict[str, bytes]             # the artifact's sections the target adds (code, kernels)
+    manifest: dict[str, Any]               # the manifest's "target" entry (with "name")
+    max_tokens: int                        # the most tokens one step call takes
+    requires: dict[str, list] = field(default_factory=dict)     # e.g. {"cpu_features": [...]}
+    pool_dtype: str | None = None          # the KV pool's storage dtype, when not the graph's
+    summary: str = ""                      # the lower phase's progress line, after its time
+    report: dict[str, Any] = field(default_factory=dict)        # the compile report's "target"
+
+
+@dataclass(frozen=True)
+class Target:
+    """A registry entry: the target's name, a line on what it builds, and the package that
+    implements the protocol above (imported when first asked, so heavy imports stay lazy)."""
+
+    name: str
+    summary: str
+    module: str
+
+    @property
+    def package(self):
+        return importlib.import_module(self.module)
+
+    @property
+    def options(self) -> type:
+        return self.package.Options
+
+    def make_options(self, given: Mapping[str, Any]) -> Any:
+        """The target's Options from ``given`` (field name -> value; None means the default);
+        an option another target takes is refused by name."""
+        names = {f.name for f in dataclasses.fields(self.options)}
+        unknown = sorted(k for k, v in given.items() if v is not None and k not in names)
+        if unknown:
+            owners = {k: [t.name for t in REGISTRY.values() if k in t.option_names()] for k in unknown}
+            said = "; ".join(f"{k} is an option of {' and '.join(o) or 'no target'}" for k, o in owners.items())
+            raise UsageError(f"target {self.name} takes no option {', '.join(unknown)} ({said}); "
+                             f"its options are {', '.join(sorted(names)) or 'none'}")
+        options = self.options(**{k: v for k, v in given.items() if v is not None})
+        self.package.check(options)
+        return options
+
+    def option_names(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self.options)]
+
+    def build(self, graph, options, progress=None) -> Build:
+        return self.package.emit(graph, options, progress)
+
+    def describe(self, artifact) -> list[str]:
+        return self.package.describe(artifact)
+
+    def runs_here(self, manifest: Mapping[str, Any]) -> tuple[bool | None, str | None]:
+        return self.package.runs_here(manifest)
+
+    def executor(self, artifact, threads: int | None):
+        return self.package.executor(artifact, threads)
+
+
+REGISTRY: dict[str, Target] = {}
+
+
+def register(target: Target) -> Target:
+    """Add a target (a later entry of the same name replaces the earlier one)."""
+    REGISTRY[target.name] = target
+    return target
+
+
+def get(name: str) -> Target:
+    """The registered target ``name``; a UsageError listing the others otherwise."""
+    if name not in REGISTRY:
+        raise UsageError(f"unknown target {name!r}; this llmc builds: {', '.join(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def target_of(manifest: Mapping[str, Any], path: str | Path) -> Target:
+    """The target an artifact was built for, or an ArtifactError naming the ones this llmc runs."""
+    from llmc.artifact import ArtifactError
+
+    name = manifest.get("target", {}).get("name") if isinstance(manifest.get("target"), dict) else None
+    if name not in REGISTRY:
+        raise ArtifactError(f"{path} was built for target {name!r}; this llmc runs {', '.join(REGISTRY)} artifacts")
+    return REGISTRY[name]
+
+
+def option_fields() -> dict[str, list[tuple[str, dataclasses.Field]]]:
+    """Every target option by field name: [(target, field)], for the CLI flags and build-file keys."""
+    out: dict[str, list[tuple[str, dataclasses.Field]]] = {}
+    for target in REGISTRY.values():
+        for f in dataclasses.fields(target.options):
+            out.setdefault(f.name, []).append((target.name, f))
+    return out
+
+
+DEFAULT = "cpu"             # what ``llmc compile`` builds for unless told
+
+
+register(Target("cpu", "generated C built into a shared library (AVX2 or portable kernels)", "llmc.targets.cpu"))
+register(Target("cuda", "Triton kernels cross-compiled to cubins (no GPU needed to build)", "llmc.targets.cuda"))
+register(Target("ref", "the reference interpreter (numpy; portable, slow, the oracle)", "llmc.targets.ref"))
+
+
+# ---------------------------------------------------------------------------------------------
+# What targets share
 
 def cache_dir() -> Path:
     """The cache folder (``llmc.cache``), for what the runtime keeps there; builds go through
@@ -20,3 +148,11 @@ def check_chunk(chunk) -> None:
     """Refuse a prefill chunk (tokens per call) that is not a positive int."""
     if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
         raise UsageError(f"the prefill chunk must be a positive number of tokens, not {chunk!r}")
+
+
+def pool_arrays(artifact, blocks: int):
+    """Host (numpy) arrays of a KV pool of ``blocks`` blocks, for a target that keeps it in memory."""
+    from llmc import abi
+
+    return abi.allocate_pool(abi.PoolLayout.from_manifest(artifact.manifest), blocks)
+

@@ -18,7 +18,8 @@ from llmc.ops import OPS
 from .arena import Buffer
 from .views import View
 
-SYMBOLS = {"seq", "ctx"}
+SYMBOLS = {"seq", "rows", "seqs", "max_blocks", "blocks"}     # the step's symbolic dims (llmc.abi)
+BATCH_INPUTS = ("tokens", "positions", "seq_index", "block_tables", "logit_rows")
 
 
 def f16_weight(node: Node) -> Node | None:
@@ -58,7 +59,8 @@ class GraphLowering(ABC):
         for node in graph.nodes():
             for d in (node.type.shape if isinstance(node.type, Type) else ()):
                 if not isinstance(d, int) and not dims.symbols(d) <= SYMBOLS:
-                    raise self.error(f"dimension {d} of {node.op} uses symbols other than seq and ctx")
+                    raise self.error(f"dimension {d} of {node.op} uses symbols other than the step's "
+                                     f"{', '.join(sorted(SYMBOLS))}")
         out = graph.outputs[0]
         producer = out
         while producer.op == "reshape":
@@ -174,6 +176,6 @@ class GraphLowering(ABC):
         return out
 
     def cache_index(self, name: str) -> int | None:
-        """The position of a graph input among the KV cache inputs (after tokens and start_pos)."""
-        caches = [i.attrs["name"] for i in self.graph.inputs[2:]]
+        """The position of a graph input among the KV pool inputs (after the batch's)."""
+        caches = [i.attrs["name"] for i in self.graph.inputs[len(BATCH_INPUTS):]]
         return caches.index(name) if name in caches else None

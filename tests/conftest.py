@@ -63,3 +63,18 @@ def family_dirs(tmp_path_factory):
 
 def relative_error(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.abs(got.astype(np.float64) - want).max() / np.abs(want).max())
+
+
+def new_pool(graph, blocks: int) -> list[np.ndarray]:
+    """Zeroed arrays for a step graph's KV pool inputs (everything after the batch's), ``blocks`` blocks."""
+    from llmc.abi import graph_pool
+
+    return graph_pool(graph, blocks)
+
+
+def run_step(graph, pool, ids, start: int, table, rows: str = "last") -> np.ndarray:
+    """The interpreter's logits for one sequence's ``ids`` at ``start..`` (block table ``table``)."""
+    from llmc.abi import Batch
+    from llmc.interpret import run
+
+    return run(graph, list(Batch.single(np.asarray(ids), start, np.asarray(table), rows).inputs().values()) + pool)[0]

@@ -1,5 +1,5 @@
-"""The attention phase: Before/Expected in the text IR, declines, and prefill + decode over the
-KV cache reproducing transformers' full-sequence logits for every family."""
+"""The attention phase: Before/Expected in the text IR, declines, and prefill + decode steps over
+the paged KV pool reproducing transformers' full-sequence logits for every family."""
 
 import io
 
@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FAMILIES, relative_error, tiny_model
+from conftest import FAMILIES, new_pool, relative_error, run_step, tiny_model
 from llmc.errors import InterpretError
 from llmc.frontend import import_model
-from llmc.interpret import run
 from llmc.ir import parse_graph, print_graph, verify
 from llmc.passes.attention import rewrite_attention
 from llmc.passes.context import PassContext
@@ -46,7 +45,7 @@ graph @forward(%input_ids: i64[1, seq]) {
 }"""
 
 EXPECTED = """
-graph @forward(%tokens: i64[seq], %start_pos: i64[], %k_cache: f32[1, 1, ctx, 4], %v_cache: f32[1, 1, ctx, 4]) {
+graph @forward(%tokens: i64[seq], %positions: i64[seq], %seq_index: i64[seq], %block_tables: i64[seqs, max_blocks], %logit_rows: i64[rows], %k_cache: f32[1, blocks, 1, 16, 4], %v_cache: f32[1, blocks, 1, 16, 4]) {
   %0 = weight() {name="embed"} : f32[32, 8]
   %1 = reshape(%tokens) {shape=[1, "seq"]} : i64[1, seq]
   %2 = embedding(%0, %1) : f32[1, seq, 8]
@@ -58,18 +57,16 @@ graph @forward(%tokens: i64[seq], %start_pos: i64[], %k_cache: f32[1, 1, ctx, 4]
   %8 = linear(%2, %7) : f32[1, seq, 4]
   %9 = reshape(%8) {shape=[1, "seq", 1, 4]} : f32[1, seq, 1, 4]
   %10 = permute(%9) {perm=[0, 2, 1, 3]} : f32[1, 1, seq, 4]
-  %11 = attention(%6, %10, %10, %k_cache, %v_cache, %start_pos) {layer=0, scale=0.5, window=WINDOW} : f32[1, 2, seq, 4]
+  %11 = attention(%6, %10, %10, %k_cache, %v_cache, %positions, %seq_index, %block_tables) {layer=0, scale=0.5, window=WINDOW} : f32[1, 2, seq, 4]
   %12 = permute(%11) {perm=[0, 2, 1, 3]} : f32[1, seq, 2, 4]
   %13 = reshape(%12) {shape=[1, "seq", 8]} : f32[1, seq, 8]
   %14 = weight() {name="pos"} : f32[64, 8]
-  %15 = arange() {dtype="i64", end="seq", start=0, step=1} : i64[seq]
-  %16 = add(%15, %start_pos) : i64[seq]
-  %17 = embedding(%14, %16) : f32[seq, 8]
-  %18 = add(%13, %17) : f32[1, seq, 8]
-  %19 = slice(%18) {axis=1, end="seq", start="seq-1", step=1} : f32[1, 1, 8]
-  %20 = linear(%19, %0) : f32[1, 1, 32]
-  %21 = reshape(%20) {shape=[1, 32]} : f32[1, 32]
-  return %21
+  %15 = embedding(%14, %positions) : f32[seq, 8]
+  %16 = add(%13, %15) : f32[1, seq, 8]
+  %17 = reshape(%16) {shape=["seq", 8]} : f32[seq, 8]
+  %18 = embedding(%17, %logit_rows) : f32[rows, 8]
+  %19 = linear(%18, %0) : f32[rows, 32]
+  return %19
 }"""
 
 SLIDING = """%30 = sub(%14, %13) : i64[seq, seq]
@@ -113,23 +110,17 @@ def test_unknown_masks_leave_the_graph_unchanged_and_say_why(mask, reason):
     assert len(ctx.notes) == 1 and reason in ctx.notes[0]
 
 
-def new_cache(graph, capacity):
-    """Zeroed arrays for the graph's cache inputs (everything after tokens and start_pos)."""
-    from llmc import dims
-    from llmc.ir import numpy_dtype
-
-    return [np.zeros(tuple(dims.evaluate(d, {"ctx": capacity}) for d in n.type.shape), numpy_dtype(n.type.dtype))
-            for n in graph.inputs[2:]]
-
-
 def check_prefill_then_decode(graph, want: np.ndarray, ids: np.ndarray, prompt: int, capacity: int = 96,
-                              tolerance: float = 1e-4):
-    """prefill(ids[:prompt]) then one token at a time; each step's logits vs the full-sequence ones."""
-    caches = new_cache(graph, capacity)
-    logits = run(graph, [ids[:prompt], np.array(0)] + caches)[0]
+                              tolerance: float = 1e-4, block_size: int = 16):
+    """prefill(ids[:prompt]) then one token at a time, the sequence's blocks scattered over the
+    pool; each step's logits vs the full-sequence ones."""
+    blocks = -(-capacity // block_size)
+    table = np.random.default_rng(capacity).permutation(2 * blocks)[:blocks]
+    pool = new_pool(graph, 2 * blocks)
+    logits = run_step(graph, pool, ids[:prompt], 0, table)
     errors = [relative_error(logits[-1], want[prompt - 1])]
     for pos in range(prompt, len(ids)):
-        logits = run(graph, [ids[pos:pos + 1], np.array(pos)] + caches)[0]
+        logits = run_step(graph, pool, ids[pos:pos + 1], pos, table)
         errors.append(relative_error(logits[-1], want[pos]))
     assert max(errors) < tolerance, errors
 
@@ -144,8 +135,9 @@ def test_prefill_then_decode_matches_transformers(family, attn):
     result = run_phases(import_model(model), progress=None)
     graph = result.graph
     assert result.notes == []
-    assert [str(n.type) for n in graph.inputs][:2] == ["i64[seq]", "i64[]"]
-    assert str(graph.outputs[0].type) == "f32[1, 128]"
+    assert [str(n.type) for n in graph.inputs][:5] == ["i64[seq]", "i64[seq]", "i64[seq]", "i64[seqs, max_blocks]",
+                                                       "i64[rows]"]
+    assert str(graph.outputs[0].type) == "f32[rows, 128]"
     assert graph.op_histogram()["attention"] == 2
     assert not {"sdpa", "softmax"} & set(graph.op_histogram())
     ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(3))
@@ -154,17 +146,16 @@ def test_prefill_then_decode_matches_transformers(family, attn):
     check_prefill_then_decode(graph, want, ids[0].numpy(), prompt=23)   # 23 + 17 > Mistral's window of 16
 
 
-def test_all_logits_prefill_and_cache_overflow():
+def test_all_logits_and_a_position_past_the_block_table():
     model = tiny_model("qwen2")
-    graph = run_phases(import_model(model), progress=None, logits="all").graph
-    assert str(graph.outputs[0].type) == "f32[seq, 128]"
+    graph = run_phases(import_model(model), progress=None, block_size=4).graph
     ids = torch.randint(0, 128, (1, 11), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         want = model(input_ids=ids).logits[0].numpy()
-    caches = new_cache(graph, 16)
-    assert relative_error(run(graph, [ids[0].numpy(), np.array(0)] + caches)[0], want) < 1e-4
-    with pytest.raises(InterpretError, match="KV cache holds 16 positions"):
-        run(graph, [ids[0, :6].numpy(), np.array(11)] + caches)
+    pool = new_pool(graph, 4)
+    assert relative_error(run_step(graph, pool, ids[0].numpy(), 0, [3, 1, 0], rows="all"), want) < 1e-4
+    with pytest.raises(InterpretError, match="needs more than the 3 blocks a block table holds"):
+        run_step(graph, pool, ids[0, :6].numpy(), 11, [3, 1, 0])
 
 
 def test_progress_shows_notes_of_a_declined_pass():
@@ -230,7 +221,9 @@ def test_dynamic_rope_scaling_is_reported_as_untraceable():
 def test_int8_kv_cache_stays_close(family):
     model = tiny_model(family)
     graph = run_phases(import_model(model), progress=None, kv="int8").graph
-    assert [str(n.type) for n in graph.inputs[2:]][2:] == ["f32[2, 2, ctx]" if family != "gpt2" else "f32[2, 4, ctx]"] * 2
+    heads = 2 if family != "gpt2" else 4
+    assert [str(n.type) for n in graph.inputs[5:]] == [f"i8[2, blocks, {heads}, 16, 16]"] * 2 \
+        + [f"f32[2, blocks, {heads}, 16]"] * 2
     assert graph.op_histogram()["attention_kv8"] == 2 and "attention" not in graph.op_histogram()
     ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():

@@ -212,7 +212,8 @@ def test_verify_reports_what_an_artifact_was_built_from(family_dirs, tmp_path, c
     text = capsys.readouterr().out
     digest = read_artifact(out).manifest["inputs"]["model.safetensors"]
     assert f"input     model.safetensors sha256 {digest}" in text
-    assert f"target    cpu {LEVEL}" in text and "quant     q8, KV cache f32" in text and "llmc 0.1.0" in text
+    assert f"cpu       level {LEVEL}, up to 512 tokens a call" in text and "llmc 0.1.0" in text
+    assert "quant     q8, KV cache f32 in blocks of 16, up to 512 tokens a step" in text
     assert main(["verify", str(out), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["ok"] and result["runs_here"] is True and result["options"]["quant"] == "q8"
@@ -230,17 +231,16 @@ def test_verify_reports_what_an_artifact_was_built_from(family_dirs, tmp_path, c
 
 
 def test_verify_reports_artifacts_for_other_machines(family_dirs, tmp_path, capsys, monkeypatch):
-    """A CI runner verifies what it cannot run: a native build from a machine with AVX-512."""
-    from llmc.artifact import check_machine
-
+    """A CI runner verifies what it cannot run: here, an AVX2 build on a machine without AVX2."""
     out = tmp_path / "m.llmc"
-    main(["compile", str(family_dirs["llama"]), "-o", str(out), "--target", "ref"])
+    assert main(["compile", str(family_dirs["llama"]), "-o", str(out), "--cpu-level", "portable"]) == 0
+    assert main(["compile", str(family_dirs["llama"]), "-o", str(tmp_path / "v3.llmc"), "--cpu-level", LEVEL]) == 0
     capsys.readouterr()
-    monkeypatch.setattr("llmc.verify.check_machine",
-                        lambda manifest, path: check_machine(dict(manifest, requires={"cpu_features": ["avx512f"]}),
-                                                             path, {"sse2"}))
+    monkeypatch.setattr("llmc.artifact.host_cpu_features", lambda: {"sse2"})
     assert main(["verify", str(out)]) == 0
-    assert "NOT on this machine" in capsys.readouterr().out
+    assert "; runs here" in capsys.readouterr().out
+    assert main(["verify", str(tmp_path / "v3.llmc")]) == 0
+    assert ("NOT on this machine" if LEVEL != "portable" else "; runs here") in capsys.readouterr().out
 
 
 def test_cache_command_shows_and_clears(tmp_path, monkeypatch, capsys):

@@ -38,45 +38,103 @@ def test_linear_f32_and_f16(lib, m, n, k, bias):
     store, x = rows_at_stride(rng, m, k, 3)
     w = rng.standard_normal((n, k)).astype(np.float32)
     b = rng.standard_normal(n).astype(np.float32) if bias else None
+    w16 = w.astype(np.float16)
     for tile in (1, 4, 64):
         y = np.full((m, n), np.nan, np.float32)
         lib.h_linear_f32(p(store), k + 3, p(w), p(b), p(y), m, n, k, tile)
         want = x.astype(np.float64) @ w.T.astype(np.float64) + (b if bias else 0)
         np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4 * np.sqrt(k))
-    w16 = w.astype(np.float16)
-    y = np.full((m, n), np.nan, np.float32)
-    lib.h_linear_f16(p(store), k + 3, p(w16), p(b), p(y), m, n, k, 3)
-    want = x.astype(np.float64) @ w16.T.astype(np.float64) + (b if bias else 0)
-    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4 * np.sqrt(k))
+        y = np.full((m, n), np.nan, np.float32)
+        lib.h_linear_f16(p(store), k + 3, p(w16), p(b), p(y), m, n, k, tile)
+        want = x.astype(np.float64) @ w16.T.astype(np.float64) + (b if bias else 0)
+        np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4 * np.sqrt(k))
 
 
-@pytest.mark.parametrize("scheme", ["q8", "q4g32", "q4g128"])
-@pytest.mark.parametrize("m,n", [(1, 1), (1, 45), (6, 13), (5, 70), (17, 9), (21, 40)])
-def test_quantized_linear_within_the_activation_rounding_bound(lib, scheme, m, n):
-    """Below 16 rows x is rounded to int8 per block of 32 (scale amax/127), so each output may
-    differ from the exact product with the dequantized weight by at most sum over blocks of
-    amax/254 * sum |w|. From 16 rows on (prefill) the weight tiles are widened to f32: exact."""
-    rng = np.random.default_rng(n * 7 + m)
-    s = parse_scheme(scheme)
-    k = 384 if s.group == 128 else 32 * (2 + 8 * (n % 3))     # groups in eights (AVX2 blocks) and the rest
-    store, x = rows_at_stride(rng, m, k, 5)
-    w = rng.standard_normal((n, k)).astype(np.float32)
-    parts = quantize(w, s)
-    dense = dequantize(parts, s, k).astype(np.float64)
-    b = rng.standard_normal(n).astype(np.float32)
+def quantized_weight(rng, scheme: str, n: int, k: int):
+    """(Scheme, parts) of a random [n, k] weight. ``q4g32-q4_0`` is q4g32 with min = -8 * scale,
+    as the GGUF passthrough stores Q4_0 blocks."""
+    s = parse_scheme(scheme.removesuffix("-q4_0"))
+    parts = quantize(rng.standard_normal((n, k)).astype(np.float32), s)
+    if scheme.endswith("-q4_0"):
+        parts["mins"] = (parts["scales"].astype(np.float32) * -8).astype(np.float16)
+    return s, parts
+
+
+def linear_q(lib, s, parts, store, ldx, b, m, n, k, tile):
     y = np.full((m, n), np.nan, np.float32)
     scratch = np.empty(m * (k + 64) + m * (k // 32) * 8 + 64, np.uint8)
-    lib.h_linear_q(p(store), k + 5, p(parts["q"]), p(parts["scales"]), p(parts.get("mins")), p(b), p(y), m, n, k,
-                   s.bits, s.group, 7, p(scratch))
+    lib.h_linear_q(p(store), ldx, p(parts["q"]), p(parts["scales"]), p(parts.get("mins")), p(b), p(y), m, n, k,
+                   s.bits, s.group, tile, p(scratch))
+    return y
+
+
+# Blocks of 32 per row: runs of eight (the AVX2 steps) with and without a shorter last run, and odd
+# counts (a last 4-bit group without a pair).
+Q_SIZES = {32: [32, 96, 256, 352, 576], 128: [128, 384, 1024, 1152]}
+
+
+@pytest.mark.parametrize("scheme", ["q8", "q4g32", "q4g32-q4_0", "q4g128"])
+@pytest.mark.parametrize("m,n", [(1, 1), (1, 45), (6, 13), (5, 70), (17, 9), (21, 40)])
+def test_quantized_linear_within_the_activation_rounding_bound(lib, scheme, m, n):
+    """x is rounded to int8 per block of 32 (scale amax/127) at every M, so each output may differ
+    from the exact product with the dequantized weight by at most sum over blocks of amax/254 *
+    sum |w| (plus float rounding). The error must also reach a real part of that bound (rounding
+    errors of random sign add up to about 0.7/sqrt(K) of it; float rounding alone to ~1e-5): the
+    rounding is applied at this M, and the bound is not so loose it could never fail."""
+    rng = np.random.default_rng(n * 7 + m)
+    sizes = Q_SIZES[parse_scheme(scheme.removesuffix("-q4_0")).group]
+    k = sizes[(m + n) % len(sizes)]
+    s, parts = quantized_weight(rng, scheme, n, k)
+    store, x = rows_at_stride(rng, m, k, 5)
+    dense = dequantize(parts, s, k).astype(np.float64)
+    b = rng.standard_normal(n).astype(np.float32)
+    y = linear_q(lib, s, parts, store, k + 5, b, m, n, k, 7)
     want = x.astype(np.float64) @ dense.T + b
     half_steps = np.abs(x).reshape(m, k // 32, 32).max(axis=-1) / 254.0            # [m, blocks]
     weight_mass = np.abs(dense).reshape(n, k // 32, 32).sum(axis=-1)              # [n, blocks]
-    bound = half_steps @ weight_mass.T * 1.001 + 1e-4 * np.abs(want) + 1e-5
-    if m >= 16:
-        np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4 * np.sqrt(k))
-        return
-    assert np.all(np.abs(y - want) <= bound)
-    assert np.abs(y - want).max() > 0 or m * n == 1        # the bound is exercised, not an exact path
+    rounding = half_steps @ weight_mass.T
+    error = np.abs(y - want)
+    assert np.all(error <= rounding * 1.001 + 1e-5 * np.abs(want) + 1e-5)
+    assert (error / rounding).max() > 0.1 / np.sqrt(k)
+
+
+@pytest.mark.parametrize("kernel,k", [("f32", 67), ("f32", 256), ("f16", 67), ("f16", 256), ("q8", 352),
+                                      ("q4g32", 352), ("q4g32-q4_0", 576), ("q4g128", 384), ("q4g128", 1024)])
+def test_linear_rows_do_not_depend_on_the_batch(lib, kernel, k):
+    """Batch invariance: each x row's outputs are bitwise the same computed alone (M = 1) as inside
+    any batch, at any row of it, next to any other rows, with any tile and thread count."""
+    rng = np.random.default_rng(k)
+    n, pool, pad = 37, 130, 3
+    store, _ = rows_at_stride(rng, pool, k, pad)
+    store *= rng.choice([1e-3, 1.0, 30.0], size=(pool, 1)).astype(np.float32)      # rows of different scales
+    b = rng.standard_normal(n).astype(np.float32)
+    if kernel in ("f32", "f16"):
+        w = rng.standard_normal((n, k)).astype(np.float32 if kernel == "f32" else np.float16)
+        call = lib.h_linear_f32 if kernel == "f32" else lib.h_linear_f16
+
+        def run(rows, tile):
+            y = np.full((len(rows), n), np.nan, np.float32)
+            call(p(rows), k + pad, p(w), p(b), p(y), len(rows), n, k, tile)
+            return y
+    else:
+        s, parts = quantized_weight(rng, kernel, n, k)
+
+        def run(rows, tile):
+            return linear_q(lib, s, parts, rows, k + pad, b, len(rows), n, k, tile)
+
+    try:
+        lib.h_set_threads(1)
+        alone = np.concatenate([run(store[i:i + 1], 16) for i in range(pool)])
+        for threads in (1, 2):
+            lib.h_set_threads(threads)
+            for m in (2, 3, 5, 16, 17, 64, 130):
+                for shift in (0, 1, m // 2):
+                    picked = (np.arange(m) * 7 + shift * 11 + m) % pool        # other rows around, each at new places
+                    for tile in (1, 3, 16, 64):
+                        got = run(np.ascontiguousarray(store[picked]), tile)
+                        assert np.array_equal(got, alone[picked]), (threads, m, shift, tile)
+    finally:
+        lib.h_set_threads(2)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
@@ -129,52 +187,80 @@ def test_norms_and_add_norm(lib, d, kind):
     np.testing.assert_allclose(normed, want_norm, rtol=1e-5, atol=1e-5)
 
 
+# Each case: heads, kv heads, head_dim, block size, window, and the step's sequences as
+# (tokens already in the pool, tokens this step). A step of at most 4 tokens runs each token's key
+# spans as tasks (flash-decoding); a longer one runs them in order in one task.
 ATTENTION_CASES = [
-    # heads, kv heads, head_dim, seq, start, window, ctx
-    (4, 2, 16, 7, 0, 0, 20),        # prefill from empty, GQA
-    (3, 3, 5, 1, 9, 0, 12),         # decode, odd head_dim
-    (6, 2, 8, 3, 5, 4, 16),         # a sliding window shorter than the context
-    (4, 1, 32, 1, 700, 0, 760),     # long decode: keys split across tasks and merged
-    (2, 2, 64, 1, 300, 64, 320),    # split decode with a window
+    (4, 2, 16, 4, 0, [(0, 7)]),                          # a prefill from empty, GQA
+    (3, 3, 5, 1, 0, [(9, 1)]),                           # decode, odd head_dim, blocks of one
+    (6, 2, 8, 16, 4, [(5, 3), (0, 2)]),                  # a window shorter than the context
+    (4, 1, 32, 16, 0, [(700, 1), (299, 1)]),             # long decodes: keys split over tasks and merged
+    (2, 2, 64, 4, 64, [(300, 1), (17, 1), (3, 1)]),      # split decodes with a window
+    (4, 2, 16, 4, 0, [(11, 5), (40, 1), (0, 8), (600, 1)]),   # mixed: chunks, decodes, one ends at a block's end
 ]
 
 
-@pytest.mark.parametrize("kv8", [False, True])
-@pytest.mark.parametrize("hq,hk,d,seq,start,window,ctx", ATTENTION_CASES)
-def test_attention_over_the_cache(lib, kv8, hq, hk, d, seq, start, window, ctx):
-    rng = np.random.default_rng(hq * 1000 + seq * 10 + start)
-    layers, layer = 2, 1
-    # q/k/v as the graph hands them: [1, heads, seq, d] slices of one [seq, heads*d] projection
-    proj = rng.standard_normal((seq, (hq + 2 * hk) * d)).astype(np.float32)
-    heads = lambda lo, n: proj[:, lo * d:(lo + n) * d].reshape(seq, n, d).transpose(1, 0, 2)[None]
-    q, k, v = heads(0, hq), heads(hq, hk), heads(hq + hk, hk)
-    ref_caches = [rng.standard_normal((layers, hk, ctx, d)).astype(np.float32) for _ in range(2)]
-    attrs = {"layer": layer, "scale": 1 / np.sqrt(d), "window": window}
-    if kv8:
-        codes = [rng.integers(-127, 128, (layers, hk, ctx, d)).astype(np.int8) for _ in range(2)]
-        scales = [rng.random((layers, hk, ctx)).astype(np.float32) / 50 for _ in range(2)]
-        ref_inputs = [codes[0].copy(), scales[0].copy(), codes[1].copy(), scales[1].copy()]
-        want = ops.OPS["attention_kv8"].ref([q, k, v] + ref_inputs + [np.array(start)], attrs, None, None)
-        caches = [c.copy() for c in codes]
-        cache_scales = [s.copy() for s in scales]
-    else:
-        ref_inputs = [c.copy() for c in ref_caches]
-        want = ops.OPS["attention"].ref([q, k, v] + ref_inputs + [np.array(start)], attrs, None, None)
-        caches, cache_scales = [c.copy() for c in ref_caches], [None, None]
-    out = np.full((seq, hq, d), np.nan, np.float32)          # [seq, heads, d], as the kernel lays it out
-    scratch = np.empty(16 * hq * (d + 2), np.float32)
-    stride = (hq + 2 * hk) * d
-    at_layer = lambda a: None if a is None else a[layer].ctypes.data
+def scattered_tables(rng, needs: list[int], block_size: int) -> tuple[np.ndarray, int]:
+    """Block tables for sequences of the given lengths over a shuffled pool (with spare blocks)."""
+    counts = [-(-n // block_size) for n in needs]
+    blocks = sum(counts) + 3
+    order = rng.permutation(blocks)
+    tables = np.full((len(needs), max(counts)), blocks - 1, np.int64)
+    at = 0
+    for s, count in enumerate(counts):
+        tables[s, :count] = order[at: at + count]
+        at += count
+    return tables, blocks
+
+
+def run_attention(lib, q, k, v, pools, positions, seq_index, tables, block_size, window, kv8):
+    """The kernel on q/k/v [1, heads, n, d] (as views of one projection, the way the graph hands
+    them) over the pools (one layer of them: [blocks, Hk, B, d] arrays, changed in place)."""
+    _, hq, n, d = q.shape
+    hk = k.shape[1]
+    proj = np.concatenate([x[0].transpose(1, 0, 2).reshape(n, -1) for x in (q, k, v)], axis=1).copy()
+    stride = proj.shape[1]
+    out = np.full((n, hq, d), np.nan, np.float32)
+    scratch = np.empty(4 * 16 * hq * (d + 2), np.float32)
+    kp, ks, vp, vs = pools if kv8 else (pools[0], None, pools[1], None)
     lib.h_attention(p(proj), d, stride, proj[:, hq * d:].ctypes.data, d, stride, proj[:, (hq + hk) * d:].ctypes.data,
-                    d, stride, at_layer(caches[0]), at_layer(cache_scales[0]), at_layer(caches[1]),
-                    at_layer(cache_scales[1]), int(kv8), ctx, hq, hk, d, seq, start, attrs["scale"], window,
-                    p(out), d, hq * d, p(scratch), 16)
-    np.testing.assert_allclose(out.transpose(1, 0, 2)[None], want, rtol=1e-4, atol=1e-5)
-    # this step's keys and values were written where the reference wrote them
-    written = slice(start, start + seq)
+                    d, stride, p(kp), p(ks), p(vp), p(vs), int(kv8), p(positions), p(seq_index), p(tables),
+                    tables.shape[1], n, hq, hk, d, block_size, 1 / np.sqrt(d), window, p(out), d, hq * d, p(scratch))
+    return out.transpose(1, 0, 2)[None]
+
+
+@pytest.mark.parametrize("kv8", [False, True])
+@pytest.mark.parametrize("hq,hk,d,bs,window,sequences", ATTENTION_CASES)
+def test_paged_attention_matches_the_reference_and_each_sequence_alone(lib, kv8, hq, hk, d, bs, window, sequences):
+    """A step of several sequences against the reference op, and bitwise against each sequence run
+    alone over its own copy of the pool (batch invariance)."""
+    rng = np.random.default_rng(hq * 1000 + d * 10 + bs)
+    tables, blocks = scattered_tables(rng, [done + new for done, new in sequences], bs)
+    positions = np.concatenate([np.arange(done, done + new) for done, new in sequences]).astype(np.int64)
+    seq_index = np.concatenate([np.full(new, s) for s, (_, new) in enumerate(sequences)]).astype(np.int64)
+    order = rng.permutation(positions.size)             # tokens of the sequences interleaved
+    positions, seq_index = positions[order], seq_index[order]
+    n = positions.size
+    q, k, v = (rng.standard_normal((1, h, n, d)).astype(np.float32) for h in (hq, hk, hk))
     if kv8:
-        np.testing.assert_array_equal(caches[0][:, :, written], ref_inputs[0][:, :, written])
-        np.testing.assert_allclose(cache_scales[1][:, :, written], ref_inputs[3][:, :, written], rtol=1e-7)
+        pools = [rng.integers(-127, 128, (2, blocks, hk, bs, d)).astype(np.int8),
+                 rng.random((2, blocks, hk, bs)).astype(np.float32) / 50,
+                 rng.integers(-127, 128, (2, blocks, hk, bs, d)).astype(np.int8),
+                 rng.random((2, blocks, hk, bs)).astype(np.float32) / 50]
     else:
-        np.testing.assert_array_equal(caches[0], ref_inputs[0])
-        np.testing.assert_array_equal(caches[1], ref_inputs[1])
+        pools = [rng.standard_normal((2, blocks, hk, bs, d)).astype(np.float32) for _ in range(2)]
+    attrs = {"layer": 1, "scale": 1 / np.sqrt(d), "window": window}
+    reference = [a.copy() for a in pools]
+    want = ops.OPS["attention_kv8" if kv8 else "attention"].ref([q, k, v] + reference + [positions, seq_index, tables],
+                                                                attrs, None, None)
+    batched = [a[1].copy() for a in pools]
+    got = run_attention(lib, q, k, v, batched, positions, seq_index, tables, bs, window, kv8)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    for mine, theirs in zip(batched, reference):        # K/V (codes and scales) where the reference put them
+        np.testing.assert_allclose(mine, theirs[1], rtol=1e-7, atol=0)
+    for s in range(len(sequences)):
+        rows = np.flatnonzero(seq_index == s)
+        alone = [a[1].copy() for a in pools]
+        single = run_attention(lib, q[:, :, rows], k[:, :, rows], v[:, :, rows], alone, positions[rows],
+                               np.zeros(rows.size, np.int64), tables[s:s + 1].copy(), bs, window, kv8)
+        assert np.array_equal(single, got[:, :, rows]), f"sequence {s} differs alone and in the batch"

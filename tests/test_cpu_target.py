@@ -111,7 +111,7 @@ def test_ops_without_a_kernel_are_named(tmp_path):
     from llmc.ir import parse_graph
     from llmc.targets.cpu.lower import LoweringError, WeightTable, lower_graph
 
-    graph = parse_graph("""graph @forward(%tokens: i64[seq], %start_pos: i64[]) {
+    graph = parse_graph("""graph @forward(%tokens: i64[seq], %positions: i64[seq]) {
   %0 = cast(%tokens) {dtype="f32"} : f32[seq]
   %1 = reshape(%0) {shape=[1, "seq"]} : f32[1, seq]
   %2 = softmax(%1) {axis=1} : f32[1, seq]
@@ -159,8 +159,8 @@ def test_fused_elementwise_loops_match_the_interpreter(tmp_path):
     from llmc.targets.cpu import compile_graphs
     from llmc.targets.cpu.launch import library_file
 
-    graph = group_elementwise(parse_graph("""graph @forward(%tokens: i64[seq], %start_pos: i64[]) {
-  %0 = add(%tokens, %start_pos) : i64[seq]
+    graph = group_elementwise(parse_graph("""graph @forward(%tokens: i64[seq], %positions: i64[seq]) {
+  %0 = add(%tokens, %positions) : i64[seq]
   %1 = cast(%0) {dtype="f32"} : f32[seq]
   %2 = const() {dtype="f32", value=0.37} : f32[]
   %3 = mul(%1, %2) : f32[seq]
@@ -179,13 +179,15 @@ def test_fused_elementwise_loops_match_the_interpreter(tmp_path):
     built = compile_graphs({"g": graph})
     lib = ctypes.CDLL(str(library_file(built.code)))
     tokens = np.arange(3, 40, dtype=np.int64)
+    positions, zeros = tokens + 5, np.zeros(tokens.size, np.int64)
     arena = np.zeros(built.manifest["arena_bytes"] + 64, np.uint8)
     out = np.full((1, tokens.size), np.nan, np.float32)
-    status = lib.llmc_g(ctypes.c_void_p(tokens.ctypes.data), ctypes.c_int64(tokens.size), ctypes.c_int64(5),
-                        ctypes.c_int64(100), None, None, ctypes.c_void_p(arena.ctypes.data),
-                        ctypes.c_void_p(out.ctypes.data))
+    pointer = [ctypes.c_void_p(a.ctypes.data) for a in (tokens, positions, zeros, arena, out)]
+    status = lib.llmc_g(ctypes.c_int64(tokens.size), pointer[0], pointer[1], pointer[2], ctypes.c_int64(1),
+                        ctypes.c_int64(1), pointer[2], ctypes.c_int64(1), pointer[2], ctypes.c_int64(1), None, None,
+                        pointer[3], pointer[4])
     assert status == 0
-    want = run(graph, [tokens, np.array(5)])[0]
+    want = run(graph, [tokens, positions])[0]
     np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
 
 

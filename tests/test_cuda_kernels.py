@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from llmc.ops import OPS, _attend
+from llmc.ops import OPS
 from llmc.quant import dequantize, parse_scheme, quantize
 from llmc.targets.cuda import kernels as K
 from llmc.targets.cuda.elementwise import body, kernel_source
@@ -119,60 +119,125 @@ def test_rope_on_a_permuted_view_with_broadcast_tables():
     assert rel(out.reshape(1, heads, seq, d), want) < 2e-3
 
 
-# -- attention --------------------------------------------------------------------------------
+# -- attention over the paged KV pool ---------------------------------------------------------
 
-def _cache_setup(heads, heads_kv, d, ctx, start, seq):
-    """Caches holding `start` earlier positions, plus the step's q, k, v ([heads, seq, d])."""
-    k_cache = np.zeros((heads_kv, ctx, d), np.float32)
-    v_cache = np.zeros((heads_kv, ctx, d), np.float32)
-    k_cache[:, :start] = rng.standard_normal((heads_kv, start, d))
-    v_cache[:, :start] = rng.standard_normal((heads_kv, start, d))
-    q, k, v = (rng.standard_normal((h, seq, d)).astype(np.float32) for h in (heads, heads_kv, heads_kv))
-    return k_cache, v_cache, q, k, v
+# (tokens already in the pool, tokens this step) per sequence: fresh prompts, chunks continuing a
+# prompt, decode tokens. Some end exactly at a block boundary (lengths 4, 24, 32, 40 with blocks
+# of 4; 32 with blocks of 16), one chunk starts on one, and two runs are longer than a tile.
+SEQUENCES = [(0, 7), (13, 1), (5, 19), (31, 1), (0, 1), (16, 24), (3, 1)]
 
 
-def _append(k, v, kc, vc, start, ctx, d):
-    heads_kv, seq = k.shape[:2]
-    K.kv_append[(seq, heads_kv)](k, seq * d, d, v, seq * d, d, kc, vc, torch.tensor([start]), ctx, d, BLOCK_D=32)
+def _paged_batch(block_size, heads, heads_kv, d, layers=2):
+    """A mixed step over a paged pool: every sequence's earlier keys and values in blocks picked
+    at random, the step's tokens of all sequences in one flat batch (one sequence split into two
+    runs), q/k/v for them, and the numpy reference's inputs. Slots no token may read hold NaN,
+    and so does a block the tables name past each sequence's last position."""
+    lengths = [start + n for start, n in SEQUENCES]
+    need = [-(-length // block_size) for length in lengths]
+    width = max(need) + 1
+    blocks = sum(need) + 2
+    poison = blocks - 1
+    order = rng.permutation(blocks - 1)
+    tables = np.full((len(SEQUENCES), width), poison, np.int64)
+    at = 0
+    for s, count in enumerate(need):
+        tables[s, :count] = order[at: at + count]
+        at += count
+    pool = [np.full((layers, blocks, heads_kv, block_size, d), np.nan) for _ in range(2)]
+    for s, (start, _) in enumerate(SEQUENCES):
+        for pos in range(start):
+            for cache in pool:
+                cache[:, tables[s, pos // block_size], :, pos % block_size] = half(rng.standard_normal((heads_kv, d)))
+    runs = [(s, start, n) for s, (start, n) in enumerate(SEQUENCES)]
+    longest = max(runs, key=lambda r: r[2])
+    runs = [runs[i] for i in rng.permutation(len(runs)) if runs[i] != longest]
+    s, start, n = longest                               # its tokens in two runs, another between
+    runs = [(s, start, n // 2)] + runs[:1] + [(s, start + n // 2, n - n // 2)] + runs[1:]
+    positions = np.concatenate([np.arange(start, start + n) for _, start, n in runs]).astype(np.int64)
+    seq_index = np.concatenate([np.full(n, s) for s, _, n in runs]).astype(np.int64)
+    n = len(positions)
+    q, k, v = (half(rng.standard_normal((1, h, n, d))) for h in (heads, heads_kv, heads_kv))
+    return q, k, v, pool, positions, seq_index, tables
 
 
-@pytest.mark.parametrize("heads,heads_kv,window", [(4, 2, 0), (6, 2, 5), (3, 3, 0)])
-def test_decode_attention_splits_and_merge(heads, heads_kv, window):
-    d, ctx, start, splits = 24, 80, 37, 8
-    k_cache, v_cache, q, k, v = _cache_setup(heads, heads_kv, d, ctx, start, 1)
-    kc, vc = t(k_cache, torch.float16), t(v_cache, torch.float16)
-    _append(t(k, torch.float16), t(v, torch.float16), kc, vc, start, ctx, d)
-    part = nans(heads * splits * 34)
-    meta = torch.tensor([start, 1])
-    scale = d ** -0.5
-    K.attn_decode[(heads, splits)](t(q, torch.float16), d, kc, vc, part, meta, ctx, heads // heads_kv, d, scale,
-                                   window, SPLITS=splits, BLOCK_N=4, BLOCK_D=32)
-    out = nans(heads, d, dtype=torch.float16)
-    K.attn_merge[(heads,)](part, out, d, d, SPLITS=splits, BLOCK_D=32)
-    keys, values = half(k_cache), half(v_cache)
-    keys[:, start], values[:, start] = half(k[:, 0]), half(v[:, 0])
-    want = _attend(half(q)[None], keys[:, :start + 1], values[:, :start + 1], start,
-                   {"scale": scale, "window": window})[0, :, 0]
-    assert rel(out, want) < 2e-3
-    assert rel(kc[:, start], half(k[:, 0])) == 0
+def _paged_reference(q, k, v, pool, positions, seq_index, tables, layer, scale, window):
+    """The attention op's reference: its output [1, heads, n, d] and the pool it wrote."""
+    k_cache, v_cache = (np.nan_to_num(c, nan=0.0) for c in pool)
+    out = OPS["attention"].ref([q, k, v, k_cache, v_cache, positions, seq_index, tables],
+                               {"layer": layer, "scale": scale, "window": window}, None, None)
+    return out, k_cache, v_cache
 
 
-@pytest.mark.parametrize("heads,heads_kv,window,start", [(4, 2, 0, 11), (6, 3, 6, 0), (2, 1, 0, 0)])
-def test_prefill_attention_is_causal_over_the_cache(heads, heads_kv, window, start):
-    d, ctx, seq = 24, 64, 19
-    k_cache, v_cache, q, k, v = _cache_setup(heads, heads_kv, d, ctx, start, seq)
-    kc, vc = t(k_cache, torch.float16), t(v_cache, torch.float16)
-    _append(t(k, torch.float16), t(v, torch.float16), kc, vc, start, ctx, d)
-    out = nans(seq, heads, d, dtype=torch.float16)
-    scale = d ** -0.5
-    K.attn_prefill[(-(-seq // 16), heads)](t(q, torch.float16), seq * d, d, kc, vc, out, d, heads * d,
-                                           torch.tensor([start, seq]), seq, ctx, heads // heads_kv, d, scale, window,
-                                           BLOCK_M=16, BLOCK_N=16, BLOCK_D=32)
-    keys, values = half(k_cache), half(v_cache)
-    keys[:, start:start + seq], values[:, start:start + seq] = half(k), half(v)
-    want = _attend(half(q)[None], keys[:, :start + seq], values[:, :start + seq], start,
-                   {"scale": scale, "window": window})[0]
-    assert rel(out.permute(1, 0, 2), want) < 3e-3
+def _device_pool(pool, layer):
+    """The pool as the device holds it (fp16) and the layer's view the kernels get."""
+    caches = [t(c, torch.float16) for c in pool]
+    return caches, [c[layer] for c in caches]
+
+
+def _write_kv(k, v, layer_pool, positions, seq_index, tables, block_size):
+    n, heads_kv, d = k.shape[2], k.shape[1], k.shape[3]
+    ks, vs = (t(x[0], torch.float16) for x in (k, v))            # [heads_kv, n, d]
+    K.kv_write[(n, heads_kv)](ks, n * d, d, vs, n * d, d, layer_pool[0], layer_pool[1], t(positions),
+                              t(seq_index), t(tables), tables.shape[1], heads_kv, d, KV_BLOCK=block_size,
+                              BLOCK_D=32)
+
+
+def _check_written(caches, want_k, want_v, layer):
+    for got, want in zip(caches, (want_k, want_v)):
+        written = ~np.isnan(got[layer].float().numpy())
+        assert np.array_equal(got[layer].float().numpy()[written], want[layer][written])
+
+
+ATTENTION_CASES = [(1, 4, 2, 0), (4, 6, 2, 5), (16, 3, 3, 0), (4, 8, 1, 3)]
+
+
+@pytest.mark.parametrize("block_size,heads,heads_kv,window", ATTENTION_CASES)
+def test_paged_decode_attention_on_a_mixed_batch(block_size, heads, heads_kv, window):
+    """The decode kernel takes every token as its own query, so it is checked on a mixed batch."""
+    d, layer, splits, scale = 24, 1, 4, 24 ** -0.5
+    q, k, v, pool, positions, seq_index, tables = _paged_batch(block_size, heads, heads_kv, d)
+    want, want_k, want_v = _paged_reference(q, k, v, pool, positions, seq_index, tables, layer, scale, window)
+    caches, layer_pool = _device_pool(pool, layer)
+    _write_kv(k, v, layer_pool, positions, seq_index, tables, block_size)
+    _check_written(caches, want_k, want_v, layer)
+    n, group = len(positions), heads // heads_kv
+    part = nans(n * heads * splits * 34)
+    qs = t(q[0].transpose(1, 0, 2), torch.float16)                  # [n, heads, d] in memory
+    K.attn_decode[(n, heads_kv, splits)](qs, d, heads * d, layer_pool[0], layer_pool[1], part, t(positions),
+                                         t(seq_index), t(tables), tables.shape[1], heads_kv, group, d, scale, window,
+                                         KV_BLOCK=block_size, SPLITS=splits, BLOCK_H=16, BLOCK_N=16, BLOCK_D=32)
+    out = nans(n, heads, d, dtype=torch.float16)
+    K.attn_merge[(n, heads)](part, out, heads * d, d, heads, d, SPLITS=splits, BLOCK_D=32)
+    assert rel(out.permute(1, 0, 2)[None], want) < 2e-3
+
+
+@pytest.mark.parametrize("block_size,heads,heads_kv,window", ATTENTION_CASES)
+def test_paged_prefill_attention_on_a_mixed_batch(block_size, heads, heads_kv, window):
+    from llmc.targets.cuda.plan import attention_tiles
+
+    d, layer, scale, block_m = 24, 0, 24 ** -0.5, 16
+    q, k, v, pool, positions, seq_index, tables = _paged_batch(block_size, heads, heads_kv, d)
+    want, want_k, want_v = _paged_reference(q, k, v, pool, positions, seq_index, tables, layer, scale, window)
+    caches, layer_pool = _device_pool(pool, layer)
+    _write_kv(k, v, layer_pool, positions, seq_index, tables, block_size)
+    _check_written(caches, want_k, want_v, layer)
+    n = len(positions)
+    tiles = attention_tiles(seq_index, block_m)
+    assert len(tiles) > len(SEQUENCES) and tiles[:, 1].max() == block_m    # a split run, a full tile
+    out = nans(n, heads, d, dtype=torch.float16)
+    qs = t(q[0], torch.float16)                                     # [heads, n, d] in memory
+    K.attn_prefill[(len(tiles), heads)](qs, n * d, d, layer_pool[0], layer_pool[1], out, d, heads * d, t(tiles),
+                                        t(positions), t(seq_index), t(tables), tables.shape[1], heads_kv,
+                                        heads // heads_kv, d, scale, window, KV_BLOCK=block_size, BLOCK_M=block_m,
+                                        BLOCK_N=16, BLOCK_D=32)
+    assert rel(out.permute(1, 0, 2)[None], want) < 3e-3
+
+
+def test_attention_tiles_cut_runs_of_one_sequence():
+    from llmc.targets.cuda.plan import attention_tiles
+
+    tiles = attention_tiles(np.array([2, 2, 2, 2, 2, 0, 1, 1, 2]), 2)
+    assert tiles.tolist() == [[0, 2], [2, 2], [4, 1], [5, 1], [6, 2], [8, 1]]
 
 
 # -- sampling ----------------------------------------------------------------------------------
@@ -226,7 +291,7 @@ def _run_elementwise(op, attrs, inputs, out_dtype="f32"):
     ir = ["bool" if a.dtype == np.bool_ else ("i64" if a.dtype == np.int64 else "f32") for a in inputs]
     statements, result = body(op, attrs, [(f"a{k}", d) for k, d in enumerate(ir)], out_dtype)
     storage = [("i8" if d == "bool" else d, d) for d in ir]
-    name, source = kernel_source(statements, result, storage, False)
+    name, source = kernel_source(statements, result, storage)
     fn = getattr(load_module(source, _folder()), name)
     out = torch.full(shape, float("nan"), dtype=torch.float32)
     args = [out, 0, 5 * 37, 37, 1]                 # viewed as [1, 3, 5, 37]
@@ -234,7 +299,7 @@ def _run_elementwise(op, attrs, inputs, out_dtype="f32"):
         tensor = t(a.astype(np.int8) if a.dtype == np.bool_ else a)
         strides = [0 if size == 1 else s // a.itemsize for size, s in zip(a.shape, a.strides)]
         args += [tensor, 0] + [0] * (3 - a.ndim) + strides
-    fn[(3 * 5, 1)](*args, torch.zeros(2, dtype=torch.int64), 3, 5, 37, BLOCK=64)
+    fn[(3 * 5, 1)](*args, 3, 5, 37, BLOCK=64)
     return out.numpy()
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import relative_error, tiny_model
+from conftest import new_pool, relative_error, run_step, tiny_model
 from llmc.errors import SourceError
 from llmc.frontend import import_model
 from llmc.frontend.gguf_file import GGUFFile
@@ -122,17 +122,15 @@ def test_passthrough_keeps_the_blocks_exactly(tmp_path, qtype, scheme):
     path = tmp_path / "q.gguf"
     write_gguf(tiny_model("llama"), "llama", path, True, qtype=qtype)
     imported = import_model(path)
-    exact = run_phases(imported, progress=None, logits="all").graph
-    kept = run_phases(imported, progress=None, logits="all", quant="gguf")
+    exact = run_phases(imported, progress=None).graph
+    kept = run_phases(imported, progress=None, quant="gguf")
     assert kept.notes == []
     histogram = kept.graph.op_histogram()
     assert histogram["qlinear"] == 9 and histogram["qembedding"] == 1 and "linear" not in histogram
     assert {n.attrs["scheme"] for n in kept.graph.nodes() if n.op == "qlinear"} == {scheme}
     ids = np.arange(2, 30)
-    k = np.zeros((2, 2, 32, 16), np.float32)
-    want = run(exact, [ids, np.array(0), k, np.zeros_like(k)])[0]
-    k = np.zeros((2, 2, 32, 16), np.float32)
-    np.testing.assert_array_equal(run(kept.graph, [ids, np.array(0), k, np.zeros_like(k)])[0], want)
+    want = run_step(exact, new_pool(exact, 2), ids, 0, [0, 1], rows="all")
+    np.testing.assert_array_equal(run_step(kept.graph, new_pool(kept.graph, 2), ids, 0, [0, 1], rows="all"), want)
 
 
 def test_passthrough_of_float_tensors_says_they_stay_f32(tmp_path):

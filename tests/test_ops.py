@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from llmc import ops
+from llmc.errors import LlmcError
 from llmc.interpret import round_to_bf16
 from llmc.ir import Type, dtype_of_array
 
@@ -204,21 +205,66 @@ def test_rope_rotate_half():
     close(apply("rope", [x, cos, sin]), tx * T(cos) + rotated * T(sin), tol=1e-6)
 
 
+def paged(positions, seq_index, tables):
+    return [np.asarray(positions, np.int64), np.asarray(seq_index, np.int64), np.asarray(tables, np.int64)]
+
+
 @pytest.mark.parametrize("window", [0, 4])
-def test_attention_over_a_cache_matches_sdpa_on_the_whole_sequence(window):
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_paged_attention_matches_sdpa_on_the_whole_sequence(window, block_size):
     heads, kv_heads, size, total, prompt = 6, 2, 12, 10, 7
     q, k, v = f32(1, heads, total, size), f32(1, kv_heads, total, size), f32(1, kv_heads, total, size)
     i, j = torch.arange(total)[:, None], torch.arange(total)[None, :]
     allowed = (j <= i) & ((i - j < window) if window else True)
     want = F.scaled_dot_product_attention(T(q), T(k), T(v), attn_mask=allowed, scale=0.3, enable_gqa=True)
-    k_cache, v_cache = np.zeros((3, kv_heads, 16, size), np.float32), np.zeros((3, kv_heads, 16, size), np.float32)
+    blocks = 2 * (-(-total // block_size)) + 1
+    table = rng.permutation(blocks)[None, :-(-total // block_size)]       # scattered blocks, none in order
+    pools = [np.zeros((3, blocks, kv_heads, block_size, size), np.float32) for _ in range(2)]
     steps = [(0, prompt)] + [(p, p + 1) for p in range(prompt, total)]
     for start, end in steps:        # a prefill, then one token at a time
-        got = apply("attention", [q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], k_cache, v_cache,
-                                  np.array(start)], layer=1, scale=0.3, window=window)
+        got = apply("attention", [q[:, :, start:end], k[:, :, start:end], v[:, :, start:end]] + pools
+                    + paged(np.arange(start, end), np.zeros(end - start), table), layer=1, scale=0.3, window=window)
         close(got, want[:, :, start:end], tol=1e-5)
-    assert not k_cache[0].any() and not k_cache[2].any()      # other layers' caches untouched
-    np.testing.assert_array_equal(k_cache[1, :, :total], k[0])
+    assert not pools[0][0].any() and not pools[0][2].any()      # other layers' pools untouched
+    slots = pools[0][1][table[0][np.arange(total) // block_size], :, np.arange(total) % block_size]
+    np.testing.assert_array_equal(slots, k[0].transpose(1, 0, 2))
+
+
+def test_a_mixed_batch_is_each_sequence_on_its_own():
+    """Two prefill chunks and a decode token of three sequences in one step give each sequence's
+    own result, whatever block each table points at."""
+    heads, kv_heads, size, bs = 4, 2, 8, 4
+    lengths = {0: 9, 1: 4, 2: 13}                 # sequence 1 ends exactly at a block boundary
+    qkv = {s: [f32(1, h, n, size) for h in (heads, kv_heads, kv_heads)] for s, n in lengths.items()}
+    tables = np.array([[5, 0, 7, 9], [2, 11, 11, 11], [1, 3, 8, 10]])
+    pools = [np.zeros((1, 12, kv_heads, bs, size), np.float32) for _ in range(2)]
+    # Earlier steps: each sequence alone, up to one token (or chunk) before its end.
+    done = {0: 8, 1: 0, 2: 12}
+    for s, n in done.items():
+        if n:
+            apply("attention", [x[:, :, :n] for x in qkv[s]] + pools + paged(np.arange(n), np.full(n, s), tables),
+                        layer=0, scale=0.5, window=0)
+    # The mixed step: sequence 0's and 2's last tokens (decode), all of sequence 1 (prefill).
+    order = [(2, 12), (1, 0), (1, 1), (0, 8), (1, 2), (1, 3)]
+    step = [np.concatenate([qkv[s][i][:, :, p:p + 1] for s, p in order], axis=2) for i in range(3)]
+    got = apply("attention", step + pools + paged([p for _, p in order], [s for s, _ in order], tables),
+                layer=0, scale=0.5, window=0)
+    for row, (s, p) in enumerate(order):
+        q, k, v = qkv[s]
+        want = F.scaled_dot_product_attention(T(q), T(k), T(v), is_causal=True, scale=0.5, enable_gqa=True)
+        close(got[:, :, row], want[:, :, p], tol=1e-5)
+
+
+def test_paged_attention_refuses_indices_outside_the_tables_and_the_pool():
+    q, k, v = f32(1, 2, 1, 4), f32(1, 1, 1, 4), f32(1, 1, 1, 4)
+    pools = [np.zeros((1, 3, 1, 2, 4), np.float32) for _ in range(2)]
+    cases = [(paged([4], [0], [[0, 1]]), "more than the 2 blocks"),
+             (paged([1], [1], [[0, 1]]), "outside the 1 block tables"),
+             (paged([1], [0], [[3, 1]]), "outside the pool of 3 blocks"),
+             (paged([-1], [0], [[0, 1]]), "must be >= 0")]
+    for inputs, message in cases:
+        with pytest.raises(LlmcError, match=message):
+            apply("attention", [q, k, v] + pools + inputs, layer=0, scale=1.0, window=0)
 
 
 def test_fused_body_runs_its_steps():
@@ -262,16 +308,19 @@ def test_quantized_linear_and_embedding_dequantize_on_the_fly(code):
 def test_int8_kv_attention_is_the_f32_attention_over_the_quantized_cache():
     from llmc.ops import quantize_kv_rows
 
-    heads, kv_heads, size, total = 4, 2, 16, 9
+    heads, kv_heads, size, total, bs = 4, 2, 16, 9, 4
     q, k, v = f32(1, heads, total, size), f32(1, kv_heads, total, size), f32(1, kv_heads, total, size)
-    codes = [np.zeros((2, kv_heads, 12, size), np.int8) for _ in range(2)]
-    scales = [np.zeros((2, kv_heads, 12), np.float32) for _ in range(2)]
-    got = apply("attention_kv8", [q, k, v, codes[0], scales[0], codes[1], scales[1], np.array(0)],
-                layer=1, scale=0.25, window=0)
+    codes = [np.zeros((2, 5, kv_heads, bs, size), np.int8) for _ in range(2)]
+    scales = [np.zeros((2, 5, kv_heads, bs), np.float32) for _ in range(2)]
+    table = [[4, 0, 2]]
+    got = apply("attention_kv8", [q, k, v, codes[0], scales[0], codes[1], scales[1]]
+                + paged(np.arange(total), np.zeros(total), table), layer=1, scale=0.25, window=0)
     # The same attention over K/V rounded the way the cache stores them.
     kq, ks = quantize_kv_rows(k[0])
     vq, vs = quantize_kv_rows(v[0])
-    np.testing.assert_array_equal(codes[0][1, :, :total], kq)
+    positions = np.arange(total)
+    stored = codes[0][1][np.asarray(table[0])[positions // bs], :, positions % bs]
+    np.testing.assert_array_equal(stored, kq.transpose(1, 0, 2))
     assert np.abs(kq.astype(np.float32) * ks[..., None] - k[0]).max() <= np.abs(k).max() / 127
     kd, vd = (kq * ks[..., None])[None], (vq * vs[..., None])[None]
     want = F.scaled_dot_product_attention(T(q), T(kd.astype(np.float32)), T(vd.astype(np.float32)), is_causal=True,

@@ -3,7 +3,7 @@ import io
 import numpy as np
 import pytest
 
-from conftest import tiny_model
+from conftest import new_pool, run_step, tiny_model
 from llmc.errors import LlmcError
 from llmc.frontend import import_model
 from llmc.interpret import run
@@ -25,7 +25,8 @@ def test_phases_report_progress_dump_ir_and_preserve_numerics(tmp_path):
     simplified = parse_graph((tmp_path / "ir" / "02-simplify.ir").read_text(), result.imported.graph.weights)
     ids = np.arange(1, 20, dtype=np.int64)[None]
     np.testing.assert_allclose(run(simplified, [ids])[0], run(result.imported.graph, [ids])[0], rtol=1e-6, atol=1e-6)
-    assert [n.attrs["name"] for n in result.graph.inputs] == ["tokens", "start_pos", "k_cache", "v_cache"]
+    assert [n.attrs["name"] for n in result.graph.inputs] == ["tokens", "positions", "seq_index", "block_tables",
+                                                              "logit_rows", "k_cache", "v_cache"]
 
 
 def test_until_stops_early_and_rejects_unknown_phases():
@@ -36,13 +37,15 @@ def test_until_stops_early_and_rejects_unknown_phases():
         run_pipeline(model, until="fuze", progress=None)
 
 
-def test_both_logits_come_from_one_run_as_two_outputs():
+def test_the_step_returns_the_rows_asked_for_and_block_sizes_are_checked():
     model = tiny_model("qwen2")
-    graph = run_phases(import_model(model), progress=None, logits="both").graph
-    assert [str(o.type) for o in graph.outputs] == ["f32[1, 128]", "f32[seq, 128]"]
+    graph = run_phases(import_model(model), progress=None, block_size=8).graph
+    assert str(graph.outputs[0].type) == "f32[rows, 128]" and graph.inputs[5].type.shape[3] == 8
     ids = np.arange(4, 17)
-    k = np.zeros((2, 2, 16, 16), np.float32)
-    last, every = run(graph, [ids, np.array(0), k, np.zeros_like(k)])
+    last = run_step(graph, new_pool(graph, 2), ids, 0, [1, 0], rows="last")
+    every = run_step(graph, new_pool(graph, 2), ids, 0, [1, 0], rows="all")
+    assert last.shape == (1, 128) and every.shape == (13, 128)
     np.testing.assert_allclose(last[0], every[-1], rtol=1e-5, atol=1e-6)
-    with pytest.raises(LlmcError, match="logits must be one of last, all, both"):
-        run_phases(import_model(model), progress=None, logits="first")
+    for bad in (0, 3, 512, "16"):
+        with pytest.raises(LlmcError, match="power of two from 1 to 256"):
+            run_phases(import_model(model), progress=None, block_size=bad)

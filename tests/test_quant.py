@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import relative_error, tiny_model
+from conftest import new_pool, relative_error, run_step, tiny_model
 from llmc.errors import UsageError
 from llmc.frontend import import_model
 from llmc.interpret import run
@@ -52,13 +52,12 @@ def test_bad_schemes_list_the_valid_ones():
 @pytest.mark.parametrize("code, tolerance", [("f16", 1e-3), ("q8", 2e-2), ("q4g32", 0.2)])
 def test_quantized_graphs_stay_close_and_keep_the_tie(code, tolerance):
     model = tiny_model("llama")                         # tied embeddings
-    result = run_phases(import_model(model), progress=None, logits="all", quant=code)
+    result = run_phases(import_model(model), progress=None, quant=code)
     graph = result.graph
     ids = np.arange(3, 40)
     with torch.no_grad():
         want = model(input_ids=torch.tensor(ids[None])).logits[0].numpy()
-    k = np.zeros((2, 2, 64, 16), np.float32)
-    got = run(graph, [ids, np.array(0), k, np.zeros_like(k)])[0]
+    got = run_step(graph, new_pool(graph, 4), ids, 0, [3, 2, 1, 0], rows="all")
     assert relative_error(got, want) < tolerance
     assert not any(a.dtype == np.float32 and a.shape == (128, 64) for a in graph.weights.values())  # no f32 table
     if code != "f16":
@@ -136,8 +135,7 @@ def test_calibrated_graph_runs_and_scales_only_untied_linears():
     ids = np.arange(3, 40)
     with torch.no_grad():
         want = model(input_ids=torch.tensor(ids[None])).logits[0, -1].numpy()
-    k = np.zeros((2, 2, 64, 16), np.float32)
-    assert relative_error(run(graph, [ids, np.array(0), k, np.zeros_like(k)])[0][0], want) < 0.2
+    assert relative_error(run_step(graph, new_pool(graph, 4), ids, 0, [0, 1, 2, 3])[0], want) < 0.2
 
 
 def test_calibration_needs_a_tokenizer_and_a_quantized_scheme(tmp_path):

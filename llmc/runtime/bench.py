@@ -42,10 +42,7 @@ def machine_bandwidth(model: Model | None = None) -> float:
 
 def bytes_per_decode_token(model: Model, position: int) -> int:
     """Weights read for one token (recorded at compile time) plus the KV cache read at ``position``."""
-    total = int(model.manifest["decode_weight_bytes"])
-    # Every cache array holds one slot per position along ctx: read the first `position` of them.
-    total += sum(a.nbytes // a.shape[2] * position for a in model._caches)
-    return total
+    return int(model.manifest["decode_weight_bytes"]) + model.bytes_per_position * position
 
 
 def bench(model: Model, prompt_lengths=(128, 512), decode_tokens: int = 128, runs: int = 3,

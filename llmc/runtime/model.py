@@ -1,7 +1,10 @@
 """``llmc.load(path)`` and the Model users generate with. Imports numpy, tokenizers and jinja2 only.
 
-The model owns the KV cache (its capacity, ``max_context``, is chosen here at load time) and runs
-the artifact's entry points through the executor of the artifact's target.
+A Model runs one artifact: the executor of its target (``llmc.targets``) calls the artifact's
+``step`` entry point (``llmc.abi``), a batched, paged forward step over a KV pool the executor
+owns. The pool's size is chosen here at load time: enough blocks for one sequence of
+``max_context`` positions, which ``generate``, ``logits`` and ``step`` run as a batch of one, or
+``kv_blocks`` blocks for callers that run batches of many sequences (``run_batch``).
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from llmc.artifact import Artifact, ArtifactError, read_artifact
+from llmc import abi
+from llmc.artifact import Artifact, read_artifact
 from llmc.errors import LlmcError
 from llmc.runtime.sampler import Sampler, SamplingParams
 from llmc.runtime.tokenizer import Tokenizer
@@ -19,86 +23,44 @@ from llmc.runtime.tokenizer import Tokenizer
 DEFAULT_MAX_CONTEXT = 4096
 
 
-class ReferenceExecutor:
-    """Target ``ref``: the artifact's IR run by the numpy reference interpreter."""
-
-    def __init__(self, artifact: Artifact, threads: int | None = None):
-        from llmc.ir import IRError, parse_graph, verify
-
-        weights = artifact.weights()
-        try:
-            self.graphs = {name: parse_graph(bytes(artifact.section(name)).decode(), weights)
-                           for name in ("graph", "graph_all")}
-            for graph in self.graphs.values():
-                verify(graph)
-        except (IRError, UnicodeDecodeError) as exc:
-            raise ArtifactError(f"{artifact.path}: its graph cannot be read ({exc}); rebuild the artifact") from None
-
-    def run(self, graph: str, tokens: np.ndarray, start_pos: int, caches: list[np.ndarray]) -> np.ndarray:
-        from llmc.interpret import run
-
-        return run(self.graphs[graph], [tokens, np.array(start_pos, np.int64)] + caches)[0]
-
-
-def _cpu_executor(artifact: Artifact, threads: int | None):
-    from llmc.targets.cpu.launch import CpuExecutor
-
-    return CpuExecutor(artifact, threads)
-
-
-def _cuda_executor(artifact: Artifact, threads: int | None):
-    import os
-
-    if os.environ.get("LLMC_CUDA_EMULATE") == "1":          # no GPU: Triton's interpreter, slowly
-        from llmc.targets.cuda.emulate import EmulatedExecutor
-
-        return EmulatedExecutor(artifact, threads)
-    from llmc.targets.cuda.launch import CudaExecutor
-
-    return CudaExecutor(artifact, threads)
-
-
-EXECUTORS = {"ref": ReferenceExecutor, "cpu": _cpu_executor, "cuda": _cuda_executor}
-
-
 class Model:
-    def __init__(self, artifact: Artifact, max_context: int | None, threads: int | None):
+    def __init__(self, artifact: Artifact, max_context: int | None, threads: int | None,
+                 kv_blocks: int | None = None):
+        from llmc.targets import target_of
+
         manifest = artifact.manifest
         self.path = artifact.path
         self.manifest = manifest
-        target = manifest["target"]["name"]
-        if target not in EXECUTORS:
-            raise ArtifactError(f"{artifact.path} was built for target {target!r}; this llmc runs "
-                                f"{', '.join(EXECUTORS)} artifacts")
-        self.executor = EXECUTORS[target](artifact, threads)
+        self.entry = abi.check_manifest(manifest, artifact.path)
+        self.layout = abi.PoolLayout.from_manifest(manifest)
+        self.max_tokens = int(self.entry["max_tokens"])
+        self.vocab_size = int(manifest["vocab_size"])
+        self.executor = target_of(manifest, artifact.path).executor(artifact, threads)
         self.threads = threads
         limit = int(manifest["model"]["max_seq"])
         self.max_context = min(limit, DEFAULT_MAX_CONTEXT) if max_context is None else int(max_context)
         if not 1 <= self.max_context <= limit:
             raise LlmcError(f"max_context must be between 1 and the model's {limit} positions, not {max_context}")
-        # A device target keeps the KV cache in its own memory; the others get numpy arrays.
-        on_device = getattr(self.executor, "allocate_caches", None)
-        self._caches = [] if on_device else self._allocate_caches(manifest["kv_cache"])
-        self._cache_bytes = on_device(self.max_context) if on_device else sum(a.nbytes for a in self._caches)
+        least = self.layout.blocks_for(self.max_context)
+        if kv_blocks is not None and (not isinstance(kv_blocks, int) or kv_blocks < least):
+            raise LlmcError(f"kv_blocks must be a whole number of at least {least} (one sequence of max_context "
+                            f"{self.max_context} in blocks of {self.layout.block_size}), not {kv_blocks!r}")
+        self.kv_blocks = kv_blocks or least
+        self._cache_bytes = self.executor.allocate_pool(self.kv_blocks)
+        # The one sequence generate/logits/step run: the pool's first blocks, in order.
+        self._table = np.arange(least, dtype=np.int64)
         tok = manifest.get("tokenizer")
         self.tokenizer = Tokenizer(bytes(artifact.section("tokenizer")).decode(), tok) if tok else None
-        self.vocab_size = int(manifest["vocab_size"])
-
-    def _allocate_caches(self, cache: dict) -> list[np.ndarray]:
-        """The cache arrays the graph takes after tokens and start_pos, with ctx = max_context."""
-        from llmc import dims
-        from llmc.ir import numpy_dtype, parse_type
-
-        arrays = []
-        for _, text in cache["inputs"]:
-            t = parse_type(text)
-            shape = tuple(dims.evaluate(d, {"ctx": self.max_context}) for d in t.shape)
-            arrays.append(np.zeros(shape, numpy_dtype(t.dtype)))
-        return arrays
 
     @property
     def cache_bytes(self) -> int:
+        """Bytes of the KV pool (all of its blocks)."""
         return self._cache_bytes
+
+    @property
+    def bytes_per_position(self) -> int:
+        """KV pool bytes one position of one sequence takes (all layers, keys and values)."""
+        return int(self.manifest["kv_pool"]["bytes_per_block"]) // self.layout.block_size
 
     # -- entry points ------------------------------------------------------------------------
 
@@ -116,17 +78,30 @@ class Model:
                             f"or max_new_tokens, or load with a larger max_context (the model allows "
                             f"{self.manifest['model']['max_seq']})")
 
+    def run_batch(self, batch: abi.Batch) -> np.ndarray:
+        """One call of the step entry point on a batch of any sequences in the pool: the logits of
+        ``batch.logit_rows``, [rows, vocab] float32. The batch is checked first."""
+        abi.check_batch(batch, self.layout, self.kv_blocks, self.max_tokens, self.vocab_size)
+        return self.executor.run(abi.STEP, batch.inputs())
+
+    def _chunks(self, ids: np.ndarray, start_pos: int, rows: str) -> Iterator[abi.Batch]:
+        """The one sequence's tokens at ``start_pos..`` as steps of at most ``max_tokens``."""
+        for at in range(0, len(ids), self.max_tokens):
+            yield abi.Batch.single(ids[at: at + self.max_tokens], start_pos + at, self._table, rows)
+
     def step(self, token_ids: Sequence[int] | np.ndarray, start_pos: int) -> np.ndarray:
-        """One prefill or decode step over the KV cache: the logits of the last token, [vocab]."""
+        """One prefill or decode step of the model's one sequence: the logits of the last token, [vocab]."""
         ids = self._check_ids(token_ids)
         self._fits(start_pos + len(ids))
-        return self.executor.run("graph", ids, start_pos, self._caches)[-1]
+        for batch in self._chunks(ids, start_pos, "last"):
+            logits = self.run_batch(batch)
+        return logits[-1]
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """Logits for every position, [len(token_ids), vocab] float32."""
         ids = self._check_ids(token_ids)
         self._fits(len(ids))
-        return self.executor.run("graph_all", ids, 0, self._caches).astype(np.float32)
+        return np.concatenate([self.run_batch(b) for b in self._chunks(ids, 0, "all")]).astype(np.float32)
 
     # -- generation --------------------------------------------------------------------------
 
@@ -152,11 +127,17 @@ class Model:
     def _tokens(self, ids: np.ndarray, max_new_tokens: int, sampler: Sampler) -> Iterator[int]:
         eos = set(self.manifest.get("eos_token_ids") or [])
         history = list(ids)
-        on_device = getattr(self.executor, "step_token", None)
+        on_device = getattr(self.executor, "sample", None)
         if on_device and sampler.params.repetition_penalty == 1.0:
             # The device samples: only token ids cross to the host (the penalty needs the history).
             def next_token(tokens, pos: int, step: int) -> int:
-                return on_device(np.asarray(tokens, np.int64), pos, sampler.params, step)
+                ids = np.asarray(tokens, np.int64)
+                batches = list(self._chunks(ids, pos, "last"))
+                for batch in batches[:-1]:
+                    self.run_batch(batch)
+                last = batches[-1]
+                abi.check_batch(last, self.layout, self.kv_blocks, self.max_tokens, self.vocab_size)
+                return on_device(abi.STEP, last.inputs(), sampler.params, step)
         else:
             def next_token(tokens, pos: int, step: int) -> int:
                 return sampler(self.step(tokens, pos), history)
@@ -203,6 +184,8 @@ class Model:
         return self.generate(self.tokenizer.render_chat(messages), **options)
 
 
-def load(path: str | Path, max_context: int | None = None, threads: int | None = None) -> Model:
-    """Open a .llmc artifact (checked: format, checksums, CPU features) and return a Model."""
-    return Model(read_artifact(path), max_context, threads)
+def load(path: str | Path, max_context: int | None = None, threads: int | None = None,
+         kv_blocks: int | None = None) -> Model:
+    """Open a .llmc artifact (checked: format, checksums, entry points, CPU features) and return a
+    Model whose KV pool holds ``kv_blocks`` blocks (default: one sequence of ``max_context``)."""
+    return Model(read_artifact(path), max_context, threads, kv_blocks)

@@ -10,15 +10,36 @@ by the system compiler into one shared library per artifact.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from llmc import __version__
 from llmc.errors import UsageError
 from llmc.ir import Graph
 
-from .. import check_chunk
+from .. import Build, check_chunk
 
 CHUNK = 512            # the most tokens one call takes; the runtime splits longer prompts
+ABI_VERSION = 2        # what the library's llmc_abi() returns: the step's C signature (lower.py)
+# What this target keeps in the build cache (llmc cache): cpu/<key>/model.so, cpu/tuning.json, cpu/lib.
+CACHE_PARTS = [("cpu libraries and tuning", "cpu")]
+
+
+@dataclass(frozen=True)
+class Options:
+    cpu_level: str | None = field(default=None, metadata={
+        "help": "CPU feature level of a cpu build: x86-64-v3 (AVX2/FMA, the default on such machines), "
+                "portable (plain C), native (this machine's every feature)",
+        "choices": ["x86-64-v3", "portable", "native"]})
+    tune: str = field(default="off", metadata={
+        "help": "autotune kernel tiles on this machine (results cached per CPU and shape)",
+        "choices": ["off", "fast", "full"]})
+    chunk: int | None = field(default=None, metadata={
+        "help": f"the most tokens one step takes (default {CHUNK}); the runtime splits longer prompts",
+        "metavar": "TOKENS"})
+
+
+def check(options: Options) -> None:
+    check_options(options.cpu_level, options.tune, options.chunk)
 
 
 def check_options(level: str | None, tune: str, chunk: int | None) -> None:
@@ -33,6 +54,43 @@ def check_options(level: str | None, tune: str, chunk: int | None) -> None:
     check_chunk(chunk)
 
 
+def emit(graph: Graph, options: Options, progress=None) -> Build:
+    """The lower phase for target cpu: generated C, tuned and built into a shared library."""
+    built = compile_graphs({"step": graph}, level=options.cpu_level, tune=options.tune,
+                           chunk=options.chunk or CHUNK, progress=progress)
+    kernels = ", ".join(f"{k.removeprefix('llmc_')} x{n}" for k, n in built.kernels.items())
+    tuning = ", ".join(f"{n} {k}" for k, n in built.tuned.items() if n)
+    summary = (f"{built.manifest['level']}: library {len(built.code) / 1e3:.0f} kB; kernels: {kernels}; "
+               f"tiles: {tuning or 'none'}")
+    return Build({"code": built.code}, built.manifest, built.manifest["chunk"], {"cpu_features": built.requires},
+                 summary=summary,
+                 report={"kernels": built.kernels, "tuning": built.tuned, "library_bytes": len(built.code),
+                         "level": built.manifest["level"], "source": built.source_path})
+
+
+def describe(artifact) -> list[str]:
+    target = artifact.manifest["target"]
+    kernels = ", ".join(f"{k.removeprefix('llmc_')} x{n}" for k, n in target["kernels"].items())
+    return [f"cpu       level {target['level']}, up to {target['chunk']} tokens a call, activation arena "
+            f"{target['arena_bytes'] / 1e6:.1f} MB; kernels: {kernels}"]
+
+
+def runs_here(manifest) -> tuple[bool, str | None]:
+    from llmc.artifact import ArtifactError, check_machine
+
+    try:
+        check_machine(manifest, "the artifact")
+    except ArtifactError as exc:
+        return False, str(exc)
+    return True, None
+
+
+def executor(artifact, threads: int | None = None):
+    from .launch import CpuExecutor
+
+    return CpuExecutor(artifact, threads)
+
+
 @dataclass
 class CpuBuild:
     code: bytes                 # the shared library
@@ -45,8 +103,8 @@ class CpuBuild:
 
 def compile_graphs(graphs: dict[str, Graph], *, level: str | None = None, tune: str = "off",
                    features: set[str] | None = None, chunk: int = CHUNK, progress=None) -> CpuBuild:
-    """Lower ``graphs`` (entry name -> graph) into one library for this CPU feature level; one call
-    takes at most ``chunk`` tokens (the activation arena is planned for that many)."""
+    """Lower ``graphs`` (entry name -> step graph) into one library for this CPU feature level; one
+    call takes at most ``chunk`` tokens (the activation arena is planned for that many)."""
     from llmc.artifact import host_cpu_features
 
     from .build import build_shared_library, default_level, level_requirements
@@ -72,17 +130,24 @@ def compile_graphs(graphs: dict[str, Graph], *, level: str | None = None, tune: 
         '#define LLMC_EXPORT __attribute__((visibility("default")))',
         f"#define LLMC_CHUNK {chunk}",
         _kernels_source(),
+        "#include <omp.h>",
         "static int llmc_nthreads = 1;",
-        "LLMC_EXPORT int llmc_abi(void) { return 1; }",
+        f"LLMC_EXPORT int llmc_abi(void) {{ return {ABI_VERSION}; }}",
         "LLMC_EXPORT void llmc_set_threads(int n) { llmc_nthreads = n > 0 ? n : 1; }",
-        "/* the bandwidth probe: a streaming read by the same threads the model runs on */",
+        "/* the bandwidth probe: a streaming read by the same threads the model runs on; 32 independent",
+        "   sums (four vectors) per thread, so the adds keep up with memory */",
         "LLMC_EXPORT double llmc_stream_read(const float* x, int64_t n) {",
         "  double total = 0.0;",
-        "  #pragma omp parallel for num_threads(llmc_nthreads) reduction(+:total) schedule(static)",
-        "  for (int64_t i = 0; i < n; i += 8) {",
-        "    float part = 0.0f;",
-        "    for (int64_t j = i; j < i + 8 && j < n; j++) part += x[j];",
-        "    total += part;",
+        "  #pragma omp parallel num_threads(llmc_nthreads) reduction(+:total)",
+        "  {",
+        "    int64_t per = (n / 32 + omp_get_num_threads() - 1) / omp_get_num_threads() * 32;",
+        "    int64_t lo = per * omp_get_thread_num(), hi = lo + per < n ? lo + per : n;",
+        "    float acc[32] = {0};",
+        "    int64_t i = lo;",
+        "    for (; i + 32 <= hi; i += 32)",
+        "      for (int j = 0; j < 32; j++) acc[j] += x[i + j];",
+        "    for (; i < hi; i++) acc[0] += x[i];",
+        "    for (int j = 0; j < 32; j++) total += acc[j];",
         "  }",
         "  return total;",
         "}",

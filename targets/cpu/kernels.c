@@ -49,25 +49,6 @@ static inline float dot_f32(const float* a, const float* b, int64_t n) {
     return total;
 }
 
-static inline float dot_f16(const f16* w, const float* x, int64_t n) {
-    int64_t i = 0;
-    float total = 0.0f;
-#if LLMC_AVX2
-    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-    for (; i + 16 <= n; i += 16) {
-        s0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w + i))), _mm256_loadu_ps(x + i), s0);
-        s1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w + i + 8))), _mm256_loadu_ps(x + i + 8), s1);
-    }
-    __m256 s = _mm256_add_ps(s0, s1);
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_movehdup_ps(h));
-    total = _mm_cvtss_f32(h);
-#endif
-    for (; i < n; i++) total += (float)w[i] * x[i];
-    return total;
-}
-
 #if LLMC_AVX2
 static inline float hsum256(__m256 s) {
     __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
@@ -79,142 +60,231 @@ static inline float hsum256(__m256 s) {
 
 /* ---------------------------------------------------------------------------------------------
  * Linear layers: y[m, n] = x[m, :] . W[n, :] (+ b[n]); x rows at a stride, y contiguous [M, N].
- * `tile` (from the autotuner) is the number of W rows one task takes. */
+ * `tile` (from the autotuner) is the number of W rows one task takes; tasks split N across threads.
+ *
+ * Batch invariance: the arithmetic of an output y[m, n] depends on x row m, W row n and K alone,
+ * never on M, on the row's place in x, on the tile or on the thread count, so a sequence gets the
+ * same bits alone or in any batch. Each kernel fixes one accumulation order per output; register
+ * tiles of several x rows by several W rows only share loads, and every output inside a tile is
+ * computed exactly as it would be alone. */
 
 static inline int64_t llmc_tasks(int64_t n, int64_t tile) { return (n + tile - 1) / tile; }
 
-/* y[m, n] = x[m, :] . w[n, :] + b[n] for M x-rows and N w-rows (both K-contiguous, at strides
- * ldx / ldw), into y at row stride ldy: 4 x-rows by 2 w-rows at a time, each W load feeding four
- * FMAs. The serial body of a task; callers split N across threads. */
-static void gemm_f32_block(const float* x, int64_t ldx, const float* w, int64_t ldw, const float* b, float* y,
-                           int64_t ldy, int64_t M, int64_t N, int64_t K) {
-    int64_t m = 0;
 #if LLMC_AVX2
-    for (; m + 4 <= M; m += 4) {
-        const float* x0 = x + m * ldx; const float* x1 = x0 + ldx; const float* x2 = x1 + ldx; const float* x3 = x2 + ldx;
+/* hsum256's tree, ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)), for four vectors at once:
+ * the sums of a, b, c, d in that order. */
+static inline __m128 hsum256x4(__m256 a, __m256 b, __m256 c, __m256 d) {
+    __m256 ab = _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+    __m256 cd = _mm256_add_ps(_mm256_permute2f128_ps(c, d, 0x20), _mm256_permute2f128_ps(c, d, 0x31));
+    __m256d abd = _mm256_castps_pd(ab), cdd = _mm256_castps_pd(cd);
+    __m256 u = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(abd, cdd)), _mm256_castpd_ps(_mm256_unpackhi_pd(abd, cdd)));
+    __m256 s = _mm256_add_ps(u, _mm256_permute_ps(u, 0xB1));           /* a a c c | b b d d */
+    return _mm_blend_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1), 0xA);
+}
+
+/* The same tree for eight vectors: the sums of v0 v2 v4 v6 v1 v3 v5 v7, in that order. */
+static inline __m256 hsum256x8(const __m256* v) {
+    __m256d h[4];
+    for (int i = 0; i < 4; i++)
+        h[i] = _mm256_castps_pd(_mm256_add_ps(_mm256_permute2f128_ps(v[2 * i], v[2 * i + 1], 0x20),
+                                              _mm256_permute2f128_ps(v[2 * i], v[2 * i + 1], 0x31)));
+    __m256 u0 = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(h[0], h[1])),
+                              _mm256_castpd_ps(_mm256_unpackhi_pd(h[0], h[1])));
+    __m256 u1 = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(h[2], h[3])),
+                              _mm256_castpd_ps(_mm256_unpackhi_pd(h[2], h[3])));
+    return _mm256_add_ps(_mm256_shuffle_ps(u0, u1, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm256_shuffle_ps(u0, u1, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+#endif
+
+/* ---------------------------------------------------------------------------------------------
+ * f32 and f16 linears. Every output is one dot product in a fixed order: eight lanes, lane j
+ * accumulating k = 8t + j by FMA for t = 0, 1, ... (the last eight padded with zeros), the lanes
+ * summed by hsum256's tree, then the bias. The GEMM runs it 3 x rows by 4 W rows at a time (12
+ * accumulators; per 8 k three x loads, four W loads, twelve FMAs: as few loads per FMA as a 6x16
+ * outer-product tile, and no packing), decode 1 x row by 8 W rows. `half`: W is f16, widened by
+ * F16C as it is loaded. */
+
+static inline const void* w_row(const void* w, int half, int64_t n, int64_t K) {
+    return half ? (const void*)((const f16*)w + n * K) : (const void*)((const float*)w + n * K);
+}
+
+#if LLMC_AVX2
+/* v[at .. at + n) (n <= 8 halves) in the low lanes, zeros above, reading only v[0 .. total) */
+static inline __m128i load_halves(const f16* v, int64_t total, int64_t at, int64_t n) {
+    static const uint8_t keep[32] = {255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255};
+    static const uint8_t down[48] = {128, 128, 128, 128, 128, 128, 128, 128, 128, 128, 128, 128, 128, 128, 128, 128,
+                                     0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,
+                                     128, 128, 128, 128, 128, 128, 128, 128, 128, 128, 128, 128, 128, 128, 128, 128};
+    if (n == 8) return _mm_loadu_si128((const __m128i*)(v + at));
+    if (at + 8 <= total)
+        return _mm_and_si128(_mm_loadu_si128((const __m128i*)(v + at)),
+                             _mm_loadu_si128((const __m128i*)(keep + 16 - 2 * n)));
+    if (at + n >= 8)      /* the eight halves ending at at + n, moved down */
+        return _mm_shuffle_epi8(_mm_loadu_si128((const __m128i*)(v + at + n - 8)),
+                                _mm_loadu_si128((const __m128i*)(down + 16 + 2 * (8 - n))));
+    uint16_t few[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    memcpy(few, v + at, (size_t)n * sizeof(f16));
+    return _mm_loadu_si128((const __m128i*)few);
+}
+
+static inline __m256i lanes_below(int64_t n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+/* acc[i * C + j] += the eight lanes of x row i . W row j over k in [k0, k1), for R x rows and
+ * C W rows */
+static inline __attribute__((always_inline)) void dot_tile(int R, int C, int half, const float* x, int64_t ldx,
+                                                          const void* w, int64_t K, int64_t k0, int64_t k1,
+                                                          __m256* acc) {
+    int64_t k = k0;
+    for (; k + 8 <= k1; k += 8) {
+        if (half && R == 1 && k % 32 == 0) {
+            /* decode reads C short f16 rows side by side, which the hardware prefetcher follows
+             * late (measured on Zen 2): ask for the next tile's rows a tile ahead */
+            #pragma GCC unroll 8
+            for (int j = 0; j < C; j++) _mm_prefetch((const char*)((const f16*)w + (2 * C + j) * K + k), _MM_HINT_T0);
+        }
+        if (R > C) {             /* W vectors held, each x vector loaded once */
+            __m256 wv[8];
+            #pragma GCC unroll 8
+            for (int j = 0; j < C; j++)
+                wv[j] = half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const f16*)w + j * K + k)))
+                             : _mm256_loadu_ps((const float*)w + j * K + k);
+            #pragma GCC unroll 4
+            for (int i = 0; i < R; i++) {
+                __m256 xv = _mm256_loadu_ps(x + i * ldx + k);
+                #pragma GCC unroll 8
+                for (int j = 0; j < C; j++) acc[i * C + j] = _mm256_fmadd_ps(xv, wv[j], acc[i * C + j]);
+            }
+        } else {                 /* x vectors held, each W vector loaded once */
+            __m256 xv[4];
+            #pragma GCC unroll 4
+            for (int i = 0; i < R; i++) xv[i] = _mm256_loadu_ps(x + i * ldx + k);
+            #pragma GCC unroll 8
+            for (int j = 0; j < C; j++) {
+                __m256 wv = half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const f16*)w + j * K + k)))
+                                 : _mm256_loadu_ps((const float*)w + j * K + k);
+                #pragma GCC unroll 4
+                for (int i = 0; i < R; i++) acc[i * C + j] = _mm256_fmadd_ps(xv[i], wv, acc[i * C + j]);
+            }
+        }
+    }
+    if (k < k1) {                /* the last K % 8, zero-padded */
+        __m256i lanes = lanes_below(K - k);
+        #pragma GCC unroll 8
+        for (int j = 0; j < C; j++) {
+            __m256 wv = half ? _mm256_cvtph_ps(load_halves((const f16*)w + j * K, K, k, K - k))
+                             : _mm256_maskload_ps((const float*)w + j * K + k, lanes);
+            #pragma GCC unroll 4
+            for (int i = 0; i < R; i++)
+                acc[i * C + j] = _mm256_fmadd_ps(_mm256_maskload_ps(x + i * ldx + k, lanes), wv, acc[i * C + j]);
+        }
+    }
+}
+
+static inline __m128 bias4(const float* b) { return b ? _mm_loadu_ps(b) : _mm_setzero_ps(); }
+
+#define LLMC_K_CHUNK 640       /* k per pass of a 3-row strip: its x and a W tile's rows stay in L1 */
+#define LLMC_COL_GROUP 64      /* W rows whose accumulators wait between passes */
+
+static inline __attribute__((always_inline)) void zero(__m256* acc, int n) {
+    #pragma GCC unroll 12
+    for (int i = 0; i < n; i++) acc[i] = _mm256_setzero_ps();
+}
+
+/* x rows m .. m + 3 against W rows [n0, n1) (n1 - n0 <= LLMC_COL_GROUP, a multiple of 4): K in
+ * chunks, each chunk over every 4-row tile, the tiles' accumulators kept in `parked` in between */
+static inline __attribute__((always_inline)) void strip_3x4(const float* xm, int64_t ldx, const void* w, int half,
+                                                           const float* b, float* ym, int64_t ldy, int64_t n0,
+                                                           int64_t n1, int64_t K, __m256* parked) {
+    __m256 acc[12];
+    int64_t passes = (K + LLMC_K_CHUNK - 1) / LLMC_K_CHUNK, chunk = (K / passes + 7) & ~(int64_t)7;
+    for (int64_t k0 = 0; k0 < K; k0 += chunk) {
+        int64_t k1 = k0 + chunk < K ? k0 + chunk : K;
+        for (int64_t n = n0; n < n1; n += 4) {
+            __m256* park = parked + (n - n0) / 4 * 12;
+            if (k0 == 0) zero(acc, 12);
+            else for (int i = 0; i < 12; i++) acc[i] = park[i];
+            dot_tile(3, 4, half, xm, ldx, w_row(w, half, n, K), K, k0, k1, acc);
+            if (k1 < K) {
+                for (int i = 0; i < 12; i++) park[i] = acc[i];
+                continue;
+            }
+            __m256 rows01[8] = {acc[0], acc[4], acc[1], acc[5], acc[2], acc[6], acc[3], acc[7]};
+            __m256 two = _mm256_add_ps(hsum256x8(rows01),
+                                       b ? _mm256_broadcast_ps((const __m128*)(b + n)) : _mm256_setzero_ps());
+            _mm_storeu_ps(ym + n, _mm256_castps256_ps128(two));
+            _mm_storeu_ps(ym + ldy + n, _mm256_extractf128_ps(two, 1));
+            _mm_storeu_ps(ym + 2 * ldy + n, _mm_add_ps(hsum256x4(acc[8], acc[9], acc[10], acc[11]), bias4(b ? b + n : 0)));
+        }
+    }
+}
+
+/* W rows [0, N) against M x rows, into y at row stride ldy; b: the N biases or NULL. Inlined into
+ * each kernel, so that `half` is a constant there. */
+static inline __attribute__((always_inline)) void linear_block(const float* x, int64_t ldx, const void* w, int half,
+                                                              const float* b, float* y, int64_t ldy, int64_t M,
+                                                              int64_t N, int64_t K) {
+    __m256 acc[12], parked[LLMC_COL_GROUP / 4 * 12];
+    int64_t m = 0, N4 = N / 4 * 4;
+    for (; m + 3 <= M; m += 3) {
+        const float* xm = x + m * ldx;
+        float* ym = y + m * ldy;
+        for (int64_t n0 = 0; n0 < N4; n0 += LLMC_COL_GROUP)
+            strip_3x4(xm, ldx, w, half, b, ym, ldy, n0, n0 + LLMC_COL_GROUP < N4 ? n0 + LLMC_COL_GROUP : N4, K, parked);
+        for (int64_t n = N4; n < N; n++) {
+            zero(acc, 3);
+            dot_tile(3, 1, half, xm, ldx, w_row(w, half, n, K), K, 0, K, acc);
+            float sums[4];
+            _mm_storeu_ps(sums, hsum256x4(acc[0], acc[1], acc[2], acc[2]));
+            for (int i = 0; i < 3; i++) ym[i * ldy + n] = sums[i] + (b ? b[n] : 0.0f);
+        }
+    }
+    for (; m < M; m++) {
+        const float* xm = x + m * ldx;
+        float* ym = y + m * ldy;
         int64_t n = 0;
-        for (; n + 2 <= N; n += 2) {
-            const float* w0 = w + n * ldw; const float* w1 = w0 + ldw;
-            __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
-            int64_t k = 0;
-            for (; k + 8 <= K; k += 8) {
-                __m256 v0 = _mm256_loadu_ps(w0 + k), v1 = _mm256_loadu_ps(w1 + k), u;
-                u = _mm256_loadu_ps(x0 + k); a00 = _mm256_fmadd_ps(u, v0, a00); a01 = _mm256_fmadd_ps(u, v1, a01);
-                u = _mm256_loadu_ps(x1 + k); a10 = _mm256_fmadd_ps(u, v0, a10); a11 = _mm256_fmadd_ps(u, v1, a11);
-                u = _mm256_loadu_ps(x2 + k); a20 = _mm256_fmadd_ps(u, v0, a20); a21 = _mm256_fmadd_ps(u, v1, a21);
-                u = _mm256_loadu_ps(x3 + k); a30 = _mm256_fmadd_ps(u, v0, a30); a31 = _mm256_fmadd_ps(u, v1, a31);
-            }
-            float r[8] = {hsum256(a00), hsum256(a01), hsum256(a10), hsum256(a11),
-                          hsum256(a20), hsum256(a21), hsum256(a30), hsum256(a31)};
-            for (; k < K; k++) {
-                r[0] += x0[k] * w0[k]; r[1] += x0[k] * w1[k]; r[2] += x1[k] * w0[k]; r[3] += x1[k] * w1[k];
-                r[4] += x2[k] * w0[k]; r[5] += x2[k] * w1[k]; r[6] += x3[k] * w0[k]; r[7] += x3[k] * w1[k];
-            }
-            for (int i = 0; i < 4; i++) {
-                y[(m + i) * ldy + n] = r[2 * i] + (b ? b[n] : 0.0f);
-                y[(m + i) * ldy + n + 1] = r[2 * i + 1] + (b ? b[n + 1] : 0.0f);
-            }
+        for (; n + 8 <= N; n += 8) {
+            zero(acc, 8);
+            dot_tile(1, 8, half, xm, ldx, w_row(w, half, n, K), K, 0, K, acc);
+            __m256 ordered[8] = {acc[0], acc[4], acc[1], acc[5], acc[2], acc[6], acc[3], acc[7]};
+            __m256 bias = b ? _mm256_loadu_ps(b + n) : _mm256_setzero_ps();
+            _mm256_storeu_ps(ym + n, _mm256_add_ps(hsum256x8(ordered), bias));
         }
-        for (; n < N; n++)
-            for (int i = 0; i < 4; i++) y[(m + i) * ldy + n] = dot_f32(x + (m + i) * ldx, w + n * ldw, K) + (b ? b[n] : 0.0f);
-    }
-#endif
-    for (; m < M; m++)
-        for (int64_t n = 0; n < N; n++) y[m * ldy + n] = dot_f32(x + m * ldx, w + n * ldw, K) + (b ? b[n] : 0.0f);
-}
-
-#define LLMC_PACKED_ROWS 16    /* from this many x rows on, linears run the packed outer-product kernel */
-#define LLMC_PANEL 16          /* W columns per packed panel */
-#define LLMC_STRIP 6           /* x rows per micro-tile */
-#define LLMC_ROWS_IN_L2 96     /* x rows kept in L2 while a task's panels pass over them */
-
-#if LLMC_AVX2
-/* W rows [0, N) as panels of 16, k-major: panel p holds w[16p + j][k] at p*16*K + k*16 + j (zeros past N). */
-static void pack_panels(const float* w, int64_t ldw, int64_t N, int64_t K, float* packed) {
-    for (int64_t p = 0; p * LLMC_PANEL < N; p++)
-        for (int64_t k = 0; k < K; k++)
-            for (int64_t j = 0; j < LLMC_PANEL; j++) {
-                int64_t n = p * LLMC_PANEL + j;
-                packed[(p * K + k) * LLMC_PANEL + j] = n < N ? w[n * ldw + k] : 0.0f;
-            }
-}
-
-/* y[0..rows, 0..cols) (+ b) = x[0..rows, :] . panel: 6 rows by 16 columns in 12 accumulators; each k
- * loads two W vectors and broadcasts six x values. Rows past `rows` repeat the last one, unstored. */
-static void micro_6x16(const float* x, int64_t ldx, const float* panel, int64_t K, const float* b, float* y,
-                       int64_t ldy, int64_t rows, int64_t cols) {
-    /* named accumulators (an array of them is kept in memory by gcc, not in registers) */
-    const float *x0 = x, *x1 = x + (rows > 1 ? 1 : 0) * ldx, *x2 = x + (rows > 2 ? 2 : rows - 1) * ldx,
-                *x3 = x + (rows > 3 ? 3 : rows - 1) * ldx, *x4 = x + (rows > 4 ? 4 : rows - 1) * ldx,
-                *x5 = x + (rows > 5 ? 5 : rows - 1) * ldx;
-    __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00,
-           a30 = a00, a31 = a00, a40 = a00, a41 = a00, a50 = a00, a51 = a00;
-    for (int64_t k = 0; k < K; k++) {
-        __m256 w0 = _mm256_loadu_ps(panel + k * LLMC_PANEL), w1 = _mm256_loadu_ps(panel + k * LLMC_PANEL + 8), v;
-        v = _mm256_broadcast_ss(x0 + k); a00 = _mm256_fmadd_ps(v, w0, a00); a01 = _mm256_fmadd_ps(v, w1, a01);
-        v = _mm256_broadcast_ss(x1 + k); a10 = _mm256_fmadd_ps(v, w0, a10); a11 = _mm256_fmadd_ps(v, w1, a11);
-        v = _mm256_broadcast_ss(x2 + k); a20 = _mm256_fmadd_ps(v, w0, a20); a21 = _mm256_fmadd_ps(v, w1, a21);
-        v = _mm256_broadcast_ss(x3 + k); a30 = _mm256_fmadd_ps(v, w0, a30); a31 = _mm256_fmadd_ps(v, w1, a31);
-        v = _mm256_broadcast_ss(x4 + k); a40 = _mm256_fmadd_ps(v, w0, a40); a41 = _mm256_fmadd_ps(v, w1, a41);
-        v = _mm256_broadcast_ss(x5 + k); a50 = _mm256_fmadd_ps(v, w0, a50); a51 = _mm256_fmadd_ps(v, w1, a51);
-    }
-    float out[LLMC_STRIP][LLMC_PANEL];
-    _mm256_storeu_ps(out[0], a00); _mm256_storeu_ps(out[0] + 8, a01);
-    _mm256_storeu_ps(out[1], a10); _mm256_storeu_ps(out[1] + 8, a11);
-    _mm256_storeu_ps(out[2], a20); _mm256_storeu_ps(out[2] + 8, a21);
-    _mm256_storeu_ps(out[3], a30); _mm256_storeu_ps(out[3] + 8, a31);
-    _mm256_storeu_ps(out[4], a40); _mm256_storeu_ps(out[4] + 8, a41);
-    _mm256_storeu_ps(out[5], a50); _mm256_storeu_ps(out[5] + 8, a51);
-    for (int64_t i = 0; i < rows; i++)
-        for (int64_t j = 0; j < cols; j++) y[i * ldy + j] = out[i][j] + (b ? b[j] : 0.0f);
-}
-
-/* The serial body of a task over many x rows: pack W rows [0, N), then strips of x rows against
- * every panel, x blocked to stay in L2. `packed` holds ceil(N/16)*16*K floats. */
-static void gemm_packed_block(const float* x, int64_t ldx, const float* w, int64_t ldw, const float* b, float* y,
-                              int64_t ldy, int64_t M, int64_t N, int64_t K, float* packed) {
-    pack_panels(w, ldw, N, K, packed);
-    for (int64_t m0 = 0; m0 < M; m0 += LLMC_ROWS_IN_L2) {
-        int64_t m1 = m0 + LLMC_ROWS_IN_L2 < M ? m0 + LLMC_ROWS_IN_L2 : M;
-        for (int64_t p = 0; p * LLMC_PANEL < N; p++) {
-            int64_t cols = N - p * LLMC_PANEL < LLMC_PANEL ? N - p * LLMC_PANEL : LLMC_PANEL;
-            for (int64_t m = m0; m < m1; m += LLMC_STRIP)
-                micro_6x16(x + m * ldx, ldx, packed + p * K * LLMC_PANEL, K, b ? b + p * LLMC_PANEL : 0,
-                           y + m * ldy + p * LLMC_PANEL, ldy, m1 - m < LLMC_STRIP ? m1 - m : LLMC_STRIP, cols);
+        for (; n < N; n++) {
+            zero(acc, 1);
+            dot_tile(1, 1, half, xm, ldx, w_row(w, half, n, K), K, 0, K, acc);
+            ym[n] = hsum256(acc[0]) + (b ? b[n] : 0.0f);
         }
     }
 }
-#endif
-
-/* A task's W rows [n0, n1) against every x row: packed outer products for many rows (AVX2), the
- * dot-product block otherwise. `packed` is the task's packing buffer (NULL: none). */
-static void linear_rows(const float* x, int64_t ldx, const float* w, int64_t ldw, const float* b, float* y,
-                        int64_t ldy, int64_t M, int64_t N, int64_t K, float* packed) {
-#if LLMC_AVX2
-    if (packed && M >= LLMC_PACKED_ROWS) {
-        gemm_packed_block(x, ldx, w, ldw, b, y, ldy, M, N, K, packed);
-        return;
-    }
-#endif
-    (void)packed;
-    gemm_f32_block(x, ldx, w, ldw, b, y, ldy, M, N, K);
+#else
+/* Portable: the same eight lanes and tree (without FMA), one output at a time. */
+static float dot_lanes(const float* x, const void* w, int half, int64_t K) {
+    float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    for (int64_t k = 0; k < K; k += 8)
+        for (int j = 0; j < 8 && k + j < K; j++)
+            acc[j] += x[k + j] * (half ? (float)((const f16*)w)[k + j] : ((const float*)w)[k + j]);
+    return ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
 }
 
-static float* packing_buffer(int64_t M, int64_t tile, int64_t K) {
-    if (!LLMC_AVX2 || M < LLMC_PACKED_ROWS) return 0;
-    return (float*)malloc((size_t)(llmc_tasks(tile, LLMC_PANEL) * LLMC_PANEL * K) * sizeof(float));
+static void linear_block(const float* x, int64_t ldx, const void* w, int half, const float* b, float* y,
+                         int64_t ldy, int64_t M, int64_t N, int64_t K) {
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t n = 0; n < N; n++)
+            y[m * ldy + n] = dot_lanes(x + m * ldx, w_row(w, half, n, K), half, K) + (b ? b[n] : 0.0f);
 }
+#endif
 
 LLMC_KERNEL void llmc_linear_f32(const float* x, int64_t ldx, const float* w, const float* b, float* y,
                                  int64_t M, int64_t N, int64_t K, int64_t tile) {
     int64_t tasks = llmc_tasks(N, tile);
-    float* packed = packing_buffer(M, tile, K);
     #pragma omp for schedule(static)
     for (int64_t t = 0; t < tasks; t++) {
         int64_t n0 = t * tile, n1 = n0 + tile < N ? n0 + tile : N;
-        linear_rows(x, ldx, w + n0 * K, K, b ? b + n0 : 0, y + n0, N, M, n1 - n0, K, packed);
+        linear_block(x, ldx, w + n0 * K, 0, b ? b + n0 : 0, y + n0, N, M, n1 - n0, K);
     }
-    free(packed);
 }
 
 LLMC_KERNEL void llmc_linear_f16(const float* x, int64_t ldx, const f16* w, const float* b, float* y,
@@ -222,261 +292,383 @@ LLMC_KERNEL void llmc_linear_f16(const float* x, int64_t ldx, const f16* w, cons
     int64_t tasks = llmc_tasks(N, tile);
     #pragma omp for schedule(static)
     for (int64_t t = 0; t < tasks; t++) {
-        int64_t n1 = t * tile + tile < N ? t * tile + tile : N;
-        for (int64_t n = t * tile; n < n1; n++)
-            for (int64_t m = 0; m < M; m++) y[m * N + n] = dot_f16(w + n * K, x + m * ldx, K) + (b ? b[n] : 0.0f);
+        int64_t n0 = t * tile, n1 = n0 + tile < N ? n0 + tile : N;
+        linear_block(x, ldx, w + n0 * K, 1, b ? b + n0 : 0, y + n0, N, M, n1 - n0, K);
     }
 }
 
-/* Activations for the integer dot products: each row of x in blocks of 32 as int8 codes with
- * an f32 scale d and s = d * sum(codes) (what a weight group's min multiplies). */
-typedef struct { float d, s; } llmc_xblock;
+/* ---------------------------------------------------------------------------------------------
+ * Quantized linears (bits 4: codes/scales/mins of groups of G = 32 or 128, the schemes of
+ * llmc/quant.py; bits 8: codes/scales, G = 32). At every M, each row of x is first rounded to int8
+ * per block of 32 (scale d = amax/127, and s = d * sum of codes, what a weight group's min
+ * multiplies), as llama.cpp's q8_1 activations; integer dot products of 32 codes then give each
+ * block's exact sum S, whatever order computes it. The float arithmetic of an output is fixed:
+ * the blocks in runs of eight, each run one step of eight lanes,
+ *     acc = fma(dw * d, S, acc)  then, 4-bit,  acc = fma(min, s, acc)
+ * with dw and min the block's weight group's scale and min (a last, shorter run adds zeros to the
+ * lanes past its end); then hsum256's tree, then the bias. Lane j of a run holds its block j, or
+ * for a full run of 4-bit groups of 32 its block RUN_ORDER[j] = 0 2 4 6 1 3 5 7, the order the
+ * pair reductions leave their sums in. Decode runs it for one x row; a GEMM tile runs four rows,
+ * each weight group decoded once for the four. */
 
-/* With `paired`, the codes of blocks 2p and 2p+1 inside each full span of eight blocks are stored
- * as [2p: 0..15][2p+1: 0..15][2p: 16..31][2p+1: 16..31], the order in which one 32-byte load of
- * 4-bit weight codes (two groups) yields its low and its high nibbles. */
-static void llmc_quantize_rows(const float* x, int64_t ldx, int64_t M, int64_t K, int8_t* codes, llmc_xblock* blocks,
-                               int paired) {
-    int64_t per_row = K / 32, spanned = paired ? per_row / 8 * 8 : 0;
+typedef struct {
+    int64_t bits, G, K, blocks, tail;          /* blocks of 32 per row; blocks in the last, short run */
+    const void* codes; const f16* scales; const f16* mins;
+    int64_t row_bytes, groups, all_groups;     /* W: bytes and groups per row, groups in all N rows */
+    const int8_t* xq; const float* xd; const float* xs;   /* x codes [M][K], block scales and sums [M][blocks] */
+} llmc_qlinear;
+
+/* One block of 32 x values as int8 codes (round to nearest even of x * 127/amax) into lo[0..15]
+ * and hi[0..15]; returns the sum of the codes, *d the scale amax/127. */
+static inline int quantize_block(const float* src, int8_t* lo, int8_t* hi, float* d) {
+#if LLMC_AVX2
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    __m256 v[4], top = _mm256_setzero_ps();
+    for (int i = 0; i < 4; i++) {
+        v[i] = _mm256_loadu_ps(src + 8 * i);
+        top = _mm256_max_ps(top, _mm256_and_ps(v[i], magnitude));
+    }
+    __m128 t = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+    t = _mm_max_ps(t, _mm_movehl_ps(t, t));
+    float amax = _mm_cvtss_f32(_mm_max_ss(t, _mm_movehdup_ps(t)));
+    __m256 inv = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+    __m256i q[4];
+    for (int i = 0; i < 4; i++) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));   /* rounds to nearest even */
+    __m256i sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(1, 0, 3, 2)));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(2, 3, 0, 1)));
+    __m128i w01 = _mm_packs_epi32(_mm256_castsi256_si128(q[0]), _mm256_extracti128_si256(q[0], 1));
+    __m128i w23 = _mm_packs_epi32(_mm256_castsi256_si128(q[1]), _mm256_extracti128_si256(q[1], 1));
+    __m128i w45 = _mm_packs_epi32(_mm256_castsi256_si128(q[2]), _mm256_extracti128_si256(q[2], 1));
+    __m128i w67 = _mm_packs_epi32(_mm256_castsi256_si128(q[3]), _mm256_extracti128_si256(q[3], 1));
+    _mm_storeu_si128((__m128i*)lo, _mm_packs_epi16(w01, w23));
+    _mm_storeu_si128((__m128i*)hi, _mm_packs_epi16(w45, w67));
+    *d = amax / 127.0f;
+    return _mm_cvtsi128_si32(s4);
+#else
+    float amax = 0.0f;
+    for (int i = 0; i < 32; i++) {
+        float a = fabsf(src[i]);
+        amax = a > amax ? a : amax;
+    }
+    float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    int sum = 0;
+    for (int i = 0; i < 32; i++) {
+        int q = (int)nearbyintf(src[i] * inv);
+        (i < 16 ? lo : hi - 16)[i] = (int8_t)q;
+        sum += q;
+    }
+    *d = amax / 127.0f;
+    return sum;
+#endif
+}
+
+/* x rows as int8 codes per block of 32, with the blocks' d and s. With `paired` (4-bit groups of
+ * 32 on AVX2), the codes of blocks 2p and 2p+1 are stored [2p: 0..15][2p+1: 0..15][2p: 16..31]
+ * [2p+1: 16..31], the order in which one 32-byte load of 4-bit weight codes (two groups) yields its
+ * low and its high nibbles, and the d and s of each full run of eight blocks in RUN_ORDER. */
+static void llmc_quantize_rows(const float* x, int64_t ldx, int64_t M, int64_t K, int paired, int8_t* codes,
+                               float* xd, float* xs) {
+    int64_t per_row = K / 32, paired_blocks = paired ? per_row / 2 * 2 : 0, in_runs = paired ? per_row / 8 * 8 : 0;
     #pragma omp for schedule(static)
     for (int64_t task = 0; task < M * per_row; task++) {
         int64_t m = task / per_row, j = task % per_row;
-        const float* src = x + m * ldx + j * 32;
         int8_t* dst = codes + m * K + j * 32;
-        int64_t lo = 0, hi = 16;                  /* where elements 0..15 and 16..31 go */
-        if (j < spanned) {
-            dst = codes + m * K + (j & ~1) * 32;
-            lo = (j & 1) * 16;
-            hi = 32 + (j & 1) * 16;
+        int8_t *lo = dst, *hi = dst + 16;                  /* where elements 0..15 and 16..31 go */
+        if (j < paired_blocks) {
+            lo = codes + m * K + (j & ~1) * 32 + (j & 1) * 16;
+            hi = lo + 32;
         }
-        float amax = 0.0f;
-        for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(src[i]));
-        float d = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-        int sum = 0;
-        for (int i = 0; i < 32; i++) {
-            int q = (int)nearbyintf(src[i] * inv);
-            dst[i < 16 ? lo + i : hi + i - 16] = (int8_t)q;
-            sum += q;
-        }
-        blocks[m * per_row + j].d = d;
-        blocks[m * per_row + j].s = d * (float)sum;
+        float d;
+        int sum = quantize_block(x + m * ldx + j * 32, lo, hi, &d);
+        int64_t at = j < in_runs ? (j & ~7) + (j & 1) * 4 + (j & 7) / 2 : j;     /* full runs in RUN_ORDER */
+        xd[m * per_row + at] = d;
+        xs[m * per_row + at] = d * (float)sum;
     }
 }
 
-/* sum of 32 products of weight codes (unsigned 4-bit in 32 bytes, or signed 8-bit) with int8 x */
 #if LLMC_AVX2
-static inline __m256 q4_dot32(__m256i w, const int8_t* x) {
-    __m256i p = _mm256_maddubs_epi16(w, _mm256_loadu_si256((const __m256i*)x));
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)));
-}
-static inline __m256 q8_dot32(const int8_t* w, const int8_t* x) {
-    __m256i a = _mm256_loadu_si256((const __m256i*)w), b = _mm256_loadu_si256((const __m256i*)x);
-    __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a));
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)));
-}
-/* a group of 32 4-bit codes (16 bytes: elements 0..15 low nibbles, 16..31 high) as 32 bytes */
-static inline __m256i q4_unpack32(const uint8_t* q) {
-    __m128i raw = _mm_loadu_si128((const __m128i*)q);
-    __m256i both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
-    return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
-}
-#endif
+/* Integer sums are exact in any order, so these reductions use in-lane unpacks and adds (one
+ * cycle each) rather than phaddd (two on Zen 2). */
 
-#if LLMC_AVX2
+/* [a0+a2, b0+b2, a1+a3, b1+b3] in each 128-bit half, of 32-bit lanes (or of pairs of 16-bit ones) */
+static inline __m256i fold32(__m256i a, __m256i b) {
+    return _mm256_add_epi32(_mm256_unpacklo_epi32(a, b), _mm256_unpackhi_epi32(a, b));
+}
+static inline __m256i fold32_epi16(__m256i a, __m256i b) {
+    return _mm256_add_epi16(_mm256_unpacklo_epi32(a, b), _mm256_unpackhi_epi32(a, b));
+}
+
+/* with fold32 before: the four sums of each 128-bit half of a, b, c, d (ab = fold32(a, b), ...) */
+static inline __m256i fold64(__m256i ab, __m256i cd) {
+    return _mm256_add_epi32(_mm256_unpacklo_epi64(ab, cd), _mm256_unpackhi_epi64(ab, cd));
+}
+static inline __m256i fold64_epi16(__m256i ab, __m256i cd) {
+    return _mm256_add_epi16(_mm256_unpacklo_epi64(ab, cd), _mm256_unpackhi_epi64(ab, cd));
+}
+
 /* The eight int32 lanes of each of s[0..7] summed: lane j of the result is the sum of s[j]. */
 static inline __m256i hsum8_epi32(const __m256i* s) {
-    __m256i s0123 = _mm256_hadd_epi32(_mm256_hadd_epi32(s[0], s[1]), _mm256_hadd_epi32(s[2], s[3]));
-    __m256i s4567 = _mm256_hadd_epi32(_mm256_hadd_epi32(s[4], s[5]), _mm256_hadd_epi32(s[6], s[7]));
+    __m256i s0123 = fold64(fold32(s[0], s[1]), fold32(s[2], s[3]));     /* halves: s0..s3 low, s0..s3 high */
+    __m256i s4567 = fold64(fold32(s[4], s[5]), fold32(s[6], s[7]));
     return _mm256_add_epi32(_mm256_permute2x128_si256(s0123, s4567, 0x20), _mm256_permute2x128_si256(s0123, s4567, 0x31));
 }
 
-/* the d (even = 0) or s (odd = 1) fields of eight consecutive x blocks */
-static inline __m256 xblock_field8(const llmc_xblock* xb, int odd) {
-    __m256 a = _mm256_loadu_ps((const float*)xb), b = _mm256_loadu_ps((const float*)(xb + 4));
-    __m256 picked = odd ? _mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1)) : _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));
-    return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(picked), _MM_SHUFFLE(3, 1, 2, 0)));
+/* The same for sixteen int16 lanes each (the 4-bit codes' partial sums: at most 2 * 15 * 127 per
+ * lane, so eight of them still fit int16): the pairs stay in int16 until one final vpmaddwd, which
+ * on Zen 2 shares its one pipe with vpmaddubsw. */
+static inline __m256i hsum8_epi16(const __m256i* s) {
+    __m256i s0123 = fold64_epi16(fold32_epi16(s[0], s[1]), fold32_epi16(s[2], s[3]));
+    __m256i s4567 = fold64_epi16(fold32_epi16(s[4], s[5]), fold32_epi16(s[6], s[7]));
+    __m256i pairs = _mm256_add_epi16(_mm256_permute2x128_si256(s0123, s4567, 0x20),
+                                     _mm256_permute2x128_si256(s0123, s4567, 0x31));
+    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
 }
 
-/* Eight groups of 32 at a time (G = 32: every x block meets one weight group): integer sums
- * reduced to one vector of eight group sums, then one FMA with eight combined scales. Returns the
- * number of groups done; the caller finishes the rest. */
-static inline int64_t q4g32_dot_blocks8(const uint8_t* q, const f16* scales, const f16* mins, const int8_t* xq,
-                                        const llmc_xblock* xb, int64_t groups, __m256* acc, __m256* minacc) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    int64_t g = 0;
-    for (; g + 8 <= groups; g += 8) {
-        __m256i sums[8];
-        for (int j = 0; j < 8; j++) {
-            __m256i p = _mm256_maddubs_epi16(q4_unpack32(q + (g + j) * 16),
-                                             _mm256_loadu_si256((const __m256i*)(xq + (g + j) * 32)));
-            sums[j] = _mm256_madd_epi16(p, ones);
-        }
-        __m256 total = _mm256_cvtepi32_ps(hsum8_epi32(sums));
-        __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(scales + g)));
-        __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(mins + g)));
-        *acc = _mm256_fmadd_ps(_mm256_mul_ps(dw, xblock_field8(xb + g, 0)), total, *acc);
-        *minacc = _mm256_fmadd_ps(mw, xblock_field8(xb + g, 1), *minacc);
-    }
-    return g;
-}
+/* The schemes' integer steps: block sums of one run (n <= 8 blocks) of one W row (its codes from
+ * the run's first block at q) against R x rows (their codes from the same block at x[r]): S[r]
+ * lane j is block j's sum (RUN_ORDER[j]'s for a full run of groups of 32), 0 past n. */
+enum { LLMC_Q8, LLMC_Q4G32, LLMC_Q4G128 };
 
-/* As q4g32_dot_blocks8 over pair-interleaved x codes: one load covers two groups' codes. */
-static inline int64_t q4g32_dot_paired8(const uint8_t* q, const f16* scales, const f16* mins, const int8_t* xq,
-                                        const llmc_xblock* xb, int64_t groups, __m256* acc, __m256* minacc) {
+/* 4-bit groups of 32: one 32-byte load of codes covers two groups, whose x codes are paired */
+static inline __attribute__((always_inline)) void q4g32_run_sums(int R, int64_t n, const uint8_t* q,
+                                                                const int8_t* const* x, __m256i* S) {
     const __m256i ones = _mm256_set1_epi16(1), nibble = _mm256_set1_epi8(0x0F);
-    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-    int64_t g = 0;
-    for (; g + 8 <= groups; g += 8) {
-        __m256i pairs[4];
-        for (int p = 0; p < 4; p++) {
-            __m256i w = _mm256_loadu_si256((const __m256i*)(q + (g + 2 * p) * 16));
-            const int8_t* x = xq + (g + 2 * p) * 32;
-            __m256i low = _mm256_maddubs_epi16(_mm256_and_si256(w, nibble), _mm256_loadu_si256((const __m256i*)x));
-            __m256i high = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w, 4), nibble),
-                                                _mm256_loadu_si256((const __m256i*)(x + 32)));
-            pairs[p] = _mm256_madd_epi16(_mm256_add_epi16(low, high), ones);   /* lanes 0-3: 2p, 4-7: 2p+1 */
-        }
-        __m256i mixed = _mm256_hadd_epi32(_mm256_hadd_epi32(pairs[0], pairs[1]), _mm256_hadd_epi32(pairs[2], pairs[3]));
-        __m256 total = _mm256_cvtepi32_ps(_mm256_permutevar8x32_epi32(mixed, order));
-        __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(scales + g)));
-        __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(mins + g)));
-        *acc = _mm256_fmadd_ps(_mm256_mul_ps(dw, xblock_field8(xb + g, 0)), total, *acc);
-        *minacc = _mm256_fmadd_ps(mw, xblock_field8(xb + g, 1), *minacc);
+    int64_t pairs = n / 2;
+    __m256i lo[4], hi[4], w = _mm256_setzero_si256();
+    #pragma GCC unroll 4
+    for (int64_t p = 0; p < pairs; p++) {
+        w = _mm256_loadu_si256((const __m256i*)(q + p * 32));
+        lo[p] = _mm256_and_si256(w, nibble);
+        hi[p] = _mm256_and_si256(_mm256_srli_epi16(w, 4), nibble);
     }
-    return g;
+    if (n & 1) {                 /* a last group without a pair: its 16 bytes alone */
+        w = _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i*)(q + pairs * 32)));
+        lo[pairs] = _mm256_and_si256(w, nibble);
+        hi[pairs] = _mm256_and_si256(_mm256_srli_epi16(w, 4), nibble);
+    }
+    #pragma GCC unroll 4
+    for (int r = 0; r < R; r++) {
+        /* int16 sums, group 2p in the low half, 2p+1 in the high (each lane at most 4 * 15 * 127,
+         * and the folds below add four: still within int16) */
+        __m256i sums[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+        #pragma GCC unroll 4
+        for (int64_t p = 0; p < pairs; p++) {
+            const int8_t* xp = x[r] + p * 64;
+            sums[p] = _mm256_add_epi16(_mm256_maddubs_epi16(lo[p], _mm256_loadu_si256((const __m256i*)xp)),
+                                       _mm256_maddubs_epi16(hi[p], _mm256_loadu_si256((const __m256i*)(xp + 32))));
+        }
+        if (n & 1) {             /* its x codes in order, 0..15 then 16..31 */
+            const int8_t* xp = x[r] + pairs * 64;
+            sums[pairs] = _mm256_add_epi16(
+                _mm256_maddubs_epi16(lo[pairs], _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i*)xp))),
+                _mm256_maddubs_epi16(hi[pairs], _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i*)(xp + 16)))));
+        }
+        /* the folds leave groups 0 2 4 6 1 3 5 7: kept for a full run (RUN_ORDER), put in order for a short one */
+        __m256i mixed = _mm256_madd_epi16(fold64_epi16(fold32_epi16(sums[0], sums[1]), fold32_epi16(sums[2], sums[3])), ones);
+        S[r] = n == 8 ? mixed : _mm256_permutevar8x32_epi32(mixed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    }
 }
 
-static inline int64_t q8_dot_blocks8(const int8_t* q, const f16* scales, const int8_t* xq, const llmc_xblock* xb,
-                                     int64_t groups, __m256* acc) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    int64_t g = 0;
-    for (; g + 8 <= groups; g += 8) {
+/* 4-bit groups of 128 (a run holds two; a short run, one): a 32-byte load at byte 32h of a group
+ * gives its block h (low nibbles) and block h + 2 (high) */
+static inline __attribute__((always_inline)) void q4g128_run_sums(int R, int64_t n, const uint8_t* q,
+                                                                 const int8_t* const* x, __m256i* S) {
+    const __m256i nibble = _mm256_set1_epi8(0x0F);
+    __m256i w[8];
+    #pragma GCC unroll 8
+    for (int j = 0; j < 8; j++) w[j] = _mm256_setzero_si256();                /* past n: unread */
+    #pragma GCC unroll 2
+    for (int64_t g = 0; g < n / 4; g++)
+        #pragma GCC unroll 2
+        for (int h = 0; h < 2; h++) {
+            __m256i raw = _mm256_loadu_si256((const __m256i*)(q + g * 64 + h * 32));
+            w[4 * g + h] = _mm256_and_si256(raw, nibble);
+            w[4 * g + h + 2] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), nibble);
+        }
+    #pragma GCC unroll 4
+    for (int r = 0; r < R; r++) {
         __m256i sums[8];
-        for (int j = 0; j < 8; j++) {
-            __m256i w = _mm256_loadu_si256((const __m256i*)(q + (g + j) * 32));
-            __m256i x = _mm256_loadu_si256((const __m256i*)(xq + (g + j) * 32));
-            sums[j] = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)), ones);
-        }
-        __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(scales + g)));
-        *acc = _mm256_fmadd_ps(_mm256_mul_ps(dw, xblock_field8(xb + g, 0)), _mm256_cvtepi32_ps(hsum8_epi32(sums)), *acc);
+        #pragma GCC unroll 8
+        for (int j = 0; j < 8; j++) sums[j] = _mm256_setzero_si256();
+        #pragma GCC unroll 8
+        for (int64_t j = 0; j < n; j++)
+            sums[j] = _mm256_maddubs_epi16(w[j], _mm256_loadu_si256((const __m256i*)(x[r] + j * 32)));
+        S[r] = hsum8_epi16(sums);
     }
-    return g;
 }
 
-/* Codes 32s .. 32s+31 of one 4-bit group of G as 32 bytes. G = 32: elements 0..15 are the low
- * nibbles of the group's 16 bytes, 16..31 the high ones; G >= 64: element e < G/2 is the low
- * nibble of byte e, the rest the high nibble of byte e - G/2. */
-static inline __m256i q4_codes32(const uint8_t* gq, int64_t G, int64_t s) {
-    if (G == 32) return q4_unpack32(gq);
-    int64_t e0 = s * 32, half = G / 2;
-    __m256i raw = _mm256_loadu_si256((const __m256i*)(gq + (e0 < half ? e0 : e0 - half)));
-    if (e0 >= half) raw = _mm256_srli_epi16(raw, 4);
-    return _mm256_and_si256(raw, _mm256_set1_epi8(0x0F));
+/* 8-bit codes, signed: the sign trick, |w| . (x * sign w) */
+static inline __attribute__((always_inline)) void q8_run_sums(int R, int64_t n, const int8_t* q, const int8_t* const* x,
+                                                             __m256i* S) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i w[8], wabs[8];
+    #pragma GCC unroll 8
+    for (int j = 0; j < 8; j++) w[j] = wabs[j] = _mm256_setzero_si256();     /* past n: unread */
+    #pragma GCC unroll 8
+    for (int64_t j = 0; j < n; j++) {
+        w[j] = _mm256_loadu_si256((const __m256i*)(q + j * 32));
+        wabs[j] = _mm256_sign_epi8(w[j], w[j]);
+    }
+    #pragma GCC unroll 4
+    for (int r = 0; r < R; r++) {
+        __m256i sums[8];
+        #pragma GCC unroll 8
+        for (int j = 0; j < 8; j++) sums[j] = _mm256_setzero_si256();
+        #pragma GCC unroll 8
+        for (int64_t j = 0; j < n; j++) {
+            __m256i xv = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(x[r] + j * 32)), w[j]);
+            sums[j] = _mm256_madd_epi16(_mm256_maddubs_epi16(wabs[j], xv), ones);
+        }
+        S[r] = hsum8_epi32(sums);
+    }
 }
-#endif
 
-/* One W row (4-bit groups of G) against one quantized x row. */
-static inline float q4_row_dot(const uint8_t* q, const f16* scales, const f16* mins, const int8_t* xq,
-                               const llmc_xblock* xb, int64_t K, int64_t G, int paired) {
-    int64_t groups = K / G, sub = G / 32;
-    float total = 0.0f;
-#if LLMC_AVX2
-    __m256 acc = _mm256_setzero_ps(), minvec = _mm256_setzero_ps();
-    float minacc = 0.0f;
-    int64_t first = G != 32 ? 0 : paired ? q4g32_dot_paired8(q, scales, mins, xq, xb, groups, &acc, &minvec)
-                                         : q4g32_dot_blocks8(q, scales, mins, xq, xb, groups, &acc, &minvec);
-    for (int64_t g = first; g < groups; g++) {
-        const uint8_t* gq = q + g * (G / 2);
-        float d = (float)scales[g], mn = (float)mins[g];
-        for (int64_t s = 0; s < sub; s++) {
-            const llmc_xblock* blk = xb + g * sub + s;
-            __m256i w = q4_codes32(gq, G, s);
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d * blk->d), q4_dot32(w, xq + g * G + s * 32), acc);
-            minacc += mn * blk->s;
+/* The weight scales (or mins) of the groups under n blocks from block b0 of W row `row`, as the
+ * run's eight lanes, 0 past n. */
+static inline __attribute__((always_inline)) __m256 group_lanes(int kind, const llmc_qlinear* p, const f16* v,
+                                                               int64_t row, int64_t b0, int64_t n) {
+    const f16* at = v + row * p->groups;
+    if (kind == LLMC_Q4G32 && n == 8)        /* in RUN_ORDER */
+        return _mm256_cvtph_ps(_mm_shuffle_epi8(_mm_loadu_si128((const __m128i*)(at + b0)),
+                                                _mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15)));
+    if (kind != LLMC_Q4G128) {
+        if (n == 8) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(at + b0)));
+        return _mm256_cvtph_ps(load_halves(v, p->all_groups, row * p->groups + b0, n));
+    }
+    uint32_t two = 0;                        /* the run's two groups (a short run's one) */
+    memcpy(&two, at + b0 / 4, (size_t)(n / 4) * sizeof(f16));
+    __m256 lanes = _mm256_permutevar8x32_ps(_mm256_cvtph_ps(_mm_cvtsi32_si128((int)two)),
+                                            _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+    return n == 8 ? lanes : _mm256_and_ps(lanes, _mm256_castsi256_ps(lanes_below(n)));
+}
+
+/* One run of W row `row` against R x rows (from row m): S from the codes, then each output's
+ * float steps. */
+static inline __attribute__((always_inline)) void q_run(int kind, int R, const llmc_qlinear* p, int64_t row,
+                                                       int64_t m, int64_t b0, int64_t n, __m256* acc) {
+    __m256i S[4];
+    const int8_t* x[4];
+    #pragma GCC unroll 4
+    for (int r = 0; r < R; r++) x[r] = p->xq + (m + r) * p->K + b0 * 32;
+    const char* wq = (const char*)p->codes + row * p->row_bytes;
+    if (kind == LLMC_Q8) q8_run_sums(R, n, (const int8_t*)wq + b0 * 32, x, S);
+    else if (kind == LLMC_Q4G32) q4g32_run_sums(R, n, (const uint8_t*)wq + b0 * 16, x, S);
+    else q4g128_run_sums(R, n, (const uint8_t*)wq + b0 * 16, x, S);
+    __m256 dw = group_lanes(kind, p, p->scales, row, b0, n);
+    __m256 mw = kind != LLMC_Q8 ? group_lanes(kind, p, p->mins, row, b0, n) : _mm256_setzero_ps();
+    __m256i lanes = lanes_below(n);
+    #pragma GCC unroll 4
+    for (int r = 0; r < R; r++) {
+        const float* d = p->xd + (m + r) * p->blocks + b0;
+        __m256 xdv = n == 8 ? _mm256_loadu_ps(d) : _mm256_maskload_ps(d, lanes);
+        acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(dw, xdv), _mm256_cvtepi32_ps(S[r]), acc[r]);
+        if (kind != LLMC_Q8) {
+            const float* s = p->xs + (m + r) * p->blocks + b0;
+            acc[r] = _mm256_fmadd_ps(mw, n == 8 ? _mm256_loadu_ps(s) : _mm256_maskload_ps(s, lanes), acc[r]);
         }
     }
-    total = hsum256(acc) + hsum256(minvec) + minacc;
+}
+
+/* W row `row` against x rows m .. m + R: their eight-lane accumulators */
+static inline __attribute__((always_inline)) void q_tile(int kind, int R, const llmc_qlinear* p, int64_t row, int64_t m,
+                                                        __m256* acc) {
+    #pragma GCC unroll 4
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    int64_t b0 = 0;
+    for (; b0 + 8 <= p->blocks; b0 += 8) q_run(kind, R, p, row, m, b0, 8, acc);
+    /* the short last run, its common lengths as constants (K = 576, 896, 960, ...): as loops of
+     * unknown length the run costs as much as a full one */
+    switch (p->tail) {
+    case 0: break;
+    case 2: q_run(kind, R, p, row, m, b0, 2, acc); break;
+    case 4: q_run(kind, R, p, row, m, b0, 4, acc); break;
+    case 6: q_run(kind, R, p, row, m, b0, 6, acc); break;
+    default: q_run(kind, R, p, row, m, b0, p->tail, acc);
+    }
+}
+
+/* W rows [n0, n1) against x rows [0, M), into y at row stride ldy: four x rows at a time (their
+ * codes stay in L1 while the task's W rows pass over them), each W row's groups decoded once for
+ * the four */
+static inline __attribute__((always_inline)) void q_block_of(int kind, const llmc_qlinear* p, const float* b,
+                                                            int64_t n0, int64_t n1, int64_t M, float* y, int64_t ldy) {
+    __m256 acc[4];
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4)
+        for (int64_t n = n0; n < n1; n++) {
+            q_tile(kind, 4, p, n, m, acc);
+            float sums[4];
+            _mm_storeu_ps(sums, _mm_add_ps(hsum256x4(acc[0], acc[1], acc[2], acc[3]), _mm_set1_ps(b ? b[n] : 0.0f)));
+            for (int i = 0; i < 4; i++) y[(m + i) * ldy + n] = sums[i];
+        }
+    for (; m < M; m++)
+        for (int64_t n = n0; n < n1; n++) {
+            q_tile(kind, 1, p, n, m, acc);
+            y[m * ldy + n] = hsum256(acc[0]) + (b ? b[n] : 0.0f);
+        }
+}
+
+static void q_block(const llmc_qlinear* p, const float* b, int64_t n0, int64_t n1, int64_t M, float* y, int64_t ldy) {
+    if (p->bits == 8) q_block_of(LLMC_Q8, p, b, n0, n1, M, y, ldy);
+    else if (p->G == 32) q_block_of(LLMC_Q4G32, p, b, n0, n1, M, y, ldy);
+    else q_block_of(LLMC_Q4G128, p, b, n0, n1, M, y, ldy);
+}
 #else
-    int64_t half = G / 2;
-    for (int64_t g = 0; g < groups; g++) {
-        const uint8_t* gq = q + g * half;
-        float d = (float)scales[g], mn = (float)mins[g];
-        for (int64_t s = 0; s < sub; s++) {
-            const llmc_xblock* blk = xb + g * sub + s;
-            int isum = 0;
-            for (int64_t i = 0; i < 32; i++) {
-                int64_t e = s * 32 + i;
-                int code = e < half ? (gq[e] & 0x0F) : (gq[e - half] >> 4);
-                isum += code * xq[g * G + e];
-            }
-            total += d * blk->d * (float)isum + mn * blk->s;
-        }
-    }
-#endif
-    return total;
-}
-
-static inline float q8_row_dot(const int8_t* q, const f16* scales, const int8_t* xq, const llmc_xblock* xb, int64_t K) {
-    int64_t groups = K / 32;
+/* Portable: one output at a time, blocks in order (x codes in order, not paired). */
+static float q_dot(const llmc_qlinear* p, int64_t row, int64_t m) {
+    const int8_t* xq = p->xq + m * p->K;
+    const float *xd = p->xd + m * p->blocks, *xs = p->xs + m * p->blocks;
+    int64_t sub = p->G / 32, half = p->G / 2;
     float total = 0.0f;
-#if LLMC_AVX2
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t g = q8_dot_blocks8(q, scales, xq, xb, groups, &acc); g < groups; g++)
-        acc = _mm256_fmadd_ps(_mm256_set1_ps((float)scales[g] * xb[g].d), q8_dot32(q + g * 32, xq + g * 32), acc);
-    total = hsum256(acc);
-#else
-    for (int64_t g = 0; g < groups; g++) {
+    for (int64_t blk = 0; blk < p->blocks; blk++) {
+        int64_t g = blk / sub;
+        float d = (float)p->scales[row * p->groups + g];
         int isum = 0;
-        for (int i = 0; i < 32; i++) isum += q[g * 32 + i] * xq[g * 32 + i];
-        total += (float)scales[g] * xb[g].d * (float)isum;
+        if (p->bits == 8) {
+            const int8_t* q = (const int8_t*)p->codes + row * p->row_bytes + blk * 32;
+            for (int i = 0; i < 32; i++) isum += q[i] * xq[blk * 32 + i];
+            total += d * xd[blk] * (float)isum;
+            continue;
+        }
+        const uint8_t* gq = (const uint8_t*)p->codes + row * p->row_bytes + g * half;
+        for (int64_t i = 0; i < 32; i++) {
+            int64_t e = (blk % sub) * 32 + i;
+            int code = e < half ? (gq[e] & 0x0F) : (gq[e - half] >> 4);
+            isum += code * xq[blk * 32 + i];
+        }
+        total += d * xd[blk] * (float)isum + (float)p->mins[row * p->groups + g] * xs[blk];
     }
-#endif
     return total;
 }
 
-/* Four x rows against one W row: each weight group is decoded once for all four. */
-static inline void q_rows_dot4(const void* codes, const f16* scales, const f16* mins, int64_t bits, const int8_t* xq,
-                               const llmc_xblock* xb, int64_t K, int64_t G, float* r) {
-    int64_t groups = K / G, sub = G / 32, blocks = K / 32;
-#if LLMC_AVX2
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    float minacc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    for (int64_t g = 0; g < groups; g++) {
-        float d = (float)scales[g], mn = bits == 4 ? (float)mins[g] : 0.0f;
-        for (int64_t s = 0; s < sub; s++) {
-            int64_t e0 = g * G + s * 32, b = g * sub + s;
-            if (bits == 8) {
-                __m256i w = _mm256_loadu_si256((const __m256i*)((const int8_t*)codes + e0));
-                __m256i wabs = _mm256_sign_epi8(w, w);
-                for (int j = 0; j < 4; j++) {
-                    __m256i x = _mm256_loadu_si256((const __m256i*)(xq + j * K + e0));
-                    __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, _mm256_sign_epi8(x, w)), _mm256_set1_epi16(1));
-                    acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb[j * blocks + b].d), _mm256_cvtepi32_ps(p), acc[j]);
-                }
-                continue;
-            }
-            const uint8_t* gq = (const uint8_t*)codes + g * (G / 2);
-            __m256i w = q4_codes32(gq, G, s);
-            for (int j = 0; j < 4; j++) {
-                const llmc_xblock* blk = xb + j * blocks + b;
-                acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d * blk->d), q4_dot32(w, xq + j * K + e0), acc[j]);
-                minacc[j] += mn * blk->s;
-            }
-        }
-    }
-    for (int j = 0; j < 4; j++) r[j] = hsum256(acc[j]) + minacc[j];
-#else
-    for (int j = 0; j < 4; j++)
-        r[j] = bits == 4 ? q4_row_dot((const uint8_t*)codes, scales, mins, xq + j * K, xb + j * blocks, K, G, 0)
-                         : q8_row_dot((const int8_t*)codes, scales, xq + j * K, xb + j * blocks, K);
+static void q_block(const llmc_qlinear* p, const float* b, int64_t n0, int64_t n1, int64_t M, float* y, int64_t ldy) {
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t n = n0; n < n1; n++) y[m * ldy + n] = q_dot(p, n, m) + (b ? b[n] : 0.0f);
+}
 #endif
+
+/* x rows are quantized into `scratch` (M*K bytes of codes, rounded up to 64, then M*K/32 block
+ * scales d and M*K/32 sums s), then each task takes `tile` W rows against every x row. */
+LLMC_KERNEL void llmc_linear_q(const float* x, int64_t ldx, const void* codes, const f16* scales, const f16* mins,
+                               const float* b, float* y, int64_t M, int64_t N, int64_t K, int64_t bits, int64_t G,
+                               int64_t tile, void* scratch) {
+    int64_t blocks = K / 32;
+    int8_t* xq = (int8_t*)scratch;
+    float* xd = (float*)((char*)scratch + ((M * K + 63) / 64) * 64);
+    float* xs = xd + M * blocks;
+    llmc_quantize_rows(x, ldx, M, K, LLMC_AVX2 && bits == 4 && G == 32, xq, xd, xs);
+    llmc_qlinear p = {bits, G, K, blocks, blocks % 8, codes, scales, mins, bits == 4 ? K / 2 : K, K / G, N * (K / G),
+                      xq, xd, xs};
+    int64_t tasks = llmc_tasks(N, tile);
+    #pragma omp for schedule(static)
+    for (int64_t t = 0; t < tasks; t++) {
+        int64_t n0 = t * tile, n1 = n0 + tile < N ? n0 + tile : N;
+        q_block(&p, b, n0, n1, M, y, N);
+    }
 }
 
-#define LLMC_ROW_BLOCK 64      /* x rows kept hot while a task's W rows pass over them */
-
-/* Quantized linear: x rows are quantized to int8 blocks in `scratch` (M*K bytes, then M*K/32
- * blocks), then each task takes `tile` W rows against every x row. bits 4: codes/scales/mins of
- * group G; bits 8: codes/scales, G = 32. */
 /* W rows [n0, n1) of a quantized weight as f32 rows of K in out */
 static void dequantize_rows(const void* codes, const f16* scales, const f16* mins, int64_t bits, int64_t K, int64_t G,
                             int64_t n0, int64_t n1, float* out) {
@@ -494,60 +686,6 @@ static void dequantize_rows(const void* codes, const f16* scales, const f16* min
                 for (int64_t e = 0; e < G / 2; e++) {
                     dst[g * G + e] = (float)(q[e] & 0x0F) * d + mn;
                     dst[g * G + e + G / 2] = (float)(q[e] >> 4) * d + mn;
-                }
-            }
-        }
-    }
-}
-
-#define LLMC_DEQUANT_ROWS 16   /* prefill: from this many x rows on, W tiles are widened to f32 */
-
-LLMC_KERNEL void llmc_linear_q(const float* x, int64_t ldx, const void* codes, const f16* scales, const f16* mins,
-                               const float* b, float* y, int64_t M, int64_t N, int64_t K, int64_t bits, int64_t G,
-                               int64_t tile, void* scratch) {
-    if (M >= LLMC_DEQUANT_ROWS) {
-        /* Many rows: widening each task's W rows once costs little next to M dot products per row,
-         * and the f32 block is both faster here and exact (no activation rounding). */
-        float* wide = (float*)malloc((size_t)(tile * K) * sizeof(float));
-        float* packed = packing_buffer(M, tile, K);
-        int64_t tasks = llmc_tasks(N, tile);
-        #pragma omp for schedule(static)
-        for (int64_t t = 0; t < tasks; t++) {
-            int64_t n0 = t * tile, n1 = n0 + tile < N ? n0 + tile : N;
-            dequantize_rows(codes, scales, mins, bits, K, G, n0, n1, wide);
-            linear_rows(x, ldx, wide, K, b ? b + n0 : 0, y + n0, N, M, n1 - n0, K, packed);
-        }
-        free(packed);
-        free(wide);
-        return;
-    }
-    int8_t* xq = (int8_t*)scratch;
-    llmc_xblock* xb = (llmc_xblock*)((char*)scratch + ((M * K + 63) / 64) * 64);
-    /* decode on AVX2: pair-interleaved x codes for the 4-bit groups-of-32 fast path */
-    int paired = LLMC_AVX2 && M == 1 && bits == 4 && G == 32;
-    llmc_quantize_rows(x, ldx, M, K, xq, xb, paired);
-    int64_t tasks = llmc_tasks(N, tile), groups = K / G, row_bytes = bits == 4 ? K / 2 : K;
-    #pragma omp for schedule(static)
-    for (int64_t t = 0; t < tasks; t++) {
-        int64_t n0 = t * tile, n1 = n0 + tile < N ? n0 + tile : N;
-        for (int64_t m0 = 0; m0 < M; m0 += LLMC_ROW_BLOCK) {
-            int64_t m1 = m0 + LLMC_ROW_BLOCK < M ? m0 + LLMC_ROW_BLOCK : M;
-            for (int64_t n = n0; n < n1; n++) {
-                const char* wq = (const char*)codes + n * row_bytes;
-                const f16* ws = scales + n * groups;
-                const f16* wm = bits == 4 ? mins + n * groups : 0;
-                float bias = b ? b[n] : 0.0f;
-                int64_t m = m0;
-                for (; m + 4 <= m1; m += 4) {
-                    float r[4];
-                    q_rows_dot4(wq, ws, wm, bits, xq + m * K, xb + m * (K / 32), K, G, r);
-                    for (int j = 0; j < 4; j++) y[(m + j) * N + n] = r[j] + bias;
-                }
-                for (; m < m1; m++) {
-                    float v = bits == 4 ? q4_row_dot((const uint8_t*)wq, ws, wm, xq + m * K, xb + m * (K / 32), K, G,
-                                                     paired)
-                                        : q8_row_dot((const int8_t*)wq, ws, xq + m * K, xb + m * (K / 32), K);
-                    y[m * N + n] = v + bias;
                 }
             }
         }
@@ -612,15 +750,24 @@ LLMC_KERNEL void llmc_add_norm(const float* x, int64_t ldx, const float* res, in
 }
 
 /* ---------------------------------------------------------------------------------------------
- * Attention over the KV cache. q [Hq, seq, D], k/v [Hk, seq, D] at element strides (head, pos),
- * D contiguous; the layer's caches are [Hk, ctx, D] (f32, or int8 codes with an f32 scale per
- * head and position). This step's K/V are written at start..start+seq, then query i (position
- * start+i) attends causally over 0..start+i, within the last `window` positions when window > 0.
- * Online softmax in blocks of keys; out [seq, Hq, D] at strides (head, pos). Decode (seq = 1)
- * splits the keys of each head across `splits` tasks (flash-decoding) and merges the partial
- * results, kept in scratch: splits * Hq * (D + 2) floats. */
+ * Paged attention of one step's tokens, from any sequences at any positions. q [Hq, n, D] and
+ * k/v [Hk, n, D] at element strides (head, token), D contiguous. The layer's pool is
+ * [blocks, Hk, B, D] (f32, or int8 codes with an f32 scale per [block, head, offset]); position p
+ * of sequence s lives in block tables[s * max_blocks + p / B] at offset p % B. Every token's K/V
+ * is written first; then token t (position p of sequence seq_index[t]) attends causally over its
+ * sequence's positions 0..p, within the last `window` when window > 0. out [n, Hq, D] at
+ * strides (head, token).
+ *
+ * Batch invariance: a token's keys [lo, hi) are cut into spans by its own key count alone
+ * (splits = ceil((hi - lo) / 256), at most max_splits), each span an online softmax from scratch
+ * and the spans merged in order by one function, whether the spans run as separate tasks (a step
+ * of few tokens: flash-decoding, partials in scratch) or one after another in a task. So a
+ * token's result does not depend on the step it is in. */
 
 #define LLMC_KEY_BLOCK 32
+#define LLMC_SPLIT_KEYS 256       /* keys per span, at least */
+#define LLMC_MAX_SPLITS 16
+#define LLMC_SPLIT_TOKENS 4       /* steps of at most this many tokens run spans as separate tasks */
 
 static inline void kv8_quantize(const float* src, int64_t D, int8_t* codes, float* scale) {
     float amax = 0.0f;
@@ -633,23 +780,41 @@ static inline void kv8_quantize(const float* src, int64_t D, int8_t* codes, floa
     *scale = s;
 }
 
-/* partial attention of one query over keys [lo, hi): running max m, sum l, unnormalised acc */
-static void attend_span(const float* q, const void* kc, const float* ks, const void* vc, const float* vs, int kv8,
-                        int64_t lo, int64_t hi, int64_t D, float scale, float* m_out, float* l_out, float* acc) {
+/* Where one sequence's positions live in one head of one layer's pool. */
+typedef struct {
+    const char* k; const char* v; const float* ks; const float* vs;   /* the layer's pool */
+    const int64_t* table;                                             /* the sequence's block table */
+    int64_t head, heads, B, D, elem;
+} llmc_paged;
+
+/* slot index (into [blocks, Hk, B]) of position p */
+static inline int64_t paged_slot(const llmc_paged* c, int64_t p) {
+    return (c->table[p / c->B] * c->heads + c->head) * c->B + p % c->B;
+}
+
+/* partial attention of one query over positions [lo, hi): max m, sum l, unnormalised acc [D] */
+static __attribute__((noinline)) void attend_span(const float* q, const llmc_paged* c, int kv8, int64_t lo,
+                                                  int64_t hi, float scale, float* m_out, float* l_out, float* acc) {
+    const int64_t D = c->D;
     float m = -INFINITY, l = 0.0f, scores[LLMC_KEY_BLOCK];
+    int64_t slots[LLMC_KEY_BLOCK];
     for (int64_t i = 0; i < D; i++) acc[i] = 0.0f;
     float kbuf[512];
     for (int64_t t0 = lo; t0 < hi; t0 += LLMC_KEY_BLOCK) {
         int64_t n = hi - t0 < LLMC_KEY_BLOCK ? hi - t0 : LLMC_KEY_BLOCK;
         float block_max = -INFINITY;
-        for (int64_t j = 0; j < n; j++) {
+        int64_t offset = t0 % c->B;
+        for (int64_t j = 0; j < n; j++, offset++) {
+            /* consecutive positions share a block: look the table up once per block */
+            if (offset == c->B) offset = 0;
+            slots[j] = j > 0 && offset != 0 ? slots[j - 1] + 1 : paged_slot(c, t0 + j);
             float s;
             if (kv8) {
-                const int8_t* kr = (const int8_t*)kc + (t0 + j) * D;
+                const int8_t* kr = (const int8_t*)c->k + slots[j] * D;
                 for (int64_t i = 0; i < D; i++) kbuf[i] = (float)kr[i];
-                s = dot_f32(q, kbuf, D) * ks[t0 + j];
+                s = dot_f32(q, kbuf, D) * c->ks[slots[j]];
             } else {
-                s = dot_f32(q, (const float*)kc + (t0 + j) * D, D);
+                s = dot_f32(q, (const float*)c->k + slots[j] * D, D);
             }
             scores[j] = s * scale;
             block_max = fmaxf(block_max, scores[j]);
@@ -662,11 +827,11 @@ static void attend_span(const float* q, const void* kc, const float* ks, const v
             float p = expf(scores[j] - m_new);
             l += p;
             if (kv8) {
-                const int8_t* vr = (const int8_t*)vc + (t0 + j) * D;
-                float pv = p * vs[t0 + j];
+                const int8_t* vr = (const int8_t*)c->v + slots[j] * D;
+                float pv = p * c->vs[slots[j]];
                 for (int64_t i = 0; i < D; i++) acc[i] += pv * (float)vr[i];
             } else {
-                const float* vr = (const float*)vc + (t0 + j) * D;
+                const float* vr = (const float*)c->v + slots[j] * D;
                 for (int64_t i = 0; i < D; i++) acc[i] += p * vr[i];
             }
         }
@@ -676,70 +841,127 @@ static void attend_span(const float* q, const void* kc, const float* ks, const v
     *l_out = l;
 }
 
+/* out [D] = the spans' partials (each D values, then m, then l) merged in order, normalised */
+static __attribute__((noinline)) void merge_spans(const float* parts, int64_t splits, int64_t D, float* out) {
+    float m = -INFINITY, l = 0.0f;
+    for (int64_t p = 0; p < splits; p++) m = fmaxf(m, parts[p * (D + 2) + D]);
+    for (int64_t d = 0; d < D; d++) out[d] = 0.0f;
+    for (int64_t p = 0; p < splits; p++) {
+        const float* part = parts + p * (D + 2);
+        if (part[D + 1] == 0.0f) continue;
+        float c = expf(part[D] - m);
+        l += c * part[D + 1];
+        for (int64_t d = 0; d < D; d++) out[d] += c * part[d];
+    }
+    float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    for (int64_t d = 0; d < D; d++) out[d] *= inv;
+}
+
+/* the keys [lo, hi) of position `pos` and how many spans they are cut into */
+static inline int64_t token_spans(int64_t pos, int64_t window, int64_t max_splits, int64_t* lo, int64_t* hi) {
+    *lo = window > 0 && pos - window + 1 > 0 ? pos - window + 1 : 0;
+    *hi = pos + 1;
+    int64_t splits = (*hi - *lo + LLMC_SPLIT_KEYS - 1) / LLMC_SPLIT_KEYS;
+    return splits > max_splits ? max_splits : splits;
+}
+
+static inline void span_bounds(int64_t lo, int64_t hi, int64_t splits, int64_t part, int64_t* a, int64_t* z) {
+    int64_t span = (hi - lo + splits - 1) / splits;
+    *a = lo + part * span;
+    *z = *a + span < hi ? *a + span : hi;
+    if (*a > hi) *a = hi;
+}
+
+static void attend_part(const float* q, const llmc_paged* c, int kv8, int64_t lo, int64_t hi, int64_t splits,
+                        int64_t part, float scale, float* dst) {
+    int64_t a, z;
+    span_bounds(lo, hi, splits, part, &a, &z);
+    if (a < z) {
+        attend_span(q, c, kv8, a, z, scale, dst + c->D, dst + c->D + 1, dst);
+    } else {
+        for (int64_t d = 0; d < c->D + 2; d++) dst[d] = 0.0f;
+        dst[c->D] = -INFINITY;
+    }
+}
+
 LLMC_KERNEL void llmc_attention(const float* q, int64_t q_h, int64_t q_s, const float* k, int64_t k_h, int64_t k_s,
-                                const float* v, int64_t v_h, int64_t v_s, void* k_cache, float* k_scale,
-                                void* v_cache, float* v_scale, int64_t kv8, int64_t ctx, int64_t Hq, int64_t Hk,
-                                int64_t D, int64_t seq, int64_t start, float scale, int64_t window,
-                                float* out, int64_t o_h, int64_t o_s, float* scratch, int64_t max_splits) {
-    /* 1. this step's keys and values into the cache */
+                                const float* v, int64_t v_h, int64_t v_s, void* k_pool, float* k_scale,
+                                void* v_pool, float* v_scale, int64_t kv8, const int64_t* positions,
+                                const int64_t* seq_index, const int64_t* tables, int64_t max_blocks, int64_t n,
+                                int64_t Hq, int64_t Hk, int64_t D, int64_t B, float scale, int64_t window,
+                                float* out, int64_t o_h, int64_t o_s, float* scratch) {
+    const int64_t elem = kv8 ? 1 : 4, group = Hq / Hk;
+    /* 1. every token's keys and values into its block slot */
     #pragma omp for schedule(static)
-    for (int64_t task = 0; task < Hk * seq; task++) {
-        int64_t h = task / seq, i = task % seq, pos = h * ctx + start + i;
+    for (int64_t task = 0; task < Hk * n; task++) {
+        int64_t h = task / n, t = task % n, p = positions[t];
+        llmc_paged c = {0, 0, 0, 0, tables + seq_index[t] * max_blocks, h, Hk, B, D, elem};
+        int64_t slot = paged_slot(&c, p);
         if (kv8) {
-            kv8_quantize(k + h * k_h + i * k_s, D, (int8_t*)k_cache + pos * D, k_scale + pos);
-            kv8_quantize(v + h * v_h + i * v_s, D, (int8_t*)v_cache + pos * D, v_scale + pos);
+            kv8_quantize(k + h * k_h + t * k_s, D, (int8_t*)k_pool + slot * D, k_scale + slot);
+            kv8_quantize(v + h * v_h + t * v_s, D, (int8_t*)v_pool + slot * D, v_scale + slot);
         } else {
-            memcpy((float*)k_cache + pos * D, k + h * k_h + i * k_s, (size_t)D * sizeof(float));
-            memcpy((float*)v_cache + pos * D, v + h * v_h + i * v_s, (size_t)D * sizeof(float));
+            memcpy((float*)k_pool + slot * D, k + h * k_h + t * k_s, (size_t)D * sizeof(float));
+            memcpy((float*)v_pool + slot * D, v + h * v_h + t * v_s, (size_t)D * sizeof(float));
         }
     }
-    int64_t group = Hq / Hk, elem = kv8 ? 1 : 4;
-    int64_t keys = start + seq;
-    int64_t splits = 1;
-    if (seq == 1 && max_splits > 1) {
-        splits = (keys + 255) / 256;                      /* at least 256 keys per split */
-        if (splits > max_splits) splits = max_splits;
+    const int64_t stride = LLMC_MAX_SPLITS * (D + 2);      /* partials of one (token, head) */
+    if (n > LLMC_SPLIT_TOKENS) {
+        /* 2a. many tokens: a task per (token, head), its spans one after another */
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < n * Hq; task++) {
+            int64_t t = task / Hq, h = task % Hq, lo, hi;
+            int64_t splits = token_spans(positions[t], window, LLMC_MAX_SPLITS, &lo, &hi);
+            llmc_paged c = {(const char*)k_pool, (const char*)v_pool, k_scale, v_scale,
+                            tables + seq_index[t] * max_blocks, h / group, Hk, B, D, elem};
+            float parts[LLMC_MAX_SPLITS * (512 + 2)];
+            for (int64_t part = 0; part < splits; part++)
+                attend_part(q + h * q_h + t * q_s, &c, (int)kv8, lo, hi, splits, part, scale, parts + part * (D + 2));
+            merge_spans(parts, splits, D, out + h * o_h + t * o_s);
+        }
+        return;
     }
-    /* 2. every (head, query, split) */
+    /* 2b. few tokens (decode): every (token, head, span) is a task, partials in scratch */
     #pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < Hq * seq * splits; task++) {
-        int64_t h = task / (seq * splits), rest = task % (seq * splits), i = rest / splits, part = rest % splits;
-        int64_t kh = h / group, pos = start + i;
-        int64_t lo = window > 0 && pos - window + 1 > 0 ? pos - window + 1 : 0, hi = pos + 1;
-        int64_t span = (hi - lo + splits - 1) / splits;
-        int64_t a = lo + part * span, z = a + span < hi ? a + span : hi;
-        const char* kc = (const char*)k_cache + kh * ctx * D * elem;
-        const char* vc = (const char*)v_cache + kh * ctx * D * elem;
-        const float* ks = kv8 ? k_scale + kh * ctx : 0;
-        const float* vs = kv8 ? v_scale + kh * ctx : 0;
-        float* dst = splits == 1 ? out + h * o_h + i * o_s : scratch + (h * splits + part) * (D + 2);
-        float m = -INFINITY, l = 0.0f;
-        if (a < z) attend_span(q + h * q_h + i * q_s, kc, ks, vc, vs, (int)kv8, a, z, D, scale, &m, &l, dst);
-        else for (int64_t d = 0; d < D; d++) dst[d] = 0.0f;
-        if (splits == 1) {
-            float inv = l > 0.0f ? 1.0f / l : 0.0f;
-            for (int64_t d = 0; d < D; d++) dst[d] *= inv;
-        } else {
-            dst[D] = m;
-            dst[D + 1] = l;
-        }
+    for (int64_t task = 0; task < n * Hq * LLMC_MAX_SPLITS; task++) {
+        int64_t t = task / (Hq * LLMC_MAX_SPLITS), h = task / LLMC_MAX_SPLITS % Hq, part = task % LLMC_MAX_SPLITS;
+        int64_t lo, hi, splits = token_spans(positions[t], window, LLMC_MAX_SPLITS, &lo, &hi);
+        if (part >= splits) continue;
+        llmc_paged c = {(const char*)k_pool, (const char*)v_pool, k_scale, v_scale,
+                        tables + seq_index[t] * max_blocks, h / group, Hk, B, D, elem};
+        attend_part(q + h * q_h + t * q_s, &c, (int)kv8, lo, hi, splits, part, scale,
+                    scratch + (t * Hq + h) * stride + part * (D + 2));
     }
-    if (splits == 1) return;
-    /* 3. merge the splits of each head */
     #pragma omp for schedule(static)
-    for (int64_t h = 0; h < Hq; h++) {
-        float m = -INFINITY, l = 0.0f;
-        for (int64_t p = 0; p < splits; p++) m = fmaxf(m, scratch[(h * splits + p) * (D + 2) + D]);
-        float* dst = out + h * o_h;
-        for (int64_t d = 0; d < D; d++) dst[d] = 0.0f;
-        for (int64_t p = 0; p < splits; p++) {
-            const float* part = scratch + (h * splits + p) * (D + 2);
-            if (part[D + 1] == 0.0f) continue;
-            float c = expf(part[D] - m);
-            l += c * part[D + 1];
-            for (int64_t d = 0; d < D; d++) dst[d] += c * part[d];
-        }
-        float inv = l > 0.0f ? 1.0f / l : 0.0f;
-        for (int64_t d = 0; d < D; d++) dst[d] *= inv;
+    for (int64_t task = 0; task < n * Hq; task++) {
+        int64_t t = task / Hq, h = task % Hq, lo, hi;
+        int64_t splits = token_spans(positions[t], window, LLMC_MAX_SPLITS, &lo, &hi);
+        merge_spans(scratch + task * stride, splits, D, out + h * o_h + t * o_s);
     }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * The step's own check of what it is given (llmc.abi checks the same in Python): non-zero when a
+ * count is out of range or an index would reach outside the tokens, tables, rows or pool. B = 0:
+ * the step has no KV pool, and reads no block tables. */
+
+LLMC_KERNEL int llmc_check_step(int64_t n, int64_t max_tokens, const int64_t* tokens, int64_t vocab,
+                                const int64_t* positions, const int64_t* seq_index, int64_t seqs, int64_t max_blocks,
+                                const int64_t* tables, int64_t rows, const int64_t* logit_rows, int64_t blocks,
+                                int64_t B) {
+    if (n < 1 || n > max_tokens || rows < 1 || rows > n || seqs < 1 || max_blocks < 1 || blocks < 1) return 1;
+    for (int64_t r = 0; r < rows; r++)
+        if (logit_rows[r] < 0 || logit_rows[r] >= n) return 1;
+    for (int64_t t = 0; t < n; t++) {
+        if (tokens[t] < 0 || tokens[t] >= vocab || positions[t] < 0 || seq_index[t] < 0 || seq_index[t] >= seqs)
+            return 1;
+        if (B == 0) continue;
+        int64_t last = positions[t] / B;
+        if (last >= max_blocks) return 1;
+        for (int64_t j = 0; j <= last; j++) {        /* every block the token reads */
+            int64_t b = tables[seq_index[t] * max_blocks + j];
+            if (b < 0 || b >= blocks) return 1;
+        }
+    }
+    return 0;
 }

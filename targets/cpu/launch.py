@@ -1,8 +1,8 @@
 """The CPU target's launcher: runs an artifact's compiled library through ctypes (no torch).
 
 The library is written once to ``<cache>/cpu/lib/<sha256>.so`` (dlopen needs a file) and loaded;
-weights are pointers into the artifact's memory-mapped weights section; the KV cache arrays and
-the activation arena are numpy arrays owned by the Model.
+weights are pointers into the artifact's memory-mapped weights section; the KV pool and the
+activation arena are numpy arrays the executor owns.
 """
 
 from __future__ import annotations
@@ -18,7 +18,10 @@ import numpy as np
 
 from llmc.artifact import Artifact, ArtifactError
 
-ABI_VERSION = 1
+from . import ABI_VERSION
+from .. import pool_arrays
+
+_I64 = ctypes.POINTER(ctypes.c_int64)
 
 
 def library_file(code: bytes) -> Path:
@@ -46,7 +49,7 @@ def library_file(code: bytes) -> Path:
 
 
 class CpuExecutor:
-    """Target ``cpu``: the artifact's shared library, called once per prefill chunk or decode step."""
+    """Target ``cpu``: the artifact's shared library, one call per step."""
 
     def __init__(self, artifact: Artifact, threads: int | None = None):
         target = artifact.manifest["target"]
@@ -59,28 +62,35 @@ class CpuExecutor:
                                 "on this machine, or check that libgomp is installed") from None
         if abi != ABI_VERSION:
             raise ArtifactError(f"{artifact.path}: its library has ABI {abi}, this llmc runs {ABI_VERSION}; rebuild it")
-        self.chunk = int(target["chunk"])
-        self.vocab = int(artifact.manifest["vocab_size"])
+        self.artifact = artifact
         self.arena = np.zeros(int(target["arena_bytes"]) + 64, np.uint8)
         arena_at = self.arena.ctypes.data
         self._arena = ctypes.c_void_p(arena_at + (-arena_at) % 64)
         weights = artifact.weights()
         self._keep = [weights[name] for name in target["weights"]]
         self._weights = (ctypes.c_void_p * len(self._keep))(*[w.ctypes.data for w in self._keep])
+        self.vocab = int(artifact.manifest["vocab_size"])
         self.functions = {}
-        for graph, symbol in target["functions"].items():
+        for entry, symbol in target["functions"].items():
             fn = getattr(self.lib, symbol)
             fn.restype = ctypes.c_int
-            fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                           ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-            self.functions[graph] = fn
+            fn.argtypes = [ctypes.c_int64, _I64, _I64, _I64, ctypes.c_int64, ctypes.c_int64, _I64, ctypes.c_int64,
+                           _I64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+            self.functions[entry] = fn
         self.lib.llmc_stream_read.restype = ctypes.c_double
         self.lib.llmc_stream_read.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+        self.pool: list[np.ndarray] = []
         self.set_threads(threads)
 
     def set_threads(self, threads: int | None) -> None:
         self.threads = max(1, int(threads or len(os.sched_getaffinity(0))))
         self.lib.llmc_set_threads(ctypes.c_int(self.threads))
+
+    def allocate_pool(self, blocks: int) -> int:
+        self.pool = pool_arrays(self.artifact, blocks)
+        self._pool = (ctypes.c_void_p * len(self.pool))(*[a.ctypes.data for a in self.pool])
+        self.blocks = blocks
+        return sum(a.nbytes for a in self.pool)
 
     def stream_bandwidth(self, megabytes: int = 512, runs: int = 5) -> float:
         """GB/s of a streaming read by the library's own threads (median of ``runs``)."""
@@ -94,18 +104,17 @@ class CpuExecutor:
             rates.append(data.nbytes / (time.perf_counter() - start) / 1e9)
         return float(np.median(rates))
 
-    def run(self, graph: str, tokens: np.ndarray, start_pos: int, caches: list[np.ndarray]) -> np.ndarray:
-        """Logits of ``graph`` for ``tokens`` at ``start_pos``, split into chunks the arena was planned for."""
-        ctx = caches[0].shape[2]
-        pointers = (ctypes.c_void_p * len(caches))(*[c.ctypes.data for c in caches])
-        pieces = []
-        for at in range(0, len(tokens), self.chunk):
-            ids = np.ascontiguousarray(tokens[at: at + self.chunk], dtype=np.int64)
-            rows = len(ids) if graph == "graph_all" else 1
-            out = np.empty((rows, self.vocab), np.float32)
-            status = self.functions[graph](ids.ctypes.data, len(ids), start_pos + at, ctx, pointers, self._weights,
-                                           self._arena, out.ctypes.data)
-            if status != 0:
-                raise ArtifactError(f"the cpu library refused a step of {len(ids)} tokens at position {start_pos + at}")
-            pieces.append(out)
-        return pieces[0] if len(pieces) == 1 else (np.concatenate(pieces) if graph == "graph_all" else pieces[-1])
+    def run(self, entry: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """The logits [rows, vocab] of one step (inputs as ``llmc.abi.Batch.inputs()``)."""
+        arrays = [np.ascontiguousarray(inputs[name], np.int64) for name in
+                  ("tokens", "positions", "seq_index", "block_tables", "logit_rows")]
+        tokens, positions, seq_index, tables, rows = arrays
+        out = np.empty((rows.size, self.vocab), np.float32)
+        pointer = [a.ctypes.data_as(_I64) for a in arrays]
+        status = self.functions[entry](tokens.size, pointer[0], pointer[1], pointer[2], tables.shape[0],
+                                       tables.shape[1], pointer[3], rows.size, pointer[4], self.blocks, self._pool,
+                                       self._weights, self._arena, out.ctypes.data)
+        if status != 0:
+            raise ArtifactError(f"the cpu library refused a step of {tokens.size} tokens (an index outside its "
+                                f"tables, rows or KV pool of {self.blocks} blocks, or more tokens than it takes)")
+        return out

@@ -1,15 +1,19 @@
-"""Lower an optimised generation graph to one C function over the kernels of kernels.c.
+"""Lower an optimised step graph to one C function over the kernels of kernels.c.
 
-The function runs one step (prefill chunk or decode token) inside a single OpenMP parallel region::
+The function runs one batched step (``llmc.abi``) inside a single OpenMP parallel region::
 
-    int NAME(const int64_t* tokens, int64_t seq, int64_t start_pos, int64_t ctx,
-             void* const* caches, const void* const* W, char* arena, float* out)
+    int NAME(int64_t seq, const int64_t* tokens, const int64_t* positions, const int64_t* seq_index,
+             int64_t seqs, int64_t max_blocks, const int64_t* block_tables, int64_t rows,
+             const int64_t* logit_rows, int64_t blocks, void* const* caches, const void* const* W,
+             char* arena, float* out)
 
-``caches`` are the graph's cache inputs in order, ``W`` the weights in the order of
-``WeightTable.names``, ``arena`` the activation memory (``arena_bytes``, planned here for
-``seq <= chunk``) and ``out`` the graph's single f32 output. Nodes are lowered in topological order;
-view ops make views (views.py), elementwise ops become generated loops, the rest call kernels. The
-target never rewrites the graph: where a kernel wants a layout a view lacks, the view is copied.
+``caches`` are the KV pool's tensors in order (``blocks`` blocks each), ``W`` the weights in the
+order of ``WeightTable.names``, ``arena`` the activation memory (``arena_bytes``, planned here for
+``seq <= chunk``) and ``out`` the graph's single f32 output, [rows, vocab]. The function checks
+every index it is given before any kernel runs (returning non-zero otherwise). Nodes are lowered
+in topological order; view ops make views (views.py), elementwise ops become generated loops, the
+rest call kernels. The target never rewrites the graph: where a kernel wants a layout a view
+lacks, the view is copied.
 """
 
 from __future__ import annotations
@@ -27,11 +31,12 @@ from llmc.quant import parse_scheme
 
 from .scalar import ScalarError, c_type, expression, literal
 from ..arena import plan_arena
-from ..lowering import GraphLowering, f16_weight
+from ..lowering import BATCH_INPUTS, GraphLowering, f16_weight
 from ..views import View, c_dim
 
 ALIGN = 64
-MAX_SPLITS = 16            # flash-decoding splits of one head's keys
+MAX_SPLITS = 16            # flash-decoding spans of one token's keys (kernels.c LLMC_MAX_SPLITS)
+SPLIT_TOKENS = 4           # steps of at most this many tokens run spans as tasks (LLMC_SPLIT_TOKENS)
 DEFAULT_TILES = {"gemv": 16, "gemm": 32}
 
 
@@ -72,6 +77,11 @@ class FunctionLowering(GraphLowering):
         self.weights = weights
         self.tiles = tiles
         self.chunk = chunk
+        vocab = graph.outputs[0].type.shape[-1] if graph.outputs[0].type.rank else None
+        self.vocab = vocab if isinstance(vocab, int) else "INT64_MAX"
+        # k_cache is [layers, blocks, Hk, B, D]; a graph without a pool reads no block tables (B 0).
+        pool = graph.inputs[len(BATCH_INPUTS):]
+        self.block_size = pool[0].type.shape[3] if pool else 0
         self.lines: list[str] = []
         self.kernels: dict[str, int] = {}
 
@@ -193,14 +203,12 @@ class FunctionLowering(GraphLowering):
 
     def _input(self, node: Node) -> View:
         name, t = node.attrs["name"], node.type
-        if name == "tokens":
-            return View.of_buffer("i64", t.shape, "tokens")
-        if name == "start_pos":
-            return View.scalar("i64", "start_pos")
+        if name in BATCH_INPUTS:
+            return View.of_buffer("i64", t.shape, name)
         cache = self.cache_index(name)
         if cache is not None:
             return View.of_buffer(t.dtype, t.shape, f"caches[{cache}]")
-        raise LoweringError(f"graph input {name!r} is not one of tokens, start_pos or the caches")
+        raise LoweringError(f"graph input {name!r} is not one of the step's {', '.join(BATCH_INPUTS)} or its KV pool")
 
     def _call(self, function: str, *args, kernel: str | None = None) -> None:
         """Call a kernel function; ``kernel`` names the variant for the report (default: the function)."""
@@ -321,44 +329,48 @@ class FunctionLowering(GraphLowering):
     def _attend(self, node: Node, kv8: bool) -> View:
         a = node.attrs
         q, k, v = (self.heads(self.read(i)) for i in node.inputs[:3])
-        if kv8:
-            k_cache, k_scale, v_cache, v_scale = (self.read(i) for i in node.inputs[3:7])
-        else:
-            (k_cache, v_cache), k_scale, v_scale = (self.read(i) for i in node.inputs[3:5]), None, None
-        layers, heads_kv, ctx, head_dim = k_cache.shape
+        pools = [self.read(i) for i in node.inputs[3:7 if kv8 else 5]]
+        positions, seq_index, tables = (self.contiguous(self.read(i)) for i in node.inputs[-3:])
+        k_pool, v_pool = (pools[0], pools[2]) if kv8 else pools
+        layers, blocks, heads_kv, block_size, head_dim = k_pool.shape
         heads, seq = q.shape[1], q.shape[2]
         if head_dim > 512:
             raise LoweringError(f"attention heads of {head_dim} values exceed the cpu kernel's 512")
-        layer = a["layer"]
+        layer_slots = dims.mul(dims.mul(blocks, heads_kv), block_size)      # one layer's [blocks, Hk, B]
+
+        def layer_of(pool: View, item: int, width: int) -> str:
+            return f"((char*)({pool.base}) + {c_dim(dims.mul(a['layer'], dims.mul(layer_slots, width * item)))})"
+
         elem = 1 if kv8 else 4
-        cache_stride = dims.mul(dims.mul(heads_kv, ctx), head_dim * elem)
-        scale_stride = dims.mul(dims.mul(heads_kv, ctx), 4)
-        k_at = f"((char*)({k_cache.base}) + {c_dim(dims.mul(layer, cache_stride))})"
-        v_at = f"((char*)({v_cache.base}) + {c_dim(dims.mul(layer, cache_stride))})"
-        ks_at = f"(float*)((char*)({k_scale.base}) + {c_dim(dims.mul(layer, scale_stride))})" if kv8 else "0"
-        vs_at = f"(float*)((char*)({v_scale.base}) + {c_dim(dims.mul(layer, scale_stride))})" if kv8 else "0"
+        k_at, v_at = layer_of(k_pool, elem, head_dim), layer_of(v_pool, elem, head_dim)
+        ks_at = f"(float*){layer_of(pools[1], 4, 1)}" if kv8 else "0"
+        vs_at = f"(float*){layer_of(pools[3], 4, 1)}" if kv8 else "0"
         # The result is laid out [seq, heads, head_dim], what the next permute + reshape reads.
         raw = self.alloc("f32", (seq, heads, head_dim))
         out = raw.reshape((1, seq, heads, head_dim)).permute((0, 2, 1, 3))
-        scratch = self.scratch(MAX_SPLITS * heads * (head_dim + 2) * 4)
+        scratch = self.scratch(SPLIT_TOKENS * MAX_SPLITS * heads * (head_dim + 2) * 4)
         self._call("llmc_attention", q.pointer("float"), c_dim(q.strides[1]), c_dim(q.strides[2]),
                    k.pointer("float"), c_dim(k.strides[1]), c_dim(k.strides[2]),
                    v.pointer("float"), c_dim(v.strides[1]), c_dim(v.strides[2]),
-                   k_at, ks_at, v_at, vs_at, int(kv8), "ctx", heads, heads_kv, head_dim, c_dim(seq), "start_pos",
-                   repr(float(a["scale"])) + "f", a["window"], raw.pointer("float"), head_dim,
-                   c_dim(heads * head_dim), f"(float*){scratch}", MAX_SPLITS)
+                   k_at, ks_at, v_at, vs_at, int(kv8), positions.pointer("int64_t"), seq_index.pointer("int64_t"),
+                   tables.pointer("int64_t"), c_dim(tables.shape[1]), c_dim(seq), heads, heads_kv, head_dim,
+                   block_size, repr(float(a["scale"])) + "f", a["window"], raw.pointer("float"), head_dim,
+                   c_dim(heads * head_dim), f"(float*){scratch}")
         return out
 
     # -- output ------------------------------------------------------------------------------
 
     def _plan(self) -> int:
-        return plan_arena(self.buffers, {"seq": self.chunk}, ALIGN)
+        return plan_arena(self.buffers, {"seq": self.chunk, "rows": self.chunk}, ALIGN)
 
     def _function(self) -> str:
         defines = [f"#define {self._macro(i)} {b.offset}" for i, b in enumerate(self.buffers)]
-        head = [f"LLMC_EXPORT int {self.name}(const int64_t* tokens, int64_t seq, int64_t start_pos, int64_t ctx,",
-                "        void* const* caches, const void* const* W, char* arena, float* out) {",
-                "  if (seq < 1 || seq > LLMC_CHUNK || start_pos < 0 || start_pos + seq > ctx) return 1;",
+        head = [f"LLMC_EXPORT int {self.name}(int64_t seq, const int64_t* tokens, const int64_t* positions,",
+                "        const int64_t* seq_index, int64_t seqs, int64_t max_blocks, const int64_t* block_tables,",
+                "        int64_t rows, const int64_t* logit_rows, int64_t blocks, void* const* caches,",
+                "        const void* const* W, char* arena, float* out) {",
+                f"  if (llmc_check_step(seq, LLMC_CHUNK, tokens, {self.vocab}, positions, seq_index, seqs, max_blocks,",
+                f"                      block_tables, rows, logit_rows, blocks, {self.block_size})) return 1;",
                 "  #pragma omp parallel num_threads(llmc_nthreads)",
                 "  {"]
         body = ["    " + line for line in "\n".join(self.lines).split("\n")]

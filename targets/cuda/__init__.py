@@ -4,13 +4,14 @@ for each requested GPU architecture on any machine (no GPU, no driver).
 - kernels.py      hand-written Triton kernels: GEMV/GEMM (float, q8, q4), norms, RoPE, attention,
                   sampling
 - elementwise.py  generated Triton kernels for elementwise ops and fused chains
-- lower.py        graph -> launch plan (kernel, grid rule, arguments), arena planned by liveness
+- lower.py        step graph -> launch plans (kernel, grid rule, arguments), arena planned by liveness
 - tuning.py       block sizes, warps and stages per arch
 - build.py        Triton cross-compilation to cubins, cached by content
-- plan.py         the runtime side of a plan: arguments and grids evaluated per call
+- plan.py         the runtime side of a plan: a batch staged for the device, the plan it runs,
+                  arguments and grids evaluated per call
 - driver.py       the CUDA driver API through ctypes
-- launch.py       the executor: cubins loaded, weights and KV cache on the device, decode as a
-                  captured CUDA graph (no torch, no Triton)
+- launch.py       the executor: cubins loaded, weights and the KV pool on the device, decode
+                  batches as CUDA graphs captured per batch-size bucket (no torch, no Triton)
 - emulate.py      the same plans run kernel by kernel by Triton's interpreter on CPU (tests)
 
 An artifact holds, per arch, every kernel's cubin and launch metadata (section ``cubin_sm<NN>``
@@ -20,14 +21,15 @@ and the plan section), and the kernels' Triton source (section ``cuda_src``).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from llmc.errors import UsageError
 from llmc.ir import Graph
 
 from .. import check_chunk
 
-CHUNK = 512                 # the most tokens one prefill call takes; the runtime splits longer prompts
+CHUNK = 512                 # the most tokens one step takes; the runtime splits longer prompts
+MAX_DECODE_BATCH = 64       # the most sequences a captured decode graph takes (its arena holds their splits)
 ARCHES = {"sm_80": 80, "sm_86": 86, "sm_89": 89, "sm_90": 90}
 ACT_DTYPES = ("f16", "bf16")
 DEFAULT_ARCHES = "sm_80,sm_90"
@@ -43,6 +45,87 @@ def parse_arches(text: str | list | None) -> list[int]:
             raise UsageError(f"unknown cuda arch {name!r}; choose from {', '.join(ARCHES)} (comma-separated)")
         out.add(ARCHES[name])
     return sorted(out)
+
+
+# What this target keeps in the build cache (llmc cache), under cuda/.
+CACHE_PARTS = [("cuda kernels", "cuda/kernels"), ("cuda tuning table", "cuda/tuning.json"),
+               ("Triton's cache", "cuda/triton"), ("runtime files", "cuda/emulate"), ("kernel sources", "cuda/src")]
+KV_FORMATS = ("f32",)       # the pool is kept in the activation dtype; no int8 KV yet
+
+
+@dataclass(frozen=True)
+class Options:
+    arch: str | None = field(default=None, metadata={
+        "help": f"GPU archs of a cuda build, comma-separated: {', '.join(ARCHES)} (default {DEFAULT_ARCHES})",
+        "metavar": "ARCHES", "many": True})
+    act_dtype: str = field(default="f16", metadata={
+        "help": "activation and KV cache dtype of a cuda build (fp32 accumulation either way)",
+        "choices": list(ACT_DTYPES)})
+    chunk: int | None = field(default=None, metadata={
+        "help": f"the most tokens one step takes (default {CHUNK}); the runtime splits longer prompts",
+        "metavar": "TOKENS"})
+
+    def __post_init__(self):
+        if isinstance(self.arch, (list, tuple)):          # a build file's list: recorded as the flag's text
+            object.__setattr__(self, "arch", ",".join(map(str, self.arch)))
+
+
+def check(options: Options) -> None:
+    from .build import triton_version
+
+    check_options(options.arch, options.act_dtype, options.chunk)
+    triton_version()
+
+
+def emit(graph: Graph, options: Options, progress=None):
+    """The lower phase for target cuda: launch plans, their kernels cross-compiled per arch."""
+    from .. import Build
+
+    built = compile_graphs({"step": graph}, arches=options.arch, act=options.act_dtype,
+                           chunk=options.chunk or CHUNK, progress=progress)
+    size = sum(len(v) for k, v in built.sections.items() if k.startswith("cubin_"))
+    arches = built.manifest["arches"]
+    summary = (f"{','.join(arches)}: {sum(built.kernels.values())} launches per decode step, {built.compiled} "
+               f"kernels compiled, {built.cached} cached, cubins {size / 1e3:.0f} kB")
+    return Build(built.sections, built.manifest, built.manifest["max_tokens"],
+                 {"cuda_arches": arches}, pool_dtype=built.manifest["kv_dtype"], summary=summary,
+                 report={"kernels": built.kernels, "arches": arches, "compiled": built.compiled,
+                         "cached": built.cached})
+
+
+def describe(artifact) -> list[str]:
+    target = artifact.manifest["target"]
+    plan = json.loads(bytes(artifact.section("cuda_plan")).decode())
+    launches = ", ".join(f"{k} x{n}" for k, n in target["decode_launches"].items())
+    lines = [f"cuda      activations and KV cache {target['act_dtype']}, up to {target['chunk']} tokens a call, "
+             f"activation arena {target['arena_bytes'] / 1e6:.1f} MB; a decode step launches {launches}"]
+    for arch in target["arches"]:
+        cubins = plan["cubins"][arch]
+        size = len(artifact.section(f"cubin_sm{arch[3:]}"))
+        lines.append(f"cubins    {arch}: {len(cubins)} kernels, {size / 1e3:.0f} kB")
+        for key in sorted(cubins):
+            entry, meta = plan["kernels"][key], cubins[key]
+            params = ", ".join(f"{k}={v}" for k, v in sorted(entry["constexprs"].items()))
+            lines.append(f"            {meta['name']:<28} {meta['num_warps']} warps, {meta['shared']:>6} B shared"
+                         f"{', ' + params if params else ''}")
+    return lines
+
+
+def runs_here(manifest) -> tuple[None, str]:
+    """This check cannot tell: it would need the GPU's driver and arch."""
+    return None, "needs an NVIDIA GPU of " + " or ".join(manifest["target"]["arches"])
+
+
+def executor(artifact, threads: int | None = None):
+    import os
+
+    if os.environ.get("LLMC_CUDA_EMULATE") == "1":          # no GPU: Triton's interpreter, slowly
+        from .emulate import EmulatedExecutor
+
+        return EmulatedExecutor(artifact, threads)
+    from .launch import CudaExecutor
+
+    return CudaExecutor(artifact, threads)
 
 
 def check_options(arches, act: str, chunk: int | None, kv: str = "f32") -> None:
@@ -67,28 +150,29 @@ class CudaBuild:
 
 def compile_graphs(graphs: dict[str, Graph], *, arches=None, act: str = "f16", chunk: int = CHUNK,
                    progress=None) -> CudaBuild:
-    """Plans for the entry graphs ("graph", "graph_all") plus a decode plan, their kernels compiled
-    for every arch in ``arches``."""
+    """The plans (``lower.PLANS``) of the step graph ``graphs["step"]`` (``llmc.abi``), their
+    kernels compiled for every arch in ``arches``."""
     from llmc.cache import active
 
     from .build import compile_kernels
-    from .lower import KernelTable, WeightTable, lower_graph
+    from .lower import PLANS, KernelTable, WeightTable, lower_graph
     from .plan import SAMPLE_STEPS
     from .tuning import table
 
     check_options(arches, act, chunk)
     targets = parse_arches(arches)
+    graph = graphs["step"]
+    decode_batch = min(chunk, MAX_DECODE_BATCH)
+    most = {"step": chunk, "decode": 1, "decode_batch": decode_batch}
     kernels, weights = KernelTable(), WeightTable()
     plans = {}
     cache = active()
     tuned = cache.entry("cuda", "tuning.json") if cache.reads else None
+    names = [name for name in PLANS if name != "decode_batch" or decode_batch > 1]
     for arch in targets:
         tuning = table(arch, tuned)
-        plans[f"sm_{arch}"] = {
-            "decode": lower_graph(graphs["graph"], kernels, weights, tuning, act, True, chunk),
-            "graph": lower_graph(graphs["graph"], kernels, weights, tuning, act, False, chunk),
-            "graph_all": lower_graph(graphs["graph_all"], kernels, weights, tuning, act, False, chunk),
-        }
+        plans[f"sm_{arch}"] = {name: lower_graph(graph, kernels, weights, tuning, act, PLANS[name], most[name])
+                               for name in names}
     sampling = {
         "argmax": kernels.add("kernels", "argmax", [["logits", "*fp32"], ["N", "i32"], ["token", "*i64"]],
                               {"BLOCK": 1024}, {"num_warps": 4, "num_stages": 1}),
@@ -122,6 +206,7 @@ def compile_graphs(graphs: dict[str, Graph], *, arches=None, act: str = "f16", c
     manifest = {
         "name": "cuda", "executor": "Triton kernels as cubins through the CUDA driver API",
         "arches": [f"sm_{a}" for a in targets], "act_dtype": act, "kv_dtype": act, "chunk": chunk,
+        "max_tokens": chunk, "decode_batch": decode_batch,
         "arena_bytes": max(p["arena_bytes"] for arch_plans in plans.values() for p in arch_plans.values()),
         "weights": weights.names, "weight_dtypes": weights.dtypes,
         "kernels": {f"sm_{a}": sorted(compiled[a]) for a in targets},

@@ -80,6 +80,11 @@ class Driver:
         self.check("cuMemcpyHtoDAsync_v2", ctypes.c_uint64(pointer), ctypes.c_void_p(host), ctypes.c_size_t(nbytes),
                    self.stream)
 
+    def copy(self, dest: int, source: int, nbytes: int) -> None:
+        """Device to device, ordered on the stream."""
+        self.check("cuMemcpyDtoDAsync_v2", ctypes.c_uint64(dest), ctypes.c_uint64(source), ctypes.c_size_t(nbytes),
+                   self.stream)
+
     def download(self, host: int, pointer: int, nbytes: int) -> None:
         self.check("cuMemcpyDtoHAsync_v2", ctypes.c_void_p(host), ctypes.c_uint64(pointer), ctypes.c_size_t(nbytes),
                    self.stream)
@@ -119,3 +124,6 @@ class Driver:
 
     def replay(self, executable) -> None:
         self.check("cuGraphLaunch", executable, self.stream)
+
+    def destroy_graph(self, executable) -> None:
+        self.check("cuGraphExecDestroy", executable)

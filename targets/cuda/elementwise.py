@@ -3,8 +3,8 @@
 Each elementwise node becomes one kernel over its output viewed as ``[D0, D1, D2, I]``: program
 (row, block) computes BLOCK elements of the inner axis, every operand addressed through its own
 four element strides (0 where it broadcasts), so views never need copying. The kernel source is
-generated per distinct body and deduplicated by its text; ``meta`` carries start_pos for bodies
-that read it. Floats compute in fp32; an op whose result is f16/bf16 rounds there, as numpy does.
+generated per distinct body and deduplicated by its text. Floats compute in fp32; an op whose
+result is f16/bf16 rounds there, as numpy does.
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def body(node_op: str, attrs: dict, operands: list[tuple[str, str]], out_dtype: 
     return statements, f"t{len(types) - 1}"
 
 
-def kernel_source(statements: list[str], result: str, inputs: list[tuple[str, str]], reads_start: bool) -> tuple[str, str]:
+def kernel_source(statements: list[str], result: str, inputs: list[tuple[str, str]]) -> tuple[str, str]:
     """(function name, module source) of an elementwise kernel. ``inputs`` are (storage dtype, IR
     dtype) of the pointer operands in0, in1, ...; the body refers to them as a0, a1, ..."""
     params = ["out", "os0", "os1", "os2", "os3"]
@@ -138,7 +138,7 @@ def kernel_source(statements: list[str], result: str, inputs: list[tuple[str, st
         value = f"tl.load({at}, mask=ok, other=0)"
         loads.append(f"    a{k} = {value} != 0" if ir_dtype == "bool" else
                      f"    a{k} = {value}.to({compute_type(ir_dtype)})")
-    params += ["meta", "D1", "D2", "I", "BLOCK: tl.constexpr"]
+    params += ["D1", "D2", "I", "BLOCK: tl.constexpr"]
     lines = [
         "    row = tl.program_id(0)",
         "    i2 = row % D2",
@@ -147,8 +147,6 @@ def kernel_source(statements: list[str], result: str, inputs: list[tuple[str, st
         "    i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)",
         "    ok = i < I",
     ] + loads
-    if reads_start:
-        lines.append("    start_pos = tl.load(meta)")
     lines += [f"    {s}" for s in statements]
     lines += [f"    value = {result}",
               "    value = tl.where(ok, value, value)",            # a tensor even when every operand is a literal

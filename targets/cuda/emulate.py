@@ -17,7 +17,7 @@ import numpy as np
 from llmc.artifact import Artifact
 from llmc.errors import LlmcError
 
-from .plan import Launch, PlanRunner, cache_shapes, read_program, to_storage
+from .plan import Launch, PlanRunner, Staged, read_program, to_storage
 
 TORCH_DTYPES = {"*fp32": "float32", "*fp16": "float16", "*bf16": "bfloat16", "*i64": "int64", "*i32": "int32",
                 "*i8": "int8", "*u8": "uint8"}
@@ -74,10 +74,9 @@ class EmulatedExecutor(PlanRunner):
         self.weights = [self._tensor(to_storage(arrays[name], dtype), dtype)
                         for name, dtype in zip(self.program.weights, self.program.weight_dtypes)]
         self.vocab = int(artifact.manifest["vocab_size"])
-        self.kv_cache = artifact.manifest["kv_cache"]
         self.arena = torch.zeros(max(p.arena_bytes for p in self.program.plans.values()) + 256, dtype=torch.uint8)
-        self.caches: list = []
-        self.ctx = 0
+        self.pool: list = []
+        self.buffers: dict = {}
 
     def _tensor(self, array: np.ndarray, dtype: str):
         torch = self.torch
@@ -85,33 +84,30 @@ class EmulatedExecutor(PlanRunner):
             return torch.from_numpy(array.copy()).view(torch.bfloat16)
         return torch.from_numpy(np.array(array))
 
-    def allocate_caches(self, ctx: int) -> int:
-        """The KV cache on the (emulated) device, in the activation dtype; returns its bytes."""
+    def _new_pool(self, blocks: int, width: int) -> int:
+        """The KV pool on the (emulated) device, in the activation dtype; returns its bytes."""
         dtype = getattr(self.torch, {"f16": "float16", "bf16": "bfloat16"}[self.program.act])
-        self.ctx = ctx
-        self.caches = [self.torch.zeros(shape, dtype=dtype) for shape in cache_shapes(self.kv_cache, ctx)]
-        return sum(c.numel() * c.element_size() for c in self.caches)
+        self.pool = [self.torch.zeros(shape, dtype=dtype) for _, shape, _ in self.program.pool.shapes(blocks)]
+        return sum(c.numel() * c.element_size() for c in self.pool)
 
     def _pointer(self, base: str, offset: int, kind: str):
         torch = self.torch
         dtype = getattr(torch, TORCH_DTYPES[kind])
-        if base[0] == "w":
+        if base[0] == "w" and base[1:].isdigit():
             tensor = self.weights[int(base[1:])]
-        elif base[0] == "c":
-            tensor = self.caches[int(base[1:])]
+        elif base[0] == "c" and base[1:].isdigit():
+            tensor = self.pool[int(base[1:])]
         else:
             tensor = self.buffers[base]
         raw = tensor.reshape(-1).view(torch.uint8)
         usable = (raw.numel() - offset) // dtype.itemsize * dtype.itemsize
         return raw[offset: offset + usable].view(dtype)
 
-    def _begin(self, ids: np.ndarray, start_pos: int) -> None:
+    def _upload(self, staged: Staged) -> None:
         torch = self.torch
-        rows = len(ids)
-        self.buffers = {"arena": self.arena, "tokens": torch.from_numpy(ids.copy()),
-                        "meta": torch.tensor([start_pos, rows], dtype=torch.int64),
-                        "out": torch.zeros((rows, self.vocab), dtype=torch.float32),
-                        "params": torch.zeros(4, dtype=torch.float32), "token": torch.zeros(1, dtype=torch.int64)}
+        self.buffers = {name: torch.from_numpy(array.copy()) for name, array in staged.arrays.items()}
+        self.buffers.update(arena=self.arena, out=torch.zeros((staged.env["rows"], self.vocab), dtype=torch.float32),
+                            params=torch.zeros(4, dtype=torch.float32), token=torch.zeros(1, dtype=torch.int64))
 
     def _execute(self, plan: str, env: dict) -> None:
         for launch in self.program.plans[plan].launches(env):

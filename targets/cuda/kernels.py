@@ -2,8 +2,9 @@
 
 Every value a kernel loads is widened to fp32 and every sum accumulates in fp32; stores convert to
 the destination's dtype (fp16 or bf16 for activations and the KV cache, fp32 for logits). Sizes
-and element strides are i32 arguments; ``meta`` points at the step's i64 scalars on the device
-(``meta[0]`` = start_pos), so a captured decode graph replays with new positions.
+and element strides are i32 arguments. What changes from step to step (token ids, positions,
+block tables) is read from device buffers, never passed as an argument, so a captured decode
+graph replays for any positions and tables.
 
 This module is imported only where Triton is: by the build worker (cross-compiling each kernel to
 cubins) and by the emulator (``TRITON_INTERPRET=1``, the kernels run on CPU tensors). References
@@ -137,107 +138,136 @@ def rope(x, xs0, xs1, xs2, c, cs0, cs1, cs2, cs3, s, ss0, ss1, ss2, ss3, out, D1
     tl.store(out + row.to(tl.int64) * D + offs, (v * cv + rotated * sv).to(out.dtype.element_ty), mask=ok)
 
 
-# -- attention over the KV cache ----------------------------------------------------------------
-# The caches are [kv_heads, ctx, D] per layer (the pointer arrives at the layer's first element).
-# Query head h reads key/value head h // GROUP: grouped-query attention without repeating K/V.
+# -- attention over the paged KV pool ---------------------------------------------------------
+# A pool pointer arrives at its layer's [blocks, HK, KV_BLOCK, D] elements. Position p of the
+# sequence whose block table row starts at ``tables + row`` lives in block tables[row + p //
+# KV_BLOCK] at offset p % KV_BLOCK. Every token carries its own position and sequence, so a step
+# may mix prefill chunks and decode tokens of many sequences. Query head h reads key/value head
+# h // GROUP: grouped-query attention without repeating K/V.
 
 
 @triton.jit
-def kv_append(k, k_sh, k_ss, v, v_sh, v_ss, kc, vc, meta, CTX, D, BLOCK_D: tl.constexpr):
-    """Write the step's keys and values (token s, head h) to the cache at start_pos + s."""
-    s = tl.program_id(0)
-    h = tl.program_id(1)
-    pos = tl.load(meta) + s
+def _pool_rows(tables, row, offs_n, ok, g, HK, KV_BLOCK: tl.constexpr):
+    """The pool rows (each D elements) of key/value head g at the positions offs_n of one
+    sequence, gathered through its block table (a tile of keys may span several blocks)."""
+    block = tl.load(tables + row + offs_n // KV_BLOCK, mask=ok, other=0)
+    return (block * HK + g) * KV_BLOCK + offs_n % KV_BLOCK
+
+
+@triton.jit
+def kv_write(k, k_sh, k_ss, v, v_sh, v_ss, kc, vc, positions, seq_index, tables, MAX_BLOCKS, HK, D,
+             KV_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (t, g): token t's key and value of head g to its slot in the pool."""
+    t = tl.program_id(0)
+    g = tl.program_id(1)
+    pos = tl.load(positions + t)
+    block = tl.load(tables + tl.load(seq_index + t) * MAX_BLOCKS + pos // KV_BLOCK)
     offs = tl.arange(0, BLOCK_D)
     ok = offs < D
-    at = (h.to(tl.int64) * CTX + pos) * D + offs
-    tl.store(kc + at, tl.load(k + h * k_sh + s * k_ss + offs, mask=ok).to(kc.dtype.element_ty), mask=ok)
-    tl.store(vc + at, tl.load(v + h * v_sh + s * v_ss + offs, mask=ok).to(vc.dtype.element_ty), mask=ok)
+    at = ((block * HK + g) * KV_BLOCK + pos % KV_BLOCK) * D + offs
+    tl.store(kc + at, tl.load(k + g * k_sh + t * k_ss + offs, mask=ok).to(kc.dtype.element_ty), mask=ok)
+    tl.store(vc + at, tl.load(v + g * v_sh + t * v_ss + offs, mask=ok).to(vc.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def attn_decode(q, q_sh, kc, vc, part, meta, CTX, GROUP, D, scale, WINDOW, SPLITS: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Flash-decoding: program (h, split) attends one token's query head h over its share of the
-    positions 0..start_pos and writes (unnormalised output, running max, sum) to ``part``."""
-    h = tl.program_id(0)
-    split = tl.program_id(1)
-    kv = (h // GROUP).to(tl.int64)
-    end = tl.load(meta).to(tl.int32) + 1
+def attn_decode(q, q_sh, q_ss, kc, vc, part, positions, seq_index, tables, MAX_BLOCKS, HK, GROUP, D, scale, WINDOW,
+                KV_BLOCK: tl.constexpr, SPLITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+    """Flash-decoding: program (t, g, split) attends token t's GROUP query heads of key/value head
+    g (rows of one tile, so K/V are read once per group) over its share of the positions
+    0..positions[t] of its sequence, and writes (unnormalised output, running max, sum) per head
+    to ``part``. Scores and sums are fp32 (K/V widened on load); the merge combines the splits."""
+    t = tl.program_id(0)
+    g = tl.program_id(1)
+    split = tl.program_id(2)
+    row = tl.load(seq_index + t) * MAX_BLOCKS
+    end = tl.load(positions + t).to(tl.int32) + 1
     first = 0
     if WINDOW > 0:
         first = tl.maximum(end - WINDOW, 0)
     share = tl.cdiv(tl.cdiv(end - first, SPLITS), BLOCK_N) * BLOCK_N
     lo = first + split * share
     hi = tl.minimum(lo + share, end)
+    offs_h = tl.arange(0, BLOCK_H)
+    h_ok = offs_h < GROUP
+    heads = g * GROUP + offs_h
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    qv = tl.load(q + h * q_sh + offs_d, mask=d_ok, other=0.0).to(tl.float32) * scale
-    m = tl.max(tl.full((BLOCK_N,), -float("inf"), tl.float32), axis=0)
-    total = tl.sum(tl.zeros((BLOCK_N,), tl.float32), axis=0)
-    acc = tl.zeros((BLOCK_D,), tl.float32)
-    for n0 in range(lo, hi, BLOCK_N):
+    qt = tl.load(q + t.to(tl.int64) * q_ss + heads[:, None] * q_sh + offs_d[None, :],
+                 mask=h_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32) * scale
+    m = tl.full((BLOCK_H,), -float("inf"), tl.float32)
+    total = tl.zeros((BLOCK_H,), tl.float32)
+    acc = tl.zeros((BLOCK_H, BLOCK_D), tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):          # every tile holds a key, so m stays finite inside
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < hi
-        at = (kv * CTX + offs_n)[:, None] * D + offs_d[None, :]
+        at = _pool_rows(tables, row, offs_n, n_ok, g, HK, KV_BLOCK)[:, None] * D + offs_d[None, :]
         keys = tl.load(kc + at, mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-        scores = tl.where(n_ok, tl.sum(keys * qv[None, :], axis=1), -float("inf"))
-        m_new = tl.maximum(m, tl.max(scores, axis=0))
+        scores = tl.where(n_ok[None, :], tl.dot(qt, tl.trans(keys), input_precision="ieee"), -float("inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=1))
         alpha = tl.exp(m - m_new)
-        p = tl.exp(scores - m_new)
+        p = tl.exp(scores - m_new[:, None])
         values = tl.load(vc + at, mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-        total = total * alpha + tl.sum(p, axis=0)
-        acc = acc * alpha + tl.sum(p[:, None] * values, axis=0)
+        total = total * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p, values, input_precision="ieee")
         m = m_new
-    slot = part + (h * SPLITS + split).to(tl.int64) * (BLOCK_D + 2)
-    tl.store(slot + offs_d, acc)
-    tl.store(slot + BLOCK_D, m)
-    tl.store(slot + BLOCK_D + 1, total)
+    slots = part + ((t * HK * GROUP + heads) * SPLITS + split).to(tl.int64) * (BLOCK_D + 2)
+    tl.store(slots[:, None] + offs_d[None, :], acc, mask=h_ok[:, None])
+    tl.store(slots + BLOCK_D, m, mask=h_ok)
+    tl.store(slots + BLOCK_D + 1, total, mask=h_ok)
 
 
 @triton.jit
-def attn_merge(part, out, o_sh, D, SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Combine head h's flash-decoding splits: out = sum(w_i * acc_i) / sum(w_i * l_i), w_i = exp(m_i - max m)."""
-    h = tl.program_id(0)
+def attn_merge(part, out, o_ss, o_sh, HQ, D, SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Combine token t's flash-decoding splits for head h: out = sum(w_i * acc_i) / sum(w_i * l_i),
+    w_i = exp(m_i - max m); a split past the end of the context has m_i = -inf and weighs 0."""
+    t = tl.program_id(0)
+    h = tl.program_id(1)
     offs_s = tl.arange(0, SPLITS)
     offs_d = tl.arange(0, BLOCK_D)
-    slots = part + (h * SPLITS + offs_s).to(tl.int64) * (BLOCK_D + 2)
+    slots = part + ((t * HQ + h) * SPLITS + offs_s).to(tl.int64) * (BLOCK_D + 2)
     accs = tl.load(slots[:, None] + offs_d[None, :])
     ms = tl.load(slots + BLOCK_D)
     totals = tl.load(slots + BLOCK_D + 1)
     weights = tl.where(ms == -float("inf"), 0.0, tl.exp(ms - tl.max(ms, axis=0)))
     o = tl.sum(weights[:, None] * accs, axis=0) / tl.sum(weights * totals, axis=0)
-    tl.store(out + h * o_sh + offs_d, o.to(out.dtype.element_ty), mask=offs_d < D)
+    tl.store(out + t.to(tl.int64) * o_ss + h * o_sh + offs_d, o.to(out.dtype.element_ty), mask=offs_d < D)
 
 
 @triton.jit
-def attn_prefill(q, q_sh, q_ss, kc, vc, out, o_sh, o_ss, meta, SEQ, CTX, GROUP, D, scale, WINDOW,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Tiled causal attention of BLOCK_M queries of head h (positions start_pos + m) over the cache
-    (the step's keys already appended), with online softmax; keys past the block's last query are
-    never read."""
-    mb = tl.program_id(0)
+def attn_prefill(q, q_sh, q_ss, kc, vc, out, o_sh, o_ss, tiles, positions, seq_index, tables, MAX_BLOCKS, HK, GROUP,
+                 D, scale, WINDOW, KV_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
+    """Program (tile, h): tiled causal (windowed) attention of query head h for one tile of the
+    step, with online softmax and tensor-core tiles. A tile is ``tiles[2*tile]``, the first of
+    ``tiles[2*tile + 1]`` consecutive token rows of one sequence (the launcher cuts them, at most
+    BLOCK_M), each at its own position; keys run over 0..the tile's last position, through the
+    sequence's block table, and each row takes the keys at or before its position."""
+    tile = tl.program_id(0)
     h = tl.program_id(1)
-    kv = (h // GROUP).to(tl.int64)
-    start = tl.load(meta).to(tl.int32)
-    offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < SEQ
-    qpos = start + offs_m
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    qt = tl.load(q + h * q_sh + offs_m[:, None] * q_ss + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :],
-                 other=0.0)
-    hi = start + tl.minimum(SEQ, (mb + 1) * BLOCK_M)
+    g = h // GROUP
+    first_row = tl.load(tiles + 2 * tile)
+    count = tl.load(tiles + 2 * tile + 1)
+    offs_m = tl.arange(0, BLOCK_M)
+    m_ok = offs_m < count
+    rows = (first_row + offs_m).to(tl.int64)
+    row = tl.load(seq_index + first_row) * MAX_BLOCKS
+    qpos = tl.load(positions + rows, mask=m_ok, other=0).to(tl.int32)
+    hi = tl.max(qpos, axis=0) + 1
     lo = 0
     if WINDOW > 0:
-        lo = tl.maximum(start + mb * BLOCK_M - WINDOW + 1, 0) // BLOCK_N * BLOCK_N
+        lo = tl.maximum(tl.min(tl.where(m_ok, qpos, hi), axis=0) - WINDOW + 1, 0)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    qt = tl.load(q + h * q_sh + rows[:, None] * q_ss + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :],
+                 other=0.0)
     m_i = tl.full((BLOCK_M,), -float("inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < hi
-        at = (kv * CTX + offs_n)[:, None] * D + offs_d[None, :]
+        at = _pool_rows(tables, row, offs_n, n_ok, g, HK, KV_BLOCK)[:, None] * D + offs_d[None, :]
         keys = tl.load(kc + at, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         scores = tl.dot(qt, tl.trans(keys.to(qt.dtype))) * scale
         allowed = (offs_n[None, :] <= qpos[:, None]) & n_ok[None, :]
@@ -252,7 +282,7 @@ def attn_prefill(q, q_sh, q_ss, kc, vc, out, o_sh, o_ss, meta, SEQ, CTX, GROUP, 
         acc = acc * alpha[:, None] + tl.dot(p.to(qt.dtype), values.to(qt.dtype))
         m_i = m_new
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    tl.store(out + offs_m[:, None] * o_ss + h * o_sh + offs_d[None, :], o.to(out.dtype.element_ty),
+    tl.store(out + rows[:, None] * o_ss + h * o_sh + offs_d[None, :], o.to(out.dtype.element_ty),
              mask=m_ok[:, None] & d_ok[None, :])
 
 

@@ -2,22 +2,26 @@
 no Triton).
 
 At load: the cubins of the device's arch are loaded, the weights uploaded in their device dtypes,
-and the activation arena, token and logits buffers allocated. ``allocate_caches`` (called by
-``llmc.load`` with the chosen context length) puts the KV cache on the device and captures the
-decode plan as a CUDA graph; each decode step then copies its token and position to the device,
-replays the graph, and brings back the logits or only the sampled token id.
+and the activation arena, batch and logits buffers allocated. ``allocate_pool`` (called by the
+runtime with the number of KV blocks) puts the KV pool and the block-table buffer on the device.
+A step uploads its staged batch (``plan.stage``) and runs its plan: a decode batch replays the
+CUDA graph captured for its bucket the first time the bucket ran, any other batch launches the
+step plan's kernels one by one; then the logits of the asked rows, or only a sampled token id,
+come back.
 """
 
 from __future__ import annotations
 
 import ctypes
+import statistics
+import time
 
 import numpy as np
 
 from llmc.artifact import Artifact, ArtifactError
 
 from .driver import Driver
-from .plan import Launch, PlanRunner, cache_shapes, read_program, to_storage
+from .plan import BATCH, Launch, PlanRunner, Staged, read_program, to_storage
 
 
 def pick_arch(arches: list[str], major: int, minor: int, path) -> str:
@@ -57,47 +61,71 @@ class CudaExecutor(PlanRunner):
             driver.upload(self.base[f"w{index}"], data.ctypes.data, data.nbytes)
             driver.synchronize()
         self.vocab = int(artifact.manifest["vocab_size"])
-        self.cache = artifact.manifest["kv_cache"]
-        chunk = self.program.chunk
-        sizes = {"arena": max(p.arena_bytes for p in self.program.plans.values()), "tokens": 8 * chunk, "meta": 16,
-                 "out": 4 * chunk * self.vocab, "params": 16, "token": 8}
+        most = self.program.max_tokens
+        sizes = {"arena": max(p.arena_bytes for p in self.program.plans.values()), "out": 4 * most * self.vocab,
+                 "tiles": 8 * most, "params": 16, "token": 8, **{name: 8 * most for name in BATCH if name != "block_tables"}}
         for name, nbytes in sizes.items():
             self.base[name] = driver.alloc(nbytes)
         self.scratch, self.scratch_bytes = 0, 0
-        self.ctx = 0
-        self.decode_graph = None
+        self.graphs: dict[tuple, ctypes.c_void_p] = {}        # (plan, sizes) -> captured decode graph
         self._staged: list[np.ndarray] = []
 
-    def allocate_caches(self, ctx: int) -> int:
-        """The KV cache on the device (activation dtype) for ``ctx`` positions; then the decode
-        step is captured as a CUDA graph over these buffers. Returns the cache's bytes."""
-        shapes = cache_shapes(self.cache, ctx)
-        nbytes = 2 * int(np.prod(shapes[0]))            # fp16 or bf16
-        for index in range(len(shapes)):
+    def _new_pool(self, blocks: int, width: int) -> int:
+        """The KV pool tensors and a block-table buffer for a step's most sequences; graphs
+        captured over the old ones are dropped."""
+        self.driver.synchronize()                       # nothing queued may still use the old ones
+        for graph in self.graphs.values():
+            self.driver.destroy_graph(graph)
+        self.graphs.clear()
+        shapes = [shape for _, shape, _ in self.program.pool.shapes(blocks)]
+        for name in ["block_tables"] + [f"c{index}" for index in range(len(shapes))]:
+            if name in self.base:
+                self.driver.free(self.base.pop(name))
+        sizes = [2 * int(np.prod(shape)) for shape in shapes]          # fp16 or bf16
+        for index, nbytes in enumerate(sizes):
             self.base[f"c{index}"] = self.driver.alloc(nbytes)
-        self.ctx = ctx
-        env = {"seq": 1, "ctx": ctx}
-        launches = list(self.program.plans["decode"].launches(env))
-        self._reserve_scratch(launches)
-        self.decode_graph = self.driver.capture(lambda: [self._launch(launch) for launch in launches])
-        return nbytes * len(shapes)
+        self.base["block_tables"] = self.driver.alloc(8 * self.program.max_tokens * width)
+        return sum(sizes)
+
+    def stream_bandwidth(self, megabytes: int = 1024, runs: int = 5) -> float:
+        """The GPU's memory bandwidth in GB/s, measured: a device-to-device copy (each byte read
+        once and written once), median of ``runs``; what ``llmc bench`` puts decode against."""
+        nbytes = megabytes << 20
+        source, dest = self.driver.alloc(nbytes), self.driver.alloc(nbytes)
+        rates = []
+        for _ in range(runs + 1):                     # the first copy warms up
+            self.driver.synchronize()
+            start = time.perf_counter()
+            self.driver.copy(dest, source, nbytes)
+            self.driver.synchronize()
+            rates.append(2 * nbytes / (time.perf_counter() - start) / 1e9)
+        self.driver.free(source)
+        self.driver.free(dest)
+        return statistics.median(rates[1:])
 
     # -- PlanRunner backend ------------------------------------------------------------------
 
-    def _begin(self, ids: np.ndarray, start_pos: int) -> None:
-        meta = np.array([start_pos, len(ids)], np.int64)
-        self._staged = [ids, meta]                   # alive until the copies are done
-        self.driver.upload(self.base["tokens"], ids.ctypes.data, ids.nbytes)
-        self.driver.upload(self.base["meta"], meta.ctypes.data, meta.nbytes)
+    def _upload(self, staged: Staged) -> None:
+        self._staged = list(staged.arrays.values())          # alive until the copies are done
+        for name, array in staged.arrays.items():
+            if array.nbytes:
+                self.driver.upload(self.base[name], array.ctypes.data, array.nbytes)
 
     def _execute(self, plan: str, env: dict) -> None:
-        if plan == "decode" and self.decode_graph is not None:
-            self.driver.replay(self.decode_graph)
+        if plan == "step":
+            for launch in self._launches(plan, env):
+                self._launch(launch)
             return
+        key = (plan, tuple(sorted(env.items())))              # one graph per decode bucket
+        if key not in self.graphs:
+            launches = self._launches(plan, env)
+            self.graphs[key] = self.driver.capture(lambda: [self._launch(launch) for launch in launches])
+        self.driver.replay(self.graphs[key])
+
+    def _launches(self, plan: str, env: dict) -> list[Launch]:
         launches = list(self.program.plans[plan].launches(env))
         self._reserve_scratch(launches)
-        for launch in launches:
-            self._launch(launch)
+        return launches
 
     def _launch(self, launch: Launch) -> None:
         function, threads, shared, _ = self.functions[launch.kernel]

@@ -1,16 +1,23 @@
-"""Lower an optimised generation graph to a launch plan: the kernels one step runs, in order.
+"""Lower an optimised step graph (``llmc.abi``) to a launch plan: the kernels one step runs, in order.
 
 A plan is data (JSON in the artifact), so the launcher needs no code generation at load time::
 
-    {"arena_bytes": int, "steps": [{"kernel": key, "grid": [[dim, divisor], x3], "args": [...]}]}
+    {"arena_bytes": int, "tile_rows": int, "steps": [{"kernel": key, "grid": [[dim, divisor], x3], "args": [...]}]}
 
-Each argument is ``["p", base, byte_offset]`` (a device pointer: ``arena``, ``out``, ``tokens``,
-``meta``, weight ``w<i>`` or cache ``c<i>``), ``["i", dim]`` (an i32) or ``["f", value]`` (an
-f32), where dims are symbolic in ``seq`` and ``ctx`` and evaluated per call. ``kernels`` maps each
-key to the Triton function, its arguments' names and types in order, and the constexprs and launch
-options it is compiled with.
+Each argument is ``["p", base, byte_offset]`` (a device pointer: ``arena``, ``out``, a batch
+input ``tokens``, ``positions``, ``seq_index``, ``block_tables``, ``logit_rows``, the prefill
+attention's ``tiles``, weight ``w<i>`` or pool ``c<i>``), ``["i", dim]`` (an i32) or ``["f", value]``
+(an f32), where dims are symbolic in the step's ``seq``, ``rows``, ``seqs``, ``max_blocks``,
+``blocks`` and ``tiles`` (the prefill attention tiles the launcher cuts, ``tile_rows`` tokens at
+most) and evaluated per call. ``kernels`` maps each key to the Triton function, its arguments'
+names and types in order, and the constexprs and launch options it is compiled with.
 
-Storage on the device: activations and the KV cache in the activation dtype (fp16 or bf16), logits
+One graph gives three plans (``PLANS``): ``step`` takes any batch; ``decode`` (one sequence, one
+token) and ``decode_batch`` (one token of each of several sequences) use the flash-decoding
+kernels, and the first runs its linears as GEMVs; the launcher captures the decode plans as CUDA
+graphs.
+
+Storage on the device: activations and the KV pool in the activation dtype (fp16 or bf16), logits
 and small fp32 values that are not activations (RoPE angles, tables built from positions) in fp32,
 booleans as int8. View ops make views (targets/views.py); the target never rewrites the graph.
 """
@@ -30,7 +37,7 @@ from llmc.ops import OPS
 from llmc.quant import parse_scheme
 
 from ..arena import plan_arena
-from ..lowering import GraphLowering, f16_weight
+from ..lowering import BATCH_INPUTS, GraphLowering, f16_weight
 from ..views import View
 from .build import KERNELS
 from .elementwise import ElementwiseError, body, compute_type, kernel_source, literal
@@ -42,6 +49,19 @@ POINTER_TYPES = {"f32": "*fp32", "f16": "*fp16", "bf16": "*bf16", "i64": "*i64",
 ACTIVATIONS = {"linear", "qlinear", "embedding", "qembedding", "rms_norm", "layer_norm", "add_norm", "attention",
                "rope", "swiglu", "geglu"}
 MAX_NORM_WIDTH = 16384
+POOL_INPUTS = {"k_cache": 0, "v_cache": 1}        # the float KV pool's tensors, c0 and c1 on the device
+
+
+@dataclass(frozen=True)
+class PlanKind:
+    """How one plan of the step graph is lowered: with the flash-decoding kernels (every token is
+    its own sequence's only one) or the prefill tiles, and ``tokens`` fixed (1: GEMV linears) or
+    symbolic up to the arena's size."""
+    decode: bool
+    tokens: int | None
+
+
+PLANS = {"step": PlanKind(False, None), "decode": PlanKind(True, 1), "decode_batch": PlanKind(True, None)}
 
 
 class LoweringError(LlmcError):
@@ -91,22 +111,25 @@ class PlanLowering(GraphLowering):
     fallback = "cpu"
 
     def __init__(self, graph: Graph, kernels: KernelTable, weights: WeightTable, tuning: dict, act: str,
-                 decode: bool):
+                 kind: PlanKind):
         super().__init__(graph)
         self.kernels = kernels
         self.weights = weights
         self.tuning = tuning
         self.act = act
-        self.decode = decode            # seq == 1: the decode step, launched as a captured CUDA graph
+        self.kind = kind
         self.steps: list[dict] = []
         self.weight_dtypes = self._weight_storage(graph)
 
     # -- driver ----------------------------------------------------------------------------
 
-    def run(self, chunk: int) -> dict:
+    def run(self, most_tokens: int) -> dict:
+        """The plan, its arena sized for steps of up to ``most_tokens`` tokens (and logit rows)."""
         self.walk(soft_errors=(ElementwiseError,))
-        arena = plan_arena(self.buffers, {"seq": 1 if self.decode else chunk}, ALIGN)
-        return {"arena_bytes": arena, "steps": [self._resolve(step) for step in self.steps]}
+        tokens = self.kind.tokens or most_tokens
+        arena = plan_arena(self.buffers, {"seq": tokens, "rows": tokens}, ALIGN)
+        return {"arena_bytes": arena, "tile_rows": self.tuning["attn_prefill"]["BLOCK_M"],
+                "steps": [self._resolve(step) for step in self.steps]}
 
     def operands(self, node: Node) -> tuple[Node, ...]:
         """As for every target, and an embedding reads an f16 table directly too."""
@@ -145,9 +168,6 @@ class PlanLowering(GraphLowering):
         buffer = self.new_buffer(dims.mul(dims.product(shape), _itemsize(dtype)))
         return View.of_buffer(dtype, shape, f"b{buffer}", buffer)
 
-    def scratch(self, nbytes: int) -> View:
-        return self.alloc("f32", (nbytes // 4,))
-
     def copy_into(self, source: View, dest: View) -> None:
         self._elementwise(dest, [source], lambda ops: ([], ops[0][0]))
 
@@ -176,7 +196,7 @@ class PlanLowering(GraphLowering):
         """Arena buffers b<k> become offsets into the one arena, now that the plan has placed them."""
         args = []
         for arg in step["args"]:
-            if arg[0] == "p" and arg[1].startswith("b"):
+            if arg[0] == "p" and arg[1][0] == "b" and arg[1][1:].isdigit():
                 arg = ["p", "arena", dims.add(self.buffers[int(arg[1][1:])].offset, arg[2])]
             args.append(arg)
         return {**step, "args": args}
@@ -215,16 +235,13 @@ class PlanLowering(GraphLowering):
 
     def _input(self, node: Node) -> View:
         name, t = node.attrs["name"], node.type
-        if name == "tokens":
-            return View.of_buffer("i64", t.shape, "tokens")
-        if name == "start_pos":
-            return View.scalar("i64", "start_pos")
-        cache = self.cache_index(name)
-        if cache is not None:
-            if t.dtype != "f32":
-                raise LoweringError(f"the cuda target keeps the KV cache in {self.act}; build with --kv f32")
-            return View.of_buffer(self.act, t.shape, f"c{cache}")
-        raise LoweringError(f"graph input {name!r} is not one of tokens, start_pos or the caches")
+        if name in BATCH_INPUTS:
+            return View.of_buffer("i64", t.shape, name)
+        if name in POOL_INPUTS and t.dtype == "f32":
+            return View.of_buffer(self.act, t.shape, f"c{POOL_INPUTS[name]}")
+        if name in POOL_INPUTS or name in ("k_scale", "v_scale"):
+            raise LoweringError(f"the cuda target keeps the KV pool in {self.act}, not {t.dtype}; build with --kv f32")
+        raise LoweringError(f"graph input {name!r} is not one of the step's {', '.join(BATCH_INPUTS)} or its KV pool")
 
     # -- elementwise -----------------------------------------------------------------------
 
@@ -243,16 +260,10 @@ class PlanLowering(GraphLowering):
         shape = out.shape
         views = [v.expand(shape) if v.shape != shape else v for v in inputs]
         pointers = [k for k, v in enumerate(views) if v.literal is None]
-        operands, reads_start = [], False
-        for k, v in enumerate(views):
-            if v.literal is None:
-                operands.append((f"a{pointers.index(k)}", ir_types[k]))
-            else:
-                reads_start |= v.literal == "start_pos"
-                operands.append((v.literal, ir_types[k]))
+        operands = [(f"a{pointers.index(k)}", ir_types[k]) if v.literal is None else (v.literal, ir_types[k])
+                    for k, v in enumerate(views)]
         statements, result = make_body(operands)
-        name, source = kernel_source(statements, result, [(views[k].dtype, ir_types[k]) for k in pointers],
-                                     reads_start)
+        name, source = kernel_source(statements, result, [(views[k].dtype, ir_types[k]) for k in pointers])
         self.kernels.sources[name] = source
         lead, inner, strides = _collapse(shape, [out.strides] + [views[k].strides for k in pointers])
         rows = dims.product(lead)
@@ -261,14 +272,15 @@ class PlanLowering(GraphLowering):
         args: list[tuple] = [("out", out)] + [(f"os{a}", s) for a, s in enumerate(strides[0])]
         for index, k in enumerate(pointers):
             args += [(f"in{index}", views[k])] + [(f"s{index}_{a}", s) for a, s in enumerate(strides[1 + index])]
-        meta = View.of_buffer("i64", (1,), "meta")
-        args += [("meta", meta), ("D1", lead[1]), ("D2", lead[2]), ("I", inner)]
+        args += [("D1", lead[1]), ("D2", lead[2]), ("I", inner)]
         self.launch(name, [rows, (inner, block)], args, {"BLOCK": block}, self._options("elementwise"), module=name)
 
     # -- linear algebra ---------------------------------------------------------------------
 
     def _gemv(self, rows) -> bool:
-        return rows == 1 or (self.decode and dims.symbols(rows) <= {"seq"} and dims.evaluate(rows, {"seq": 1}) == 1)
+        """One row: a GEMV. In the one-token plan, rows counted in tokens or logit rows are one."""
+        one = {"seq": 1, "rows": 1}
+        return rows == 1 or (self.kind.tokens == 1 and dims.symbols(rows) <= set(one) and dims.evaluate(rows, one) == 1)
 
     def _matmul(self, node: Node, x: View, m, ldx, parts: list[View], mode: int, group: int, bias) -> View:
         n, k = parts[0].shape[0], node.inputs[0].type.shape[-1]
@@ -385,45 +397,62 @@ class PlanLowering(GraphLowering):
     def _attention(self, node: Node) -> View:
         a = node.attrs
         q, k, v = (self.heads(self.read(i)) for i in node.inputs[:3])
-        k_cache, v_cache = (self.read(i) for i in node.inputs[3:5])
-        layers, heads_kv, ctx, head_dim = k_cache.shape
+        k_pool, v_pool = (self.read(i) for i in node.inputs[3:5])
+        positions, seq_index, tables = (self.read(i) for i in node.inputs[5:8])
+        layers, blocks, heads_kv, block_size, head_dim = k_pool.shape
         heads, seq = q.shape[1], q.shape[2]
-        layer_at = dims.mul(a["layer"], dims.mul(dims.mul(heads_kv, ctx), head_dim))
-        kc = View(self.act, (heads_kv, ctx, head_dim), (dims.mul(ctx, head_dim), head_dim, 1), k_cache.base, layer_at)
-        vc = View(self.act, (heads_kv, ctx, head_dim), (dims.mul(ctx, head_dim), head_dim, 1), v_cache.base, layer_at)
-        meta = View.of_buffer("i64", (1,), "meta")
+        kc, vc = (self._pool_layer(pool, a["layer"]) for pool in (k_pool, v_pool))
         block_d = _pow2(head_dim)
-        self.launch("kv_append", [seq, heads_kv],
+        paging = [("positions", positions), ("seq_index", seq_index), ("tables", tables),
+                  ("MAX_BLOCKS", "max_blocks"), ("HK", heads_kv)]
+        self.launch("kv_write", [seq, heads_kv],
                     [("k", k), ("k_sh", k.strides[1]), ("k_ss", k.strides[2]), ("v", v), ("v_sh", v.strides[1]),
-                     ("v_ss", v.strides[2]), ("kc", kc), ("vc", vc), ("meta", meta), ("CTX", "ctx"),
-                     ("D", head_dim)], {"BLOCK_D": block_d}, {"num_warps": 1, "num_stages": 1})
+                     ("v_ss", v.strides[2]), ("kc", kc), ("vc", vc)] + paging + [("D", head_dim)],
+                    {"KV_BLOCK": block_size, "BLOCK_D": block_d}, {"num_warps": 1, "num_stages": 1})
         # The result is laid out [seq, heads, head_dim], what the next permute + reshape reads.
         raw = self.alloc(self.act, (seq, heads, head_dim))
         out = raw.reshape((1, seq, heads, head_dim)).permute((0, 2, 1, 3))
-        common = [("CTX", "ctx"), ("GROUP", heads // heads_kv), ("D", head_dim), ("scale", float(a["scale"])),
-                  ("WINDOW", int(a["window"] or 0))]
-        if self.decode:
-            tune = self.tuning["attn_decode"]
-            splits = tune["SPLITS"]
-            part = self.scratch(heads * splits * (block_d + 2) * 4)
-            self.launch("attn_decode", [heads, splits],
-                        [("q", q), ("q_sh", q.strides[1]), ("kc", kc), ("vc", vc), ("part", part),
-                         ("meta", meta)] + common,
-                        {"SPLITS": splits, "BLOCK_N": tune["BLOCK_N"], "BLOCK_D": block_d}, self._options("attn_decode"))
-            self.launch("attn_merge", [heads], [("part", part), ("out", raw), ("o_sh", head_dim), ("D", head_dim)],
-                        {"SPLITS": splits, "BLOCK_D": block_d}, {"num_warps": 1, "num_stages": 1})
+        common = paging + [("GROUP", heads // heads_kv), ("D", head_dim), ("scale", float(a["scale"])),
+                           ("WINDOW", int(a["window"] or 0))]
+        if self.kind.decode:
+            self._attend_decode(q, kc, vc, raw, common, block_size, block_d)
         else:
             tune = self.tuning["attn_prefill"]
-            self.launch("attn_prefill", [(seq, tune["BLOCK_M"]), heads],
+            tiles = View.of_buffer("i32", ("tiles", 2), "tiles")
+            self.launch("attn_prefill", [("tiles", 1), heads],
                         [("q", q), ("q_sh", q.strides[1]), ("q_ss", q.strides[2]), ("kc", kc), ("vc", vc),
-                         ("out", raw), ("o_sh", head_dim), ("o_ss", heads * head_dim), ("meta", meta),
-                         ("SEQ", seq)] + common,
-                        {"BLOCK_M": tune["BLOCK_M"], "BLOCK_N": tune["BLOCK_N"], "BLOCK_D": block_d},
-                        self._options("attn_prefill"))
+                         ("out", raw), ("o_sh", head_dim), ("o_ss", heads * head_dim), ("tiles", tiles)] + common,
+                        {"KV_BLOCK": block_size, "BLOCK_M": tune["BLOCK_M"], "BLOCK_N": tune["BLOCK_N"],
+                         "BLOCK_D": block_d}, self._options("attn_prefill"))
         return out
 
+    def _pool_layer(self, pool: View, layer: int) -> View:
+        """One layer of a KV pool [layers, blocks, kv_heads, block_size, head_dim]: what the
+        attention kernels address (``blocks`` is known only when the pool is allocated)."""
+        shape = pool.shape[1:]
+        at = dims.mul(layer, dims.product(shape))
+        return View(self.act, shape, pool.strides[1:], pool.base, at)
+
+    def _attend_decode(self, q: View, kc: View, vc: View, raw: View, common: list, block_size: int,
+                       block_d: int) -> None:
+        """Flash-decoding: the splits of each (token, key/value head), then their merge per query head."""
+        seq, heads = q.shape[2], q.shape[1]
+        heads_kv = kc.shape[1]
+        tune = self.tuning["attn_decode"]
+        splits = tune["SPLITS"]
+        part = self.alloc("f32", (dims.mul(seq, heads * splits * (block_d + 2)),))
+        self.launch("attn_decode", [seq, heads_kv, splits],
+                    [("q", q), ("q_sh", q.strides[1]), ("q_ss", q.strides[2]), ("kc", kc), ("vc", vc),
+                     ("part", part)] + common,
+                    {"KV_BLOCK": block_size, "SPLITS": splits, "BLOCK_H": _pow2(heads // heads_kv),
+                     "BLOCK_N": tune["BLOCK_N"], "BLOCK_D": block_d}, self._options("attn_decode"))
+        head_dim = kc.shape[3]
+        self.launch("attn_merge", [seq, heads], [("part", part), ("out", raw), ("o_ss", heads * head_dim),
+                                                 ("o_sh", head_dim), ("HQ", heads), ("D", head_dim)],
+                    {"SPLITS": splits, "BLOCK_D": block_d}, {"num_warps": 1, "num_stages": 1})
+
     def _attention_kv8(self, node: Node) -> View:
-        raise LoweringError("the cuda target has no int8 KV cache yet; build with --kv f32 (the cache is then "
+        raise LoweringError("the cuda target has no int8 KV pool yet; build with --kv f32 (the pool is then "
                             "stored in the activation dtype on the GPU)")
 
 
@@ -453,6 +482,7 @@ def _collapse(shape, all_strides) -> tuple[tuple, object, list[tuple]]:
     return tuple(sizes[:3]), sizes[3], strides
 
 
-def lower_graph(graph: Graph, kernels: KernelTable, weights: WeightTable, tuning: dict, act: str, decode: bool,
-                chunk: int) -> dict:
-    return PlanLowering(graph, kernels, weights, tuning, act, decode).run(chunk)
+def lower_graph(graph: Graph, kernels: KernelTable, weights: WeightTable, tuning: dict, act: str, kind: PlanKind,
+                most_tokens: int) -> dict:
+    """The plan of ``kind`` for the step graph, for steps of up to ``most_tokens`` tokens."""
+    return PlanLowering(graph, kernels, weights, tuning, act, kind).run(most_tokens)
