@@ -1,6 +1,6 @@
 """Speed of the linear kernels against an earlier kernels.c, in one process, run by run.
 
-    python benchmarks/linear_invariance.py [--base HEAD] [--new FILE] [--rounds 7] [--threads 2]
+    python benchmarks/linear_invariance.py [--base 98b906e] [--new FILE] [--rounds 7] [--threads 2]
                                            [--kernels f32,f16,q8,q4g32,q4g128]
 
 Builds targets/cpu/kernels.c as it is in the tree ("new", or --new FILE) and as it is at git
@@ -34,29 +34,13 @@ SHAPES = [(1536, 576), (576, 1536)]           # SmolLM2-135M: gate/up (and merge
 COLD_BYTES = 64 << 20                         # weight copies for the cold decode: well past a 16-32 MB L3
 
 
-# The linear kernels' wrappers alone (as targets/cpu/harness.py wraps them): the other kernels'
-# signatures may differ between the two versions of kernels.c.
-WRAPPERS = r"""
-static int h_threads = 1;
-LLMC_EXPORT void h_set_threads(int n) { h_threads = n > 0 ? n : 1; }
-#define PARALLEL(call) { _Pragma("omp parallel num_threads(h_threads)") { call; } }
-LLMC_EXPORT void h_linear_f32(const float* x, int64_t ldx, const float* w, const float* b, float* y, int64_t M,
-    int64_t N, int64_t K, int64_t tile) PARALLEL(llmc_linear_f32(x, ldx, w, b, y, M, N, K, tile))
-LLMC_EXPORT void h_linear_f16(const float* x, int64_t ldx, const f16* w, const float* b, float* y, int64_t M,
-    int64_t N, int64_t K, int64_t tile) PARALLEL(llmc_linear_f16(x, ldx, w, b, y, M, N, K, tile))
-LLMC_EXPORT void h_linear_q(const float* x, int64_t ldx, const void* q, const f16* s, const f16* mn, const float* b,
-    float* y, int64_t M, int64_t N, int64_t K, int64_t bits, int64_t G, int64_t tile, void* scratch)
-    PARALLEL(llmc_linear_q(x, ldx, q, s, mn, b, y, M, N, K, bits, G, tile, scratch))
-"""
-
-
 def linear_library(kernels: str) -> ctypes.CDLL:
     from llmc.targets.cpu.build import build_shared_library
-    from llmc.targets.cpu.harness import SIGNATURES
+    from llmc.targets.cpu.harness import LINEAR_WRAPPERS, SIGNATURES
     from llmc.targets.cpu.launch import library_file
 
     source = "\n".join(["#define LLMC_KERNEL static", '#define LLMC_EXPORT __attribute__((visibility("default")))',
-                        kernels, WRAPPERS])
+                        kernels, LINEAR_WRAPPERS])
     code, _ = build_shared_library(source, "x86-64-v3", name="harness")
     lib = ctypes.CDLL(str(library_file(code)))
     for name in ("h_linear_f32", "h_linear_f16", "h_linear_q"):
@@ -128,8 +112,9 @@ def seconds_per_call(case: Case, lib, calls: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base", default="HEAD", help="git revision of the old kernels.c (default HEAD)")
-XX
+    parser.add_argument("--base", default="98b906e", help="git revision of the old kernels.c (default 98b906e, "
+                        "the last before the batch-invariant kernels)")
+    parser.add_argument("--new", default=str(ROOT / "targets" / "cpu" / "kernels.c"), help="the new kernels.c (default: the tree's)")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--kernels", default="f32,q4g32,q8", help="comma-separated: f32, f16, q8, q4g32, q4g128 "

@@ -195,7 +195,7 @@ ATTENTION_CASES = [
     (3, 3, 5, 1, 0, [(9, 1)]),                           # decode, odd head_dim, blocks of one
     (6, 2, 8, 16, 4, [(5, 3), (0, 2)]),                  # a window shorter than the context
     (4, 1, 32, 16, 0, [(700, 1), (299, 1)]),             # long decodes: keys split over tasks and merged
-    (2, 2, 64, 4, 64, [(300, 1), (17, 1), (3, 1)]),      # split decodes with a window
+    (2, 2, 64, 4, 64, [(300, 1), (17, 1), (3, 1)]),      # decodes within a window
     (4, 2, 16, 4, 0, [(11, 5), (40, 1), (0, 8), (600, 1)]),   # mixed: chunks, decodes, one ends at a block's end
 ]
 

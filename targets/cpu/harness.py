@@ -6,7 +6,9 @@ from __future__ import annotations
 import ctypes
 from functools import lru_cache
 
-WRAPPERS = r"""
+# The linear kernels' wrappers (benchmarks/linear_invariance.py builds an older kernels.c with
+# these alone: the other kernels' signatures change between versions).
+LINEAR_WRAPPERS = r"""
 static int h_threads = 1;
 LLMC_EXPORT void h_set_threads(int n) { h_threads = n > 0 ? n : 1; }
 #define PARALLEL(call) { _Pragma("omp parallel num_threads(h_threads)") { call; } }
@@ -17,6 +19,8 @@ LLMC_EXPORT void h_linear_f16(const float* x, int64_t ldx, const f16* w, const f
 LLMC_EXPORT void h_linear_q(const float* x, int64_t ldx, const void* q, const f16* s, const f16* mn, const float* b,
     float* y, int64_t M, int64_t N, int64_t K, int64_t bits, int64_t G, int64_t tile, void* scratch)
     PARALLEL(llmc_linear_q(x, ldx, q, s, mn, b, y, M, N, K, bits, G, tile, scratch))
+"""
+WRAPPERS = LINEAR_WRAPPERS + r"""
 LLMC_EXPORT void h_embedding(const char* table, int64_t row_bytes, int64_t rows, const int64_t* ids, int64_t n,
     char* out) PARALLEL(llmc_embedding(table, row_bytes, rows, ids, n, out))
 LLMC_EXPORT void h_embedding_q(const void* q, const f16* s, const f16* mn, int64_t rows, int64_t K, int64_t bits,

@@ -759,13 +759,13 @@ LLMC_KERNEL void llmc_add_norm(const float* x, int64_t ldx, const float* res, in
  * strides (head, token).
  *
  * Batch invariance: a token's keys [lo, hi) are cut into spans by its own key count alone
- * (splits = ceil((hi - lo) / 256), at most max_splits), each span an online softmax from scratch
- * and the spans merged in order by one function, whether the spans run as separate tasks (a step
+ * (splits = ceil((hi - lo) / LLMC_SPLIT_KEYS), at most LLMC_MAX_SPLITS), each span an online
+ * softmax from scratch, and the spans merged in order by one function, whether the spans run as separate tasks (a step
  * of few tokens: flash-decoding, partials in scratch) or one after another in a task. So a
  * token's result does not depend on the step it is in. */
 
 #define LLMC_KEY_BLOCK 32
-#define LLMC_SPLIT_KEYS 256       /* keys per span, at least */
+#define LLMC_SPLIT_KEYS 512       /* keys per span, at least */
 #define LLMC_MAX_SPLITS 16
 #define LLMC_SPLIT_TOKENS 4       /* steps of at most this many tokens run spans as separate tasks */
 
