@@ -44,9 +44,8 @@ for _ in range(runs):
         token = int(np.argmax(model.step([token], pos)))
     decodes.append(time.perf_counter() - start)
 manifest = model.manifest
-kv = manifest.get("kv_pool") or manifest["kv_cache"]
-per_position = (kv["bytes_per_block"] // kv["block_size"] if "bytes_per_block" in kv
-                else sum(4 * kv["layers"] * kv["kv_heads"] * kv["head_dim"] for _ in kv["inputs"]))
+pool = manifest.get("kv_pool")          # format 2; a format-1 artifact has no pool, and only its speed is reported
+per_position = pool["bytes_per_block"] // pool["block_size"] if pool else 0
 bytes_per_token = manifest["decode_weight_bytes"] + per_position * (16 + decode // 2)
 print(json.dumps({"prefill_tps": prompt / statistics.median(prefill),
                   "decode_tps": decode / statistics.median(decodes), "bytes_per_token": bytes_per_token,

@@ -36,11 +36,12 @@ COLD_BYTES = 64 << 20                         # weight copies for the cold decod
 
 def linear_library(kernels: str) -> ctypes.CDLL:
     from llmc.targets.cpu.build import build_shared_library
+    from llmc.targets.cpu import kernel_constants
     from llmc.targets.cpu.harness import LINEAR_WRAPPERS, SIGNATURES
     from llmc.targets.cpu.launch import library_file
 
     source = "\n".join(["#define LLMC_KERNEL static", '#define LLMC_EXPORT __attribute__((visibility("default")))',
-                        kernels, LINEAR_WRAPPERS])
+                        kernel_constants(), kernels, LINEAR_WRAPPERS])
     code, _ = build_shared_library(source, "x86-64-v3", name="harness")
     lib = ctypes.CDLL(str(library_file(code)))
     for name in ("h_linear_f32", "h_linear_f16", "h_linear_q"):
@@ -114,7 +115,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default="98b906e", help="git revision of the old kernels.c (default 98b906e, "
                         "the last before the batch-invariant kernels)")
-    parser.add_argument("--new", default=str(ROOT / "targets" / "cpu" / "kernels.c"), help="the new kernels.c (default: the tree's)")
+    parser.add_argument("--new", default=str(ROOT / "targets" / "cpu" / "kernels.c"),
+                        help="the new kernels.c (default: the tree's)")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--kernels", default="f32,q4g32,q8", help="comma-separated: f32, f16, q8, q4g32, q4g128 "

@@ -29,7 +29,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from llmc import dims
+from llmc.artifact import ArtifactError
 from llmc.errors import LlmcError
+from llmc.types import numpy_dtype, parse_type
 
 DEFAULT_BLOCK_SIZE = 16
 STEP = "step"
@@ -43,6 +45,14 @@ POOL_TENSORS = {"f32": ("k_cache", "v_cache"), "int8": ("k_cache", "v_cache", "k
 
 class AbiError(LlmcError):
     """An artifact whose entry points are not the ones this llmc calls, or a batch a step cannot take."""
+
+
+class EntryPointError(AbiError, ArtifactError):
+    """An artifact whose declared entry point or KV pool is not what this llmc calls: rebuild it."""
+
+
+class BatchError(AbiError):
+    """A batch the step cannot take (an index outside the pool, the tables or the step's limits)."""
 
 
 @dataclass(frozen=True)
@@ -59,8 +69,6 @@ class PoolLayout:
 
     def shapes(self, blocks: int) -> list[tuple[str, tuple[int, ...], str]]:
         """(name, shape, IR dtype) of every pool tensor for a pool of ``blocks`` blocks."""
-        from llmc.ir import parse_type
-
         out = []
         for name, text in self.tensors:
             t = parse_type(text)
@@ -79,15 +87,11 @@ class PoolLayout:
 
 def allocate_pool(layout: PoolLayout, blocks: int) -> list[np.ndarray]:
     """Zeroed host arrays for a pool of ``blocks`` blocks, in the step's input order."""
-    from llmc.ir import numpy_dtype
-
     return [np.zeros(shape, numpy_dtype(dtype)) for _, shape, dtype in layout.shapes(blocks)]
 
 
 def graph_pool(graph, blocks: int) -> list[np.ndarray]:
     """Zeroed arrays for a step graph's pool inputs, ``blocks`` blocks (for the interpreter)."""
-    from llmc.ir import numpy_dtype
-
     return [np.zeros(tuple(dims.evaluate(d, {"blocks": blocks}) for d in n.type.shape), numpy_dtype(n.type.dtype))
             for n in graph.inputs[len(BATCH_INPUTS):]]
 
@@ -111,7 +115,7 @@ def declare(graph, max_tokens: int, pool_dtype: str | None = None) -> dict[str, 
     names = [n.attrs["name"] for n in graph.inputs]
     expected = [n for n, _ in BATCH_INPUTS]
     if names[:len(expected)] != expected or len(graph.outputs) != 1:
-        raise AbiError(f"a step graph takes {', '.join(expected)} and the KV pool, and returns logits; this one "
+        raise EntryPointError(f"a step graph takes {', '.join(expected)} and the KV pool, and returns logits; this one "
                        f"takes {', '.join(names)}")
     pool = graph.inputs[len(expected):]
     k_cache = pool[0].type
@@ -145,7 +149,7 @@ def check_manifest(manifest: Mapping[str, Any], path: str | Path) -> dict[str, A
     entries = manifest.get("entry_points")
     if not isinstance(entries, dict) or STEP not in entries:
         have = ", ".join(entries) if isinstance(entries, dict) and entries else "none"
-        raise AbiError(f"{path} has no {STEP!r} entry point (it declares {have}); rebuild it with this llmc")
+        raise EntryPointError(f"{path} has no {STEP!r} entry point (it declares {have}); rebuild it with this llmc")
     entry = entries[STEP]
     try:
         inputs = [(str(n), str(t)) for n, t in entry["inputs"]]
@@ -154,18 +158,18 @@ def check_manifest(manifest: Mapping[str, Any], path: str | Path) -> dict[str, A
         layout = PoolLayout.from_manifest(manifest)
         vocab = int(manifest["vocab_size"])
     except (KeyError, TypeError, ValueError):
-        raise AbiError(f"{path}: its {STEP!r} entry point or KV pool declaration is malformed; "
+        raise EntryPointError(f"{path}: its {STEP!r} entry point or KV pool declaration is malformed; "
                        "rebuild the artifact") from None
     want = list(BATCH_INPUTS) + list(layout.tensors)
     if inputs != want:
-        raise AbiError(f"{path}: entry point {STEP!r} takes ({_signature(inputs)}), but this llmc calls it with "
+        raise EntryPointError(f"{path}: entry point {STEP!r} takes ({_signature(inputs)}), but this llmc calls it with "
                        f"({_signature(want)}); rebuild the artifact with this llmc")
     if outputs != [("logits", f"f32[rows, {vocab}]")]:
-        raise AbiError(f"{path}: entry point {STEP!r} returns ({_signature(outputs)}), not logits f32[rows, {vocab}]; "
+        raise EntryPointError(f"{path}: entry point {STEP!r} returns ({_signature(outputs)}), not logits f32[rows, {vocab}]; "
                        "rebuild the artifact with this llmc")
     names = [n for n, _ in layout.tensors]
     if names not in [list(v) for v in POOL_TENSORS.values()] or layout.block_size < 1 or max_tokens < 1:
-        raise AbiError(f"{path}: its KV pool ({', '.join(names)}, blocks of {layout.block_size}) is not one this "
+        raise EntryPointError(f"{path}: its KV pool ({', '.join(names)}, blocks of {layout.block_size}) is not one this "
                        "llmc allocates; rebuild the artifact")
     return dict(entry)
 
@@ -215,37 +219,47 @@ class Batch:
                      np.zeros(n, np.int64), np.ascontiguousarray(table, np.int64).reshape(1, -1), logit_rows)
 
 
-def check_batch(batch: Batch, layout: PoolLayout, blocks: int, max_tokens: int, vocab: int) -> None:
-    """Refuse (AbiError) a batch whose indices would reach outside the pool, the tables or the
-    step's limits: the checks every target's code relies on."""
+def check_batch(batch: Batch, layout: PoolLayout, blocks: int, max_tokens: int, vocab: int,
+                positions: int | None = None) -> None:
+    """Refuse (AbiError) a batch whose indices would reach outside the pool, the tables, the
+    step's limits or the model's ``positions`` (its max_seq), or that writes one slot twice: the
+    checks every target's code relies on."""
     arrays = batch.inputs()
     for name, array in arrays.items():
         want = 2 if name == "block_tables" else 1
         if not isinstance(array, np.ndarray) or array.dtype != np.int64 or array.ndim != want \
                 or not array.flags.c_contiguous:
-            raise AbiError(f"the step's {name} must be a contiguous int64 array of rank {want}")
+            raise BatchError(f"the step's {name} must be a contiguous int64 array of rank {want}")
     n = batch.tokens.size
     if not 1 <= n <= max_tokens:
-        raise AbiError(f"a step takes 1 to {max_tokens} tokens, not {n}")
+        raise BatchError(f"a step takes 1 to {max_tokens} tokens, not {n}")
     if batch.positions.size != n or batch.seq_index.size != n:
-        raise AbiError("tokens, positions and seq_index must have one entry per token")
-    if batch.logit_rows.size < 1 or batch.logit_rows.min() < 0 or batch.logit_rows.max() >= n:
-        raise AbiError(f"logit_rows must name 1 or more of the step's {n} token rows")
+        raise BatchError("tokens, positions and seq_index must have one entry per token")
+    if not 1 <= batch.logit_rows.size <= n or batch.logit_rows.min() < 0 or batch.logit_rows.max() >= n:
+        raise BatchError(f"logit_rows must name 1 to {n} of the step's {n} token rows")
     if batch.tokens.min() < 0 or batch.tokens.max() >= vocab:
-        raise AbiError(f"token ids must be in [0, {vocab})")
+        raise BatchError(f"token ids must be in [0, {vocab})")
     seqs, width = batch.block_tables.shape
     if seqs < 1 or width < 1:
-        raise AbiError("block_tables needs at least one sequence and one block")
+        raise BatchError("block_tables needs at least one sequence and one block")
     if batch.seq_index.min() < 0 or batch.seq_index.max() >= seqs:
-        raise AbiError(f"seq_index must name one of the {seqs} block tables")
+        raise BatchError(f"seq_index must name one of the {seqs} block tables")
     if batch.positions.min() < 0:
-        raise AbiError("positions must be >= 0")
+        raise BatchError("positions must be >= 0")
+    if positions is not None and batch.positions.max() >= positions:
+        raise BatchError(f"position {int(batch.positions.max())} is past the model's {positions} positions")
     logical = batch.positions // layout.block_size
     if logical.max() >= width:
-        raise AbiError(f"position {int(batch.positions.max())} needs more than the {width} blocks of a block table")
+        raise BatchError(f"position {int(batch.positions.max())} needs more than the {width} blocks of a block table")
     # Every block a token reads (its sequence's positions 0..position) must be in the pool.
     last = np.full(seqs, -1, np.int64)
     np.maximum.at(last, batch.seq_index, logical)
     read = batch.block_tables[np.arange(width)[None, :] <= last[:, None]]
     if read.min() < 0 or read.max() >= blocks:
-        raise AbiError(f"a block table names a block outside the pool of {blocks} blocks")
+        raise BatchError(f"a block table names a block outside the pool of {blocks} blocks")
+    # Two tokens writing one slot (a position twice, or two sequences sharing a block they both
+    # write) would race: the step's result would depend on which write lands last.
+    slots = batch.block_tables[batch.seq_index, logical] * layout.block_size + batch.positions % layout.block_size
+    if np.unique(slots).size != n:
+        raise BatchError("two tokens of the step write the same KV slot (one position twice, or a block two sequences "
+                       "share): give each written position its own slot")

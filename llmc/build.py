@@ -134,13 +134,12 @@ def read_build_file(path: str | Path) -> BuildFile:
 def artifact_keys() -> dict[str, Any]:
     """Every key an [[artifact]] table takes, with its TOML type: the common ones and every
     registered target's options."""
-    from llmc.targets import option_fields
+    from llmc.targets import option_fields, option_type
 
     keys = dict(COMMON_KEYS)
     for name, owners in option_fields().items():
         f = owners[0][1]
-        kind = int if "int" in str(f.type).split(" | ") else str
-        keys[name] = (kind, list) if f.metadata.get("many") else kind
+        keys[name] = (option_type(f), list) if f.metadata.get("many") else option_type(f)
     return keys
 
 

@@ -153,7 +153,7 @@ def _target_options(parser) -> None:
     one flag serves every target that declares a field of that name."""
     for name, owners in targets.option_fields().items():
         metadata = owners[0][1].metadata
-        kind = int if "int" in str(owners[0][1].type).split(" | ") else str
+        kind = targets.option_type(owners[0][1])
         said = "; ".join(f"{t}: {f.metadata.get('help', '')}" for t, f in owners) if len(owners) > 1 \
             else f"{metadata.get('help', '')} (target {owners[0][0]})"
         parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=said,
@@ -340,6 +340,7 @@ def inspect_artifact(path: str) -> int:
 
     art = read_artifact(path)
     m = art.manifest
+    abi.check_manifest(m, path)
     model = m["model"]
     config = model.get("config") or {}
     out = sys.stdout

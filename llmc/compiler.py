@@ -97,7 +97,7 @@ def check_options(target: str | None = None, quant: str = "f32", kv: str = "f32"
     options = entry.make_options(target_options)
     formats = getattr(entry.package, "KV_FORMATS", None)        # None: every format llmc has
     if formats and kv not in formats:
-        raise UsageError(f"target {target} keeps the KV cache as {' or '.join(entry.package.KV_FORMATS)}, not {kv}")
+        raise UsageError(f"target {entry.name} has no {kv} KV cache; build it with --kv {' or '.join(formats)}")
     return options
 
 

@@ -877,7 +877,7 @@ def _attend_paged(q, gather, positions, seq_index, tables, block_size: int, a) -
 
 def _attend(q, keys, values, query_pos, a):
     """Causal (windowed) attention of q [1, Hq, n, D] at positions ``query_pos`` [n] over
-    keys/values [Hkv, ctx, D] at positions 0..ctx-1 (K/V heads shared by groups of query heads)."""
+    keys/values [Hkv, n_keys, D] at positions 0..n_keys-1 (K/V heads shared by groups of query heads)."""
     end = keys.shape[1]
     groups = q.shape[1] // keys.shape[0]
     keys, values = np.repeat(keys, groups, axis=0), np.repeat(values, groups, axis=0)

@@ -14,7 +14,8 @@ from llmc.artifact import read_artifact, sha256_file
 
 
 def verify_artifact(path: str | Path) -> dict:
-    """What ``llmc verify --json`` prints for one file; raises ArtifactError if it is damaged."""
+    """What ``llmc verify --json`` prints for one file; raises ArtifactError if it is damaged (AbiError,
+    one of them, if its entry point is not the one this llmc calls)."""
     from llmc import abi
     from llmc.targets import target_of
 

@@ -15,6 +15,8 @@ A target package provides (the protocol every ``Target`` entry is a name for):
   cannot tell), for ``llmc verify``.
 - ``executor(artifact, threads)``: the runtime's side, with ``allocate_pool(blocks) -> bytes``
   and ``run(entry, inputs) -> logits`` (optionally ``sample``, ``stream_bandwidth``).
+- optionally ``KV_FORMATS`` (the ``--kv`` formats it builds; default: all) and ``CACHE_PARTS``
+  ((what, folder) it keeps in the build cache, for ``llmc cache``).
 
 Adding a target is its folder plus one ``register`` line below; nothing outside ``targets/``
 names one.
@@ -114,6 +116,11 @@ def target_of(manifest: Mapping[str, Any], path: str | Path) -> Target:
     if name not in REGISTRY:
         raise ArtifactError(f"{path} was built for target {name!r}; this llmc runs {', '.join(REGISTRY)} artifacts")
     return REGISTRY[name]
+
+
+def option_type(f: dataclasses.Field) -> type:
+    """int or str: what an option field takes on the command line and in a build file."""
+    return int if "int" in str(f.type).replace("Optional[", "").replace("]", "").split(" | ") else str
 
 
 def option_fields() -> dict[str, list[tuple[str, dataclasses.Field]]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-from llmc import dims
+from llmc import abi, dims
 from llmc.errors import LlmcError
 from llmc.ir import Graph, Node, Type
 from llmc.ops import OPS
@@ -19,7 +19,7 @@ from .arena import Buffer
 from .views import View
 
 SYMBOLS = {"seq", "rows", "seqs", "max_blocks", "blocks"}     # the step's symbolic dims (llmc.abi)
-BATCH_INPUTS = ("tokens", "positions", "seq_index", "block_tables", "logit_rows")
+BATCH_INPUTS = tuple(name for name, _ in abi.BATCH_INPUTS)
 
 
 def f16_weight(node: Node) -> Node | None:

@@ -2,7 +2,7 @@
 
 A value in generated code is a base (a C pointer expression on the cpu target, a named device
 buffer on cuda) plus an element offset, a shape and element strides, all symbolic dims (``seq``,
-``ctx``). reshape, permute, slice and
+``rows``, ...). reshape, permute, slice and
 expand only make new views; a kernel that needs rows or a contiguous block asks for them and gets
 ``None`` when the view cannot give them, and the lowering then copies the view into a buffer.
 """
@@ -16,7 +16,7 @@ from llmc.dims import Dim
 
 
 def c_dim(d: Dim) -> str:
-    """A dim as a C expression over the generated function's variables (seq, ctx)."""
+    """A dim as a C expression over the generated function's variables (seq, rows, blocks, ...)."""
     return str(d) if isinstance(d, int) else f"({d})"
 
 
@@ -35,7 +35,7 @@ class View:
     strides: tuple[Dim, ...]
     base: str | None = None          # where the data lives (target-defined text); None for a literal
     offset: Dim = 0
-    literal: str | None = None       # a scalar expression broadcast over the shape (consts, start_pos)
+    literal: str | None = None       # a scalar expression broadcast over the shape (consts)
     buffer: int | None = None        # the planned buffer it lives in, for liveness
 
     @staticmethod

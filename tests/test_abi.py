@@ -121,12 +121,19 @@ def test_batches_the_step_cannot_take_are_refused(artifacts):
              (edited(seq_index=[0, 0, 1]), "one of the 1 block tables"),
              (edited(positions=[0, 1, 70]), "needs more than the 4 blocks"),
              (edited(block_tables=[[0, 9, 1, 2]], positions=[0, 1, 20]), "outside the pool of 4 blocks"),
-             (edited(positions=[-1, 0, 1]), "positions must be >= 0")]
+             (edited(positions=[-1, 0, 1]), "positions must be >= 0"),
+             (edited(logit_rows=[0, 1, 2, 2]), "logit_rows must name 1 to 3"),
+             (edited(positions=[0, 1, 1]), "write the same KV slot"),
+             (edited(block_tables=[[0, 1, 2, 3], [0, 1, 2, 3]], seq_index=[0, 1, 1], positions=[5, 5, 6]),
+              "write the same KV slot")]
     for batch, message in cases:
         with pytest.raises(abi.AbiError, match=message.replace("[", r"\[").replace(")", r"\)")):
             model.run_batch(batch)
+    far = abi.Batch.single(np.array([5]), 300, np.arange(20), "last")
+    with pytest.raises(abi.AbiError, match="position 300 is past the model's 256 positions"):
+        llmc.load(artifacts["cpu"], max_context=256).run_batch(far)
     # Past the Python check, the library checks what it is given and refuses, without a crash.
-    for batch, _ in cases[2:]:
+    for batch, _ in cases[2:8]:
         with pytest.raises(ArtifactError, match="the cpu library refused a step"):
             model.executor.run(abi.STEP, batch.inputs())
     assert model.run_batch(good).shape == (1, 128)

@@ -9,6 +9,7 @@ from llmc.artifact import host_cpu_features
 from llmc.quant import dequantize, parse_scheme, quantize
 from llmc.targets.cpu.build import LEVELS
 from llmc.targets.cpu.harness import harness
+from llmc.targets.cpu.lower import MAX_SPLITS, SPLIT_TOKENS
 
 LEVEL_NAMES = (["x86-64-v3"] if set(LEVELS["x86-64-v3"][1]) <= host_cpu_features() else []) + ["portable"]
 
@@ -221,7 +222,7 @@ def run_attention(lib, q, k, v, pools, positions, seq_index, tables, block_size,
     proj = np.concatenate([x[0].transpose(1, 0, 2).reshape(n, -1) for x in (q, k, v)], axis=1).copy()
     stride = proj.shape[1]
     out = np.full((n, hq, d), np.nan, np.float32)
-    scratch = np.empty(4 * 16 * hq * (d + 2), np.float32)
+    scratch = np.empty(SPLIT_TOKENS * MAX_SPLITS * hq * (d + 2), np.float32)    # what lower.py plans
     kp, ks, vp, vs = pools if kv8 else (pools[0], None, pools[1], None)
     lib.h_attention(p(proj), d, stride, proj[:, hq * d:].ctypes.data, d, stride, proj[:, (hq + hk) * d:].ctypes.data,
                     d, stride, p(kp), p(ks), p(vp), p(vs), int(kv8), p(positions), p(seq_index), p(tables),

@@ -81,8 +81,12 @@ class Model:
     def run_batch(self, batch: abi.Batch) -> np.ndarray:
         """One call of the step entry point on a batch of any sequences in the pool: the logits of
         ``batch.logit_rows``, [rows, vocab] float32. The batch is checked first."""
-        abi.check_batch(batch, self.layout, self.kv_blocks, self.max_tokens, self.vocab_size)
+        self._check(batch)
         return self.executor.run(abi.STEP, batch.inputs())
+
+    def _check(self, batch: abi.Batch) -> None:
+        abi.check_batch(batch, self.layout, self.kv_blocks, self.max_tokens, self.vocab_size,
+                        int(self.manifest["model"]["max_seq"]))
 
     def _chunks(self, ids: np.ndarray, start_pos: int, rows: str) -> Iterator[abi.Batch]:
         """The one sequence's tokens at ``start_pos..`` as steps of at most ``max_tokens``."""
@@ -136,7 +140,7 @@ class Model:
                 for batch in batches[:-1]:
                     self.run_batch(batch)
                 last = batches[-1]
-                abi.check_batch(last, self.layout, self.kv_blocks, self.max_tokens, self.vocab_size)
+                self._check(last)
                 return on_device(abi.STEP, last.inputs(), sampler.params, step)
         else:
             def next_token(tokens, pos: int, step: int) -> int:

@@ -129,6 +129,7 @@ def compile_graphs(graphs: dict[str, Graph], *, level: str | None = None, tune: 
         "#define LLMC_KERNEL static",
         '#define LLMC_EXPORT __attribute__((visibility("default")))',
         f"#define LLMC_CHUNK {chunk}",
+        kernel_constants(),
         _kernels_source(),
         "#include <omp.h>",
         "static int llmc_nthreads = 1;",
@@ -161,6 +162,13 @@ def compile_graphs(graphs: dict[str, Graph], *, level: str | None = None, tune: 
         "weights": weights.names, "kernels": dict(sorted(kernels.items())),
     }
     return CpuBuild(code, manifest, kernels, tuner.summary(), str(path), requires)
+
+
+def kernel_constants() -> str:
+    """The #defines kernels.c takes from the lowering, which sizes buffers with the same values."""
+    from .lower import MAX_SPLITS, SPLIT_TOKENS
+
+    return f"#define LLMC_MAX_SPLITS {MAX_SPLITS}\n#define LLMC_SPLIT_TOKENS {SPLIT_TOKENS}"
 
 
 def _kernels_source() -> str:

@@ -766,8 +766,8 @@ LLMC_KERNEL void llmc_add_norm(const float* x, int64_t ldx, const float* res, in
 
 #define LLMC_KEY_BLOCK 32
 #define LLMC_SPLIT_KEYS 512       /* keys per span, at least */
-#define LLMC_MAX_SPLITS 16
-#define LLMC_SPLIT_TOKENS 4       /* steps of at most this many tokens run spans as separate tasks */
+/* LLMC_MAX_SPLITS (spans of one token, at most) and LLMC_SPLIT_TOKENS (steps of at most this many
+ * tokens run spans as separate tasks) come from lower.py, which sizes the scratch with them. */
 
 static inline void kv8_quantize(const float* src, int64_t D, int8_t* codes, float* scale) {
     float amax = 0.0f;
@@ -922,11 +922,19 @@ LLMC_KERNEL void llmc_attention(const float* q, int64_t q_h, int64_t q_s, const 
         return;
     }
     /* 2b. few tokens (decode): every (token, head, span) is a task, partials in scratch */
+    int64_t first[LLMC_SPLIT_TOKENS + 1];            /* token t's tasks start at first[t] * Hq */
+    first[0] = 0;
+    for (int64_t t = 0; t < n; t++) {
+        int64_t lo, hi;
+        first[t + 1] = first[t] + token_spans(positions[t], window, LLMC_MAX_SPLITS, &lo, &hi);
+    }
     #pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < n * Hq * LLMC_MAX_SPLITS; task++) {
-        int64_t t = task / (Hq * LLMC_MAX_SPLITS), h = task / LLMC_MAX_SPLITS % Hq, part = task % LLMC_MAX_SPLITS;
-        int64_t lo, hi, splits = token_spans(positions[t], window, LLMC_MAX_SPLITS, &lo, &hi);
-        if (part >= splits) continue;
+    for (int64_t task = 0; task < first[n] * Hq; task++) {
+        int64_t t = 0;
+        while (task >= first[t + 1] * Hq) t++;
+        int64_t within = task - first[t] * Hq, splits = first[t + 1] - first[t];
+        int64_t h = within / splits, part = within % splits, lo, hi;
+        token_spans(positions[t], window, LLMC_MAX_SPLITS, &lo, &hi);
         llmc_paged c = {(const char*)k_pool, (const char*)v_pool, k_scale, v_scale,
                         tables + seq_index[t] * max_blocks, h / group, Hk, B, D, elem};
         attend_part(q + h * q_h + t * q_s, &c, (int)kv8, lo, hi, splits, part, scale,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from llmc.abi import BATCH_INPUTS
 from llmc.artifact import Artifact, ArtifactError
 
 from . import ABI_VERSION
@@ -106,9 +107,10 @@ class CpuExecutor:
 
     def run(self, entry: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
         """The logits [rows, vocab] of one step (inputs as ``llmc.abi.Batch.inputs()``)."""
-        arrays = [np.ascontiguousarray(inputs[name], np.int64) for name in
-                  ("tokens", "positions", "seq_index", "block_tables", "logit_rows")]
+        arrays = [np.ascontiguousarray(inputs[name], np.int64) for name, _ in BATCH_INPUTS]
         tokens, positions, seq_index, tables, rows = arrays
+        if not self.pool or positions.size != tokens.size or seq_index.size != tokens.size or tables.ndim != 2:
+            raise ArtifactError("a cpu step needs a KV pool (allocate_pool) and one position and sequence per token")
         out = np.empty((rows.size, self.vocab), np.float32)
         pointer = [a.ctypes.data_as(_I64) for a in arrays]
         status = self.functions[entry](tokens.size, pointer[0], pointer[1], pointer[2], tables.shape[0],

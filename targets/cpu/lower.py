@@ -35,7 +35,7 @@ from ..lowering import BATCH_INPUTS, GraphLowering, f16_weight
 from ..views import View, c_dim
 
 ALIGN = 64
-MAX_SPLITS = 16            # flash-decoding spans of one token's keys (kernels.c LLMC_MAX_SPLITS)
+MAX_SPLITS = 16            # flash-decoding spans of one token's keys (kernels.c's LLMC_MAX_SPLITS)
 SPLIT_TOKENS = 4           # steps of at most this many tokens run spans as tasks (LLMC_SPLIT_TOKENS)
 DEFAULT_TILES = {"gemv": 16, "gemm": 32}
 

@@ -50,7 +50,7 @@ def parse_arches(text: str | list | None) -> list[int]:
 # What this target keeps in the build cache (llmc cache), under cuda/.
 CACHE_PARTS = [("cuda kernels", "cuda/kernels"), ("cuda tuning table", "cuda/tuning.json"),
                ("Triton's cache", "cuda/triton"), ("runtime files", "cuda/emulate"), ("kernel sources", "cuda/src")]
-KV_FORMATS = ("f32",)       # the pool is kept in the activation dtype; no int8 KV yet
+KV_FORMATS = ("f32",)       # no int8 KV yet: the pool is kept in the activation dtype
 
 
 @dataclass(frozen=True)
@@ -128,15 +128,13 @@ def executor(artifact, threads: int | None = None):
     return CudaExecutor(artifact, threads)
 
 
-def check_options(arches, act: str, chunk: int | None, kv: str = "f32") -> None:
-    """Refuse arches, an activation dtype, a chunk or a KV cache format this target cannot build."""
+def check_options(arches, act: str, chunk: int | None) -> None:
+    """Refuse arches, an activation dtype or a chunk this target cannot build (KV_FORMATS says
+    which KV formats it takes)."""
     parse_arches(arches)
     if act not in ACT_DTYPES:
         raise UsageError(f"unknown activation dtype {act!r} for target cuda; choose {' or '.join(ACT_DTYPES)}")
     check_chunk(chunk)
-    if kv != "f32":
-        raise UsageError("the cuda target has no int8 KV cache yet; build with --kv f32 (the cache is then "
-                         "stored in the activation dtype on the GPU)")
 
 
 @dataclass
