@@ -117,13 +117,10 @@ def using(policy: str = "on", folder: Path | None = None) -> Iterator[BuildCache
 
 def parts() -> list[tuple[str, str]]:
     """What ``llmc cache`` lists: (what, folder under the cache): the imports, then what each
-    registered target keeps (its package's ``CACHE_PARTS``)."""
+    registered target keeps."""
     from llmc.targets import REGISTRY
 
-    out = [("imported models", "import")]
-    for target in REGISTRY.values():
-        out += getattr(target.package, "CACHE_PARTS", [])
-    return out
+    return [("imported models", "import")] + [part for target in REGISTRY.values() for part in target.cache_parts]
 
 
 def usage(folder: Path | None = None) -> list[dict]:

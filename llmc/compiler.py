@@ -95,7 +95,7 @@ def check_options(target: str | None = None, quant: str = "f32", kv: str = "f32"
     if max_seq is not None and (not isinstance(max_seq, int) or isinstance(max_seq, bool) or max_seq < 1):
         raise UsageError(f"the context length must be a positive number of tokens, not {max_seq!r}")
     options = entry.make_options(target_options)
-    formats = getattr(entry.package, "KV_FORMATS", None)        # None: every format llmc has
+    formats = entry.kv_formats
     if formats and kv not in formats:
         raise UsageError(f"target {entry.name} has no {kv} KV cache; build it with --kv {' or '.join(formats)}")
     return options

@@ -76,6 +76,16 @@ class Target:
         self.package.check(options)
         return options
 
+    @property
+    def kv_formats(self) -> tuple[str, ...] | None:
+        """The KV cache formats it builds (the package's KV_FORMATS); None: every one llmc has."""
+        return getattr(self.package, "KV_FORMATS", None)
+
+    @property
+    def cache_parts(self) -> list[tuple[str, str]]:
+        """(what, folder) it keeps in the build cache (the package's CACHE_PARTS)."""
+        return list(getattr(self.package, "CACHE_PARTS", []))
+
     def option_names(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self.options)]
 
@@ -149,6 +159,16 @@ def cache_dir() -> Path:
     from llmc.cache import root
 
     return root()
+
+
+DEFAULT_MAX_TOKENS = 512    # tokens one step takes unless a build says otherwise; the runtime splits longer prompts
+
+
+def chunk_option():
+    """The ``chunk`` field of a target's Options: the most tokens one step takes."""
+    return field(default=None, metadata={
+        "help": f"the most tokens one step takes (default {DEFAULT_MAX_TOKENS}); the runtime splits longer prompts",
+        "metavar": "TOKENS"})
 
 
 def check_chunk(chunk) -> None:

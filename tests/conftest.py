@@ -65,11 +65,8 @@ def relative_error(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.abs(got.astype(np.float64) - want).max() / np.abs(want).max())
 
 
-def new_pool(graph, blocks: int) -> list[np.ndarray]:
-    """Zeroed arrays for a step graph's KV pool inputs (everything after the batch's), ``blocks`` blocks."""
-    from llmc.abi import graph_pool
-
-    return graph_pool(graph, blocks)
+# Zeroed arrays for a step graph's KV pool inputs (everything after the batch's), ``blocks`` blocks.
+from llmc.abi import graph_pool as new_pool  # noqa: E402, F401  (after the environment above)
 
 
 def run_step(graph, pool, ids, start: int, table, rows: str = "last") -> np.ndarray:

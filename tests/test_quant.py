@@ -9,7 +9,6 @@ import torch
 from conftest import new_pool, relative_error, run_step, tiny_model
 from llmc.errors import UsageError
 from llmc.frontend import import_model
-from llmc.interpret import run
 from llmc.pipeline import run_phases
 from llmc.quant import QuantError, dequantize, parse_scheme, quantize
 

@@ -93,13 +93,20 @@ class Model:
         for at in range(0, len(ids), self.max_tokens):
             yield abi.Batch.single(ids[at: at + self.max_tokens], start_pos + at, self._table, rows)
 
+    def _all_but_last(self, ids: np.ndarray, start_pos: int) -> abi.Batch:
+        """Run the one sequence's chunks but the last; return that one, checked, for the caller to
+        run (for logits, or sampled on the device)."""
+        *earlier, last = self._chunks(ids, start_pos, "last")
+        for batch in earlier:
+            self.run_batch(batch)
+        self._check(last)
+        return last
+
     def step(self, token_ids: Sequence[int] | np.ndarray, start_pos: int) -> np.ndarray:
         """One prefill or decode step of the model's one sequence: the logits of the last token, [vocab]."""
         ids = self._check_ids(token_ids)
         self._fits(start_pos + len(ids))
-        for batch in self._chunks(ids, start_pos, "last"):
-            logits = self.run_batch(batch)
-        return logits[-1]
+        return self.executor.run(abi.STEP, self._all_but_last(ids, start_pos).inputs())[-1]
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """Logits for every position, [len(token_ids), vocab] float32."""
@@ -135,12 +142,7 @@ class Model:
         if on_device and sampler.params.repetition_penalty == 1.0:
             # The device samples: only token ids cross to the host (the penalty needs the history).
             def next_token(tokens, pos: int, step: int) -> int:
-                ids = np.asarray(tokens, np.int64)
-                batches = list(self._chunks(ids, pos, "last"))
-                for batch in batches[:-1]:
-                    self.run_batch(batch)
-                last = batches[-1]
-                self._check(last)
+                last = self._all_but_last(np.asarray(tokens, np.int64), pos)
                 return on_device(abi.STEP, last.inputs(), sampler.params, step)
         else:
             def next_token(tokens, pos: int, step: int) -> int:

@@ -16,9 +16,8 @@ from llmc import __version__
 from llmc.errors import UsageError
 from llmc.ir import Graph
 
-from .. import Build, check_chunk
-
-CHUNK = 512            # the most tokens one call takes; the runtime splits longer prompts
+from .. import DEFAULT_MAX_TOKENS as CHUNK
+from .. import Build, check_chunk, chunk_option
 ABI_VERSION = 2        # what the library's llmc_abi() returns: the step's C signature (lower.py)
 # What this target keeps in the build cache (llmc cache): cpu/<key>/model.so, cpu/tuning.json, cpu/lib.
 CACHE_PARTS = [("cpu libraries and tuning", "cpu")]
@@ -33,9 +32,7 @@ class Options:
     tune: str = field(default="off", metadata={
         "help": "autotune kernel tiles on this machine (results cached per CPU and shape)",
         "choices": ["off", "fast", "full"]})
-    chunk: int | None = field(default=None, metadata={
-        "help": f"the most tokens one step takes (default {CHUNK}); the runtime splits longer prompts",
-        "metavar": "TOKENS"})
+    chunk: int | None = chunk_option()
 
 
 def check(options: Options) -> None:

@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from llmc.errors import UsageError
 from llmc.ir import Graph
 
-from .. import check_chunk
+from .. import DEFAULT_MAX_TOKENS as CHUNK
+from .. import check_chunk, chunk_option
 
-CHUNK = 512                 # the most tokens one step takes; the runtime splits longer prompts
 MAX_DECODE_BATCH = 64       # the most sequences a captured decode graph takes (its arena holds their splits)
 ARCHES = {"sm_80": 80, "sm_86": 86, "sm_89": 89, "sm_90": 90}
 ACT_DTYPES = ("f16", "bf16")
@@ -61,9 +61,7 @@ class Options:
     act_dtype: str = field(default="f16", metadata={
         "help": "activation and KV cache dtype of a cuda build (fp32 accumulation either way)",
         "choices": list(ACT_DTYPES)})
-    chunk: int | None = field(default=None, metadata={
-        "help": f"the most tokens one step takes (default {CHUNK}); the runtime splits longer prompts",
-        "metavar": "TOKENS"})
+    chunk: int | None = chunk_option()
 
     def __post_init__(self):
         if isinstance(self.arch, (list, tuple)):          # a build file's list: recorded as the flag's text

@@ -8,9 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import Build, pool_arrays
-
-MAX_TOKENS = 512           # tokens one step takes: the runtime splits longer prompts
+from .. import DEFAULT_MAX_TOKENS, Build, pool_arrays
 
 
 @dataclass(frozen=True)
@@ -24,7 +22,7 @@ def check(options: Options) -> None:
 
 def emit(graph, options: Options, progress=None) -> Build:
     """Nothing beyond the IR text every artifact holds."""
-    return Build({}, {"name": "ref", "executor": "reference interpreter (numpy)"}, MAX_TOKENS,
+    return Build({}, {"name": "ref", "executor": "reference interpreter (numpy)"}, DEFAULT_MAX_TOKENS,
                  summary="the IR as it is, run by the numpy interpreter")
 
 
