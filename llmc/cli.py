@@ -132,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompt-tokens", default="128,512", help="prefill lengths, comma-separated")
     bench.add_argument("--decode-tokens", type=int, default=128)
     bench.add_argument("--runs", type=int, default=3)
+    bench.add_argument("--concurrency", type=int, default=None,
+                       help="a load run through the engine: this many requests in flight at once")
+    bench.add_argument("--requests", type=int, default=None,
+                       help="requests of the load run (default: 4 per --concurrency, at least 8)")
+    bench.add_argument("--max-step-tokens", type=int, default=None, help="the engine's tokens per step (load run)")
     bench.add_argument("--json", action="store_true", help="print the figures as JSON")
     bench.set_defaults(run=run_bench)
 
@@ -263,23 +268,35 @@ def run_chat(args) -> int:
     import llmc
 
     model = llmc.load(args.file, max_context=args.max_context)
+    if model.tokenizer is None:
+        raise LlmcError(f"{args.file} has no tokenizer, so it cannot chat")
+    options = _sampling(args)
+    options["max_tokens"] = options.pop("max_new_tokens")
     messages: list[dict] = []
     print("chat with the model; an empty line or end of input ends it", file=sys.stderr)
-    while True:
-        try:
-            line = input("> ")
-        except EOFError:
-            break
-        if not line.strip():
-            break
-        messages.append({"role": "user", "content": line})
-        reply = []
-        for piece in model.chat(messages, stream=True, **_sampling(args)):
-            reply.append(piece)
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        messages.append({"role": "assistant", "content": "".join(reply)})
+    # Through the engine, whose prefix cache keeps the conversation's blocks between turns: a
+    # turn computes only what the last reply and the new message added.
+    with llmc.Engine(model, kv_blocks=2 * model.layout.blocks_for(model.max_context), max_running=1) as engine:
+        while True:
+            try:
+                line = input("> ")
+            except EOFError:
+                break
+            if not line.strip():
+                break
+            messages.append({"role": "user", "content": line})
+            ids = model.tokenizer.encode(model.tokenizer.render_chat(messages))
+            room = model.max_context - len(ids)
+            if room < 1:
+                raise LlmcError(f"the conversation fills the context of {model.max_context} positions: "
+                                "start a new chat, or give --max-context a larger value")
+            reply = []
+            for delta in engine.submit(ids, **{**options, "max_tokens": min(options["max_tokens"], room)}):
+                reply.append(delta.text)
+                sys.stdout.write(delta.text)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            messages.append({"role": "assistant", "content": "".join(reply)})
     return 0
 
 
@@ -293,9 +310,38 @@ def run_bench(args) -> int:
         raise UsageError(f"--prompt-tokens takes comma-separated integers, not {args.prompt_tokens!r}") from None
     if args.runs < 1 or args.decode_tokens < 1 or any(n < 1 for n in lengths):
         raise UsageError("--runs, --decode-tokens and --prompt-tokens must be positive")
+    if args.concurrency is not None or args.requests is not None:
+        return _load_run(args, lengths)
     model = llmc.load(args.file, max_context=max(lengths + [16 + args.decode_tokens]))
     result = bench(model, lengths, args.decode_tokens, args.runs)
     print(json.dumps(result, indent=2) if args.json else format_report(args.file, result))
+    return 0
+
+
+def _load_run(args, lengths: list[int]) -> int:
+    import llmc
+    from llmc.runtime.loadrun import format_load_report, load_run
+
+    concurrency = 1 if args.concurrency is None else args.concurrency
+    requests = max(8, 4 * concurrency) if args.requests is None else args.requests
+    if concurrency < 1 or requests < 1:
+        raise UsageError("--concurrency and --requests must be positive")
+    context = max(lengths) + args.decode_tokens
+    model = llmc.load(args.file, max_context=context)
+    # Enough KV blocks for every client's sequence at once: the run measures batching, not preemption.
+    blocks = concurrency * model.layout.blocks_for(context)
+
+    def progress(done: int, total: int) -> None:
+        if sys.stderr.isatty():
+            bar = "#" * (30 * done // total)
+            sys.stderr.write(f"\r[{bar:<30}] {done}/{total} requests")
+            sys.stderr.write("\n" if done == total else "")
+            sys.stderr.flush()
+
+    with llmc.Engine(model, kv_blocks=blocks, max_running=concurrency, max_queued=concurrency,
+                     max_step_tokens=args.max_step_tokens) as engine:
+        result = load_run(engine, lengths, args.decode_tokens, concurrency, requests, progress)
+    print(json.dumps(result, indent=2) if args.json else format_load_report(args.file, result))
     return 0
 
 

@@ -46,3 +46,37 @@ def test_seed_makes_runs_repeatable():
 def test_bad_parameters_are_clear_errors(bad):
     with pytest.raises(LlmcError, match="bad sampling parameters"):
         SamplingParams(**bad)
+
+
+def test_a_row_samples_the_same_alone_and_in_any_batch():
+    """sample_rows over a batch of rows with mixed parameters draws, row by row, what each row's
+    own Sampler draws alone: a seeded request does not depend on its batch."""
+    from llmc.runtime.sampler import sample_rows
+
+    rng = np.random.default_rng(0)
+    vocab = 301
+    options = [dict(), dict(temperature=0.7, seed=1), dict(temperature=1.0, top_k=7, seed=2),
+               dict(temperature=1.3, top_p=0.6, seed=3), dict(temperature=0.9, min_p=0.1, seed=4),
+               dict(temperature=1.0, top_k=40, top_p=0.9, min_p=0.02, repetition_penalty=1.3, seed=5),
+               dict(repetition_penalty=1.5)]
+    params = [SamplingParams(**o) for o in options]
+    alone = [Sampler(p) for p in params]
+    together = [np.random.default_rng(p.seed) for p in params]
+    histories = [rng.integers(0, vocab, size=int(rng.integers(0, 30))).tolist() for _ in params]
+    for _ in range(50):
+        logits = (rng.standard_normal((len(params), vocab)) * 4).astype(np.float32)
+        order = rng.permutation(len(params))[: int(rng.integers(1, len(params) + 1))]
+        got = sample_rows(logits[order], [params[i] for i in order], [together[i] for i in order],
+                          [histories[i] for i in order])
+        want = [alone[i](logits[i], histories[i]) for i in order]
+        assert got.tolist() == want
+
+
+def test_top_logprobs_are_log_softmax_of_the_raw_logits():
+    from llmc.runtime.sampler import top_logprobs
+
+    logits = np.array([[1.0, 3.0, 2.0, 3.0, -1.0]])
+    (chosen, best), = top_logprobs(logits, [2], 3)
+    logp = logits[0] - np.log(np.exp(logits[0]).sum())
+    assert chosen == pytest.approx(logp[2])
+    assert [t for t, _ in best] == [1, 3, 2] and [v for _, v in best] == pytest.approx(logp[[1, 3, 2]])

@@ -99,6 +99,29 @@ def test_chat_and_stop_strings(artifact):
     assert "Paris" not in stopped and reply.startswith(stopped)
 
 
+def test_engine_requests_equal_solo_generation(artifact):
+    """A few SmolLM2 requests at once through the engine (chunked prefill of 64 tokens, a shared
+    system prompt, a stop string, seeded sampling, n=2): each completion as generate gives it."""
+    import llmc
+
+    solo = llmc.load(artifact, max_context=512)
+    system = {"role": "system", "content": "You are a helpful assistant who answers in one short sentence. " * 3}
+    questions = ["What is the capital of France?", "Name a primary colour.", "What is 2 + 2?"]
+    requests = [dict(messages=[system, {"role": "user", "content": q}], max_tokens=24) for q in questions]
+    requests += [dict(prompt="Once upon a time", max_tokens=32, temperature=0.8, top_p=0.9, seed=5, n=2),
+                 dict(messages=[{"role": "user", "content": questions[0]}], max_tokens=30, stop=["Paris"])]
+    with llmc.Engine(llmc.load(artifact, max_context=512), max_step_tokens=64, kv_blocks=256) as engine:
+        outputs = [h.result(timeout=600) for h in [engine.submit(**r) for r in requests]]
+        hits = engine.metrics()["prefix_cache_hit_tokens"]
+    assert hits >= 2 * 16 and outputs[-1].completions[0].finish_reason == "stop"
+    for request, out in zip(requests, outputs):
+        options = {k: v for k, v in request.items() if k not in ("messages", "prompt", "max_tokens", "n")}
+        prompt = solo.tokenizer.render_chat(request["messages"]) if "messages" in request else request["prompt"]
+        for c in out.completions:
+            seeded = {"seed": options["seed"] + c.index} if "seed" in options else {}
+            assert c.text == solo.generate(prompt, max_new_tokens=request["max_tokens"], **{**options, **seeded})
+
+
 def test_cli_run_and_inspect_artifact(artifact):
     import subprocess
     import sys

@@ -18,6 +18,7 @@ from llmc import abi
 from llmc.artifact import Artifact, read_artifact
 from llmc.errors import LlmcError
 from llmc.runtime.sampler import Sampler, SamplingParams
+from llmc.runtime.text import TextStream, check_stops
 from llmc.runtime.tokenizer import Tokenizer
 
 DEFAULT_MAX_CONTEXT = 4096
@@ -42,15 +43,35 @@ class Model:
         if not 1 <= self.max_context <= limit:
             raise LlmcError(f"max_context must be between 1 and the model's {limit} positions, not {max_context}")
         least = self.layout.blocks_for(self.max_context)
-        if kv_blocks is not None and (not isinstance(kv_blocks, int) or kv_blocks < least):
-            raise LlmcError(f"kv_blocks must be a whole number of at least {least} (one sequence of max_context "
-                            f"{self.max_context} in blocks of {self.layout.block_size}), not {kv_blocks!r}")
-        self.kv_blocks = kv_blocks or least
-        self._cache_bytes = self.executor.allocate_pool(self.kv_blocks)
+        self._engine = None
+        self._allocate(kv_blocks or least)
         # The one sequence generate/logits/step run: the pool's first blocks, in order.
         self._table = np.arange(least, dtype=np.int64)
         tok = manifest.get("tokenizer")
         self.tokenizer = Tokenizer(bytes(artifact.section("tokenizer")).decode(), tok) if tok else None
+
+    def _allocate(self, kv_blocks) -> None:
+        least = self.layout.blocks_for(self.max_context)
+        if not isinstance(kv_blocks, int) or isinstance(kv_blocks, bool) or kv_blocks < least:
+            raise LlmcError(f"kv_blocks must be a whole number of at least {least} (one sequence of max_context "
+                            f"{self.max_context} in blocks of {self.layout.block_size}), not {kv_blocks!r}")
+        self.kv_blocks = kv_blocks
+        self._cache_bytes = self.executor.allocate_pool(kv_blocks)
+
+    def take_over(self, engine, kv_blocks: int | None = None) -> None:
+        """Hand the KV pool to an engine (resized to ``kv_blocks``), or back (``engine=None``).
+        While an engine drives the model, the single-sequence calls refuse: they would write the
+        blocks the engine's sequences hold."""
+        if engine is not None and self._engine is not None and self._engine is not engine:
+            raise LlmcError("this Model is already driven by another Engine: load the artifact again for a second one")
+        if kv_blocks is not None and kv_blocks != self.kv_blocks:
+            self._allocate(kv_blocks)
+        self._engine = engine
+
+    def _single(self) -> None:
+        if self._engine is not None:
+            raise LlmcError("this Model is driven by an Engine: submit requests to the engine "
+                            "(engine.generate, engine.submit), or close it first")
 
     @property
     def cache_bytes(self) -> int:
@@ -104,12 +125,14 @@ class Model:
 
     def step(self, token_ids: Sequence[int] | np.ndarray, start_pos: int) -> np.ndarray:
         """One prefill or decode step of the model's one sequence: the logits of the last token, [vocab]."""
+        self._single()
         ids = self._check_ids(token_ids)
         self._fits(start_pos + len(ids))
         return self.executor.run(abi.STEP, self._all_but_last(ids, start_pos).inputs())[-1]
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """Logits for every position, [len(token_ids), vocab] float32."""
+        self._single()
         ids = self._check_ids(token_ids)
         self._fits(len(ids))
         return np.concatenate([self.run_batch(b) for b in self._chunks(ids, 0, "all")]).astype(np.float32)
@@ -120,6 +143,7 @@ class Model:
                  top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
                  seed: int | None = None, stop: Sequence[str] | str | None = None, stream: bool = False):
         """New text for a str prompt, new token ids for a list of ids; ``stream=True`` yields the pieces."""
+        self._single()
         params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
         as_text = isinstance(prompt, str)
         if as_text and self.tokenizer is None:
@@ -128,7 +152,7 @@ class Model:
         if max_new_tokens < 1:
             raise LlmcError("max_new_tokens must be >= 1")
         self._fits(len(ids) + max_new_tokens)
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        stops = check_stops(stop)
         pieces = self._pieces(ids, max_new_tokens, Sampler(params), as_text, stops)
         if stream:
             return pieces
@@ -161,27 +185,16 @@ class Model:
             for token in self._tokens(ids, max_new_tokens, sampler):
                 yield [token]
             return
-        new: list[int] = []
-        emitted = ""
+        text = TextStream(self.tokenizer, stops)
         for token in self._tokens(ids, max_new_tokens, sampler):
-            new.append(token)
-            text = self.tokenizer.decode(new)
-            if text.endswith("\ufffd"):          # an incomplete UTF-8 sequence: wait for the rest
-                continue
-            cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-            if cut >= 0:
-                if cut > len(emitted):
-                    yield text[len(emitted):cut]
+            piece = text.push(token)
+            if piece:
+                yield piece
+            if text.stopped:
                 return
-            # Hold back a tail that could still grow into a stop string.
-            hold = max((len(s) - 1 for s in stops), default=0)
-            ready = len(text) - hold if hold else len(text)
-            if ready > len(emitted):
-                yield text[len(emitted):ready]
-                emitted = text[:ready]
-        text = self.tokenizer.decode(new)
-        if len(text) > len(emitted):
-            yield text[len(emitted):]
+        rest = text.finish()
+        if rest:
+            yield rest
 
     def chat(self, messages: list[dict[str, Any]], **options):
         """Generate the assistant's reply with the checkpoint's own chat template."""

