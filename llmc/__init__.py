@@ -8,14 +8,14 @@ from llmc.errors import LlmcError, LlmcWarning, UsageError
 
 __version__ = "0.1.0"
 
-__all__ = ["Engine", "LlmcError", "LlmcWarning", "QueueFullError", "UsageError", "__version__", "import_model",
-           "load"]
+__all__ = ["Engine", "EngineClosedError", "LlmcError", "LlmcWarning", "QueueFullError", "UsageError", "__version__",
+           "import_model", "load"]
 
 
 def __getattr__(name):
     # The engine loads on first use, so that importing llmc stays cheap.
     if name in ("Engine", "QueueFullError", "EngineClosedError"):
-        from llmc.runtime import engine
+        from llmc.serve import engine
 
         return getattr(engine, name)
     raise AttributeError(f"module 'llmc' has no attribute {name!r}")

@@ -320,7 +320,7 @@ def run_bench(args) -> int:
 
 def _load_run(args, lengths: list[int]) -> int:
     import llmc
-    from llmc.runtime.loadrun import format_load_report, load_run
+    from llmc.serve.loadrun import format_load_report, load_run
 
     concurrency = 1 if args.concurrency is None else args.concurrency
     requests = max(8, 4 * concurrency) if args.requests is None else args.requests

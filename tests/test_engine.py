@@ -334,9 +334,49 @@ def test_submission_is_thread_safe(artifact, solo):
         threads = [threading.Thread(target=client, args=(prompts[i::4],)) for i in range(4)]
         for t in threads:
             t.start()
+        seen = []
+        while any(t.is_alive() for t in threads):       # read the gauges while the loop runs
+            m = engine.metrics()
+            seen.append(m["running"])
+            assert 0 <= m["kv_blocks_used"] <= m["kv_blocks"] and m["running"] <= 8
         for t in threads:
             t.join(timeout=120)
     assert all(results[tuple(p)] == solo_output(solo, p, 8) for p in prompts)
+    assert max(seen) > 1
+
+
+def test_limits_are_checked(artifact):
+    model = llmc.load(artifact, max_context=64)
+    with pytest.raises(LlmcError, match="max_running must be an int from 1 to max_step_tokens"):
+        llmc.Engine(model, max_running=17, max_step_tokens=16)
+    for bad in (dict(max_step_tokens=0), dict(max_step_tokens=33), dict(max_queued=-1), dict(kv_blocks=3),
+                dict(kv_blocks=40, kv_bytes=1 << 20), dict(max_running=1.5)):
+        with pytest.raises(LlmcError):
+            llmc.Engine(model, **bad)
+    with llmc.Engine(model, max_step_tokens=8) as engine:       # max_running follows a small budget
+        assert engine.scheduler.max_running == 8
+
+
+def test_a_fault_of_the_engine_fails_its_requests_instead_of_hanging(artifact, solo, monkeypatch):
+    with llmc.Engine(artifact, max_context=128, kv_blocks=64) as engine:
+        monkeypatch.setattr(engine.scheduler, "schedule", lambda: 1 / 0)     # this scheduler breaks
+        doomed = engine.submit([1, 2, 3], max_tokens=4)
+        with pytest.raises(LlmcError, match="engine failed"):
+            doomed.result(timeout=30)
+        # The loop starts over with a fresh scheduler and pool and serves the next request.
+        assert engine.generate([1, 2, 3], max_tokens=4).token_ids == solo_output(solo, [1, 2, 3], 4)
+
+
+def test_the_engine_never_imports_torch_or_the_compiler(artifact):
+    import subprocess
+    import sys
+
+    code = (f"import sys, llmc; e = llmc.Engine({str(artifact)!r}, max_context=64, kv_blocks=32); "
+            "e.generate('alpha', max_tokens=3); e.close(); "
+            "bad = [m for m in ('torch', 'transformers', 'llmc.compiler', 'llmc.frontend', 'llmc.passes') "
+            "if m in sys.modules]; assert not bad, bad")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
 
 
 def test_bench_concurrency_prints_load_figures(artifact):

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from llmc import abi
-from llmc.runtime.blocks import ROOT, BlockPool
+from llmc.serve.blocks import ROOT, BlockPool
 
 
 @dataclass(eq=False)

@@ -2,7 +2,7 @@
 caching, preemption — driven by one background thread.
 
 Callers submit from any thread (``submit`` checks the request whole and queues it); the loop
-takes what arrived, asks the scheduler (``llmc.runtime.scheduler``) for the next step, runs it
+takes what arrived, asks the scheduler (``llmc.serve.scheduler``) for the next step, runs it
 on the model's batched, paged step, samples every sequence that reached its end in one pass
 (``sample_rows``), and hands each request its deltas. A request joins at the next step and
 leaves the moment it ends. The step runs without holding the engine's lock (the cpu executor
@@ -21,15 +21,16 @@ from typing import Any, Optional
 import numpy as np
 
 from llmc.errors import LlmcError
-from llmc.runtime.blocks import BlockPool
-from llmc.runtime.metrics import E2E_BUCKETS, ITL_BUCKETS, TTFT_BUCKETS, Histogram
-from llmc.runtime.requests import Delta, Request, RequestHandle, RequestOutput, TokenLogprob, make_request
+from llmc.serve.blocks import BlockPool
+from llmc.serve.metrics import E2E_BUCKETS, ITL_BUCKETS, TTFT_BUCKETS, Histogram
+from llmc.serve.requests import Delta, Request, RequestHandle, RequestOutput, TokenLogprob, is_int, make_request
 from llmc.runtime.sampler import SamplingParams, sample_rows, top_logprobs
-from llmc.runtime.scheduler import Plan, Scheduler, Sequence
+from llmc.serve.scheduler import Plan, Scheduler, Sequence
 from llmc.runtime.text import TextStream
 
 DEFAULT_KV_BYTES = 1 << 30
 DEFAULT_STEP_TOKENS = 256
+DEFAULT_RUNNING = 32
 
 
 class QueueFullError(LlmcError):
@@ -62,7 +63,7 @@ class Engine:
     ``max_queued`` requests waiting (past it ``submit`` raises QueueFullError)."""
 
     def __init__(self, model: Any, *, kv_blocks: int | None = None, kv_bytes: int | None = None,
-                 max_running: int = 32, max_step_tokens: int | None = None, max_queued: int = 256,
+                 max_running: int | None = None, max_step_tokens: int | None = None, max_queued: int = 256,
                  max_context: int | None = None, threads: int | None = None):
         from llmc.runtime.model import Model, load
 
@@ -72,13 +73,18 @@ class Engine:
             raise LlmcError(f"an Engine runs a Model or an artifact's path, not {type(model).__name__}")
         elif max_context is not None or threads is not None:
             raise LlmcError("max_context and threads are set when the model is loaded: llmc.load(path, ...)")
-        for name, value, low in (("max_running", max_running, 1), ("max_queued", max_queued, 0)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise LlmcError(f"{name} must be an int >= {low}, not {value!r}")
         step = min(DEFAULT_STEP_TOKENS, model.max_tokens) if max_step_tokens is None else max_step_tokens
-        if not isinstance(step, int) or isinstance(step, bool) or not 1 <= step <= model.max_tokens:
+        if not is_int(step) or not 1 <= step <= model.max_tokens:
             raise LlmcError(f"max_step_tokens must be an int from 1 to the artifact's {model.max_tokens} tokens a "
                             f"step, not {step!r}")
+        if max_running is None:
+            max_running = min(DEFAULT_RUNNING, step)
+        # Every running sequence decodes in every step: more of them than the step's tokens would
+        # leave the last ones waiting behind the first (vLLM asks the same of its limits).
+        if not is_int(max_running) or not 1 <= max_running <= step:
+            raise LlmcError(f"max_running must be an int from 1 to max_step_tokens ({step}), not {max_running!r}")
+        if not is_int(max_queued) or max_queued < 0:
+            raise LlmcError(f"max_queued must be an int >= 0, not {max_queued!r}")
         least = model.layout.blocks_for(model.max_context)
         if kv_blocks is None:
             if kv_bytes is not None and (not isinstance(kv_bytes, int) or kv_bytes < 1):
@@ -96,10 +102,12 @@ class Engine:
         self._inbox: list[Request] = []
         self._handles: dict[str, RequestHandle] = {}
         self._aborts: list[RequestHandle] = []
+        self._unstarted: set[str] = set()          # requests none of whose sequences ran yet
         self._closing = False
         self._stats = Counter()
         self._finished = Counter()
         self._ttft, self._itl, self._e2e = Histogram(TTFT_BUCKETS), Histogram(ITL_BUCKETS), Histogram(E2E_BUCKETS)
+        self._publish()
         self._thread = threading.Thread(target=self._loop, name="llmc-engine", daemon=True)
         self._thread.start()
 
@@ -114,9 +122,10 @@ class Engine:
         with self._lock:
             if self._closing:
                 raise EngineClosedError("the engine is closed: it takes no more requests")
-            if self.waiting_requests() >= self.max_queued:
+            if len(self._unstarted) >= self.max_queued:
                 raise QueueFullError(f"the engine's queue is full ({self.max_queued} requests wait): retry later")
             self._inbox.append(request)
+            self._unstarted.add(request.id)
             self._handles[request.id] = handle
             self._lock.notify_all()
         return handle
@@ -132,20 +141,12 @@ class Engine:
                 self._aborts.append(handle)
                 self._lock.notify_all()
 
-    def waiting_requests(self) -> int:
-        return len(self._inbox) + len({s.owner.handle.id for s in list(self.scheduler.waiting)})
-
     def metrics(self) -> dict[str, Any]:
-        """A snapshot of the counters and gauges (what ``llmc serve`` exports)."""
+        """A snapshot of the counters and gauges (what ``llmc serve`` exports). The scheduler's
+        gauges are as the loop last published them, between two steps."""
         with self._lock:
-            pool = self.pool
             return {
-                "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting) + len(self._inbox),
-                "preemptions": self.scheduler.preempted,
-                "kv_blocks": pool.blocks, "kv_blocks_used": pool.used, "kv_blocks_free": pool.available,
-                "kv_blocks_cached": pool.cached, "kv_usage": pool.used / pool.blocks,
-                "prefix_cache_query_tokens": self.scheduler.prefix_query_tokens,
-                "prefix_cache_hit_tokens": self.scheduler.prefix_hit_tokens,
+                **self._gauges, "waiting": self._gauges["waiting"] + len(self._inbox),
                 "prompt_tokens": self._stats["prompt_tokens"], "generation_tokens": self._stats["generation_tokens"],
                 "steps": self._stats["steps"], "step_tokens": self._stats["step_tokens"],
                 "requests_finished": dict(self._finished),
@@ -182,30 +183,68 @@ class Engine:
                 aborts, self._aborts = self._aborts, []
                 if self._closing and not (inbox or aborts or self.scheduler.has_work()):
                     return
-            for request in inbox:
-                self._start(request)
-            for handle in aborts:
-                for seq in [s for s in self.scheduler.running + list(self.scheduler.waiting) if s.owner.handle is handle]:
-                    self._finish(seq, "abort")
-            plan = self.scheduler.schedule()
-            if plan is None:
-                if self.scheduler.waiting:       # nothing runs and the head cannot start: refuse it
-                    self._finish(self.scheduler.waiting[0], "error",
-                                 LlmcError("the request cannot be scheduled in this engine's KV pool"))
-                continue
             try:
-                logits = self.model.run_batch(plan.batch)
-                self.scheduler.complete(plan)
-                with self._lock:
-                    self._stats["steps"] += 1
-                    self._stats["step_tokens"] += int(plan.batch.tokens.size)
-                if plan.sampled:
-                    self._sample(plan, logits)
-            except Exception as exc:             # this step's requests fail; the engine goes on
-                error = exc if isinstance(exc, LlmcError) else LlmcError(f"the step failed: {exc!r}")
-                for seq, _ in plan.chunks:
-                    if not seq.done:
-                        self._finish(seq, "error", error)
+                self._iterate(inbox, aborts)
+            except Exception as exc:             # a fault of the engine itself: fail, never hang, its callers
+                self._reset(LlmcError(f"the engine failed and dropped its requests: {exc!r}"))
+            self._publish()
+
+    def _iterate(self, inbox: list[Request], aborts: list[RequestHandle]) -> None:
+        """One turn of the loop: take new requests and aborts, run one step, sample."""
+        for request in inbox:
+            self._start(request)
+        for handle in aborts:
+            for seq in [s for s in self.scheduler.running + list(self.scheduler.waiting) if s.owner.handle is handle]:
+                self._finish(seq, "abort")
+        plan = self.scheduler.schedule()
+        if plan is None:
+            if self.scheduler.waiting:           # nothing runs and the head cannot start: refuse it
+                self._finish(self.scheduler.waiting[0], "error",
+                             LlmcError("the request cannot be scheduled in this engine's KV pool"))
+            return
+        with self._lock:
+            self._unstarted.difference_update(seq.owner.handle.id for seq, _ in plan.chunks)
+        try:
+            logits = self.model.run_batch(plan.batch)
+            self.scheduler.complete(plan)
+            with self._lock:
+                self._stats["steps"] += 1
+                self._stats["step_tokens"] += int(plan.batch.tokens.size)
+            if plan.sampled:
+                self._sample(plan, logits)
+        except Exception as exc:                 # this step's requests fail; the engine goes on
+            error = exc if isinstance(exc, LlmcError) else LlmcError(f"the step failed: {exc!r}")
+            for seq, _ in plan.chunks:
+                if not seq.done:
+                    self._finish(seq, "error", error)
+
+    def _reset(self, error: LlmcError) -> None:
+        """End every request in flight with ``error`` and start over with an empty pool."""
+        with self._lock:
+            handles = list(self._handles.values())
+            self._handles.clear()
+            self._unstarted.clear()
+        for handle in handles:
+            for completion in handle.open_completions():
+                handle._push(Delta(completion, [], None, finish_reason="error"), error)
+        self.pool = BlockPool(self.model.kv_blocks, self.model.layout.block_size)
+        self.scheduler = Scheduler(self.pool, self.scheduler.max_running, self.scheduler.max_step_tokens,
+                                   self.scheduler.width)
+
+    def _publish(self) -> None:
+        """The scheduler's gauges as they stand between two steps, for metrics()."""
+        running = {seq.owner.handle.id for seq in self.scheduler.running}
+        waiting = {seq.owner.handle.id for seq in self.scheduler.waiting} - running
+        pool = self.pool
+        gauges = {
+            "running": len(running), "waiting": len(waiting), "preemptions": self.scheduler.preempted,
+            "kv_blocks": pool.blocks, "kv_blocks_used": pool.used, "kv_blocks_free": pool.available,
+            "kv_blocks_cached": pool.cached, "kv_usage": pool.used / pool.blocks,
+            "prefix_cache_query_tokens": self.scheduler.prefix_query_tokens,
+            "prefix_cache_hit_tokens": self.scheduler.prefix_hit_tokens,
+        }
+        with self._lock:
+            self._gauges = gauges
 
     def _start(self, request: Request) -> None:
         handle = self._handles[request.id]
@@ -270,5 +309,6 @@ class Engine:
             self._finished[reason] += 1
             if handle.finished:
                 self._handles.pop(handle.id, None)
+                self._unstarted.discard(handle.id)
                 self._e2e.observe(time.monotonic() - handle.request.arrival)
 

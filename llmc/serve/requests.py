@@ -88,14 +88,14 @@ class Request:
     arrival: float
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def _token_ids(ids, vocab: int, what: str) -> list[int]:
     if isinstance(ids, np.ndarray):
         ids = ids.tolist()
-    if not isinstance(ids, (list, tuple)) or not all(_is_int(t) for t in ids):
+    if not isinstance(ids, (list, tuple)) or not all(is_int(t) for t in ids):
         raise LlmcError(f"{what} must be a list of ints")
     bad = [t for t in ids if not 0 <= t < vocab]
     if bad:
@@ -132,16 +132,16 @@ def make_request(model, prompt=None, *, messages=None, max_tokens: int | None = 
                         "shorten it, or load the model with a larger max_context")
     if max_tokens is None:
         max_tokens = room
-    if not _is_int(max_tokens) or max_tokens < 1:
+    if not is_int(max_tokens) or max_tokens < 1:
         raise LlmcError(f"max_tokens must be an int >= 1, not {max_tokens!r}")
     if max_tokens > room:
         raise LlmcError(f"the prompt's {len(prompt_ids)} tokens and max_tokens {max_tokens} do not fit the context "
                         f"of {model.max_context}: ask for at most {room} tokens, or shorten the prompt")
-    if not _is_int(n) or not 1 <= n <= MAX_N:
+    if not is_int(n) or not 1 <= n <= MAX_N:
         raise LlmcError(f"n must be an int from 1 to {MAX_N}, not {n!r}")
     if not isinstance(logprobs, bool):
         raise LlmcError(f"logprobs must be true or false, not {logprobs!r}")
-    if not _is_int(top_logprobs) or not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
+    if not is_int(top_logprobs) or not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
         raise LlmcError(f"top_logprobs must be an int from 0 to {MAX_TOP_LOGPROBS}, not {top_logprobs!r}")
     stops = check_stops(stop)
     if stops and tokenizer is None:
@@ -198,6 +198,11 @@ class RequestHandle:
 
     def abort(self) -> None:
         self._engine.abort(self)
+
+    def open_completions(self) -> list[int]:
+        """The indices of the completions that have not ended yet."""
+        with self._cond:
+            return [c.index for c in self._completions if c.finish_reason is None]
 
     # -- the engine's side -------------------------------------------------------------------------
 
