@@ -319,6 +319,7 @@ def test_metrics_count_tokens_and_latencies(artifact):
     assert m["prompt_tokens"] == 12 and m["generation_tokens"] == 20
     assert m["time_to_first_token_seconds"]["count"] == 4 and m["inter_token_latency_seconds"]["count"] == 16
     assert m["e2e_request_latency_seconds"]["count"] == 4 and m["requests_finished"] == {"length": 4}
+    assert m["steps"] >= 5 and m["step_tokens"] == 12 + 4 * 4 and m["step_seconds"] > 0
     assert m["time_to_first_token_seconds"]["buckets"][-1] == (float("inf"), 4)
     json.dumps(m)                                  # plain data, for an exporter
 
@@ -397,3 +398,26 @@ def test_bench_concurrency_prints_load_figures(artifact):
     assert text.returncode == 0 and "8 requests, 2 at a time" in text.stdout and "first token" in text.stdout
     bad = llmc_cli("--concurrency", "0")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == ["error: --concurrency and --requests must be positive"]
+
+
+def test_a_request_arriving_during_a_long_prefill_starts_at_the_next_step():
+    """The scheduler alone (no model): a 200-token prompt prefills in chunks of a 32-token budget;
+    a 5-token prompt that arrives meanwhile runs whole in the next step, beside the long prompt's
+    chunk, and the budget is always used in full."""
+    from llmc.serve.blocks import BlockPool
+    from llmc.serve.scheduler import Scheduler, Sequence
+
+    scheduler = Scheduler(BlockPool(80, 4), max_running=4, max_step_tokens=32, table_width=64)
+    long = Sequence(list(range(200)), 200)
+    scheduler.add(long)
+    first = scheduler.schedule()
+    assert first.chunks == [(long, 32)] and first.sampled == []
+    scheduler.complete(first)
+    short = Sequence([7, 8, 9, 10, 11], 5)
+    scheduler.add(short)
+    second = scheduler.schedule()
+    assert dict(second.chunks) == {long: 27, short: 5} and second.sampled == [short]
+    scheduler.complete(second)
+    short.tokens.append(1)                          # its first output token, to decode next
+    third = scheduler.schedule()
+    assert dict(third.chunks) == {short: 1, long: 31}

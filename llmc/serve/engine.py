@@ -149,6 +149,7 @@ class Engine:
                 **self._gauges, "waiting": self._gauges["waiting"] + len(self._inbox),
                 "prompt_tokens": self._stats["prompt_tokens"], "generation_tokens": self._stats["generation_tokens"],
                 "steps": self._stats["steps"], "step_tokens": self._stats["step_tokens"],
+                "step_seconds": self._stats["step_seconds"],
                 "requests_finished": dict(self._finished),
                 "time_to_first_token_seconds": self._ttft.snapshot(),
                 "inter_token_latency_seconds": self._itl.snapshot(),
@@ -205,11 +206,14 @@ class Engine:
         with self._lock:
             self._unstarted.difference_update(seq.owner.handle.id for seq, _ in plan.chunks)
         try:
+            began = time.perf_counter()
             logits = self.model.run_batch(plan.batch)
+            ran = time.perf_counter() - began
             self.scheduler.complete(plan)
             with self._lock:
                 self._stats["steps"] += 1
                 self._stats["step_tokens"] += int(plan.batch.tokens.size)
+                self._stats["step_seconds"] += ran
             if plan.sampled:
                 self._sample(plan, logits)
         except Exception as exc:                 # this step's requests fail; the engine goes on

@@ -80,6 +80,7 @@ def load_run(engine, prompt_lengths: Sequence[int], decode_tokens: int, concurre
         "itl_p50_s": percentile(itl, 50), "itl_p99_s": percentile(itl, 99),
         "preemptions": metrics["preemptions"], "steps": metrics["steps"],
         "mean_step_tokens": metrics["step_tokens"] / max(1, metrics["steps"]),
+        "model_share": metrics["step_seconds"] / seconds,
     }
 
 
@@ -95,5 +96,5 @@ def format_load_report(path, result: dict) -> str:
         f"per out token  p50 {r['tpot_p50_s'] * ms:8.1f} ms   p99 {r['tpot_p99_s'] * ms:8.1f} ms",
         f"inter-token    p50 {r['itl_p50_s'] * ms:8.1f} ms   p99 {r['itl_p99_s'] * ms:8.1f} ms",
         f"engine         {r['steps']} steps of {r['mean_step_tokens']:.1f} tokens on average, "
-        f"{r['preemptions']} preemptions",
+        f"{r['preemptions']} preemptions; {100 * r['model_share']:.0f}% of the time in the model's step",
     ])

@@ -1,10 +1,11 @@
 """Iteration-level scheduling: which tokens of which sequences the next step runs.
 
 Each step has a token budget. It goes first to the running sequences' decode tokens (one each),
-then to the chunks of prompts still being prefilled, then to waiting sequences, admitted first
-come first served while the budget, the pool and ``max_running`` allow (chunked prefill: a long
-prompt takes the step's leftover budget, step after step, and never holds up the others'
-decoding). When a running sequence needs a block and none is left, the most recently admitted
+then to the chunks of prompts still being prefilled (at most half of what is left while others
+wait), then to waiting sequences, admitted first come first served while the budget, the pool and
+``max_running`` allow, and what they leave goes back to the prefills. So a long prompt takes the
+step's leftover budget, step after step, and neither holds up the others' decoding nor keeps a
+new request from starting (chunked prefill). When a running sequence needs a block and none is left, the most recently admitted
 sequence is preempted: its blocks go back to the pool (its full ones stay in the prefix cache),
 and it waits at the head of the queue to compute its tokens again — prompt and output so far —
 and go on with the same output it would have produced.
@@ -89,16 +90,19 @@ class Scheduler:
         budget = self.max_step_tokens
         decoding = [s for s in self.running if len(s.tokens) - s.computed == 1]
         prefilling = [s for s in self.running if len(s.tokens) - s.computed > 1]
-        for seq in decoding + prefilling:
+        for seq in decoding:
             if budget == 0:
                 break
-            if not seq.running:              # preempted for an earlier sequence's block
-                continue
-            take = min(len(seq.tokens) - seq.computed, budget)
-            budget += self._grow(seq, seq.computed + take, plan)
+            if seq.running:                  # (not if preempted for an earlier sequence's block)
+                budget -= self._take(seq, 1, plan)
+        # While others wait, the prompts being prefilled leave them half of what is left, so a
+        # short request that arrives during a long prefill starts at the next step.
+        reserve = budget // 2 if self.waiting and len(self.running) < self.max_running else 0
+        for seq in prefilling:
+            if budget - reserve <= 0:
+                break
             if seq.running:
-                plan[seq] = take
-                budget -= take
+                budget -= self._take(seq, budget - reserve, plan)
         while self.waiting and budget > 0 and len(self.running) < self.max_running:
             seq = self.waiting[0]
             if not self._admit(seq, budget):
@@ -109,6 +113,11 @@ class Scheduler:
             take = min(len(seq.tokens) - seq.computed, budget)
             plan[seq] = take
             budget -= take
+        for seq in prefilling:               # what the admitted left goes back to the prefills
+            if budget <= 0:
+                break
+            if seq.running:
+                budget -= self._take(seq, budget, plan)
         return self._batch(plan) if plan else None
 
     def complete(self, plan: Plan) -> None:
@@ -122,6 +131,20 @@ class Scheduler:
                 seq.keys.append(self.pool.commit(seq.blocks[i], parent, seq.tokens[i * size:(i + 1) * size]))
 
     # -- internals -------------------------------------------------------------------------------
+
+    def _take(self, seq: Sequence, limit: int, plan: dict[Sequence, int]) -> int:
+        """Plan up to ``limit`` more of ``seq``'s tokens in this step, with the blocks they need
+        (taking them may preempt later sequences, whose planned tokens leave the plan, ``seq``
+        itself last). Returns how many tokens the step gained (negative if it lost some)."""
+        planned = plan.get(seq, 0)
+        take = min(len(seq.tokens) - seq.computed - planned, limit)
+        if take <= 0:
+            return 0
+        refund = self._grow(seq, seq.computed + planned + take, plan)
+        if not seq.running:                  # it preempted itself: the refund holds its tokens
+            return -refund
+        plan[seq] = planned + take
+        return take - refund
 
     def _grow(self, seq: Sequence, upto: int, plan: dict[Sequence, int]) -> int:
         """Blocks for ``seq``'s positions below ``upto``, preempting the most recently admitted
