@@ -4,6 +4,7 @@ and llama.cpp's), time to first token during a long prefill, and the prefix cach
     python benchmarks/engine.py ARTIFACT throughput [--requests 64] [--rounds 2] [--llama-cpp] [--max-step-tokens T]
     python benchmarks/engine.py ARTIFACT ttft
     python benchmarks/engine.py ARTIFACT prefix
+    python benchmarks/engine.py ARTIFACT steps
 
 throughput: ``--requests`` requests with random token-id prompts of 16-1024 tokens and outputs of
 16-256 tokens (fixed seed; end of sequence ignored so every engine generates the same count),
@@ -176,10 +177,37 @@ def prefix(args) -> dict:
             "warm_ttft_s": statistics.median(warm), "warm_cached_tokens": statistics.median(cached)}
 
 
+def steps(args) -> dict:
+    """One batched step alone (``Model.run_batch``): decode tokens of B sequences at a position,
+    B = 1, 4, 16; medians of 10 calls. What a batch's tokens cost the model, without the engine."""
+    import llmc
+    from llmc.abi import Batch
+
+    width = 16
+    model = llmc.load(args.artifact, max_context=width * 16, kv_blocks=16 * width, threads=THREADS)
+    if model.layout.block_size * width < 151:
+        sys.exit("steps: needs blocks of at least 10 tokens")
+    out = {}
+    for batch in (1, 4, 16):
+        for position in (16, 150):
+            tables = np.arange(batch * width, dtype=np.int64).reshape(batch, width)
+            step = Batch(np.full(batch, 100, np.int64), np.full(batch, position, np.int64),
+                         np.arange(batch, dtype=np.int64), tables, np.arange(batch, dtype=np.int64))
+            model.run_batch(step)
+            times = []
+            for _ in range(10):
+                start = time.perf_counter()
+                model.run_batch(step)
+                times.append(time.perf_counter() - start)
+            seconds = statistics.median(times)
+            out[f"batch {batch}, position {position}"] = {"step_ms": seconds * 1e3, "tok_s": batch / seconds}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("artifact")
-    parser.add_argument("what", choices=["throughput", "ttft", "prefix"])
+    parser.add_argument("what", choices=["throughput", "ttft", "prefix", "steps"])
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--max-running", type=int, default=16)
@@ -187,7 +215,7 @@ def main() -> None:
     parser.add_argument("--kv-mib", type=int, default=1024)
     parser.add_argument("--llama-cpp", action="store_true")
     args = parser.parse_args()
-    result = {"throughput": throughput, "ttft": ttft, "prefix": prefix}[args.what](args)
+    result = {"throughput": throughput, "ttft": ttft, "prefix": prefix, "steps": steps}[args.what](args)
     print(json.dumps(result, indent=2))
 
 

@@ -87,7 +87,7 @@ class Engine:
             raise LlmcError(f"max_queued must be an int >= 0, not {max_queued!r}")
         least = model.layout.blocks_for(model.max_context)
         if kv_blocks is None:
-            if kv_bytes is not None and (not isinstance(kv_bytes, int) or kv_bytes < 1):
+            if kv_bytes is not None and (not is_int(kv_bytes) or kv_bytes < 1):
                 raise LlmcError(f"kv_bytes must be a positive int, not {kv_bytes!r}")
             per_block = model.bytes_per_position * model.layout.block_size
             kv_blocks = max(least, (kv_bytes or DEFAULT_KV_BYTES) // per_block)
