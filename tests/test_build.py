@@ -12,6 +12,8 @@ from llmc.artifact import host_cpu_features, read_artifact
 from llmc.cli import main
 from llmc.errors import UsageError
 
+pytestmark = pytest.mark.slow          # whole builds from build files, several per test
+
 LEVEL = "x86-64-v3" if {"avx2", "fma", "f16c"} <= host_cpu_features() else "portable"
 
 

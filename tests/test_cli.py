@@ -25,6 +25,7 @@ def assert_one_line_error(result, *fragments, code=1):
         assert fragment in errors[0], (fragment, errors[0])
 
 
+@pytest.mark.slow
 def test_inspect_prints_histogram_and_ir(family_dirs):
     result = llmc("inspect", family_dirs["gemma"], "--ir")
     assert result.returncode == 0, result.stderr
@@ -62,6 +63,7 @@ def test_encoder_only_bert_is_refused(tmp_path):
     assert "warning" not in result.stderr          # refused before anything else is looked at
 
 
+@pytest.mark.slow
 def test_encoder_without_architectures_is_caught_by_the_causality_probe(tmp_path):
     config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                      intermediate_size=48)
@@ -142,6 +144,7 @@ def test_runtime_modules_never_import_torch():
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.slow
 def test_compile_writes_an_artifact_that_runs(family_dirs, tmp_path):
     out = tmp_path / "tiny.llmc"
     result = llmc("compile", family_dirs["mistral"], "-o", out)

@@ -257,6 +257,7 @@ def test_argmax_takes_the_first_largest():
     assert int(token[0]) == 77
 
 
+@pytest.mark.slow
 def test_sampling_respects_top_k_top_p_and_min_p():
     logits = rng.standard_normal(150).astype(np.float32) * 2
     order = np.argsort(-logits)
@@ -272,6 +273,7 @@ def test_sampling_respects_top_k_top_p_and_min_p():
     assert _draw(logits, 1.0, 0, 1.0, 0.0, 11) == _draw(logits, 1.0, 0, 1.0, 0.0, 11)
 
 
+@pytest.mark.slow
 def test_sampling_follows_the_softmax():
     logits = np.array([0.0, 1.0, 2.0, -1.0, 0.5], np.float32)
     draws = np.bincount([_draw(logits, 1.0, 0, 1.0, 0.0, seed) for seed in range(600)], minlength=5) / 600

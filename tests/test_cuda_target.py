@@ -23,6 +23,8 @@ from llmc.targets.cuda.plan import read_program, stage
 
 import llmc
 
+pytestmark = pytest.mark.slow          # cuda builds of every family, run in Triton's interpreter
+
 
 def gpu_arch() -> str | None:
     """This machine's GPU as an arch name (sm_90), or None where no driver or GPU is usable."""

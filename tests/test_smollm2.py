@@ -10,6 +10,8 @@ from conftest import new_pool, relative_error, run_step
 from llmc.frontend import import_model
 from llmc.interpret import run
 
+pytestmark = pytest.mark.slow          # the real model: imports, builds and runs SmolLM2
+
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
