@@ -80,3 +80,72 @@ def test_top_logprobs_are_log_softmax_of_the_raw_logits():
     logp = logits[0] - np.log(np.exp(logits[0]).sum())
     assert chosen == pytest.approx(logp[2])
     assert [t for t, _ in best] == [1, 3, 2] and [v for _, v in best] == pytest.approx(logp[[1, 3, 2]])
+
+
+def plain_sample_rows(logits, params, rngs, histories):
+    """The oracle: the same arithmetic done plainly (a full sort for top-p, every exponential)."""
+    x = np.array(logits, dtype=np.float64, ndmin=2)
+    rows, vocab = x.shape
+    for i, p in enumerate(params):
+        if p.repetition_penalty != 1.0 and len(histories[i]):
+            seen = np.unique(np.asarray(histories[i], dtype=np.int64))
+            values = x[i, seen]
+            x[i, seen] = np.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+    out = np.argmax(x, axis=1)
+    hot = [i for i, p in enumerate(params) if p.temperature > 0]
+    if not hot:
+        return out
+    z = x[hot] / np.array([[params[i].temperature] for i in hot])
+    ks = np.array([params[i].top_k for i in hot])
+    for k in np.unique(ks[(ks > 0) & (ks < vocab)]):
+        rows_k = np.flatnonzero(ks == k)
+        cutoff = np.partition(z[rows_k], -k, axis=1)[:, -k]
+        z[rows_k] = np.where(z[rows_k] >= cutoff[:, None], z[rows_k], -np.inf)
+    probs = np.exp(z - z.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    top_p = np.array([params[i].top_p for i in hot])
+    nucleus = np.flatnonzero(top_p < 1.0)
+    if nucleus.size:
+        sub = probs[nucleus]
+        order = np.argsort(-sub, axis=1, kind="stable")
+        mass = np.cumsum(np.take_along_axis(sub, order, axis=1), axis=1)
+        count = (mass < top_p[nucleus, None]).sum(axis=1) + 1
+        keep = np.zeros_like(sub, dtype=bool)
+        np.put_along_axis(keep, order, np.arange(vocab)[None, :] < count[:, None], axis=1)
+        probs[nucleus] = np.where(keep, sub, 0.0)
+    min_p = np.array([[params[i].min_p] for i in hot])
+    probs = np.where(probs >= min_p * probs.max(axis=1, keepdims=True), probs, 0.0)
+    probs /= probs.sum(axis=1, keepdims=True)
+    cdf = np.cumsum(probs, axis=1)
+    cdf /= cdf[:, -1:]
+    uniform = np.array([rngs[i].random() for i in hot])
+    out[hot] = np.minimum((cdf <= uniform[:, None]).sum(axis=1), vocab - 1)
+    return out
+
+
+@pytest.mark.parametrize("vocab", [7, 600, 5003])
+def test_sample_rows_draws_what_the_plain_arithmetic_draws(vocab):
+    """sample_rows (exponentials only where top-k keeps a token, top-p sorting a row's likeliest
+    tokens first) draws exactly the tokens of the plain version, on peaked rows, flat rows whose
+    nucleus overflows the candidates, and rows of tied logits."""
+    from llmc.runtime.sampler import sample_rows
+
+    rng = np.random.default_rng(vocab)
+    for trial in range(40):
+        rows = int(rng.integers(1, 12))
+        scale = rng.choice([0.05, 1.0, 4.0, 12.0], size=(rows, 1))
+        logits = rng.standard_normal((rows, vocab)) * scale
+        if trial % 4 == 0:
+            logits = np.round(logits * 2) / 2                   # many ties
+        params = [SamplingParams(temperature=float(rng.choice([0.0, 0.5, 1.0, 1.7])),
+                                 top_k=int(rng.choice([0, 0, 1, 5, 40, vocab + 3])),
+                                 top_p=float(rng.choice([1.0, 1.0, 0.3, 0.9, 0.999])),
+                                 min_p=float(rng.choice([0.0, 0.0, 0.05])),
+                                 repetition_penalty=float(rng.choice([1.0, 1.3])), seed=trial * 100 + i)
+                  for i in range(rows)]
+        histories = [rng.integers(0, vocab, size=int(rng.integers(0, 20))).tolist() for _ in range(rows)]
+        got = sample_rows(logits.astype(np.float32), params, [np.random.default_rng(p.seed) for p in params],
+                          histories)
+        want = plain_sample_rows(logits.astype(np.float32), params,
+                                 [np.random.default_rng(p.seed) for p in params], histories)
+        assert got.tolist() == want.tolist(), trial

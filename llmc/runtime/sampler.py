@@ -54,10 +54,18 @@ class SamplingParams:
         return self.temperature == 0
 
 
+NUCLEUS_CANDIDATES = 512        # the most likely tokens top-p sorts before it falls back to the whole row
+
+
 def sample_rows(logits: np.ndarray, params: Sequence[SamplingParams], rngs: Sequence[np.random.Generator],
                 histories: Sequence[Sequence[int]]) -> np.ndarray:
     """The next token of each row of ``logits`` [rows, vocab], row i with ``params[i]``,
-    ``rngs[i]`` (drawn from once if it samples) and ``histories[i]`` (for the repetition penalty)."""
+    ``rngs[i]`` (drawn from once if it samples) and ``histories[i]`` (for the repetition penalty).
+
+    The arithmetic is fixed (float64, in this order), so a row's token depends only on its own
+    inputs; the work is kept small for a batch: arithmetic in place, exponentials only where a
+    top-k left a finite logit, top-p sorting only a row's most likely tokens, and the final sums
+    only over the tokens left."""
     x = np.array(logits, dtype=np.float64, ndmin=2)        # a copy: the filters write into it
     rows, vocab = x.shape
     for i, p in enumerate(params):
@@ -69,35 +77,97 @@ def sample_rows(logits: np.ndarray, params: Sequence[SamplingParams], rngs: Sequ
     hot = [i for i, p in enumerate(params) if not p.greedy]
     if not hot:
         return out
-    z = x[hot] / np.array([[params[i].temperature] for i in hot])
-    # top-k: everything below the k-th largest logit of its row goes (rows grouped by k).
-    ks = np.array([params[i].top_k for i in hot])
-    for k in np.unique(ks[(ks > 0) & (ks < vocab)]):
-        rows_k = np.flatnonzero(ks == k)
-        cutoff = np.partition(z[rows_k], -k, axis=1)[:, -k]
-        z[rows_k] = np.where(z[rows_k] >= cutoff[:, None], z[rows_k], -np.inf)
-    probs = np.exp(z - z.max(axis=1, keepdims=True))
+    z = x if len(hot) == rows else x[hot]
+    z /= np.array([[params[i].temperature] for i in hot])
+    probs = _softmax_numerators(z, np.array([params[i].top_k for i in hot]))
     probs /= probs.sum(axis=1, keepdims=True)
-    # top-p: the smallest set of most likely tokens whose mass reaches top_p (ties in order of id).
     top_p = np.array([params[i].top_p for i in hot])
     nucleus = np.flatnonzero(top_p < 1.0)
     if nucleus.size:
-        sub = probs[nucleus]
-        order = np.argsort(-sub, axis=1, kind="stable")
-        mass = np.cumsum(np.take_along_axis(sub, order, axis=1), axis=1)
-        count = (mass < top_p[nucleus, None]).sum(axis=1) + 1
-        keep = np.zeros_like(sub, dtype=bool)
-        np.put_along_axis(keep, order, np.arange(vocab)[None, :] < count[:, None], axis=1)
-        probs[nucleus] = np.where(keep, sub, 0.0)
+        probs[nucleus] = _nucleus(probs[nucleus], top_p[nucleus])
     min_p = np.array([[params[i].min_p] for i in hot])
-    probs = np.where(probs >= min_p * probs.max(axis=1, keepdims=True), probs, 0.0)
+    if min_p.any():
+        probs = np.where(probs >= min_p * probs.max(axis=1, keepdims=True), probs, 0.0)
     probs /= probs.sum(axis=1, keepdims=True)
     # One uniform draw a row, inverted through the row's cumulative distribution (what
     # numpy's Generator.choice(p=...) does, so seeded runs keep their tokens).
-    cdf = np.cumsum(probs, axis=1)
-    cdf /= cdf[:, -1:]
-    uniform = np.array([rngs[i].random() for i in hot])
-    out[hot] = np.minimum((cdf <= uniform[:, None]).sum(axis=1), vocab - 1)
+    out[hot] = _draw(probs, np.array([rngs[i].random() for i in hot]))
+    return out
+
+
+def _softmax_numerators(z: np.ndarray, ks: np.ndarray) -> np.ndarray:
+    """exp(z - the row's max) (``z`` is overwritten), 0 for what is below the row's k-th largest
+    value (top-k; 0: no limit, rows grouped by k). Only the tokens a top-k keeps are
+    exponentiated."""
+    vocab = z.shape[1]
+    top = z.max(axis=1, keepdims=True)
+    limited = (ks > 0) & (ks < vocab)
+    free = np.flatnonzero(~limited)
+    if free.size == len(ks):
+        z -= top
+        return np.exp(z, out=z)
+    probs = np.zeros_like(z)
+    if free.size:
+        probs[free] = np.exp(z[free] - top[free])
+    for k in np.unique(ks[limited]):
+        rows_k = np.flatnonzero(ks == k)
+        sub = z[rows_k]
+        keep = sub >= np.partition(sub, -k, axis=1)[:, -k, None]
+        kept = np.zeros_like(sub)
+        kept[keep] = np.exp((sub - top[rows_k])[keep])
+        probs[rows_k] = kept
+    return probs
+
+
+def _nucleus(probs: np.ndarray, top_p: np.ndarray) -> np.ndarray:
+    """Each row of ``probs`` with only its nucleus left: the smallest set of most likely tokens
+    (ties in order of id) whose mass reaches the row's ``top_p``.
+
+    Only a row's likeliest tokens are sorted: its NUCLEUS_CANDIDATES most likely non-zero ones and
+    every token tied with the least of them. All other tokens are less likely, so these come first
+    in the row's full order too, and a nucleus that they hold is summed exactly as a sort of the
+    whole row would sum it; a row whose nucleus they do not hold sorts the whole row."""
+    out = np.zeros_like(probs)
+    for i, row in enumerate(probs):
+        cand = np.flatnonzero(row)
+        if cand.size > NUCLEUS_CANDIDATES:
+            values = row[cand]
+            least = np.partition(values, cand.size - NUCLEUS_CANDIDATES)[cand.size - NUCLEUS_CANDIDATES]
+            cand = cand[values >= least]
+        ids, count = _sorted_nucleus(row, cand, top_p[i])
+        if count > cand.size:
+            ids, count = _sorted_nucleus(row, np.arange(row.size), top_p[i])
+        keep = ids[:count]
+        out[i, keep] = row[keep]
+    return out
+
+
+def _sorted_nucleus(row: np.ndarray, cand: np.ndarray, top_p: float) -> tuple[np.ndarray, int]:
+    """``cand`` (ascending ids) most likely first, ties by id, and how many of them the nucleus
+    takes (one more than ``cand`` has if their mass does not reach ``top_p``)."""
+    ids = cand[np.argsort(-row[cand], kind="stable")]
+    mass = np.cumsum(row[ids])
+    return ids, int((mass < top_p).sum()) + 1
+
+
+def _draw(probs: np.ndarray, uniform: np.ndarray) -> np.ndarray:
+    """Row i's token for the uniform draw ``uniform[i]``: the number of entries of the row's
+    normalised cumulative distribution at most the draw. Where most of a row is zero (after a
+    top-k or top-p), the sum runs over its non-zero entries only: adding a zero changes no partial
+    sum, so the token is the same."""
+    rows, vocab = probs.shape
+    out = np.empty(rows, np.int64)
+    for i, row in enumerate(probs):
+        support = np.flatnonzero(row)
+        if support.size * 4 > vocab:
+            cdf = np.cumsum(row)
+            cdf /= cdf[-1]
+            out[i] = min(int((cdf <= uniform[i]).sum()), vocab - 1)
+            continue
+        cdf = np.cumsum(row[support])
+        cdf /= cdf[-1]
+        j = int((cdf <= uniform[i]).sum())
+        out[i] = support[j] if j < support.size else vocab - 1
     return out
 
 
