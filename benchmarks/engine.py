@@ -5,6 +5,7 @@ and llama.cpp's), time to first token during a long prefill, and the prefix cach
     python benchmarks/engine.py ARTIFACT ttft
     python benchmarks/engine.py ARTIFACT prefix
     python benchmarks/engine.py ARTIFACT steps
+    python benchmarks/engine.py ARTIFACT sampling
 
 throughput: ``--requests`` requests with random token-id prompts of 16-1024 tokens and outputs of
 16-256 tokens (fixed seed; end of sequence ignored so every engine generates the same count),
@@ -204,10 +205,37 @@ def steps(args) -> dict:
     return out
 
 
+def sampling(args) -> dict:
+    """sample_rows on 16 rows of the artifact's vocabulary (random logits with a peak of 50
+    likely tokens, as a trained model's usually has), per sampling setting; medians of 7."""
+    import llmc
+    from llmc.runtime.sampler import SamplingParams, sample_rows
+
+    vocab = llmc.load(args.artifact, max_context=16).vocab_size
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal((16, vocab)) * 3).astype(np.float32)
+    logits[:, :50] += 12
+    settings = {"greedy": {}, "temperature 0.8": dict(temperature=0.8),
+                "temperature 0.8, top_p 0.9": dict(temperature=0.8, top_p=0.9),
+                "temperature 0.8, top_k 40, top_p 0.9": dict(temperature=0.8, top_k=40, top_p=0.9),
+                "temperature 0.8, min_p 0.05": dict(temperature=0.8, min_p=0.05)}
+    out = {}
+    for name, options in settings.items():
+        params = [SamplingParams(seed=i, **options) for i in range(16)]
+        rngs = [np.random.default_rng(i) for i in range(16)]
+        times = []
+        for _ in range(7):
+            start = time.perf_counter()
+            sample_rows(logits, params, rngs, [[1, 2, 3]] * 16)
+            times.append(time.perf_counter() - start)
+        out[name] = {"ms_for_16_rows": statistics.median(times) * 1e3}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("artifact")
-    parser.add_argument("what", choices=["throughput", "ttft", "prefix", "steps"])
+    parser.add_argument("what", choices=["throughput", "ttft", "prefix", "steps", "sampling"])
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--max-running", type=int, default=16)
@@ -215,7 +243,8 @@ def main() -> None:
     parser.add_argument("--kv-mib", type=int, default=1024)
     parser.add_argument("--llama-cpp", action="store_true")
     args = parser.parse_args()
-    result = {"throughput": throughput, "ttft": ttft, "prefix": prefix, "steps": steps}[args.what](args)
+    result = {"throughput": throughput, "ttft": ttft, "prefix": prefix, "steps": steps,
+              "sampling": sampling}[args.what](args)
     print(json.dumps(result, indent=2))
 
 
