@@ -5,10 +5,12 @@ then to the chunks of prompts still being prefilled (at most half of what is lef
 wait), then to waiting sequences, admitted first come first served while the budget, the pool and
 ``max_running`` allow, and what they leave goes back to the prefills. So a long prompt takes the
 step's leftover budget, step after step, and neither holds up the others' decoding nor keeps a
-new request from starting (chunked prefill). When a running sequence needs a block and none is left, the most recently admitted
-sequence is preempted: its blocks go back to the pool (its full ones stay in the prefix cache),
-and it waits at the head of the queue to compute its tokens again — prompt and output so far —
-and go on with the same output it would have produced.
+new request from starting (chunked prefill).
+
+When a running sequence needs a block and none is left, the most recently admitted sequence is
+preempted: its blocks go back to the pool (its full ones stay in the prefix cache), and it waits
+at the head of the queue to compute its tokens again — prompt and output so far — and go on with
+the same output it would have produced.
 """
 
 from __future__ import annotations
