@@ -6,6 +6,7 @@ and llama.cpp's), time to first token during a long prefill, and the prefix cach
     python benchmarks/engine.py ARTIFACT prefix
     python benchmarks/engine.py ARTIFACT steps
     python benchmarks/engine.py ARTIFACT sampling
+    python benchmarks/engine.py ARTIFACT concurrency [--rounds 3]
 
 throughput: ``--requests`` requests with random token-id prompts of 16-1024 tokens and outputs of
 16-256 tokens (fixed seed; end of sequence ignored so every engine generates the same count),
@@ -205,6 +206,31 @@ def steps(args) -> dict:
     return out
 
 
+def concurrency(args) -> dict:
+    """``llmc bench --concurrency N``'s load run for N = 1, 4, 16 interleaved: each round runs
+    every N once (the order reversed every other round), each on a fresh engine; random 128-token
+    prompts, 128 tokens generated each, 4N requests (at least 8). Medians over the rounds, and the
+    median of per-round ratios of generated tok/s to N = 1."""
+    import llmc
+    from llmc.serve.loadrun import load_run
+
+    levels = (1, 4, 16)
+    model = llmc.load(args.artifact, max_context=256, threads=THREADS)
+    runs: dict[int, list[dict]] = {n: [] for n in levels}
+    for r in range(args.rounds):
+        for n in (levels if r % 2 == 0 else levels[::-1]):
+            with llmc.Engine(model, kv_blocks=n * model.layout.blocks_for(256), max_running=n, max_queued=n) as engine:
+                runs[n].append(load_run(engine, [128], 128, n, max(8, 4 * n)))
+            print(f"round {r + 1}: concurrency {n}: {runs[n][-1]['generated_tok_s']:.1f} generated tok/s",
+                  file=sys.stderr)
+    keys = ("requests_per_s", "generated_tok_s", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s",
+            "itl_p50_s", "itl_p99_s", "mean_step_tokens", "model_share")
+    return {str(n): {**{k: statistics.median(run[k] for run in runs[n]) for k in keys},
+                     "over_concurrency_1": statistics.median(a["generated_tok_s"] / b["generated_tok_s"]
+                                                             for a, b in zip(runs[n], runs[1]))}
+            for n in levels}
+
+
 def sampling(args) -> dict:
     """sample_rows on 16 rows of the artifact's vocabulary (random logits with a peak of 50
     likely tokens, as a trained model's usually has), per sampling setting; medians of 7."""
@@ -235,7 +261,7 @@ def sampling(args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("artifact")
-    parser.add_argument("what", choices=["throughput", "ttft", "prefix", "steps", "sampling"])
+    parser.add_argument("what", choices=["throughput", "ttft", "prefix", "steps", "sampling", "concurrency"])
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--max-running", type=int, default=16)
@@ -244,7 +270,7 @@ def main() -> None:
     parser.add_argument("--llama-cpp", action="store_true")
     args = parser.parse_args()
     result = {"throughput": throughput, "ttft": ttft, "prefix": prefix, "steps": steps,
-              "sampling": sampling}[args.what](args)
+              "sampling": sampling, "concurrency": concurrency}[args.what](args)
     print(json.dumps(result, indent=2))
 
 

@@ -2,6 +2,13 @@
 exits with the error's ``exit_code``: 1 when a build or a run fails, 2 when llmc was asked for
 something it does not take (a bad option value, a bad build file)."""
 
+import numbers
+
+
+def is_int(value) -> bool:
+    """Whether a value a user gave is a whole number (an int or a numpy integer; a bool is not)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
 
 class LlmcError(Exception):
     """Base of every error a user can cause."""

@@ -83,14 +83,12 @@ def test_top_logprobs_are_log_softmax_of_the_raw_logits():
 
 
 def plain_sample_rows(logits, params, rngs, histories):
-    """The oracle: the same arithmetic done plainly (a full sort for top-p, every exponential)."""
-    x = np.array(logits, dtype=np.float64, ndmin=2)
+    """The oracle: the same arithmetic done plainly (a full sort for top-p, every exponential);
+    the repetition penalty is the sampler's own (test_greedy_and_repetition_penalty checks it)."""
+    from llmc.runtime.sampler import penalized
+
+    x = penalized(logits, params, histories)
     rows, vocab = x.shape
-    for i, p in enumerate(params):
-        if p.repetition_penalty != 1.0 and len(histories[i]):
-            seen = np.unique(np.asarray(histories[i], dtype=np.int64))
-            values = x[i, seen]
-            x[i, seen] = np.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
     out = np.argmax(x, axis=1)
     hot = [i for i, p in enumerate(params) if p.temperature > 0]
     if not hot:

@@ -16,7 +16,7 @@ import numpy as np
 
 from llmc import abi
 from llmc.artifact import Artifact, read_artifact
-from llmc.errors import LlmcError
+from llmc.errors import LlmcError, is_int
 from llmc.runtime.sampler import Sampler, SamplingParams
 from llmc.runtime.text import TextStream, check_stops
 from llmc.runtime.tokenizer import Tokenizer
@@ -52,10 +52,10 @@ class Model:
 
     def _allocate(self, kv_blocks) -> None:
         least = self.layout.blocks_for(self.max_context)
-        if not isinstance(kv_blocks, int) or isinstance(kv_blocks, bool) or kv_blocks < least:
+        if not is_int(kv_blocks) or kv_blocks < least:
             raise LlmcError(f"kv_blocks must be a whole number of at least {least} (one sequence of max_context "
                             f"{self.max_context} in blocks of {self.layout.block_size}), not {kv_blocks!r}")
-        self.kv_blocks = kv_blocks
+        self.kv_blocks = int(kv_blocks)
         self._cache_bytes = self.executor.allocate_pool(kv_blocks)
 
     def take_over(self, engine, kv_blocks: int | None = None) -> None:

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from llmc.errors import LlmcError
+from llmc.errors import LlmcError, is_int
 
 
 @dataclass(frozen=True)
@@ -37,12 +37,12 @@ class SamplingParams:
         seed = self.seed
         checks = [
             (self.temperature >= 0, "temperature must be >= 0 (0 means greedy)"),
-            (isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and self.top_k >= 0,
+            (is_int(self.top_k) and self.top_k >= 0,
              "top_k must be an int >= 0 (0 means no limit)"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
             (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1 means none)"),
-            (seed is None or (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2 ** 63),
+            (seed is None or (is_int(seed) and 0 <= seed < 2 ** 63),
              "seed must be an int in [0, 2**63) or None"),
         ]
         for ok, message in checks:
@@ -66,13 +66,8 @@ def sample_rows(logits: np.ndarray, params: Sequence[SamplingParams], rngs: Sequ
     inputs; the work is kept small for a batch: arithmetic in place, exponentials only where a
     top-k left a finite logit, top-p sorting only a row's most likely tokens, and the final sums
     only over the tokens left."""
-    x = np.array(logits, dtype=np.float64, ndmin=2)        # a copy: the filters write into it
+    x = penalized(logits, params, histories)
     rows, vocab = x.shape
-    for i, p in enumerate(params):
-        if p.repetition_penalty != 1.0 and len(histories[i]):
-            seen = np.unique(np.asarray(histories[i], dtype=np.int64))
-            values = x[i, seen]
-            x[i, seen] = np.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
     out = np.argmax(x, axis=1)
     hot = [i for i, p in enumerate(params) if not p.greedy]
     if not hot:
@@ -93,6 +88,18 @@ def sample_rows(logits: np.ndarray, params: Sequence[SamplingParams], rngs: Sequ
     # numpy's Generator.choice(p=...) does, so seeded runs keep their tokens).
     out[hot] = _draw(probs, np.array([rngs[i].random() for i in hot]))
     return out
+
+
+def penalized(logits: np.ndarray, params: Sequence[SamplingParams], histories: Sequence[Sequence[int]]) -> np.ndarray:
+    """The rows as float64 (a copy), each with its repetition penalty on the tokens of its
+    history: a positive logit divided by it, a negative one multiplied."""
+    x = np.array(logits, dtype=np.float64, ndmin=2)
+    for i, p in enumerate(params):
+        if p.repetition_penalty != 1.0 and len(histories[i]):
+            seen = np.unique(np.asarray(histories[i], dtype=np.int64))
+            values = x[i, seen]
+            x[i, seen] = np.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+    return x
 
 
 def _softmax_numerators(z: np.ndarray, ks: np.ndarray) -> np.ndarray:
@@ -159,11 +166,8 @@ def _draw(probs: np.ndarray, uniform: np.ndarray) -> np.ndarray:
     out = np.empty(rows, np.int64)
     for i, row in enumerate(probs):
         support = np.flatnonzero(row)
-        if support.size * 4 > vocab:
-            cdf = np.cumsum(row)
-            cdf /= cdf[-1]
-            out[i] = min(int((cdf <= uniform[i]).sum()), vocab - 1)
-            continue
+        if support.size * 4 > vocab:          # mostly non-zero: the whole row costs less
+            support = np.arange(vocab)
         cdf = np.cumsum(row[support])
         cdf /= cdf[-1]
         j = int((cdf <= uniform[i]).sum())

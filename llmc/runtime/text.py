@@ -36,10 +36,9 @@ class TextStream:
         self.tokenizer = tokenizer
         self.stops = list(stops)
         self.hold = max((len(s) - 1 for s in self.stops), default=0)
-        self.tokens: list[int] = []
+        self.tokens: list[int] = []         # the window: tokens[:_read] were decoded last time
         self.pending = ""                   # decoded, not yet returned
         self.stopped = False
-        self._context = 0                   # tokens[_context:_read] were decoded last time
         self._read = 0
 
     def push(self, token: int) -> str:
@@ -68,13 +67,14 @@ class TextStream:
         """The text the tokens not yet read add (appended to ``pending``), or "" while they end in
         an incomplete UTF-8 sequence (unless ``final``)."""
         decode = self.tokenizer.decode
-        before = decode(self.tokens[self._context:self._read]) if self._read > self._context else ""
-        after = decode(self.tokens[self._context:])
+        before = decode(self.tokens[:self._read]) if self._read else ""
+        after = decode(self.tokens)
         if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
             return ""
         new = after[len(before):]
         self.pending += new
-        self._context, self._read = self._read, len(self.tokens)
+        del self.tokens[:self._read]        # what was read before this is context no longer
+        self._read = len(self.tokens)
         return new
 
     def _emit(self, ready: int) -> str:

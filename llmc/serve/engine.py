@@ -14,16 +14,16 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
-from llmc.errors import LlmcError
+from llmc.errors import LlmcError, is_int
 from llmc.serve.blocks import BlockPool
 from llmc.serve.metrics import E2E_BUCKETS, ITL_BUCKETS, TTFT_BUCKETS, Histogram
-from llmc.serve.requests import Delta, Request, RequestHandle, RequestOutput, TokenLogprob, is_int, make_request
+from llmc.serve.requests import Delta, Request, RequestHandle, RequestOutput, TokenLogprob, make_request
 from llmc.runtime.sampler import SamplingParams, sample_rows, top_logprobs
 from llmc.serve.scheduler import Plan, Scheduler, Sequence
 from llmc.runtime.text import TextStream
@@ -52,7 +52,6 @@ class _Completion:
     text: Optional[TextStream]
     generated: int = 0
     last_token_at: float = 0.0
-    seq: Sequence = field(default=None, repr=False)
 
 
 class Engine:
@@ -257,7 +256,7 @@ class Engine:
         for index, params in enumerate(request.params):
             seq = Sequence(list(request.prompt_ids), len(request.prompt_ids), leader=leader)
             seq.owner = _Completion(handle, index, params, np.random.default_rng(params.seed),
-                                    TextStream(tokenizer, request.stops) if tokenizer else None, seq=seq)
+                                    TextStream(tokenizer, request.stops) if tokenizer else None)
             leader = leader or seq
             self.scheduler.add(seq)
         with self._lock:
@@ -269,18 +268,20 @@ class Engine:
         rows = logits[:len(seqs)]
         tokens = sample_rows(rows, [o.params for o in owners], [o.rng for o in owners], [s.tokens for s in seqs])
         now = time.monotonic()
-        for i, (seq, owner, token) in enumerate(zip(seqs, owners, tokens.tolist())):
-            handle, request = owner.handle, owner.handle.request
-            with self._lock:
-                self._stats["generation_tokens"] += 1
+        with self._lock:
+            self._stats["generation_tokens"] += len(seqs)
+            for seq, owner in zip(seqs, owners):
+                handle = owner.handle
                 if handle.first_token_at is None:
                     handle.first_token_at = now
                     handle.cached_tokens = seq.cached
-                    self._ttft.observe(now - request.arrival)
+                    self._ttft.observe(now - handle.request.arrival)
                 elif owner.generated:
                     self._itl.observe(now - owner.last_token_at)
-            owner.last_token_at = now
-            owner.generated += 1
+                owner.last_token_at = now
+                owner.generated += 1
+        for i, (seq, owner, token) in enumerate(zip(seqs, owners, tokens.tolist())):
+            handle, request = owner.handle, owner.handle.request
             if token in request.stop_token_ids:
                 self._finish(seq, "stop")
                 continue
@@ -302,9 +303,7 @@ class Engine:
         owner = seq.owner
         self.scheduler.remove(seq)
         delta = delta or Delta(owner.index, [], "" if owner.text else None)
-        if owner.text is not None and reason == "length":
-            delta.text = (delta.text or "") + owner.text.finish()
-        elif owner.text is not None and reason == "stop" and not owner.text.stopped:
+        if owner.text is not None and reason in ("stop", "length"):       # the text held back
             delta.text = (delta.text or "") + owner.text.finish()
         delta.finish_reason = reason
         handle = owner.handle

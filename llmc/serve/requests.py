@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from llmc.errors import LlmcError
+from llmc.errors import LlmcError, is_int
 from llmc.runtime.sampler import SamplingParams
 from llmc.runtime.text import check_stops
 
@@ -86,10 +86,6 @@ class Request:
     logprobs: bool
     top_logprobs: int
     arrival: float
-
-
-def is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def _token_ids(ids, vocab: int, what: str) -> list[int]:
