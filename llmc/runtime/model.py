@@ -74,6 +74,11 @@ class Model:
                             "(engine.generate, engine.submit), or close it first")
 
     @property
+    def eos_token_ids(self) -> frozenset[int]:
+        """The tokens that end a sequence (generation stops at them)."""
+        return frozenset(self.manifest.get("eos_token_ids") or [])
+
+    @property
     def cache_bytes(self) -> int:
         """Bytes of the KV pool (all of its blocks)."""
         return self._cache_bytes
@@ -160,7 +165,7 @@ class Model:
         return "".join(collected) if as_text else [t for piece in collected for t in piece]
 
     def _tokens(self, ids: np.ndarray, max_new_tokens: int, sampler: Sampler) -> Iterator[int]:
-        eos = set(self.manifest.get("eos_token_ids") or [])
+        eos = self.eos_token_ids
         history = list(ids)
         on_device = getattr(self.executor, "sample", None)
         if on_device and sampler.params.repetition_penalty == 1.0:

@@ -144,7 +144,7 @@ def make_request(model, prompt=None, *, messages=None, max_tokens: int | None = 
         raise LlmcError("stop strings need a tokenizer, and this artifact has none: use stop_token_ids")
     stop_ids = set(_token_ids(list(stop_token_ids or ()), model.vocab_size, "stop_token_ids"))
     if not ignore_eos:
-        stop_ids |= set(model.manifest.get("eos_token_ids") or [])
+        stop_ids |= model.eos_token_ids
     base = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
     # Completion i draws from seed + i: the first is what generate(seed=seed) gives.
     params = [base if seed is None or i == 0 else SamplingParams(temperature, top_k, top_p, min_p,
