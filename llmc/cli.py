@@ -140,6 +140,34 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print the figures as JSON")
     bench.set_defaults(run=run_bench)
 
+    serve = commands.add_parser("serve", help="serve an artifact over an OpenAI-compatible HTTP API",
+                                description="Serve an artifact over HTTP: /v1/chat/completions, /v1/completions, "
+                                            "/v1/models, /tokenize, /detokenize, /health and Prometheus /metrics "
+                                            "(needs the serve extra). SIGTERM drains: no new requests, in-flight "
+                                            "ones get --shutdown-timeout seconds to finish, then exit 0.")
+    serve.add_argument("file", help="a .llmc artifact")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0 picks a free one)")
+    serve.add_argument("--api-key", default=os.environ.get("LLMC_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' (default: $LLMC_API_KEY, else none)")
+    serve.add_argument("--model-name", default=None, help="the model's id in the API (default: the file's name "
+                                                          "without .llmc)")
+    serve.add_argument("--max-running", type=int, default=None, help="sequences in one step at most")
+    serve.add_argument("--max-queued", type=int, default=256, help="requests waiting to start at most; more are "
+                                                                    "answered 429 (default 256)")
+    serve.add_argument("--kv-blocks", type=int, default=None, help="blocks of the KV pool (default: 1 GiB of them)")
+    serve.add_argument("--max-step-tokens", type=int, default=None, help="tokens in one step at most")
+    serve.add_argument("--max-context", type=int, default=None, help="positions of one sequence at most")
+    serve.add_argument("--threads", type=int, default=None, help="threads of the model's step")
+    serve.add_argument("--request-timeout", type=float, default=600.0,
+                       help="seconds a request may take before it ends with a 408 error (default 600; 0: none)")
+    serve.add_argument("--shutdown-timeout", type=float, default=20.0,
+                       help="seconds in-flight requests get to finish after SIGTERM (default 20)")
+    serve.add_argument("--max-body-bytes", type=int, default=4 << 20,
+                       help="largest request body; larger ones are answered 413 (default 4 MiB)")
+    serve.add_argument("--access-log", action="store_true", help="log every request")
+    serve.set_defaults(run=run_serve)
+
     evaluate = commands.add_parser("eval", help="perplexity of an artifact on a text file",
                                    description="Sliding-window perplexity of an artifact on a text file.")
     evaluate.add_argument("file", help="a .llmc artifact")
@@ -343,6 +371,30 @@ def _load_run(args, lengths: list[int]) -> int:
         result = load_run(engine, lengths, args.decode_tokens, concurrency, requests, progress)
     print(json.dumps(result, indent=2) if args.json else format_load_report(args.file, result))
     return 0
+
+
+def run_serve(args) -> int:
+    from pathlib import Path
+
+    from llmc.serve.http import serve
+
+    for name in ("max_running", "kv_blocks", "max_step_tokens", "max_context", "threads", "max_body_bytes"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, not {value}")
+    if args.max_queued < 1:
+        raise UsageError(f"--max-queued must be at least 1, not {args.max_queued}")
+    if not 0 <= args.port < 65536:
+        raise UsageError(f"--port must be from 0 to 65535, not {args.port}")
+    if args.request_timeout < 0 or args.shutdown_timeout < 0:
+        raise UsageError("--request-timeout and --shutdown-timeout must be >= 0")
+    engine = dict(kv_blocks=args.kv_blocks, max_running=args.max_running, max_queued=args.max_queued,
+                  max_step_tokens=args.max_step_tokens)
+    return serve(args.file, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout,
+                 access_log=args.access_log, model_name=args.model_name or Path(args.file).name.removesuffix(".llmc"),
+                 api_key=args.api_key or None, request_timeout=args.request_timeout or None,
+                 max_body_bytes=args.max_body_bytes, engine_options=engine,
+                 load_options=dict(max_context=args.max_context, threads=args.threads))
 
 
 def run_eval(args) -> int:

@@ -75,3 +75,46 @@ def run_step(graph, pool, ids, start: int, table, rows: str = "last") -> np.ndar
     from llmc.interpret import run
 
     return run(graph, list(Batch.single(np.asarray(ids), start, np.asarray(table), rows).inputs().values()) + pool)[0]
+
+
+# A chat template that shows its tools (as JSON) when a request passes them.
+CHAT = ("{% if tools %}<tools>{{ tools | tojson }}\n{% endif %}"
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def byte_tokenizer():
+    """A byte-level BPE without merges: 256 tokens, one a byte, so any text encodes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=CHAT)
+
+
+@pytest.fixture(scope="session")
+def chat_artifact(tmp_path_factory):
+    """A tiny random Llama with a 256-token byte tokenizer and a chat template, for cpu: blocks of
+    4 tokens, steps of at most 32 (so prompts are chunked and sequences span many blocks)."""
+    import torch
+    import transformers
+
+    from llmc.compiler import compile_model
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                      eos_token_id=None, bos_token_id=None)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    folder = tmp_path_factory.mktemp("chat")
+    model.save_pretrained(folder / "hf")
+    byte_tokenizer().save_pretrained(folder / "hf")
+    path = folder / "tiny.llmc"
+    compile_model(str(folder / "hf"), path, target="cpu", block_size=4, chunk=32, progress=None)
+    return path

@@ -29,10 +29,17 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tokenizer.get_vocab_size()
 
-    def render_chat(self, messages: list[dict[str, Any]]) -> str:
+    @property
+    def takes_tools(self) -> bool:
+        """Whether the chat template reads a ``tools`` list (function definitions for the model)."""
+        return "tools" in (self.info.get("chat_template") or "")
+
+    def render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
         template = self.info.get("chat_template")
         if not template:
             raise LlmcError("this model has no chat template: use generate() with a plain prompt")
+        if tools and not self.takes_tools:
+            raise LlmcError("this model's chat template takes no tools: send the request without them")
         import jinja2
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -43,7 +50,7 @@ class Tokenizer:
         env.globals["raise_exception"] = raise_exception
         try:
             return env.from_string(template).render(
-                messages=messages, add_generation_prompt=True,
+                messages=messages, add_generation_prompt=True, **({"tools": tools} if tools else {}),
                 bos_token=self.info.get("bos_token") or "", eos_token=self.info.get("eos_token") or "")
         except jinja2.TemplateError as exc:
             raise LlmcError(f"the model's chat template failed: {exc}") from None
