@@ -355,6 +355,40 @@ def test_a_missing_artifact_or_taken_port_is_one_line(tmp_path, server, chat_art
         assert r.returncode == 1 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: "), r.stderr
 
 
+def test_loading_and_draining_answer_503(chat_artifact):
+    """The app before its model has loaded and while it drains (in-process, through ASGI)."""
+    import asyncio
+
+    from llmc.serve.http import App
+
+    async def ask(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return (await client.get("/health"),
+                    await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}))
+
+    app = App(chat_artifact, model_name="tiny")
+    health, busy = asyncio.run(ask(app))
+    assert health.status_code == 503 and health.json() == {"status": "loading"}
+    assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+    assert busy.json()["error"]["type"] == "service_unavailable_error"
+    app.load()
+    assert [r.status_code for r in asyncio.run(ask(app))] == [200, 200]
+    app.drain(grace=0)
+    health, busy = asyncio.run(ask(app))
+    assert health.status_code == 503 and busy.status_code == 503 and "shutting down" in busy.json()["error"]["message"]
+    app.close()
+
+
+def test_a_corrupt_artifact_exits_1_with_one_error_line(tmp_path):
+    bad = tmp_path / "bad.llmc"
+    bad.write_bytes(b"not an artifact" * 100)
+    r = subprocess.run([sys.executable, "-m", "llmc", "serve", str(bad), "--port", "0"], capture_output=True,
+                       text=True, timeout=60)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 1 and last.startswith("error: the model failed to load") and "Traceback" not in r.stderr
+
+
 # -- SmolLM2: what needs time to happen --------------------------------------------------------------
 
 LONG = {"prompt": "Tell me a long story about a dragon.", "max_tokens": 2000, "ignore_eos": True, "temperature": 0}
@@ -418,6 +452,11 @@ def test_smollm2_disconnect_mid_stream_frees_the_blocks_at_once(busy):
     cm.__exit__(None, None, None)                        # the client leaves after one token of 2000
     busy.wait_idle(timeout=5)
     assert busy.sample("vllm:request_success_total", finished_reason="abort") == aborted + 1
+    # A client waiting for a whole answer that gives up: the same.
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(busy.url + "/v1/completions", json=LONG, timeout=1.5)
+    busy.wait_idle(timeout=5)
+    assert busy.sample("vllm:request_success_total", finished_reason="abort") == aborted + 2
 
 
 @pytest.mark.slow
