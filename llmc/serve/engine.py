@@ -113,7 +113,8 @@ class Engine:
     # -- the callers' side -----------------------------------------------------------------------
 
     def submit(self, prompt=None, **options) -> RequestHandle:
-        """Queue a request (``prompt``: text or token ids, or ``messages=[...]``; the options are
+        """Queue a request (``prompt``: text or token ids, or ``messages=[...]`` and optionally
+        ``tools=[...]`` for the chat template; the options are
         ``generate``'s plus ``max_tokens``, ``stop_token_ids``, ``n``, ``logprobs``,
         ``top_logprobs``, ``ignore_eos``) and return its handle. Thread-safe."""
         request = make_request(self.model, prompt, **options)

@@ -147,11 +147,14 @@ class App:
         self.engine = None
         self.load_error: BaseException | None = None
         self.loaded = threading.Event()
-        self.created = int(time.time())
+        self.started = time.time()
+        self.created = int(self.started)
         self.in_flight: set = set()                # the handles of requests being answered
         self.responses: Counter = Counter()        # answers by status code, for /metrics
         self.on_failure: Callable[[], None] | None = None
         self._timer: threading.Timer | None = None
+        self._loading = threading.Lock()
+        self._loader: threading.Thread | None = None
         self.routes: dict[tuple[str, str], Callable[[Exchange], Awaitable[None]]] = {
             ("GET", "/health"): self.health, ("GET", "/metrics"): self.metrics,
             ("GET", "/v1/models"): self.models, ("POST", "/v1/chat/completions"): self.chat,
@@ -161,8 +164,16 @@ class App:
 
     # -- life ------------------------------------------------------------------------------------
 
+    def start_loading(self) -> None:
+        """Load in a thread (/health answers 503 meanwhile), unless loading began already (a host
+        such as Ray Serve may load in its replica's constructor, then run the lifespan too)."""
+        with self._loading:
+            if self.state == "loading" and not self.loaded.is_set() and self._loader is None:
+                self._loader = threading.Thread(target=self.load, name="llmc-load", daemon=True)
+                self._loader.start()
+
     def load(self) -> None:
-        """Load the artifact and start the engine (in a thread: /health answers 503 meanwhile)."""
+        """Load the artifact and start the engine."""
         from llmc.runtime.model import load
         from llmc.serve.engine import Engine
 
@@ -231,7 +242,7 @@ class App:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                threading.Thread(target=self.load, name="llmc-load", daemon=True).start()
+                self.start_loading()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await asyncio.get_running_loop().run_in_executor(None, self.close)
@@ -275,8 +286,8 @@ class App:
 
     async def metrics(self, ex: Exchange) -> None:
         snapshot = self.engine.metrics() if self.engine is not None else None
-        await ex.text(200, prometheus(snapshot, self.model_name, self.responses, self.state == "ready"),
-                      "text/plain; version=0.0.4; charset=utf-8")
+        text = prometheus(snapshot, self.model_name, self.responses, self.state == "ready", self.started)
+        await ex.text(200, text, "text/plain; version=0.0.4; charset=utf-8")
 
     def _model_card(self) -> dict:
         card = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "llmc"}
@@ -476,8 +487,11 @@ def serve(path: str | Path, *, host: str = "127.0.0.1", port: int = 8000, shutdo
     sock = listen(host, port)
     bound = sock.getsockname()
     shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+    # Idle keep-alive connections stay open longer than clients' pools keep them (httpx 5 s,
+    # aiohttp 15 s) and load balancers' idle timeouts (60 s): the client closes first, so it never
+    # sends a request on a connection the server is closing at that moment.
     config = uvicorn.Config(app, log_level="warning", access_log=access_log, lifespan="on",
-                            timeout_graceful_shutdown=int(shutdown_timeout) + 5, timeout_keep_alive=5)
+                            timeout_graceful_shutdown=int(shutdown_timeout) + 5, timeout_keep_alive=75)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):       # drain, then exit 0 (uvicorn's own re-raises the signal)

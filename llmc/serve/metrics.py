@@ -45,7 +45,8 @@ def _number(value: float) -> str:
     return "+Inf" if value == float("inf") else repr(float(value))
 
 
-def prometheus(snapshot: dict | None, model_name: str, responses: dict[int, int], ready: bool) -> str:
+def prometheus(snapshot: dict | None, model_name: str, responses: dict[int, int], ready: bool,
+               started: float) -> str:
     """The engine's ``metrics()`` snapshot (None while loading) as Prometheus text, under vLLM's
     metric names (so that dashboards, autoscalers and routers built for vLLM read it) plus
     llmc's own."""
@@ -67,6 +68,8 @@ def prometheus(snapshot: dict | None, model_name: str, responses: dict[int, int]
 
     metric("llmc:ready", "gauge", "1 once the model is loaded and the server takes requests.",
            [(model, 1.0 if ready else 0.0)])
+    metric("llmc:server_start_time_seconds", "gauge", "When this server started (Unix time): tells replicas apart.",
+           [(model, started)])
     metric("llmc:http_responses_total", "counter", "HTTP answers by status code.",
            [(_labels(model_name=model_name, code=code), n) for code, n in sorted(responses.items())])
     if snapshot is None:

@@ -103,9 +103,10 @@ def _token_ids(ids, vocab: int, what: str) -> list[int]:
     return [int(t) for t in ids]
 
 
-def make_request(model, prompt=None, *, messages=None, tools=None, max_tokens: int | None = None, temperature: float = 0.0,
-                 top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
-                 seed: int | None = None, stop=None, stop_token_ids: Sequence[int] = (), n: int = 1,
+def make_request(model, prompt=None, *, messages=None, tools=None, max_tokens: int | None = None,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+                 repetition_penalty: float = 1.0, seed: int | None = None, stop=None,
+                 stop_token_ids: Sequence[int] = (), n: int = 1,
                  logprobs: bool = False, top_logprobs: int = 0, ignore_eos: bool = False) -> Request:
     """A request for ``model`` checked whole, or an LlmcError saying what to change."""
     tokenizer = model.tokenizer
@@ -114,7 +115,7 @@ def make_request(model, prompt=None, *, messages=None, tools=None, max_tokens: i
     if messages is not None:
         if tokenizer is None:
             raise LlmcError("this artifact has no tokenizer, so it cannot take chat messages")
-        if tools is not None and (not isinstance(tools, (list, tuple)) or not all(isinstance(t, dict) for t in tools)):
+        if tools is not None and not (isinstance(tools, (list, tuple)) and all(isinstance(t, dict) for t in tools)):
             raise LlmcError("tools must be a list of objects (function definitions)")
         prompt = tokenizer.render_chat(check_messages(messages), list(tools) if tools else None)
     elif tools is not None:
@@ -132,15 +133,16 @@ def make_request(model, prompt=None, *, messages=None, tools=None, max_tokens: i
         raise LlmcError("the prompt is empty: give at least one token")
     room = model.max_context - len(prompt_ids)
     if room < 1:
-        raise ContextLengthError(f"the prompt's {len(prompt_ids)} tokens leave no room in the context of {model.max_context}: "
-                        "shorten it, or load the model with a larger max_context")
+        raise ContextLengthError(f"the prompt's {len(prompt_ids)} tokens leave no room in the context of "
+                                 f"{model.max_context}: shorten it, or load the model with a larger max_context")
     if max_tokens is None:
         max_tokens = room
     if not is_int(max_tokens) or max_tokens < 1:
         raise LlmcError(f"max_tokens must be an int >= 1, not {max_tokens!r}")
     if max_tokens > room:
-        raise ContextLengthError(f"the prompt's {len(prompt_ids)} tokens and max_tokens {max_tokens} do not fit the context "
-                        f"of {model.max_context}: ask for at most {room} tokens, or shorten the prompt")
+        raise ContextLengthError(f"the prompt's {len(prompt_ids)} tokens and max_tokens {max_tokens} do not fit the "
+                                 f"context of {model.max_context}: ask for at most {room} tokens, or shorten the "
+                                 "prompt")
     if not is_int(n) or not 1 <= n <= MAX_N:
         raise LlmcError(f"n must be an int from 1 to {MAX_N}, not {n!r}")
     if not isinstance(logprobs, bool):
