@@ -380,6 +380,28 @@ def test_loading_and_draining_answer_503(chat_artifact):
     app.close()
 
 
+def test_the_server_never_imports_torch_or_the_compiler(chat_artifact):
+    """What ``llmc serve`` imports, from the command line to an answered request."""
+    code = f"""
+import asyncio, sys, httpx
+import llmc.cli
+from llmc.serve.http import App
+app = App({str(chat_artifact)!r}, model_name="tiny")
+app.load()
+async def ask():
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        r = await client.post("/v1/chat/completions", json={{"messages": [{{"role": "user", "content": "hi"}}],
+                                                            "max_tokens": 3, "stream": True}})
+        assert r.status_code == 200 and r.text.endswith("data: [DONE]\\n\\n"), r.text
+asyncio.run(ask())
+app.close()
+bad = [m for m in ("torch", "transformers", "llmc.compiler", "llmc.frontend", "llmc.passes") if m in sys.modules]
+assert not bad, bad
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
 def test_a_corrupt_artifact_exits_1_with_one_error_line(tmp_path):
     bad = tmp_path / "bad.llmc"
     bad.write_bytes(b"not an artifact" * 100)

@@ -190,7 +190,8 @@ class App:
             if self.on_failure:
                 self.on_failure()
             return
-        self.state = "ready"
+        if self.state == "loading":              # not if SIGTERM came while it loaded
+            self.state = "ready"
         self.loaded.set()
         log(f"ready: {self.model_name} (loaded in {time.perf_counter() - began:.1f} s, "
             f"{self.engine.pool.blocks} KV blocks, context {model.max_context})")
