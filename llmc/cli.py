@@ -146,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
                                             "(needs the serve extra). SIGTERM drains: no new requests, in-flight "
                                             "ones get --shutdown-timeout seconds to finish, then exit 0.")
     serve.add_argument("file", help="a .llmc artifact")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0 picks a free one)")
     serve.add_argument("--api-key", default=os.environ.get("LLMC_API_KEY"),
                        help="require 'Authorization: Bearer KEY' (default: $LLMC_API_KEY, else none)")
@@ -390,8 +391,9 @@ def run_serve(args) -> int:
         raise UsageError("--request-timeout and --shutdown-timeout must be >= 0")
     engine = dict(kv_blocks=args.kv_blocks, max_running=args.max_running, max_queued=args.max_queued,
                   max_step_tokens=args.max_step_tokens)
+    name = args.model_name or Path(args.file).name.removesuffix(".llmc")
     return serve(args.file, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout,
-                 access_log=args.access_log, model_name=args.model_name or Path(args.file).name.removesuffix(".llmc"),
+                 access_log=args.access_log, model_name=name,
                  api_key=args.api_key or None, request_timeout=args.request_timeout or None,
                  max_body_bytes=args.max_body_bytes, engine_options=engine,
                  load_options=dict(max_context=args.max_context, threads=args.threads))
