@@ -121,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--top-p", type=float, default=1.0)
         sub.add_argument("--min-p", type=float, default=0.0)
         sub.add_argument("--repetition-penalty", type=float, default=1.0)
+        sub.add_argument("--presence-penalty", type=float, default=0.0,
+                         help="subtracted from the logit of each token generated so far (-2 to 2)")
+        sub.add_argument("--frequency-penalty", type=float, default=0.0,
+                         help="subtracted from a token's logit once per time it was generated (-2 to 2)")
         sub.add_argument("--seed", type=int, default=None)
         sub.add_argument("--max-context", type=int, default=None, help="KV cache capacity in positions")
         sub.set_defaults(run=run_generate if name == "run" else run_chat)
@@ -203,7 +207,8 @@ def _cache_option(parser, default: str | None = "on") -> None:
 
 def _sampling(args) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+                top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty)
 
 
 def run_compile(args) -> int:

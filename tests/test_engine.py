@@ -42,7 +42,9 @@ def random_request(rng, solo):
     sampling = {} if rng.random() < 0.5 else dict(temperature=float(rng.choice([0.7, 1.0, 1.3])), seed=int(rng.integers(1000)),
                                                   top_k=int(rng.choice([0, 5, 40])), top_p=float(rng.choice([1.0, 0.9])),
                                                   min_p=float(rng.choice([0.0, 0.05])),
-                                                  repetition_penalty=float(rng.choice([1.0, 1.2])))
+                                                  repetition_penalty=float(rng.choice([1.0, 1.2])),
+                                                  presence_penalty=float(rng.choice([0.0, 0.6])),
+                                                  frequency_penalty=float(rng.choice([0.0, 0.4, -0.3])))
     max_tokens = int(rng.integers(1, 40))
     stops = {}
     if rng.random() < 0.5:
@@ -129,18 +131,20 @@ def test_async_iteration_gives_the_same_deltas(artifact, solo):
 
 def test_a_tiny_pool_forces_preemption_and_outputs_stay_the_same(artifact, solo):
     """A pool of one sequence's blocks (32 of 4 tokens) for 6 requests that together need far
-    more: sequences are preempted, recomputed, and still give their solo output."""
+    more: sequences are preempted, recomputed, and still give their solo output (half of them
+    greedy with the output penalties, which must count only generated tokens, recomputed or not)."""
     rng = np.random.default_rng(5)
     prompts = [rng.integers(0, 256, size=int(rng.integers(20, 60))).tolist() for _ in range(6)]
+    options = [dict(temperature=0.9, seed=i) if i % 2 else dict(frequency_penalty=0.8, presence_penalty=0.5)
+               for i in range(6)]
     with llmc.Engine(artifact, max_context=128, kv_blocks=32, max_running=6, max_step_tokens=32) as engine:
-        handles = [engine.submit(p, max_tokens=60, temperature=0.9, seed=i, ignore_eos=True)
-                   for i, p in enumerate(prompts)]
+        handles = [engine.submit(p, max_tokens=60, ignore_eos=True, **o) for p, o in zip(prompts, options)]
         outputs = [h.result(timeout=120) for h in handles]
         metrics = engine.metrics()
     assert metrics["preemptions"] > 0
-    for i, (prompt, out) in enumerate(zip(prompts, outputs)):
+    for prompt, out, o in zip(prompts, outputs, options):
         assert out.completions[0].finish_reason == "length"
-        assert out.token_ids == solo_output(solo, prompt, 60, temperature=0.9, seed=i)
+        assert out.token_ids == solo_output(solo, prompt, 60, **o)
 
 
 def test_prefix_cache_shares_full_blocks_and_gives_identical_logits(artifact):

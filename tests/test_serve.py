@@ -164,6 +164,13 @@ def test_streamed_equals_whole(server, sampling):
     assert "".join(c.choices[0].text for c in pieces) == whole.choices[0].text
 
 
+def test_openai_penalties_equal_solo_generation(server, solo):
+    r = server.client().completions.create(model="tiny", prompt="The sky is", max_tokens=40, temperature=0,
+                                           frequency_penalty=0.7, presence_penalty=0.4)
+    want = solo.generate("The sky is", max_new_tokens=40, frequency_penalty=0.7, presence_penalty=0.4)
+    assert r.choices[0].text == want and want != solo.generate("The sky is", max_new_tokens=40)
+
+
 def test_raw_stream_is_sse_ending_in_done(server):
     with httpx.stream("POST", server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
                       json={"prompt": "x", "max_tokens": 5, "stream": True, "temperature": 0}) as r:
@@ -284,7 +291,8 @@ BAD = [  # path, body (or raw bytes), status, param or code it names
     ("/v1/chat/completions", {**CHAT_OK, "stream_options": {"include_usage": True}}, 400, "stream_options"),
     ("/v1/chat/completions", {**CHAT_OK, "top_logprobs": 3}, 400, "top_logprobs"),
     ("/v1/chat/completions", {**CHAT_OK, "logprobs": True, "top_logprobs": 99}, 400, "top_logprobs"),
-    ("/v1/chat/completions", {**CHAT_OK, "frequency_penalty": 0.5}, 400, "frequency_penalty"),
+    ("/v1/chat/completions", {**CHAT_OK, "frequency_penalty": 2.5}, 400, "frequency_penalty"),
+    ("/v1/chat/completions", {**CHAT_OK, "presence_penalty": "high"}, 400, "presence_penalty"),
     ("/v1/chat/completions", {**CHAT_OK, "logit_bias": {"5": 10}}, 400, "logit_bias"),
     ("/v1/chat/completions", {**CHAT_OK, "tool_choice": "required"}, 400, "tool_choice"),
     ("/v1/chat/completions", {**CHAT_OK, "response_format": {"type": "json_object"}}, 400, "response_format"),

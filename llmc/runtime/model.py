@@ -146,10 +146,12 @@ class Model:
 
     def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 128, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
-                 seed: int | None = None, stop: Sequence[str] | str | None = None, stream: bool = False):
+                 seed: int | None = None, stop: Sequence[str] | str | None = None, stream: bool = False,
+                 presence_penalty: float = 0.0, frequency_penalty: float = 0.0):
         """New text for a str prompt, new token ids for a list of ids; ``stream=True`` yields the pieces."""
         self._single()
-        params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+        params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed, presence_penalty,
+                                frequency_penalty)
         as_text = isinstance(prompt, str)
         if as_text and self.tokenizer is None:
             raise LlmcError("this artifact has no tokenizer (it was built without one): pass token ids")
@@ -168,14 +170,14 @@ class Model:
         eos = self.eos_token_ids
         history = list(ids)
         on_device = getattr(self.executor, "sample", None)
-        if on_device and sampler.params.repetition_penalty == 1.0:
-            # The device samples: only token ids cross to the host (the penalty needs the history).
+        if on_device and not sampler.params.reads_history:
+            # The device samples: only token ids cross to the host (the penalties need the history).
             def next_token(tokens, pos: int, step: int) -> int:
                 last = self._all_but_last(np.asarray(tokens, np.int64), pos)
                 return on_device(abi.STEP, last.inputs(), sampler.params, step)
         else:
             def next_token(tokens, pos: int, step: int) -> int:
-                return sampler(self.step(tokens, pos), history)
+                return sampler(self.step(tokens, pos), history, generated=len(history) - len(ids))
         token = next_token(ids, 0, 0)
         for step in range(max_new_tokens):
             if token in eos:

@@ -1,5 +1,7 @@
 """Choosing the next token from logits: greedy, or sampled after the usual filters, in llama.cpp's
-order — repetition penalty, temperature, top-k, top-p, min-p — from a seeded generator.
+order — repetition penalty, temperature, top-k, top-p, min-p — from a seeded generator. OpenAI's
+presence and frequency penalties come right after the repetition penalty (vLLM's order), over
+the generated tokens only.
 
 ``sample_rows`` is the one implementation: a vectorised pass over a batch's logits rows, each row
 with its own parameters, generator and history. A row's result depends only on its own inputs
@@ -27,10 +29,12 @@ class SamplingParams:
     min_p: float = 0.0
     repetition_penalty: float = 1.0   # > 1 discourages tokens already in the context
     seed: Optional[int] = None
+    presence_penalty: float = 0.0     # subtracted from the logit of every token generated so far
+    frequency_penalty: float = 0.0    # subtracted once for each time a token was generated so far
 
     def __post_init__(self):
         number = (int, float)
-        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, number) or not math.isfinite(value):
                 raise LlmcError(f"bad sampling parameters: {name} must be a finite number, not {value!r}")
@@ -42,6 +46,8 @@ class SamplingParams:
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
             (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1 means none)"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2] (0 means none)"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2] (0 means none)"),
             (seed is None or (is_int(seed) and 0 <= seed < 2 ** 63),
              "seed must be an int in [0, 2**63) or None"),
         ]
@@ -53,20 +59,26 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def reads_history(self) -> bool:
+        """Whether the tokens so far change the choice (any of the penalties)."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
 
 NUCLEUS_CANDIDATES = 512        # the most likely tokens top-p sorts before it falls back to the whole row
 
 
 def sample_rows(logits: np.ndarray, params: Sequence[SamplingParams], rngs: Sequence[np.random.Generator],
-                histories: Sequence[Sequence[int]]) -> np.ndarray:
+                histories: Sequence[Sequence[int]], generated: Sequence[int] | None = None) -> np.ndarray:
     """The next token of each row of ``logits`` [rows, vocab], row i with ``params[i]``,
-    ``rngs[i]`` (drawn from once if it samples) and ``histories[i]`` (for the repetition penalty).
+    ``rngs[i]`` (drawn from once if it samples) and ``histories[i]``, the row's tokens so far
+    (for the penalties), of which the last ``generated[i]`` (default none) are generated ones.
 
     The arithmetic is fixed (float64, in this order), so a row's token depends only on its own
     inputs; the work is kept small for a batch: arithmetic in place, exponentials only where a
     top-k left a finite logit, top-p sorting only a row's most likely tokens, and the final sums
     only over the tokens left."""
-    x = penalized(logits, params, histories)
+    x = penalized(logits, params, histories, generated)
     rows, vocab = x.shape
     out = np.argmax(x, axis=1)
     hot = [i for i, p in enumerate(params) if not p.greedy]
@@ -90,15 +102,23 @@ def sample_rows(logits: np.ndarray, params: Sequence[SamplingParams], rngs: Sequ
     return out
 
 
-def penalized(logits: np.ndarray, params: Sequence[SamplingParams], histories: Sequence[Sequence[int]]) -> np.ndarray:
-    """The rows as float64 (a copy), each with its repetition penalty on the tokens of its
-    history: a positive logit divided by it, a negative one multiplied."""
+def penalized(logits: np.ndarray, params: Sequence[SamplingParams], histories: Sequence[Sequence[int]],
+              generated: Sequence[int] | None = None) -> np.ndarray:
+    """The rows as float64 (a copy), each with its penalties: the repetition penalty on the tokens
+    of its whole history (a positive logit divided by it, a negative one multiplied), then the
+    presence penalty once and the frequency penalty once per occurrence on the tokens of its last
+    ``generated[i]`` (OpenAI's penalties, which look at the output only)."""
     x = np.array(logits, dtype=np.float64, ndmin=2)
     for i, p in enumerate(params):
         if p.repetition_penalty != 1.0 and len(histories[i]):
             seen = np.unique(np.asarray(histories[i], dtype=np.int64))
             values = x[i, seen]
             x[i, seen] = np.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+        made = 0 if generated is None else int(generated[i])
+        if (p.presence_penalty or p.frequency_penalty) and made > 0:
+            history = histories[i]
+            ids, counts = np.unique(np.asarray(history[len(history) - made:], dtype=np.int64), return_counts=True)
+            x[i, ids] -= p.presence_penalty + p.frequency_penalty * counts
     return x
 
 
@@ -199,5 +219,5 @@ class Sampler:
         self.params = params
         self.rng = np.random.default_rng(params.seed)
 
-    def __call__(self, logits: np.ndarray, history: Sequence[int] = ()) -> int:
-        return int(sample_rows(logits, [self.params], [self.rng], [history])[0])
+    def __call__(self, logits: np.ndarray, history: Sequence[int] = (), generated: int = 0) -> int:
+        return int(sample_rows(logits, [self.params], [self.rng], [history], [generated])[0])

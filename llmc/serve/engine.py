@@ -267,7 +267,8 @@ class Engine:
         seqs = plan.sampled
         owners = [s.owner for s in seqs]
         rows = logits[:len(seqs)]
-        tokens = sample_rows(rows, [o.params for o in owners], [o.rng for o in owners], [s.tokens for s in seqs])
+        tokens = sample_rows(rows, [o.params for o in owners], [o.rng for o in owners], [s.tokens for s in seqs],
+                             [len(s.tokens) - s.prompt_len for s in seqs])
         now = time.monotonic()
         with self._lock:
             self._stats["generation_tokens"] += len(seqs)

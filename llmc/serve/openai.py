@@ -4,8 +4,8 @@ deltas. Pure data in, data out: the HTTP side (``llmc.serve.http``) owns sockets
 
 Fields follow OpenAI's API, with vLLM's extensions (``top_k``, ``min_p``, ``repetition_penalty``,
 ``stop_token_ids``, ``ignore_eos``). A field OpenAI does not have is ignored, as OpenAI does; a
-known field with a bad value, or one this server cannot honour (a frequency penalty, a logit
-bias, a forced tool call), is refused with a 400 that names it.
+known field with a bad value, or one this server cannot honour (a logit bias, a forced tool
+call), is refused with a 400 that names it.
 """
 
 from __future__ import annotations
@@ -117,9 +117,6 @@ def _common(body: dict, served: str, max_tokens_default: int | None) -> tuple[di
     stop_ids = body.get("stop_token_ids")
     if stop_ids is not None and (not isinstance(stop_ids, list) or not all(is_int(t) for t in stop_ids)):
         raise bad("stop_token_ids must be a list of integers", "stop_token_ids")
-    for name in ("presence_penalty", "frequency_penalty"):
-        _number(body, name, 0.0, -2.0, 2.0)
-        _unsupported(body, name, 0, ": use repetition_penalty (> 1 discourages repeats)")
     _unsupported(body, "logit_bias", {}, "")
     n = _int(body, "n", 1, 1, MAX_N)
     stream = _bool(body, "stream")
@@ -138,6 +135,8 @@ def _common(body: dict, served: str, max_tokens_default: int | None) -> tuple[di
         top_k=max(top_k, 0),                     # -1 and 0 both mean no limit (vLLM)
         min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
         repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, 10.0, open_low=True),
+        presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
         seed=None if seed is None else int(seed),
         stop=stops, stop_token_ids=[int(t) for t in stop_ids or ()], n=n,
         ignore_eos=_bool(body, "ignore_eos"),

@@ -9,6 +9,7 @@ per new token of one of its ``n`` completions, readable from a ``RequestHandle``
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import threading
 import time
@@ -105,8 +106,8 @@ def _token_ids(ids, vocab: int, what: str) -> list[int]:
 
 def make_request(model, prompt=None, *, messages=None, tools=None, max_tokens: int | None = None,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-                 repetition_penalty: float = 1.0, seed: int | None = None, stop=None,
-                 stop_token_ids: Sequence[int] = (), n: int = 1,
+                 repetition_penalty: float = 1.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                 seed: int | None = None, stop=None, stop_token_ids: Sequence[int] = (), n: int = 1,
                  logprobs: bool = False, top_logprobs: int = 0, ignore_eos: bool = False) -> Request:
     """A request for ``model`` checked whole, or an LlmcError saying what to change."""
     tokenizer = model.tokenizer
@@ -155,10 +156,10 @@ def make_request(model, prompt=None, *, messages=None, tools=None, max_tokens: i
     stop_ids = set(_token_ids(list(stop_token_ids or ()), model.vocab_size, "stop_token_ids"))
     if not ignore_eos:
         stop_ids |= model.eos_token_ids
-    base = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    base = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed, presence_penalty,
+                          frequency_penalty)
     # Completion i draws from seed + i: the first is what generate(seed=seed) gives.
-    params = [base if seed is None or i == 0 else SamplingParams(temperature, top_k, top_p, min_p,
-                                                                 repetition_penalty, (seed + i) % 2 ** 63)
+    params = [base if seed is None or i == 0 else dataclasses.replace(base, seed=(seed + i) % 2 ** 63)
               for i in range(n)]
     return Request(f"req-{next(_ids)}", prompt_ids, int(max_tokens), params, stops, frozenset(stop_ids),
                    logprobs or top_logprobs > 0, int(top_logprobs), time.monotonic())
