@@ -1,13 +1,15 @@
 """``llmc serve`` under load, against llama-cpp-python's own OpenAI server, and a soak run.
 
-    python benchmarks/serve.py ARTIFACT load [--concurrency 1,4,16,64] [--requests-per-client 2]
+    python benchmarks/serve.py ARTIFACT load [--concurrency 1,4,16,64] [--rounds 2] [--requests-per-client 2]
                                              [--min-requests 16] [--no-llama-cpp]
     python benchmarks/serve.py ARTIFACT soak [--requests 3000] [--clients 16]
 
 load: streaming clients (``--concurrency`` of them at once, each sending its next request when
 the last one ends) against ``llmc serve ARTIFACT`` and ``python -m llama_cpp.server`` on SmolLM2's
 Q4_1 GGUF requantized to Q4_0 (the fair peer of q4g32), both with 2 threads, both started once
-and measured one at a time, interleaved level by level. The same requests for both: /v1/completions
+and measured one at a time: at each level, ``--rounds`` rounds, the two servers one after the
+other in each, the order reversed every round, fresh prompts every round; the ratio reported is
+the median of the per-round ratios. The same requests for both: /v1/completions
 with text prompts of about 16-512 tokens (random words, fixed seed) and 16-128 generated tokens
 (end of sequence suppressed: ``ignore_eos`` for llmc, a logit bias for llama.cpp, so both produce
 exactly max_tokens). llama-cpp-python's server runs with ``--interrupt_requests False``: by
@@ -203,16 +205,27 @@ def load(args) -> dict:
     report: dict = {"levels": {}}
     try:
         for concurrency in levels:
-            requests = workload(max(args.min_requests, args.requests_per_client * concurrency), seed=concurrency)
-            row = {}
-            for name, (_, url, _) in servers.items():
-                peer = "llmc" if name == "llmc" else "llama.cpp"
-                row[name] = asyncio.run(load_level(url, requests, concurrency, peer, eos))
-                print(f"concurrency {concurrency:3d}  {name:26s} {json.dumps(row[name])}", file=sys.stderr, flush=True)
-            if len(row) == 2:
-                a, b = row["llmc"], row["llama-cpp-python server"]
-                row["llmc / llama.cpp generated tok/s"] = round(a["generated_tok_s"] / b["generated_tok_s"], 2)
-            report["levels"][concurrency] = row
+            rounds = []
+            for r in range(args.rounds):
+                # New prompts each round (the prefix cache must not help round 2); the same for both
+                # servers within a round, which run one after the other, the order reversed each round.
+                requests = workload(max(args.min_requests, args.requests_per_client * concurrency),
+                                    seed=concurrency * 1000 + r)
+                names = list(servers) if r % 2 == 0 else list(reversed(servers))
+                row = {}
+                for name in names:
+                    peer = "llmc" if name == "llmc" else "llama.cpp"
+                    row[name] = asyncio.run(load_level(servers[name][1], requests, concurrency, peer, eos))
+                    print(f"concurrency {concurrency:3d} round {r + 1}  {name:26s} {json.dumps(row[name])}",
+                          file=sys.stderr, flush=True)
+                rounds.append(row)
+            level: dict = {"rounds": rounds}
+            if len(servers) == 2:
+                ratios = [row["llmc"]["generated_tok_s"] / row["llama-cpp-python server"]["generated_tok_s"]
+                          for row in rounds]
+                level["llmc / llama.cpp generated tok/s, per round"] = [round(x, 2) for x in ratios]
+                level["llmc / llama.cpp generated tok/s, median"] = round(statistics.median(ratios), 2)
+            report["levels"][concurrency] = level
     finally:
         for process, _, _ in servers.values():
             process.terminate()
@@ -356,6 +369,7 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,4,16,64")
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--min-requests", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=2, help="load: rounds per level, the order reversed each")
     parser.add_argument("--no-llama-cpp", action="store_true")
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--clients", type=int, default=16)

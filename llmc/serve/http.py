@@ -34,7 +34,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-from llmc.errors import LlmcError
+from llmc.errors import LlmcError, is_int
 from llmc.serve.metrics import prometheus
 from llmc.serve.openai import ApiError, Answer, Call, engine_error, parse_chat, parse_completion
 
@@ -146,14 +146,11 @@ class App:
         self.state = "loading"
         self.engine = None
         self.load_error: BaseException | None = None
-        self.loaded = threading.Event()
         self.started = time.time()
-        self.created = int(self.started)
         self.in_flight: set = set()                # the handles of requests being answered
         self.responses: Counter = Counter()        # answers by status code, for /metrics
         self.on_failure: Callable[[], None] | None = None
         self._timer: threading.Timer | None = None
-        self._loading = threading.Lock()
         self._loader: threading.Thread | None = None
         self.routes: dict[tuple[str, str], Callable[[Exchange], Awaitable[None]]] = {
             ("GET", "/health"): self.health, ("GET", "/metrics"): self.metrics,
@@ -167,10 +164,9 @@ class App:
     def start_loading(self) -> None:
         """Load in a thread (/health answers 503 meanwhile), unless loading began already (a host
         such as Ray Serve may load in its replica's constructor, then run the lifespan too)."""
-        with self._loading:
-            if self.state == "loading" and not self.loaded.is_set() and self._loader is None:
-                self._loader = threading.Thread(target=self.load, name="llmc-load", daemon=True)
-                self._loader.start()
+        if self.state == "loading" and self._loader is None:
+            self._loader = threading.Thread(target=self.load, name="llmc-load", daemon=True)
+            self._loader.start()
 
     def load(self) -> None:
         """Load the artifact and start the engine."""
@@ -186,13 +182,11 @@ class App:
         except BaseException as exc:              # reported by the runner, which exits 1
             self.load_error = exc
             self.state = "failed"
-            self.loaded.set()
             if self.on_failure:
                 self.on_failure()
             return
         if self.state == "loading":              # not if SIGTERM came while it loaded
             self.state = "ready"
-        self.loaded.set()
         log(f"ready: {self.model_name} (loaded in {time.perf_counter() - began:.1f} s, "
             f"{self.engine.pool.blocks} KV blocks, context {model.max_context})")
 
@@ -291,7 +285,7 @@ class App:
         await ex.text(200, text, "text/plain; version=0.0.4; charset=utf-8")
 
     def _model_card(self) -> dict:
-        card = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "llmc"}
+        card = {"id": self.model_name, "object": "model", "created": int(self.started), "owned_by": "llmc"}
         if self.engine is not None:
             card["max_model_len"] = self.engine.model.max_context
         return card
@@ -330,7 +324,6 @@ class App:
         body = await ex.body(self.max_body_bytes)
         engine = self._ready()
         tokens = body.get("tokens") if isinstance(body, dict) else None
-        from llmc.errors import is_int
         vocab = engine.model.vocab_size
         if not isinstance(tokens, list) or not all(is_int(t) and 0 <= t < vocab for t in tokens):
             raise ApiError(400, f"tokens must be a list of token ids in [0, {vocab})", param="tokens")
@@ -399,7 +392,8 @@ class App:
         for handle in handles:
             await _drain(handle)
         outputs = [handle.result() for handle in handles]
-        self._check_ended(outputs)
+        if any(c.finish_reason == "abort" for o in outputs for c in o.completions):
+            raise shut_down()                     # aborted by the server, not by its client
         await ex.json(200, answer.response(outputs, prompts))
 
     async def _stream(self, ex: Exchange, answer: Answer, handles: list, prompts: list) -> None:
@@ -425,7 +419,7 @@ class App:
                     open_ -= 1
                     continue
                 if delta.finish_reason == "abort":     # only the server aborts a request it still streams
-                    self._check_ended(None)
+                    raise shut_down()
                 for chunk in answer.chunks(i, delta, prompts[i]):
                     await ex.event(chunk)
             if answer.call.include_usage:
@@ -435,12 +429,11 @@ class App:
             for task in pumps:
                 task.cancel()
 
-    def _check_ended(self, outputs) -> None:
-        """An output aborted by the server (not by its client) ends as an error: it is shutting down.
-        ``outputs=None``: one was."""
-        if outputs is None or any(c.finish_reason == "abort" for o in outputs for c in o.completions):
-            raise ApiError(503, "the server shut down before the request finished: retry on another replica",
-                           "service_unavailable_error", headers={"Retry-After": "5"})
+
+def shut_down() -> ApiError:
+    """The answer for a request the server aborted while draining."""
+    return ApiError(503, "the server shut down before the request finished: retry on another replica",
+                    "service_unavailable_error", headers={"Retry-After": "5"})
 
 
 async def _drain(handle) -> None:

@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from llmc.errors import LlmcError, is_int
-from llmc.serve.requests import MAX_N, MAX_TOP_LOGPROBS, Delta, TokenLogprob
+from llmc.runtime.text import check_stops
+from llmc.serve.engine import EngineClosedError, QueueFullError
+from llmc.serve.requests import MAX_N, MAX_TOP_LOGPROBS, ContextLengthError, Delta, TokenLogprob
 
 MAX_STOPS = 16
 MAX_LEGACY_LOGPROBS = 5           # /v1/completions' logprobs, as OpenAI caps it
@@ -108,11 +110,11 @@ def _common(body: dict, served: str, max_tokens_default: int | None) -> tuple[di
     seed = body.get("seed")
     if seed is not None and not (is_int(seed) and 0 <= seed < 2 ** 63):
         raise bad(f"seed must be an integer in [0, 2**63), not {seed!r}", "seed")
-    stop = body.get("stop")
-    stops = [stop] if isinstance(stop, str) else stop
-    if stops is not None and (not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops)):
-        raise bad("stop must be a non-empty string or a list of them", "stop")
-    if stops is not None and len(stops) > MAX_STOPS:
+    try:
+        stops = check_stops(body.get("stop"))
+    except LlmcError as exc:
+        raise bad(str(exc), "stop") from None
+    if len(stops) > MAX_STOPS:
         raise bad(f"stop takes at most {MAX_STOPS} strings, not {len(stops)}", "stop")
     stop_ids = body.get("stop_token_ids")
     if stop_ids is not None and (not isinstance(stop_ids, list) or not all(is_int(t) for t in stop_ids)):
@@ -237,13 +239,17 @@ class Answer:
     tokenizer: Any
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
-    _started: set = field(default_factory=set)     # chat choices whose role chunk went out
+    _started: set = field(default_factory=set)     # choices whose first chunk went out
+    _texts: dict = field(default_factory=dict)     # token id -> its text, for logprobs
 
     def __post_init__(self):
         self.id = self.id or new_id("chatcmpl" if self.call.kind == "chat" else "cmpl")
 
     def _token(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+        text = self._texts.get(token_id)
+        if text is None:
+            text = self._texts[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return text
 
     def _logprobs(self, entries: list[TokenLogprob], offset: int = 0) -> dict:
         if self.call.kind == "chat":
@@ -267,8 +273,7 @@ class Answer:
         return "text_completion"
 
     def _head(self, chunk: bool) -> dict:
-        head = {"id": self.id, "object": self._object(chunk), "created": self.created, "model": self.model}
-        return head
+        return {"id": self.id, "object": self._object(chunk), "created": self.created, "model": self.model}
 
     def chunks(self, prompt_index: int, delta: Delta, prompt_text: str | None = None) -> list[dict]:
         """The stream chunks one delta makes (a chat choice's first also carries its role)."""
@@ -329,10 +334,7 @@ class Answer:
 
 
 def engine_error(exc: LlmcError) -> ApiError:
-    """The answer for an error the engine raised at submit or while generating."""
-    from llmc.serve.engine import EngineClosedError, QueueFullError
-    from llmc.serve.requests import ContextLengthError
-
+    """The answer for an error the engine raised at submit."""
     if isinstance(exc, QueueFullError):
         return ApiError(429, str(exc), "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
     if isinstance(exc, EngineClosedError):
