@@ -142,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="requests of the load run (default: 4 per --concurrency, at least 8)")
     bench.add_argument("--max-step-tokens", type=int, default=None, help="the engine's tokens per step (load run)")
     bench.add_argument("--json", action="store_true", help="print the figures as JSON")
+    bench.add_argument("--profile", action="store_true",
+                       help="also print each phase's time per op kind (what LLMC_PROFILE=1 prints at exit)")
     bench.set_defaults(run=run_bench)
 
     serve = commands.add_parser("serve", help="serve an artifact over an OpenAI-compatible HTTP API",
@@ -347,7 +349,10 @@ def run_bench(args) -> int:
     if args.concurrency is not None or args.requests is not None:
         return _load_run(args, lengths)
     model = llmc.load(args.file, max_context=max(lengths + [16 + args.decode_tokens]))
-    result = bench(model, lengths, args.decode_tokens, args.runs)
+    result = bench(model, lengths, args.decode_tokens, args.runs, profile=args.profile)
+    if args.profile and "profile" not in result:
+        print(f"llmc bench: {args.file} has no profile marks (its target has none, or it was built before "
+              "LLMC_PROFILE existed: rebuild it)", file=sys.stderr)
     print(json.dumps(result, indent=2) if args.json else format_report(args.file, result))
     return 0
 

@@ -147,6 +147,46 @@ def test_bandwidth_probe_reads_everything_with_the_models_threads(families, tmp_
     assert model.executor.stream_bandwidth(megabytes=16, runs=2) > 0
 
 
+def test_profile_counts_every_op_of_every_step(chat_artifact):
+    from llmc.runtime.profile import format_profile
+
+    model = llmc.load(chat_artifact, threads=2)
+    assert model.executor.profile() is None                   # off unless asked
+    assert model.executor.start_profile()
+    quiet = model.generate([1, 2, 3], max_new_tokens=1)       # what profiling must not change
+    first = model.executor.profile(reset=True)
+    assert first.steps == 1
+    model.executor.start_profile()
+    assert model.generate([1, 2, 3], max_new_tokens=5)[:1] == quiet
+    got = model.executor.profile()
+    assert got.steps == 5                                     # one prefill step, four decode steps
+    kinds = got.by_kind()
+    # every kernel the build reports has a row, with as many sites as call sites
+    for kernel, sites in model.manifest["target"]["kernels"].items():
+        assert sum(n for _, n in kinds[kernel.removeprefix("llmc_")].values()) == sites
+    assert any(kind.startswith("loop ") for kind in kinds)
+    assert all(seconds >= 0 for _, seconds in got.sites)
+    inside = sum(seconds for _, seconds in got.sites)
+    assert 0 < inside <= got.wall
+    table = format_profile(got)
+    assert "5 steps" in table and "attention" in table and "host:" in table
+    assert model.executor.profile(reset=True).steps == 5 and model.executor.profile().steps == 0
+
+
+def test_llmc_profile_prints_a_table_when_the_process_exits(chat_artifact):
+    import os
+    import subprocess
+    import sys
+
+    code = f"import llmc; llmc.load({str(chat_artifact)!r}).generate([1, 2], max_new_tokens=3)"
+    plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    profiled = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "LLMC_PROFILE": "1"})
+    assert plain.returncode == profiled.returncode == 0
+    assert "llmc profile" not in plain.stderr
+    assert "llmc profile of" in profiled.stderr and "3 steps" in profiled.stderr
+
+
 def test_fused_elementwise_loops_match_the_interpreter(tmp_path):
     """A fused body mixing float math, comparisons, where and casts, as group_elementwise makes it,
     lowered to one loop and run against the reference interpreter (the families' graphs have no

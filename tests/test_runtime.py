@@ -107,9 +107,15 @@ def test_bench_reports_speed_bandwidth_and_its_share(tiny):
     assert bytes_per_decode_token(model, 12) == others + embed[0].nbytes + cache
 
     cli = subprocess.run([sys.executable, "-m", "llmc", "bench", str(path), "--json", "--runs", "1",
-                          "--prompt-tokens", "5", "--decode-tokens", "4"], capture_output=True, text=True)
+                          "--prompt-tokens", "5", "--decode-tokens", "4", "--profile"], capture_output=True, text=True)
     assert cli.returncode == 0, cli.stderr
-    assert json.loads(cli.stdout)["decode"]["tokens"] == 4
+    printed = json.loads(cli.stdout)
+    assert printed["decode"]["tokens"] == 4
+    # --profile: each phase's steps and ms per op kind (decode: four steps of one token)
+    assert set(printed["profile"]) == {"prefill 5", "decode"}
+    decode = printed["profile"]["decode"]
+    assert decode["summary"]["steps"] == 4 and decode["summary"]["kinds"]["attention"] >= 0
+    assert "profile of decode: 4 steps" in decode["table"]
 
 
 def test_generation_stops_at_an_end_of_sequence_token(tiny):

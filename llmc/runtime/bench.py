@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 from llmc.runtime.model import Model
+from llmc.runtime.profile import Profile, format_profile
 
 
 def measure_bandwidth(megabytes: int = 512, runs: int = 5) -> float:
@@ -46,7 +47,20 @@ def bytes_per_decode_token(model: Model, position: int) -> int:
 
 
 def bench(model: Model, prompt_lengths=(128, 512), decode_tokens: int = 128, runs: int = 3,
-          bandwidth_gbs: float | None = None) -> dict:
+          bandwidth_gbs: float | None = None, profile: bool = False) -> dict:
+    """Prefill and decode speed; with ``profile``, each phase's time per op kind as well
+    (``result["profile"]``; none for a target or library without profile marks)."""
+    start_profile = getattr(model.executor, "start_profile", None) if profile else None
+    profiles: dict[str, Profile] = {}
+
+    def profiled(phase: str, work):
+        """work(), its steps added to the phase's profile"""
+        if start_profile is None or not start_profile():
+            return work()
+        value = work()
+        profiles[phase] = _merge(profiles.get(phase), model.executor.profile())
+        return value
+
     rng = np.random.default_rng(0)
     vocab = model.vocab_size
     result: dict = {"target": model.manifest["target"]["name"], "quantization": model.manifest["quantization"],
@@ -58,7 +72,7 @@ def bench(model: Model, prompt_lengths=(128, 512), decode_tokens: int = 128, run
         times = []
         for _ in range(runs):
             start = time.perf_counter()
-            model.step(ids, 0)
+            profiled(f"prefill {length}", lambda: model.step(ids, 0))
             times.append(time.perf_counter() - start)
         seconds = statistics.median(times)
         result["prefill"][str(length)] = {"seconds": seconds, "tokens_per_s": length / seconds}
@@ -68,10 +82,8 @@ def bench(model: Model, prompt_lengths=(128, 512), decode_tokens: int = 128, run
     for _ in range(runs):
         ids = rng.integers(0, vocab, prompt)
         model.step(ids, 0)
-        token = int(ids[-1])
         start = time.perf_counter()
-        for pos in range(prompt, prompt + decode_tokens):
-            token = int(np.argmax(model.step(np.array([token]), pos)))
+        profiled("decode", lambda: _decode(model, int(ids[-1]), prompt, decode_tokens))
         times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
     per_token = bytes_per_decode_token(model, prompt + decode_tokens // 2)
@@ -81,7 +93,23 @@ def bench(model: Model, prompt_lengths=(128, 512), decode_tokens: int = 128, run
     result["decode"] = {"tokens": decode_tokens, "seconds": seconds, "tokens_per_s": tokens_per_s,
                         "bytes_per_token": per_token, "achieved_gbs": achieved,
                         "machine_bandwidth_gbs": bandwidth, "fraction_of_bandwidth": achieved / bandwidth}
+    if profiles:
+        result["profile"] = {phase: {"summary": p.summary(), "table": format_profile(p, f"profile of {phase}")}
+                             for phase, p in profiles.items()}
     return result
+
+
+def _decode(model: Model, token: int, start: int, count: int) -> None:
+    for pos in range(start, start + count):
+        token = int(np.argmax(model.step(np.array([token]), pos)))
+
+
+def _merge(a: Profile | None, b: Profile) -> Profile:
+    """Two profiles of one library as one."""
+    if a is None:
+        return b
+    return Profile(a.steps + b.steps, [(label, x + y) for (label, x), (_, y) in zip(a.sites, b.sites)],
+                   a.wall + b.wall, a.threads)
 
 
 def format_report(path, result: dict) -> str:
@@ -93,4 +121,5 @@ def format_report(path, result: dict) -> str:
     lines.append(f"decode  {d['tokens']:>5} tokens  {d['tokens_per_s']:9.1f} tok/s  {d['achieved_gbs']:.1f} GB/s "
                  f"= {100 * d['fraction_of_bandwidth']:.0f}% of the measured {d['machine_bandwidth_gbs']:.1f} GB/s "
                  f"({d['bytes_per_token'] / 1e6:.0f} MB read per token)")
+    lines += [p["table"] for p in result.get("profile", {}).values()]
     return "\n".join(lines)

@@ -10,6 +10,7 @@ by the system compiler into one shared library per artifact.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from llmc import __version__
@@ -105,7 +106,7 @@ def compile_graphs(graphs: dict[str, Graph], *, level: str | None = None, tune: 
     from llmc.artifact import host_cpu_features
 
     from .build import build_shared_library, default_level, level_requirements
-    from .lower import WeightTable, lower_graph
+    from .lower import SiteTable, WeightTable, lower_graph
     from .tune import Tuner
 
     check_options(level, tune, chunk)
@@ -113,8 +114,8 @@ def compile_graphs(graphs: dict[str, Graph], *, level: str | None = None, tune: 
     level = level or default_level(features)
     requires = level_requirements(level, features)
     tuner = Tuner(level, tune, features, progress)
-    weights = WeightTable()
-    functions = {name: lower_graph(graph, f"llmc_{name}", weights, tuner.tiles, chunk)
+    weights, sites = WeightTable(), SiteTable()
+    functions = {name: lower_graph(graph, f"llmc_{name}", weights, tuner.tiles, chunk, sites)
                  for name, graph in graphs.items()}
     kernels: dict[str, int] = {}
     for lowered in functions.values():
@@ -150,6 +151,7 @@ def compile_graphs(graphs: dict[str, Graph], *, level: str | None = None, tune: 
         "  return total;",
         "}",
         "",
+        profile_hooks(sites.labels),
     ] + [lowered.code for lowered in functions.values()])
     code, path = build_shared_library(source, level)
     manifest = {
@@ -159,6 +161,34 @@ def compile_graphs(graphs: dict[str, Graph], *, level: str | None = None, tune: 
         "weights": weights.names, "kernels": dict(sorted(kernels.items())),
     }
     return CpuBuild(code, manifest, kernels, tuner.summary(), str(path), requires)
+
+
+def profile_hooks(labels: list[str]) -> str:
+    """The profiler the generated code carries (``LLMC_PROFILE``, launch.py): seconds per site,
+    added by the first thread after each op's closing barrier while profiling is on (one
+    predictable branch per op when it is off)."""
+    names = ",\n  ".join(json.dumps(label) for label in labels)
+    return "\n".join([
+        f"#define LLMC_SITES {len(labels)}",
+        "static int llmc_profiling = 0;",
+        "static int64_t llmc_prof_steps = 0;",
+        "static double llmc_prof_last = 0.0, llmc_prof_seconds[LLMC_SITES];",
+        f"static const char* const llmc_prof_names[LLMC_SITES] = {{\n  {names}}};",
+        "#define LLMC_MARK(site) do { if (llmc_profiling) { _Pragma(\"omp master\") { double now_ = omp_get_wtime(); \\",
+        "    llmc_prof_seconds[site] += now_ - llmc_prof_last; llmc_prof_last = now_; } } } while (0)",
+        "LLMC_EXPORT int llmc_profile_sites(void) { return LLMC_SITES; }",
+        "LLMC_EXPORT const char* llmc_profile_name(int i) { return i >= 0 && i < LLMC_SITES ? llmc_prof_names[i] : 0; }",
+        "/* turn profiling on or off; either way the counts start again from zero */",
+        "LLMC_EXPORT void llmc_profile(int on) {",
+        "  llmc_profiling = on != 0; llmc_prof_steps = 0;",
+        "  for (int i = 0; i < LLMC_SITES; i++) llmc_prof_seconds[i] = 0.0;",
+        "}",
+        "/* the seconds of every site so far into seconds[LLMC_SITES]; returns the steps they cover */",
+        "LLMC_EXPORT int64_t llmc_profile_read(double* seconds) {",
+        "  for (int i = 0; i < LLMC_SITES; i++) seconds[i] = llmc_prof_seconds[i];",
+        "  return llmc_prof_steps;",
+        "}",
+        ""])
 
 
 def kernel_constants() -> str:

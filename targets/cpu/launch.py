@@ -7,9 +7,11 @@ activation arena are numpy arrays the executor owns.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import hashlib
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,6 +20,7 @@ import numpy as np
 
 from llmc.abi import BATCH_INPUTS
 from llmc.artifact import Artifact, ArtifactError
+from llmc.runtime.profile import Profile, format_profile, profile_requested
 
 from . import ABI_VERSION
 from .. import pool_arrays
@@ -82,6 +85,44 @@ class CpuExecutor:
         self.lib.llmc_stream_read.argtypes = [ctypes.c_void_p, ctypes.c_int64]
         self.pool: list[np.ndarray] = []
         self.set_threads(threads)
+        self._profile_wall: float | None = None
+        if profile_requested():
+            if self.start_profile():
+                atexit.register(self._print_profile)
+            else:
+                print(f"llmc: {artifact.path} was built before LLMC_PROFILE existed; rebuild it to profile it",
+                      file=sys.stderr)
+
+    # -- LLMC_PROFILE ------------------------------------------------------------------------
+
+    def start_profile(self) -> bool:
+        """Count time per op from now on (from zero); False for a library built without marks."""
+        if not hasattr(self.lib, "llmc_profile_read"):
+            return False
+        self.lib.llmc_profile_name.restype = ctypes.c_char_p
+        self.lib.llmc_profile_read.restype = ctypes.c_int64
+        self.lib.llmc_profile(ctypes.c_int(1))
+        self._profile_wall = 0.0
+        return True
+
+    def profile(self, reset: bool = False) -> Profile | None:
+        """Seconds per op since ``start_profile`` (or the last reset); None when not profiling."""
+        if self._profile_wall is None:
+            return None
+        count = self.lib.llmc_profile_sites()
+        seconds = (ctypes.c_double * count)()
+        steps = self.lib.llmc_profile_read(seconds)
+        labels = [self.lib.llmc_profile_name(i).decode() for i in range(count)]
+        result = Profile(int(steps), list(zip(labels, seconds)), self._profile_wall, self.threads)
+        if reset:
+            self.lib.llmc_profile(ctypes.c_int(1))
+            self._profile_wall = 0.0
+        return result
+
+    def _print_profile(self) -> None:
+        result = self.profile()
+        if result is not None and result.steps:
+            print(format_profile(result, f"llmc profile of {self.artifact.path}"), file=sys.stderr)
 
     def set_threads(self, threads: int | None) -> None:
         self.threads = max(1, int(threads or len(os.sched_getaffinity(0))))
@@ -107,6 +148,7 @@ class CpuExecutor:
 
     def run(self, entry: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
         """The logits [rows, vocab] of one step (inputs as ``llmc.abi.Batch.inputs()``)."""
+        start = time.perf_counter() if self._profile_wall is not None else 0.0
         arrays = [np.ascontiguousarray(inputs[name], np.int64) for name, _ in BATCH_INPUTS]
         tokens, positions, seq_index, tables, rows = arrays
         if not self.pool or positions.size != tokens.size or seq_index.size != tokens.size or tables.ndim != 2:
@@ -116,6 +158,8 @@ class CpuExecutor:
         status = self.functions[entry](tokens.size, pointer[0], pointer[1], pointer[2], tables.shape[0],
                                        tables.shape[1], pointer[3], rows.size, pointer[4], self.blocks, self._pool,
                                        self._weights, self._arena, out.ctypes.data)
+        if self._profile_wall is not None:
+            self._profile_wall += time.perf_counter() - start
         if status != 0:
             raise ArtifactError(f"the cpu library refused a step of {tokens.size} tokens (an index outside its "
                                 f"tables, rows or KV pool of {self.blocks} blocks, or more tokens than it takes)")

@@ -44,6 +44,18 @@ class LoweringError(LlmcError):
     """A graph the CPU target cannot generate code for."""
 
 
+class SiteTable:
+    """The profiled sites of a library (``LLMC_PROFILE``): one label per op that runs code, in the
+    order of the marks, ``kind|detail`` (``linear_q4g32|1536x576``); site 0 is the step's entry."""
+
+    def __init__(self):
+        self.labels: list[str] = ["step|checks and thread start"]
+
+    def add(self, label: str) -> int:
+        self.labels.append(label)
+        return len(self.labels) - 1
+
+
 class WeightTable:
     """The weights the generated code reads, in the order the runtime passes their pointers."""
 
@@ -71,10 +83,12 @@ class FunctionLowering(GraphLowering):
     target = "cpu"
 
     def __init__(self, graph: Graph, name: str, weights: WeightTable, tiles: Callable[[str, int, int], dict],
-                 chunk: int):
+                 chunk: int, sites: SiteTable | None = None):
         super().__init__(graph)
         self.name = name
         self.weights = weights
+        self.sites = sites or SiteTable()
+        self._called: str | None = None          # the last kernel called (the profile label's kind)
         self.tiles = tiles
         self.chunk = chunk
         vocab = graph.outputs[0].type.shape[-1] if graph.outputs[0].type.rank else None
@@ -89,6 +103,7 @@ class FunctionLowering(GraphLowering):
 
     def run(self) -> Lowered:
         self.walk(lambda node: self.lines.append(f"/* %{self.index} {node.op} : {node.type} */"), (ScalarError,))
+        self.lines.append(f"LLMC_MARK({self.sites.add('step|output copy and end')});")
         arena_bytes = self._plan()
         return Lowered(self.name, self._function(), arena_bytes, self.kernels)
 
@@ -175,6 +190,25 @@ class FunctionLowering(GraphLowering):
     # -- the ops -----------------------------------------------------------------------------
 
     def lower(self, node: Node):
+        """The node's code, then (if it ran any) a profile mark: the op's time ends at the barrier
+        that ends its last loop."""
+        before, self._called = len(self.lines), None
+        value = self._lower(node)
+        if len(self.lines) > before:
+            self.lines.append(f"LLMC_MARK({self.sites.add(self._label(node))});")
+        return value
+
+    def _label(self, node: Node) -> str:
+        kind = self._called.removeprefix("llmc_") if self._called else f"loop {node.op}"
+        if node.op in ("linear", "qlinear"):        # N x K (a 4-bit weight's codes hold K/2 bytes a row)
+            return f"{kind}|{node.inputs[1].type.shape[0]}x{node.inputs[0].type.shape[-1]}"
+        if node.op.startswith("attention"):
+            q = node.inputs[0].type.shape
+            return f"{kind}|{q[1]} heads of {q[-1]}"
+        shape = node.type.shape if isinstance(node.type, Type) else node.type.types[0].shape
+        return f"{kind}|{'x'.join(str(d) for d in shape)}"
+
+    def _lower(self, node: Node):
         op, a, t = node.op, node.attrs, node.type
         if op == "input":
             return self._input(node)
@@ -214,6 +248,7 @@ class FunctionLowering(GraphLowering):
         """Call a kernel function; ``kernel`` names the variant for the report (default: the function)."""
         kernel = kernel or function
         self.kernels[kernel] = self.kernels.get(kernel, 0) + 1
+        self._called = kernel
         self.lines.append(f"{function}({', '.join(str(x) for x in args)});")
 
     def _tile(self, kernel: str, rows, n: int, k: int) -> str:
@@ -369,12 +404,14 @@ class FunctionLowering(GraphLowering):
                 "        const int64_t* seq_index, int64_t seqs, int64_t max_blocks, const int64_t* block_tables,",
                 "        int64_t rows, const int64_t* logit_rows, int64_t blocks, void* const* caches,",
                 "        const void* const* W, char* arena, float* out) {",
+                "  if (llmc_profiling) llmc_prof_last = omp_get_wtime();",
                 f"  if (llmc_check_step(seq, LLMC_CHUNK, tokens, {self.vocab}, positions, seq_index, seqs, max_blocks,",
                 f"                      block_tables, rows, logit_rows, blocks, {self.block_size})) return 1;",
                 "  #pragma omp parallel num_threads(llmc_nthreads)",
-                "  {"]
+                "  {",
+                "    LLMC_MARK(0);"]
         body = ["    " + line for line in "\n".join(self.lines).split("\n")]
-        return "\n".join(defines + head + body + ["  }", "  return 0;", "}", ""])
+        return "\n".join(defines + head + body + ["  }", "  llmc_prof_steps += llmc_profiling;", "  return 0;", "}", ""])
 
 
 def _fused_body(node: Node, load) -> tuple[list[str], str]:
@@ -409,5 +446,6 @@ def _round_up(n: int, to: int) -> int:
     return -(-n // to) * to
 
 
-def lower_graph(graph: Graph, name: str, weights: WeightTable, tiles, chunk: int) -> Lowered:
-    return FunctionLowering(graph, name, weights, tiles, chunk).run()
+def lower_graph(graph: Graph, name: str, weights: WeightTable, tiles, chunk: int,
+                sites: SiteTable | None = None) -> Lowered:
+    return FunctionLowering(graph, name, weights, tiles, chunk, sites).run()
