@@ -8,6 +8,7 @@
  * the compiler vectorises otherwise. Layouts follow llmc/quant.py: groups run along K, 4-bit codes
  * pack element j in the low nibble and element j + G/2 in the high nibble of byte j. */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -766,6 +767,7 @@ LLMC_KERNEL void llmc_add_norm(const float* x, int64_t ldx, const float* res, in
 
 #define LLMC_KEY_BLOCK 32
 #define LLMC_SPLIT_KEYS 512       /* keys per span, at least */
+#define LLMC_PARTS (2 * LLMC_MAX_SPLITS * (512 + 2))   /* floats of one many-token task's partials */
 /* LLMC_MAX_SPLITS (spans of one token, at most) and LLMC_SPLIT_TOKENS (steps of at most this many
  * tokens run spans as separate tasks) come from lower.py, which sizes the scratch with them. */
 
@@ -792,8 +794,9 @@ static inline int64_t paged_slot(const llmc_paged* c, int64_t p) {
     return (c->table[p / c->B] * c->heads + c->head) * c->B + p % c->B;
 }
 
-/* partial attention of one query over positions [lo, hi): max m, sum l, unnormalised acc [D] */
-static __attribute__((noinline)) void attend_span(const float* q, const llmc_paged* c, int kv8, int64_t lo,
+/* partial attention of one query over positions [lo, hi): max m, sum l, unnormalised acc [D]; the
+ * portable build's, and any head size that is not a multiple of 8 */
+static __attribute__((noinline)) void attend_span_scalar(const float* q, const llmc_paged* c, int kv8, int64_t lo,
                                                   int64_t hi, float scale, float* m_out, float* l_out, float* acc) {
     const int64_t D = c->D;
     float m = -INFINITY, l = 0.0f, scores[LLMC_KEY_BLOCK];
@@ -841,6 +844,183 @@ static __attribute__((noinline)) void attend_span(const float* q, const llmc_pag
     *l_out = l;
 }
 
+/* A head's partial over a span, in the layout merge_spans reads: acc [D], then m, then l. */
+#define PART_M(part, D) ((part)[D])
+#define PART_L(part, D) ((part)[(D) + 1])
+
+#if LLMC_AVX2
+/* e^x in eight lanes (Cephes' expf: x = n ln2 + r, |r| <= ln2/2, a degree-6 polynomial in r, times
+ * 2^n from the exponent bits; within 2 ulp), for x <= 0; below -87.3 it gives about 1e-38, not 0. */
+static inline __m256 exp256(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3365f));
+    __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(scale));
+}
+
+static inline float hmax256(__m256 v) {
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+}
+
+/* eight values of a K or V row from element i, as f32 */
+static inline __attribute__((always_inline)) __m256 kv_load(const char* row, int kv8, int64_t i) {
+    if (kv8) return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(row + i))));
+    return _mm256_loadu_ps((const float*)row + i);
+}
+
+/* acc[c0 * 8 ..) = acc * correction + sum over the n keys of p[j] * V row j, for C chunks of eight
+ * values: C accumulators in registers, the keys in order. */
+static inline __attribute__((always_inline)) void pv_chunks(int C, float* acc, int64_t c0, __m256 correction,
+                                                           const float* p, const char* const* rows, int kv8,
+                                                           int64_t n) {
+    __m256 a[8];
+    #pragma GCC unroll 8
+    for (int c = 0; c < C; c++) a[c] = _mm256_mul_ps(_mm256_loadu_ps(acc + (c0 + c) * 8), correction);
+    for (int64_t j = 0; j < n; j++) {
+        __m256 pj = _mm256_broadcast_ss(p + j);
+        #pragma GCC unroll 8
+        for (int c = 0; c < C; c++) a[c] = _mm256_fmadd_ps(pj, kv_load(rows[j], kv8, (c0 + c) * 8), a[c]);
+    }
+    #pragma GCC unroll 8
+    for (int c = 0; c < C; c++) _mm256_storeu_ps(acc + (c0 + c) * 8, a[c]);
+}
+
+/* attend_span for head sizes that are multiples of 8, for G query heads that share the K/V head
+ * (GQA), a block of up to 32 keys at a time: the block's rows are looked up once and stay in L1
+ * for the G heads, the next block's are prefetched; per head, eight keys' scores at once (eight
+ * dot products, one transpose), their exponentials in eight lanes, and the values summed D/8
+ * vectors at a time in registers. Head g's partial goes to dst + g * dst_stride. Each head's
+ * arithmetic depends on its own query and keys [lo, hi) alone, never on G. */
+static inline __attribute__((always_inline)) void attend_span_of(int kv8, const float* q, int64_t q_h, int64_t G,
+                                                                 const llmc_paged* c, int64_t lo, int64_t hi,
+                                                                 float scale, float* dst, int64_t dst_stride) {
+    const int64_t D = c->D, chunks = D / 8;
+    const size_t row_bytes = (size_t)(D * c->elem);
+    const __m256i key_order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);    /* undoes hsum256x8's order */
+    float p[LLMC_KEY_BLOCK] __attribute__((aligned(32)));
+    const char *krow[LLMC_KEY_BLOCK], *vrow[LLMC_KEY_BLOCK];
+    int64_t slots[LLMC_KEY_BLOCK];
+    for (int64_t g = 0; g < G; g++) {
+        float* part = dst + g * dst_stride;
+        for (int64_t i = 0; i < D; i++) part[i] = 0.0f;
+        PART_M(part, D) = -INFINITY;
+        PART_L(part, D) = 0.0f;
+    }
+    for (int64_t t0 = lo; t0 < hi; t0 += LLMC_KEY_BLOCK) {
+        int64_t n = hi - t0 < LLMC_KEY_BLOCK ? hi - t0 : LLMC_KEY_BLOCK;
+        int64_t offset = t0 % c->B;
+        for (int64_t j = 0; j < n; j++, offset++) {
+            /* consecutive positions share a block: look the table up once per block */
+            if (offset == c->B) offset = 0;
+            slots[j] = j > 0 && offset != 0 ? slots[j - 1] + 1 : paged_slot(c, t0 + j);
+            krow[j] = c->k + slots[j] * row_bytes;
+            vrow[j] = c->v + slots[j] * row_bytes;
+        }
+        for (int64_t j = n; j < (n + 7) / 8 * 8; j++) krow[j] = krow[n - 1];   /* scored, then masked */
+        /* the next block's rows, a block ahead: the pool's blocks are scattered, which the
+         * hardware prefetcher does not follow */
+        float ks[LLMC_KEY_BLOCK] = {0};
+        if (kv8)
+            for (int64_t j = 0; j < n; j++) ks[j] = c->ks[slots[j]];
+        for (int64_t g = 0; g < G; g++) {
+            const float* qg = q + g * q_h;
+            float* part = dst + g * dst_stride;
+            __m256 s[LLMC_KEY_BLOCK / 8];
+            __m256 top = _mm256_set1_ps(-INFINITY);
+            for (int64_t b = 0; b < LLMC_KEY_BLOCK / 8; b++) {
+                int64_t have = n - 8 * b;
+                if (have <= 0) {
+                    s[b] = _mm256_set1_ps(-INFINITY);
+                    continue;
+                }
+                __m256 dots[8];
+                #pragma GCC unroll 8
+                for (int j = 0; j < 8; j++) dots[j] = _mm256_setzero_ps();
+                const char* const* rows = krow + 8 * b;
+                for (int64_t i = 0; i < chunks; i++) {
+                    __m256 qv = _mm256_loadu_ps(qg + 8 * i);
+                    #pragma GCC unroll 8
+                    for (int j = 0; j < 8; j++) dots[j] = _mm256_fmadd_ps(qv, kv_load(rows[j], kv8, 8 * i), dots[j]);
+                }
+                __m256 sc = _mm256_permutevar8x32_ps(hsum256x8(dots), key_order);
+                if (kv8) sc = _mm256_mul_ps(sc, _mm256_loadu_ps(ks + 8 * b));
+                sc = _mm256_mul_ps(sc, _mm256_set1_ps(scale));
+                if (have < 8)
+                    sc = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), sc, _mm256_castsi256_ps(lanes_below(have)));
+                s[b] = sc;
+                top = _mm256_max_ps(top, sc);
+            }
+            float m = PART_M(part, D), m_new = fmaxf(m, hmax256(top));
+            float correction = expf(m - m_new);
+            __m256 mv = _mm256_set1_ps(m_new), total = _mm256_setzero_ps();
+            for (int64_t b = 0; b < LLMC_KEY_BLOCK / 8; b++) {
+                /* a lane past the block's keys is -inf: its weight is 0 */
+                __m256 pb = _mm256_and_ps(exp256(_mm256_sub_ps(s[b], mv)),
+                                          _mm256_cmp_ps(s[b], _mm256_set1_ps(-INFINITY), _CMP_NEQ_OQ));
+                total = _mm256_add_ps(total, pb);
+                _mm256_store_ps(p + 8 * b, pb);
+            }
+            PART_L(part, D) = PART_L(part, D) * correction + hsum256(total);
+            PART_M(part, D) = m_new;
+            if (kv8)
+                for (int64_t j = 0; j < n; j++) p[j] *= c->vs[slots[j]];
+            __m256 corr = _mm256_set1_ps(correction);
+            int64_t c0 = 0;
+            for (; c0 + 8 <= chunks; c0 += 8) pv_chunks(8, part, c0, corr, p, vrow, kv8, n);
+            switch (chunks - c0) {          /* D = 64, 128, 256: none; 80, 96, 112: 2, 4, 6 */
+            case 0: break;
+            case 1: pv_chunks(1, part, c0, corr, p, vrow, kv8, n); break;
+            case 2: pv_chunks(2, part, c0, corr, p, vrow, kv8, n); break;
+            case 3: pv_chunks(3, part, c0, corr, p, vrow, kv8, n); break;
+            case 4: pv_chunks(4, part, c0, corr, p, vrow, kv8, n); break;
+            case 5: pv_chunks(5, part, c0, corr, p, vrow, kv8, n); break;
+            case 6: pv_chunks(6, part, c0, corr, p, vrow, kv8, n); break;
+            default: pv_chunks(7, part, c0, corr, p, vrow, kv8, n); break;
+            }
+        }
+    }
+}
+
+static __attribute__((noinline)) void attend_span_f32(const float* q, int64_t q_h, int64_t G, const llmc_paged* c,
+                                                      int64_t lo, int64_t hi, float scale, float* dst,
+                                                      int64_t dst_stride) {
+    attend_span_of(0, q, q_h, G, c, lo, hi, scale, dst, dst_stride);
+}
+
+static __attribute__((noinline)) void attend_span_kv8(const float* q, int64_t q_h, int64_t G, const llmc_paged* c,
+                                                      int64_t lo, int64_t hi, float scale, float* dst,
+                                                      int64_t dst_stride) {
+    attend_span_of(1, q, q_h, G, c, lo, hi, scale, dst, dst_stride);
+}
+#endif
+
+/* G query heads (q at head stride q_h) that share one K/V head, over the keys [lo, hi): head g's
+ * partial (acc [D], m, l) into dst + g * dst_stride */
+static void attend_span(const float* q, int64_t q_h, int64_t G, const llmc_paged* c, int kv8, int64_t lo,
+                        int64_t hi, float scale, float* dst, int64_t dst_stride) {
+#if LLMC_AVX2
+    if (c->D % 8 == 0) {
+        (kv8 ? attend_span_kv8 : attend_span_f32)(q, q_h, G, c, lo, hi, scale, dst, dst_stride);
+        return;
+    }
+#endif
+    for (int64_t g = 0; g < G; g++) {
+        float* part = dst + g * dst_stride;
+        attend_span_scalar(q + g * q_h, c, kv8, lo, hi, scale, &PART_M(part, c->D), &PART_L(part, c->D), part);
+    }
+}
+
 /* out [D] = the spans' partials (each D values, then m, then l) merged in order, normalised */
 static __attribute__((noinline)) void merge_spans(const float* parts, int64_t splits, int64_t D, float* out) {
     float m = -INFINITY, l = 0.0f;
@@ -872,15 +1052,19 @@ static inline void span_bounds(int64_t lo, int64_t hi, int64_t splits, int64_t p
     if (*a > hi) *a = hi;
 }
 
-static void attend_part(const float* q, const llmc_paged* c, int kv8, int64_t lo, int64_t hi, int64_t splits,
-                        int64_t part, float scale, float* dst) {
+/* span `part` of G heads' keys (attend_span's arguments) */
+static void attend_part(const float* q, int64_t q_h, int64_t G, const llmc_paged* c, int kv8, int64_t lo,
+                        int64_t hi, int64_t splits, int64_t part, float scale, float* dst, int64_t dst_stride) {
     int64_t a, z;
     span_bounds(lo, hi, splits, part, &a, &z);
     if (a < z) {
-        attend_span(q, c, kv8, a, z, scale, dst + c->D, dst + c->D + 1, dst);
-    } else {
-        for (int64_t d = 0; d < c->D + 2; d++) dst[d] = 0.0f;
-        dst[c->D] = -INFINITY;
+        attend_span(q, q_h, G, c, kv8, a, z, scale, dst, dst_stride);
+        return;
+    }
+    for (int64_t g = 0; g < G; g++) {
+        float* empty = dst + g * dst_stride;
+        for (int64_t d = 0; d < c->D + 2; d++) empty[d] = 0.0f;
+        PART_M(empty, c->D) = -INFINITY;
     }
 }
 
@@ -907,38 +1091,49 @@ LLMC_KERNEL void llmc_attention(const float* q, int64_t q_h, int64_t q_s, const 
     }
     const int64_t stride = LLMC_MAX_SPLITS * (D + 2);      /* partials of one (token, head) */
     if (n > LLMC_SPLIT_TOKENS) {
-        /* 2a. many tokens: a task per (token, head), its spans one after another */
+        /* 2a. many tokens: a task per (token, K/V head), its query heads together as far as their
+         * partials fit in `parts` (all of them for one span up to D = 1024 / group), its spans one
+         * after another */
         #pragma omp for schedule(dynamic, 1)
-        for (int64_t task = 0; task < n * Hq; task++) {
-            int64_t t = task / Hq, h = task % Hq, lo, hi;
+        for (int64_t task = 0; task < n * Hk; task++) {
+            int64_t t = task / Hk, hk = task % Hk, lo, hi;
             int64_t splits = token_spans(positions[t], window, LLMC_MAX_SPLITS, &lo, &hi);
             llmc_paged c = {(const char*)k_pool, (const char*)v_pool, k_scale, v_scale,
-                            tables + seq_index[t] * max_blocks, h / group, Hk, B, D, elem};
-            float parts[LLMC_MAX_SPLITS * (512 + 2)];
-            for (int64_t part = 0; part < splits; part++)
-                attend_part(q + h * q_h + t * q_s, &c, (int)kv8, lo, hi, splits, part, scale, parts + part * (D + 2));
-            merge_spans(parts, splits, D, out + h * o_h + t * o_s);
+                            tables + seq_index[t] * max_blocks, hk, Hk, B, D, elem};
+            float parts[LLMC_PARTS];
+            int64_t fit = LLMC_PARTS / (splits * (D + 2)), G = fit < group ? fit : group;
+            for (int64_t h0 = hk * group; h0 < (hk + 1) * group; h0 += G) {
+                int64_t heads = (hk + 1) * group - h0 < G ? (hk + 1) * group - h0 : G;
+                for (int64_t part = 0; part < splits; part++)
+                    attend_part(q + h0 * q_h + t * q_s, q_h, heads, &c, (int)kv8, lo, hi, splits, part, scale,
+                                parts + part * (D + 2), splits * (D + 2));
+                for (int64_t g = 0; g < heads; g++)
+                    merge_spans(parts + g * splits * (D + 2), splits, D, out + (h0 + g) * o_h + t * o_s);
+            }
         }
         return;
     }
-    /* 2b. few tokens (decode): every (token, head, span) is a task, partials in scratch */
-    int64_t first[LLMC_SPLIT_TOKENS + 1];            /* token t's tasks start at first[t] * Hq */
+    /* 2b. few tokens (decode): every (token, span, head) is a task, partials in scratch; the heads
+     * of a K/V head go together (read once for them all) when that still leaves every thread two
+     * tasks */
+    int64_t first[LLMC_SPLIT_TOKENS + 1];            /* token t's tasks start at first[t] * heads */
     first[0] = 0;
     for (int64_t t = 0; t < n; t++) {
         int64_t lo, hi;
         first[t + 1] = first[t] + token_spans(positions[t], window, LLMC_MAX_SPLITS, &lo, &hi);
     }
+    const int64_t G = first[n] * Hk >= 2 * omp_get_num_threads() ? group : 1, heads = Hq / G;
     #pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < first[n] * Hq; task++) {
+    for (int64_t task = 0; task < first[n] * heads; task++) {
         int64_t t = 0;
-        while (task >= first[t + 1] * Hq) t++;
-        int64_t within = task - first[t] * Hq, splits = first[t + 1] - first[t];
-        int64_t h = within / splits, part = within % splits, lo, hi;
+        while (task >= first[t + 1] * heads) t++;
+        int64_t within = task - first[t] * heads, splits = first[t + 1] - first[t];
+        int64_t h = within / splits * G, part = within % splits, lo, hi;
         token_spans(positions[t], window, LLMC_MAX_SPLITS, &lo, &hi);
         llmc_paged c = {(const char*)k_pool, (const char*)v_pool, k_scale, v_scale,
                         tables + seq_index[t] * max_blocks, h / group, Hk, B, D, elem};
-        attend_part(q + h * q_h + t * q_s, &c, (int)kv8, lo, hi, splits, part, scale,
-                    scratch + (t * Hq + h) * stride + part * (D + 2));
+        attend_part(q + h * q_h + t * q_s, q_h, G, &c, (int)kv8, lo, hi, splits, part, scale,
+                    scratch + (t * Hq + h) * stride + part * (D + 2), stride);
     }
     #pragma omp for schedule(static)
     for (int64_t task = 0; task < n * Hq; task++) {
