@@ -40,7 +40,8 @@ POOL_LAYOUT = "[layers, blocks, kv_heads, block_size, head_dim]"
 BATCH_INPUTS = (("tokens", "i64[seq]"), ("positions", "i64[seq]"), ("seq_index", "i64[seq]"),
                 ("block_tables", "i64[seqs, max_blocks]"), ("logit_rows", "i64[rows]"))
 ITEMSIZE = {"f32": 4, "f16": 2, "bf16": 2, "i8": 1}
-POOL_TENSORS = {"f32": ("k_cache", "v_cache"), "int8": ("k_cache", "v_cache", "k_scale", "v_scale")}
+POOL_TENSORS = {"f32": ("k_cache", "v_cache"), "f16": ("k_cache", "v_cache"),
+                "int8": ("k_cache", "v_cache", "k_scale", "v_scale")}
 
 
 class AbiError(LlmcError):

@@ -157,8 +157,8 @@ def _typed(table: dict, key: str, kind, where: str) -> None:
 
 def _expand(entry: dict, where: str) -> list[dict]:
     """One artifact per quantization scheme when ``quant`` is a list (the name holds {quant})."""
-    quants = entry.get("quant", "f32")
-    if isinstance(quants, str):
+    quants = entry.get("quant")
+    if quants is None or isinstance(quants, str):
         specs = [entry]
     elif not quants or "{quant}" not in entry["name"]:
         raise UsageError(f"{where}: quant lists several schemes, so the name must hold {{quant}} "
@@ -252,7 +252,8 @@ def build(path: str | Path, *, cache: str | None = None, only: list[str] | None 
     say(f"  import {import_seconds:6.2f} s{' (from the cache)' if imported.cached else ''}\n")
     built = []
     for index, artifact in enumerate(artifacts, 1):
-        say(f"[{index}/{len(artifacts)}] {artifact.name}: {artifact.describe()}, {artifact.options.get('quant', 'f32')}"
+        quant = artifact.options.get("quant", "default quant")
+        say(f"[{index}/{len(artifacts)}] {artifact.name}: {artifact.describe()}, {quant}"
             f" -> {_shown(artifact.output)}\n")
         built.append(_build_one(imported, artifact, policy, spec.context, progress))
     result = BuildResult(spec, built, import_seconds, store.counts(), time.perf_counter() - start)
@@ -282,7 +283,8 @@ def summary(result: BuildResult) -> str:
     rows = [("artifact", "target", "quant", "size", "time", "cache hits")]
     for b in result.built:
         hits, lookups = b.cache_hits()
-        rows.append((_shown(b.spec.output), b.spec.describe(), b.spec.options.get("quant", "f32"),
+        quant = b.report.quant if b.ok else b.spec.options.get("quant", "default")
+        rows.append((_shown(b.spec.output), b.spec.describe(), quant,
                      f"{b.report.file_bytes / 1e6:.1f} MB" if b.ok else "FAILED", f"{b.seconds:.1f} s",
                      f"{hits}/{lookups}" if b.ok else "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

@@ -68,14 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
                           help="; ".join(f"{t.name}: {t.summary}" for t in targets.REGISTRY.values())
                           + f" (default {targets.DEFAULT})")
     _target_options(compile_)
-    compile_.add_argument("--quant", default="f32", metavar="SCHEME",
-                          help="weight format: f32 (default), f16, q8, q4g32, q4g128, or gguf (a GGUF source's "
-                               "Q4_0/Q4_1/Q8_0 blocks kept as they are)")
+    compile_.add_argument("--quant", default=None, metavar="SCHEME",
+                          help="weight format: f32, f16, q8, q4g32, q4g128, or gguf (a GGUF source's Q4_0/Q4_1/Q8_0 "
+                               "blocks kept as they are); default gguf for a GGUF source, f32 otherwise")
     compile_.add_argument("--calib", metavar="FILE", default=None,
                           help="calibrate quantized weights (AWQ-style scales) on this text; 'default' uses the "
                                "public-domain text shipped with llmc")
-    compile_.add_argument("--kv", default="f32", choices=["f32", "int8"],
-                          help="KV cache storage: f32 (default) or int8 with a scale per head and position")
+    compile_.add_argument("--kv", default=None, choices=["f16", "f32", "int8"],
+                          help="KV cache storage: f16 (the default where the target has it: half f32's bytes), "
+                               "f32, or int8 with a scale per head and position")
     compile_.add_argument("--block-size", type=int, default=None, metavar="TOKENS",
                           help="tokens per block of the paged KV pool: a power of two up to 256 (default 16)")
     compile_.add_argument("--context", type=int, default=None, metavar="TOKENS",
@@ -223,15 +224,19 @@ def run_compile(args) -> int:
     if args.json:
         from llmc.artifact import sha256_file
 
-        print(json.dumps({"ok": True, "path": str(report.output), "target": args.target, "quant": args.quant,
-                          "kv": args.kv, "bytes": report.file_bytes, "weight_bytes": report.weight_bytes,
+        print(json.dumps({"ok": True, "path": str(report.output), "target": args.target, "quant": report.quant,
+                          "kv": report.kv, "defaults": report.defaults, "bytes": report.file_bytes,
+                          "weight_bytes": report.weight_bytes,
                           "sha256": sha256_file(report.output), "seconds": round(report.seconds, 3),
                           "phases": {k: round(v, 3) for k, v in report.phases.items()}, "cache": report.cache,
                           "details": report.target}, indent=2))
         return 0
     phases = ", ".join(f"{k} {v:.1f} s" for k, v in report.phases.items())
     print(f"wrote {report.output} ({report.file_bytes / 1e6:.1f} MB, weights {report.weight_bytes / 1e6:.1f} MB) "
-          f"for target {args.target}, {args.quant}, KV cache {args.kv}, in {report.seconds:.1f} s ({phases})")
+          f"for target {args.target}, {report.quant}, KV cache {report.kv}, in {report.seconds:.1f} s ({phases})")
+    if report.defaults:
+        flags = {"quant": f"--quant {report.quant}", "kv": f"--kv {report.kv}"}
+        print("defaults: " + "; ".join(f"{flags[k]} ({why})" for k, why in report.defaults.items()))
     if report.summary:
         print(f"{args.target} {report.summary}")
     return 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -32,6 +32,9 @@ class CompileReport:
     target: dict | None = None      # what the target reports: kernels, tuning, library size
     summary: str = ""               # the target's one line on what it built
     cache: dict | None = None       # build cache lookups per kind: {"import": {"hits": 1, "misses": 0}, ...}
+    quant: str = "f32"              # the scheme and KV cache format built (defaults resolved)
+    kv: str = "f32"
+    defaults: dict[str, str] = field(default_factory=dict)    # option -> why: the defaults llmc chose
 
 
 def decode_weight_bytes(graph) -> int:
@@ -78,27 +81,43 @@ def calibration_ids(calib: str | Path, tokenizer) -> np.ndarray:
     return np.asarray(ids, np.int64)
 
 
-def check_options(target: str | None = None, quant: str = "f32", kv: str = "f32", cache: str = "on",
+def check_options(target: str | None = None, quant: str | None = None, kv: str | None = None, cache: str = "on",
                   max_seq: int | None = None, block_size: int | None = None, **target_options: Any):
     """Refuse options ``compile_model`` cannot build with (a UsageError), before anything is loaded;
-    the target's checked Options otherwise."""
+    the target's checked Options otherwise. A quant or kv of None is the default (``defaults``)."""
     from llmc import targets
     from llmc.cache import check_policy
     from llmc.pipeline import check_block_size, check_kv
     from llmc.quant import parse_scheme
 
     entry = targets.get(target or targets.DEFAULT)
-    parse_scheme(quant)
-    check_kv(kv)
+    if quant is not None:
+        parse_scheme(quant)
+    if kv is not None:
+        check_kv(kv)
     check_policy(cache)
     check_block_size(block_size)
     if max_seq is not None and (not isinstance(max_seq, int) or isinstance(max_seq, bool) or max_seq < 1):
         raise UsageError(f"the context length must be a positive number of tokens, not {max_seq!r}")
     options = entry.make_options(target_options)
     formats = entry.kv_formats
-    if formats and kv not in formats:
+    if formats and kv is not None and kv not in formats:
         raise UsageError(f"target {entry.name} has no {kv} KV cache; build it with --kv {' or '.join(formats)}")
     return options
+
+
+def defaults(entry, source_kind: str | None, quant: str | None, kv: str | None) -> tuple[str, str, dict[str, str]]:
+    """(quant, kv, the defaults chosen with why): fast unless told otherwise. A GGUF source keeps
+    its own quantized blocks (--quant gguf: lossless, a fraction of f32's bytes), others stay f32;
+    the KV cache is the target's default format (f16 where the target has it: half f32's bytes)."""
+    chosen = {}
+    if quant is None:
+        quant = "gguf" if source_kind == "gguf" else "f32"
+        chosen["quant"] = "a GGUF source keeps its quantized blocks" if quant == "gguf" else "the source's weights"
+    if kv is None:
+        kv = entry.default_kv
+        chosen["kv"] = "half the bytes of f32" if kv == "f16" else f"target {entry.name}'s format"
+    return quant, kv, chosen
 
 
 def split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -110,13 +129,15 @@ def split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
     return ({k: v for k, v in options.items() if k in names}, {k: v for k, v in options.items() if k not in names})
 
 
-def compile_model(source: Any, output: str | Path, *, target: str | None = None, quant: str = "f32", kv: str = "f32",
-                  calib: str | Path | None = None, block_size: int | None = None, cache: str = "on",
-                  progress: TextIO | None = sys.stderr, **options: Any) -> CompileReport:
+def compile_model(source: Any, output: str | Path, *, target: str | None = None, quant: str | None = None,
+                  kv: str | None = None, calib: str | Path | None = None, block_size: int | None = None,
+                  cache: str = "on", progress: TextIO | None = sys.stderr, **options: Any) -> CompileReport:
     """Build ``output`` from ``source`` (anything ``import_model`` takes, or an already imported
     model) for ``target``, using the build cache under policy ``cache`` (``llmc.cache``: on, off,
-    readonly, refresh). ``options`` are the target's options (``llmc.targets``: e.g. cpu_level,
-    tune, chunk for cpu; arch, act_dtype, chunk for cuda) and the importer's (max_seq, ...)."""
+    readonly, refresh). ``quant`` and ``kv`` default to what runs fast (``defaults``: a GGUF
+    source's own blocks, an f16 KV cache on cpu); the report says which it chose. ``options`` are
+    the target's options (``llmc.targets``: e.g. cpu_level, tune, chunk for cpu; arch, act_dtype,
+    chunk for cuda) and the importer's (max_seq, ...)."""
     from llmc.cache import using
 
     from llmc import targets
@@ -124,6 +145,9 @@ def compile_model(source: Any, output: str | Path, *, target: str | None = None,
     target = target or targets.DEFAULT
     given, import_options = split_options(options)
     target_options = check_options(target, quant, kv, cache, import_options.get("max_seq"), block_size, **given)
+    if quant is None and calib:
+        raise UsageError("--calib sets the scales of quantized weights: name the scheme with --quant "
+                         "(q8, q4g32 or q4g128)")
     folder = Path(output).resolve().parent
     if not folder.is_dir():
         raise LlmcError(f"cannot write {output}: the folder {folder} does not exist")
@@ -146,6 +170,7 @@ def _compile(source, output: Path, target: str, options, quant, kv, calib, block
     start = time.perf_counter()
     imported = source if isinstance(source, Imported) else import_stored(source, **import_options)
     import_seconds = time.perf_counter() - start
+    quant, kv, chosen = defaults(entry, imported.source.kind, quant, kv)
     tokenizer = imported.tokenizer or tokenizer_info(imported.source, imported.config)
     calibration = calibration_ids(calib, tokenizer) if calib else None
     result = run_phases(imported, progress=progress, block_size=block_size, quant=quant, kv=kv,
@@ -188,7 +213,8 @@ def _compile(source, output: Path, target: str, options, quant, kv, calib, block
     write_artifact(output, manifest, sections, weights, used)
     seconds = time.perf_counter() - start
     return CompileReport(Path(output), result.timings, result.notes, sum(w.nbytes for w in weights.values()),
-                         Path(output).stat().st_size, seconds, built.report, summary=built.summary)
+                         Path(output).stat().st_size, seconds, built.report, summary=built.summary, quant=quant,
+                         kv=kv, defaults=chosen)
 
 
 def _calibration_entry(calib, ids) -> dict | None:

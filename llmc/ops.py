@@ -570,7 +570,9 @@ def _paged_infer(q, k, v, k_cache, v_cache, paging, a, dtype=None):
     if tables.dtype != "i64" or tables.rank != 2:
         raise OpError(f"attention's block_tables must be i64[seqs, max_blocks], not {tables}")
     for cache, step in ((k_cache, k), (v_cache, v)):
-        if cache.rank != 5 or cache.dtype != dtype or cache.shape[2] != hk or cache.shape[4] != step.shape[3] \
+        # an f32 model may keep its pool in f16 (half the bytes; values rounded as they are stored)
+        stored = cache.dtype == dtype or (dtype == "f32" and cache.dtype == "f16")
+        if cache.rank != 5 or not stored or cache.shape[2] != hk or cache.shape[4] != step.shape[3] \
                 or not isinstance(cache.shape[3], int):
             raise OpError(f"KV pool {cache} does not hold [layers, blocks, {hk}, block_size, {step.shape[3]}] "
                           f"of {dtype}")
@@ -611,11 +613,11 @@ def _attention_ref(xs, a, shape, dt):
     q, k, v, k_cache, v_cache, positions, seq_index, tables = xs
     layer = a["layer"]
     block, offset = kv_slots(positions, seq_index, tables, k_cache.shape[1], k_cache.shape[3])
-    k_cache[layer, block, :, offset] = k[0].transpose(1, 0, 2)
+    k_cache[layer, block, :, offset] = k[0].transpose(1, 0, 2)      # an f16 pool rounds them to nearest even
     v_cache[layer, block, :, offset] = v[0].transpose(1, 0, 2)
-    return _attend_paged(q, lambda keys: (k_cache[layer, keys[0], :, keys[1]],
-                                          v_cache[layer, keys[0], :, keys[1]]), positions, seq_index, tables,
-                         k_cache.shape[3], a)
+    return _attend_paged(q, lambda keys: (k_cache[layer, keys[0], :, keys[1]].astype(q.dtype),
+                                          v_cache[layer, keys[0], :, keys[1]].astype(q.dtype)),
+                         positions, seq_index, tables, k_cache.shape[3], a)
 
 
 define("attention", "generation",

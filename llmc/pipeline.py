@@ -144,13 +144,13 @@ def run_phases(imported: Any, *, until: str | None = None, dump_ir: str | Path |
     return result
 
 
-KV_FORMATS = ("f32", "int8")
+KV_FORMATS = ("f16", "f32", "int8")
 
 
 def check_kv(kv: str) -> None:
     """Refuse a KV cache format llmc does not have."""
     if kv not in KV_FORMATS:
-        raise UsageError(f"unknown KV cache format {kv!r}; choose {' or '.join(KV_FORMATS)}")
+        raise UsageError(f"unknown KV cache format {kv!r}; choose {', '.join(KV_FORMATS)}")
 
 
 def check_block_size(block_size: int | None) -> int:

@@ -82,7 +82,7 @@ def _rewrite(graph: Graph, ctx: PassContext) -> Graph:
     block_tables = step_input("block_tables", "i64", (SEQS, MAX_BLOCKS))
     logit_rows = step_input("logit_rows", "i64", (ROWS,))
     int8 = ctx.kv == "int8"
-    cache_dtype = "i8" if int8 else dtype
+    cache_dtype = "i8" if int8 else ("f16" if ctx.kv == "f16" and dtype == "f32" else dtype)
     pool = (layers, BLOCKS, heads, ctx.block_size)
     k_cache = step_input("k_cache", cache_dtype, pool + (key_size,))
     v_cache = step_input("v_cache", cache_dtype, pool + (value_size,))

@@ -16,7 +16,8 @@ class PassContext:
     verify: bool = False                         # run the verifier after every pass (tests, LLMC_VERIFY=1)
     quant: str = "f32"                           # the weight quantization scheme (llmc.quant)
     source: object = None                        # the model source (llmc.frontend.sources.ModelSource)
-    kv: str = "f32"                              # KV cache storage: f32, or int8 with a scale per head and position
+    kv: str = "f32"                              # KV cache storage: f32, f16 (of an f32 model), or int8
+                                                 # with a scale per head and position
     calibration: object = None                   # token ids of a calibration text (numpy), for AWQ-style scales
 
     def after(self, name: str, graph: Graph) -> Graph:

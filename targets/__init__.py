@@ -82,6 +82,13 @@ class Target:
         return getattr(self.package, "KV_FORMATS", None)
 
     @property
+    def default_kv(self) -> str:
+        """The KV cache format it builds unless told (the package's DEFAULT_KV; else f16 where it
+        builds f16, else its first format)."""
+        formats = self.kv_formats
+        return getattr(self.package, "DEFAULT_KV", None) or ("f16" if not formats or "f16" in formats else formats[0])
+
+    @property
     def cache_parts(self) -> list[tuple[str, str]]:
         """(what, folder) it keeps in the build cache (the package's CACHE_PARTS)."""
         return list(getattr(self.package, "CACHE_PARTS", []))

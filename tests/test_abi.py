@@ -45,11 +45,11 @@ def test_inspect_lists_the_entry_point_and_the_kv_pool(artifacts):
     shown = llmc_cli("inspect", artifacts["cpu"])
     assert shown.returncode == 0, shown.stderr
     assert ("entry     step(tokens: i64[seq], positions: i64[seq], seq_index: i64[seq], block_tables: "
-            "i64[seqs, max_blocks], logit_rows: i64[rows], k_cache: f32[2, blocks, 2, 16, 16], v_cache: "
-            "f32[2, blocks, 2, 16, 16]) -> logits: f32[rows, 128]  (at most 24 tokens a call)") in shown.stdout
-    # keys and values, 2 layers, 2 kv heads, 16 positions of 16 floats
-    assert ("kv pool   [layers, blocks, kv_heads, block_size, head_dim]: blocks of 16 tokens, f32, "
-            f"{2 * 2 * 2 * 16 * 16 * 4} bytes per block (k_cache, v_cache)") in shown.stdout
+            "i64[seqs, max_blocks], logit_rows: i64[rows], k_cache: f16[2, blocks, 2, 16, 16], v_cache: "
+            "f16[2, blocks, 2, 16, 16]) -> logits: f32[rows, 128]  (at most 24 tokens a call)") in shown.stdout
+    # keys and values, 2 layers, 2 kv heads, 16 positions of 16 halves (the default KV cache)
+    assert ("kv pool   [layers, blocks, kv_heads, block_size, head_dim]: blocks of 16 tokens, f16, "
+            f"{2 * 2 * 2 * 16 * 16 * 2} bytes per block (k_cache, v_cache)") in shown.stdout
     manifest = read_artifact(artifacts["cpu-window"]).manifest
     assert manifest["kv_pool"]["block_size"] == 4 and manifest["options"]["block_size"] == 4
 

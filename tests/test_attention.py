@@ -234,5 +234,5 @@ def test_int8_kv_cache_stays_close(family):
 def test_unknown_kv_format_is_refused():
     from llmc.errors import LlmcError
 
-    with pytest.raises(LlmcError, match="unknown KV cache format 'fp8'; choose f32 or int8"):
+    with pytest.raises(LlmcError, match="unknown KV cache format 'fp8'; choose f16, f32, int8"):
         run_phases(import_model(tiny_model("llama")), progress=None, kv="fp8")

@@ -215,7 +215,7 @@ def test_verify_reports_what_an_artifact_was_built_from(family_dirs, tmp_path, c
     digest = read_artifact(out).manifest["inputs"]["model.safetensors"]
     assert f"input     model.safetensors sha256 {digest}" in text
     assert f"cpu       level {LEVEL}, up to 512 tokens a call" in text and "llmc 0.1.0" in text
-    assert "quant     q8, KV cache f32 in blocks of 16, up to 512 tokens a step" in text
+    assert "quant     q8, KV cache f16 in blocks of 16, up to 512 tokens a step" in text      # the default KV
     assert main(["verify", str(out), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["ok"] and result["runs_here"] is True and result["options"]["quant"] == "q8"

@@ -216,7 +216,10 @@ def scattered_tables(rng, needs: list[int], block_size: int) -> tuple[np.ndarray
     return tables, blocks
 
 
-def run_attention(lib, q, k, v, pools, positions, seq_index, tables, block_size, window, kv8):
+KV_KINDS = {"f32": 0, "int8": 1, "f16": 2}
+
+
+def run_attention(lib, q, k, v, pools, positions, seq_index, tables, block_size, window, kv):
     """The kernel on q/k/v [1, heads, n, d] (as views of one projection, the way the graph hands
     them) over the pools (one layer of them: [blocks, Hk, B, d] arrays, changed in place)."""
     _, hq, n, d = q.shape
@@ -225,16 +228,16 @@ def run_attention(lib, q, k, v, pools, positions, seq_index, tables, block_size,
     stride = proj.shape[1]
     out = np.full((n, hq, d), np.nan, np.float32)
     scratch = np.empty(SPLIT_TOKENS * MAX_SPLITS * hq * (d + 2), np.float32)    # what lower.py plans
-    kp, ks, vp, vs = pools if kv8 else (pools[0], None, pools[1], None)
+    kp, ks, vp, vs = pools if kv == "int8" else (pools[0], None, pools[1], None)
     lib.h_attention(p(proj), d, stride, proj[:, hq * d:].ctypes.data, d, stride, proj[:, (hq + hk) * d:].ctypes.data,
-                    d, stride, p(kp), p(ks), p(vp), p(vs), int(kv8), p(positions), p(seq_index), p(tables),
+                    d, stride, p(kp), p(ks), p(vp), p(vs), KV_KINDS[kv], p(positions), p(seq_index), p(tables),
                     tables.shape[1], n, hq, hk, d, block_size, 1 / np.sqrt(d), window, p(out), d, hq * d, p(scratch))
     return out.transpose(1, 0, 2)[None]
 
 
-@pytest.mark.parametrize("kv8", [False, True])
+@pytest.mark.parametrize("kv", ["f32", "f16", "int8"])
 @pytest.mark.parametrize("hq,hk,d,bs,window,sequences", ATTENTION_CASES)
-def test_paged_attention_matches_the_reference_and_each_sequence_alone(lib, kv8, hq, hk, d, bs, window, sequences):
+def test_paged_attention_matches_the_reference_and_each_sequence_alone(lib, kv, hq, hk, d, bs, window, sequences):
     """A step of several sequences against the reference op, and bitwise against each sequence run
     alone over its own copy of the pool (batch invariance)."""
     rng = np.random.default_rng(hq * 1000 + d * 10 + bs)
@@ -245,19 +248,20 @@ def test_paged_attention_matches_the_reference_and_each_sequence_alone(lib, kv8,
     positions, seq_index = positions[order], seq_index[order]
     n = positions.size
     q, k, v = (rng.standard_normal((1, h, n, d)).astype(np.float32) for h in (hq, hk, hk))
-    if kv8:
+    if kv == "int8":
         pools = [rng.integers(-127, 128, (2, blocks, hk, bs, d)).astype(np.int8),
                  rng.random((2, blocks, hk, bs)).astype(np.float32) / 50,
                  rng.integers(-127, 128, (2, blocks, hk, bs, d)).astype(np.int8),
                  rng.random((2, blocks, hk, bs)).astype(np.float32) / 50]
     else:
-        pools = [rng.standard_normal((2, blocks, hk, bs, d)).astype(np.float32) for _ in range(2)]
+        pools = [rng.standard_normal((2, blocks, hk, bs, d)).astype(np.float16 if kv == "f16" else np.float32)
+                 for _ in range(2)]
     attrs = {"layer": 1, "scale": 1 / np.sqrt(d), "window": window}
     reference = [a.copy() for a in pools]
-    want = ops.OPS["attention_kv8" if kv8 else "attention"].ref([q, k, v] + reference + [positions, seq_index, tables],
-                                                                attrs, None, None)
+    op = ops.OPS["attention_kv8" if kv == "int8" else "attention"]
+    want = op.ref([q, k, v] + reference + [positions, seq_index, tables], attrs, None, None)
     batched = [a[1].copy() for a in pools]
-    got = run_attention(lib, q, k, v, batched, positions, seq_index, tables, bs, window, kv8)
+    got = run_attention(lib, q, k, v, batched, positions, seq_index, tables, bs, window, kv)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     for mine, theirs in zip(batched, reference):        # K/V (codes and scales) where the reference put them
         np.testing.assert_allclose(mine, theirs[1], rtol=1e-7, atol=0)
@@ -265,5 +269,5 @@ def test_paged_attention_matches_the_reference_and_each_sequence_alone(lib, kv8,
         rows = np.flatnonzero(seq_index == s)
         alone = [a[1].copy() for a in pools]
         single = run_attention(lib, q[:, :, rows], k[:, :, rows], v[:, :, rows], alone, positions[rows],
-                               np.zeros(rows.size, np.int64), tables[s:s + 1].copy(), bs, window, kv8)
+                               np.zeros(rows.size, np.int64), tables[s:s + 1].copy(), bs, window, kv)
         assert np.array_equal(single, got[:, :, rows]), f"sequence {s} differs alone and in the batch"

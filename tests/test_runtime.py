@@ -19,7 +19,7 @@ import llmc
 def tiny(tmp_path_factory):
     model = tiny_model("qwen2")
     path = tmp_path_factory.mktemp("artifacts") / "tiny.llmc"
-    compile_model(model, path, progress=None)
+    compile_model(model, path, kv="f32", progress=None)       # f32 throughout: transformers' own numbers
     return model, path
 
 
@@ -48,6 +48,19 @@ def test_logits_for_every_position(tiny):
         want = model(input_ids=torch.tensor([ids])).logits[0].numpy()
     assert got.shape == (11, 128) and got.dtype == np.float32
     assert relative_error(got, want) < 1e-4
+
+
+def test_the_default_kv_cache_is_f16_within_rounding_of_f32(tiny, tmp_path):
+    model, exact = tiny
+    path = tmp_path / "default.llmc"
+    report = compile_model(model, path, progress=None)
+    assert (report.kv, report.quant) == ("f16", "f32") and set(report.defaults) == {"kv", "quant"}
+    default, f32 = llmc.load(path), llmc.load(exact)
+    assert default.manifest["kv_pool"]["dtype"] == "f16"
+    assert default.bytes_per_position * 2 == f32.bytes_per_position
+    ids = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
+    got, want = default.logits(ids), f32.logits(ids)
+    assert 0 < relative_error(got, want) < 1e-3          # K and V rounded to f16 (11 bits), nothing else
 
 
 def test_sampling_is_seeded(tiny):

@@ -753,7 +753,7 @@ LLMC_KERNEL void llmc_add_norm(const float* x, int64_t ldx, const float* res, in
 /* ---------------------------------------------------------------------------------------------
  * Paged attention of one step's tokens, from any sequences at any positions. q [Hq, n, D] and
  * k/v [Hk, n, D] at element strides (head, token), D contiguous. The layer's pool is
- * [blocks, Hk, B, D] (f32, or int8 codes with an f32 scale per [block, head, offset]); position p
+ * [blocks, Hk, B, D] (f32, f16, or int8 codes with an f32 scale per [block, head, offset]); position p
  * of sequence s lives in block tables[s * max_blocks + p / B] at offset p % B. Every token's K/V
  * is written first; then token t (position p of sequence seq_index[t]) attends causally over its
  * sequence's positions 0..p, within the last `window` when window > 0. out [n, Hq, D] at
@@ -766,6 +766,7 @@ LLMC_KERNEL void llmc_add_norm(const float* x, int64_t ldx, const float* res, in
  * token's result does not depend on the step it is in. */
 
 #define LLMC_KEY_BLOCK 32
+enum { LLMC_KV_F32, LLMC_KV_I8, LLMC_KV_F16 };   /* the pool's format (`kv`): f32, int8 codes + scales, f16 */
 #define LLMC_SPLIT_KEYS 512       /* keys per span, at least */
 #define LLMC_PARTS (2 * LLMC_MAX_SPLITS * (512 + 2))   /* floats of one many-token task's partials */
 /* LLMC_MAX_SPLITS (spans of one token, at most) and LLMC_SPLIT_TOKENS (steps of at most this many
@@ -796,7 +797,7 @@ static inline int64_t paged_slot(const llmc_paged* c, int64_t p) {
 
 /* partial attention of one query over positions [lo, hi): max m, sum l, unnormalised acc [D]; the
  * portable build's, and any head size that is not a multiple of 8 */
-static __attribute__((noinline)) void attend_span_scalar(const float* q, const llmc_paged* c, int kv8, int64_t lo,
+static __attribute__((noinline)) void attend_span_scalar(const float* q, const llmc_paged* c, int kv, int64_t lo,
                                                   int64_t hi, float scale, float* m_out, float* l_out, float* acc) {
     const int64_t D = c->D;
     float m = -INFINITY, l = 0.0f, scores[LLMC_KEY_BLOCK];
@@ -812,10 +813,14 @@ static __attribute__((noinline)) void attend_span_scalar(const float* q, const l
             if (offset == c->B) offset = 0;
             slots[j] = j > 0 && offset != 0 ? slots[j - 1] + 1 : paged_slot(c, t0 + j);
             float s;
-            if (kv8) {
+            if (kv == LLMC_KV_I8) {
                 const int8_t* kr = (const int8_t*)c->k + slots[j] * D;
                 for (int64_t i = 0; i < D; i++) kbuf[i] = (float)kr[i];
                 s = dot_f32(q, kbuf, D) * c->ks[slots[j]];
+            } else if (kv == LLMC_KV_F16) {
+                const f16* kr = (const f16*)c->k + slots[j] * D;
+                for (int64_t i = 0; i < D; i++) kbuf[i] = (float)kr[i];
+                s = dot_f32(q, kbuf, D);
             } else {
                 s = dot_f32(q, (const float*)c->k + slots[j] * D, D);
             }
@@ -829,10 +834,13 @@ static __attribute__((noinline)) void attend_span_scalar(const float* q, const l
         for (int64_t j = 0; j < n; j++) {
             float p = expf(scores[j] - m_new);
             l += p;
-            if (kv8) {
+            if (kv == LLMC_KV_I8) {
                 const int8_t* vr = (const int8_t*)c->v + slots[j] * D;
                 float pv = p * c->vs[slots[j]];
                 for (int64_t i = 0; i < D; i++) acc[i] += pv * (float)vr[i];
+            } else if (kv == LLMC_KV_F16) {
+                const f16* vr = (const f16*)c->v + slots[j] * D;
+                for (int64_t i = 0; i < D; i++) acc[i] += p * (float)vr[i];
             } else {
                 const float* vr = (const float*)c->v + slots[j] * D;
                 for (int64_t i = 0; i < D; i++) acc[i] += p * vr[i];
@@ -874,15 +882,16 @@ static inline float hmax256(__m256 v) {
 }
 
 /* eight values of a K or V row from element i, as f32 */
-static inline __attribute__((always_inline)) __m256 kv_load(const char* row, int kv8, int64_t i) {
-    if (kv8) return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(row + i))));
+static inline __attribute__((always_inline)) __m256 kv_load(const char* row, int kv, int64_t i) {
+    if (kv == LLMC_KV_I8) return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(row + i))));
+    if (kv == LLMC_KV_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const f16*)row + i)));
     return _mm256_loadu_ps((const float*)row + i);
 }
 
 /* acc[c0 * 8 ..) = acc * correction + sum over the n keys of p[j] * V row j, for C chunks of eight
  * values: C accumulators in registers, the keys in order. */
 static inline __attribute__((always_inline)) void pv_chunks(int C, float* acc, int64_t c0, __m256 correction,
-                                                           const float* p, const char* const* rows, int kv8,
+                                                           const float* p, const char* const* rows, int kv,
                                                            int64_t n) {
     __m256 a[8];
     #pragma GCC unroll 8
@@ -890,7 +899,7 @@ static inline __attribute__((always_inline)) void pv_chunks(int C, float* acc, i
     for (int64_t j = 0; j < n; j++) {
         __m256 pj = _mm256_broadcast_ss(p + j);
         #pragma GCC unroll 8
-        for (int c = 0; c < C; c++) a[c] = _mm256_fmadd_ps(pj, kv_load(rows[j], kv8, (c0 + c) * 8), a[c]);
+        for (int c = 0; c < C; c++) a[c] = _mm256_fmadd_ps(pj, kv_load(rows[j], kv, (c0 + c) * 8), a[c]);
     }
     #pragma GCC unroll 8
     for (int c = 0; c < C; c++) _mm256_storeu_ps(acc + (c0 + c) * 8, a[c]);
@@ -902,7 +911,7 @@ static inline __attribute__((always_inline)) void pv_chunks(int C, float* acc, i
  * dot products, one transpose), their exponentials in eight lanes, and the values summed D/8
  * vectors at a time in registers. Head g's partial goes to dst + g * dst_stride. Each head's
  * arithmetic depends on its own query and keys [lo, hi) alone, never on G. */
-static inline __attribute__((always_inline)) void attend_span_of(int kv8, const float* q, int64_t q_h, int64_t G,
+static inline __attribute__((always_inline)) void attend_span_of(int kv, const float* q, int64_t q_h, int64_t G,
                                                                  const llmc_paged* c, int64_t lo, int64_t hi,
                                                                  float scale, float* dst, int64_t dst_stride) {
     const int64_t D = c->D, chunks = D / 8;
@@ -931,7 +940,7 @@ static inline __attribute__((always_inline)) void attend_span_of(int kv8, const 
         /* the next block's rows, a block ahead: the pool's blocks are scattered, which the
          * hardware prefetcher does not follow */
         float ks[LLMC_KEY_BLOCK] = {0};
-        if (kv8)
+        if (kv == LLMC_KV_I8)
             for (int64_t j = 0; j < n; j++) ks[j] = c->ks[slots[j]];
         for (int64_t g = 0; g < G; g++) {
             const float* qg = q + g * q_h;
@@ -951,10 +960,10 @@ static inline __attribute__((always_inline)) void attend_span_of(int kv8, const 
                 for (int64_t i = 0; i < chunks; i++) {
                     __m256 qv = _mm256_loadu_ps(qg + 8 * i);
                     #pragma GCC unroll 8
-                    for (int j = 0; j < 8; j++) dots[j] = _mm256_fmadd_ps(qv, kv_load(rows[j], kv8, 8 * i), dots[j]);
+                    for (int j = 0; j < 8; j++) dots[j] = _mm256_fmadd_ps(qv, kv_load(rows[j], kv, 8 * i), dots[j]);
                 }
                 __m256 sc = _mm256_permutevar8x32_ps(hsum256x8(dots), key_order);
-                if (kv8) sc = _mm256_mul_ps(sc, _mm256_loadu_ps(ks + 8 * b));
+                if (kv == LLMC_KV_I8) sc = _mm256_mul_ps(sc, _mm256_loadu_ps(ks + 8 * b));
                 sc = _mm256_mul_ps(sc, _mm256_set1_ps(scale));
                 if (have < 8)
                     sc = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), sc, _mm256_castsi256_ps(lanes_below(have)));
@@ -973,20 +982,20 @@ static inline __attribute__((always_inline)) void attend_span_of(int kv8, const 
             }
             PART_L(part, D) = PART_L(part, D) * correction + hsum256(total);
             PART_M(part, D) = m_new;
-            if (kv8)
+            if (kv == LLMC_KV_I8)
                 for (int64_t j = 0; j < n; j++) p[j] *= c->vs[slots[j]];
             __m256 corr = _mm256_set1_ps(correction);
             int64_t c0 = 0;
-            for (; c0 + 8 <= chunks; c0 += 8) pv_chunks(8, part, c0, corr, p, vrow, kv8, n);
+            for (; c0 + 8 <= chunks; c0 += 8) pv_chunks(8, part, c0, corr, p, vrow, kv, n);
             switch (chunks - c0) {          /* D = 64, 128, 256: none; 80, 96, 112: 2, 4, 6 */
             case 0: break;
-            case 1: pv_chunks(1, part, c0, corr, p, vrow, kv8, n); break;
-            case 2: pv_chunks(2, part, c0, corr, p, vrow, kv8, n); break;
-            case 3: pv_chunks(3, part, c0, corr, p, vrow, kv8, n); break;
-            case 4: pv_chunks(4, part, c0, corr, p, vrow, kv8, n); break;
-            case 5: pv_chunks(5, part, c0, corr, p, vrow, kv8, n); break;
-            case 6: pv_chunks(6, part, c0, corr, p, vrow, kv8, n); break;
-            default: pv_chunks(7, part, c0, corr, p, vrow, kv8, n); break;
+            case 1: pv_chunks(1, part, c0, corr, p, vrow, kv, n); break;
+            case 2: pv_chunks(2, part, c0, corr, p, vrow, kv, n); break;
+            case 3: pv_chunks(3, part, c0, corr, p, vrow, kv, n); break;
+            case 4: pv_chunks(4, part, c0, corr, p, vrow, kv, n); break;
+            case 5: pv_chunks(5, part, c0, corr, p, vrow, kv, n); break;
+            case 6: pv_chunks(6, part, c0, corr, p, vrow, kv, n); break;
+            default: pv_chunks(7, part, c0, corr, p, vrow, kv, n); break;
             }
         }
     }
@@ -995,29 +1004,36 @@ static inline __attribute__((always_inline)) void attend_span_of(int kv8, const 
 static __attribute__((noinline)) void attend_span_f32(const float* q, int64_t q_h, int64_t G, const llmc_paged* c,
                                                       int64_t lo, int64_t hi, float scale, float* dst,
                                                       int64_t dst_stride) {
-    attend_span_of(0, q, q_h, G, c, lo, hi, scale, dst, dst_stride);
+    attend_span_of(LLMC_KV_F32, q, q_h, G, c, lo, hi, scale, dst, dst_stride);
 }
 
 static __attribute__((noinline)) void attend_span_kv8(const float* q, int64_t q_h, int64_t G, const llmc_paged* c,
                                                       int64_t lo, int64_t hi, float scale, float* dst,
                                                       int64_t dst_stride) {
-    attend_span_of(1, q, q_h, G, c, lo, hi, scale, dst, dst_stride);
+    attend_span_of(LLMC_KV_I8, q, q_h, G, c, lo, hi, scale, dst, dst_stride);
+}
+
+static __attribute__((noinline)) void attend_span_f16(const float* q, int64_t q_h, int64_t G, const llmc_paged* c,
+                                                      int64_t lo, int64_t hi, float scale, float* dst,
+                                                      int64_t dst_stride) {
+    attend_span_of(LLMC_KV_F16, q, q_h, G, c, lo, hi, scale, dst, dst_stride);
 }
 #endif
 
 /* G query heads (q at head stride q_h) that share one K/V head, over the keys [lo, hi): head g's
  * partial (acc [D], m, l) into dst + g * dst_stride */
-static void attend_span(const float* q, int64_t q_h, int64_t G, const llmc_paged* c, int kv8, int64_t lo,
+static void attend_span(const float* q, int64_t q_h, int64_t G, const llmc_paged* c, int kv, int64_t lo,
                         int64_t hi, float scale, float* dst, int64_t dst_stride) {
 #if LLMC_AVX2
     if (c->D % 8 == 0) {
-        (kv8 ? attend_span_kv8 : attend_span_f32)(q, q_h, G, c, lo, hi, scale, dst, dst_stride);
+        (kv == LLMC_KV_I8 ? attend_span_kv8 : kv == LLMC_KV_F16 ? attend_span_f16 : attend_span_f32)(
+            q, q_h, G, c, lo, hi, scale, dst, dst_stride);
         return;
     }
 #endif
     for (int64_t g = 0; g < G; g++) {
         float* part = dst + g * dst_stride;
-        attend_span_scalar(q + g * q_h, c, kv8, lo, hi, scale, &PART_M(part, c->D), &PART_L(part, c->D), part);
+        attend_span_scalar(q + g * q_h, c, kv, lo, hi, scale, &PART_M(part, c->D), &PART_L(part, c->D), part);
     }
 }
 
@@ -1053,12 +1069,12 @@ static inline void span_bounds(int64_t lo, int64_t hi, int64_t splits, int64_t p
 }
 
 /* span `part` of G heads' keys (attend_span's arguments) */
-static void attend_part(const float* q, int64_t q_h, int64_t G, const llmc_paged* c, int kv8, int64_t lo,
+static void attend_part(const float* q, int64_t q_h, int64_t G, const llmc_paged* c, int kv, int64_t lo,
                         int64_t hi, int64_t splits, int64_t part, float scale, float* dst, int64_t dst_stride) {
     int64_t a, z;
     span_bounds(lo, hi, splits, part, &a, &z);
     if (a < z) {
-        attend_span(q, q_h, G, c, kv8, a, z, scale, dst, dst_stride);
+        attend_span(q, q_h, G, c, kv, a, z, scale, dst, dst_stride);
         return;
     }
     for (int64_t g = 0; g < G; g++) {
@@ -1070,20 +1086,27 @@ static void attend_part(const float* q, int64_t q_h, int64_t G, const llmc_paged
 
 LLMC_KERNEL void llmc_attention(const float* q, int64_t q_h, int64_t q_s, const float* k, int64_t k_h, int64_t k_s,
                                 const float* v, int64_t v_h, int64_t v_s, void* k_pool, float* k_scale,
-                                void* v_pool, float* v_scale, int64_t kv8, const int64_t* positions,
+                                void* v_pool, float* v_scale, int64_t kv, const int64_t* positions,
                                 const int64_t* seq_index, const int64_t* tables, int64_t max_blocks, int64_t n,
                                 int64_t Hq, int64_t Hk, int64_t D, int64_t B, float scale, int64_t window,
                                 float* out, int64_t o_h, int64_t o_s, float* scratch) {
-    const int64_t elem = kv8 ? 1 : 4, group = Hq / Hk;
+    const int64_t elem = kv == LLMC_KV_I8 ? 1 : kv == LLMC_KV_F16 ? 2 : 4, group = Hq / Hk;
     /* 1. every token's keys and values into its block slot */
     #pragma omp for schedule(static)
     for (int64_t task = 0; task < Hk * n; task++) {
         int64_t h = task / n, t = task % n, p = positions[t];
         llmc_paged c = {0, 0, 0, 0, tables + seq_index[t] * max_blocks, h, Hk, B, D, elem};
         int64_t slot = paged_slot(&c, p);
-        if (kv8) {
+        if (kv == LLMC_KV_I8) {
             kv8_quantize(k + h * k_h + t * k_s, D, (int8_t*)k_pool + slot * D, k_scale + slot);
             kv8_quantize(v + h * v_h + t * v_s, D, (int8_t*)v_pool + slot * D, v_scale + slot);
+        } else if (kv == LLMC_KV_F16) {           /* rounded to nearest even, as numpy's astype */
+            const float *ks = k + h * k_h + t * k_s, *vs = v + h * v_h + t * v_s;
+            f16 *kd = (f16*)k_pool + slot * D, *vd = (f16*)v_pool + slot * D;
+            for (int64_t i = 0; i < D; i++) {
+                kd[i] = (f16)ks[i];
+                vd[i] = (f16)vs[i];
+            }
         } else {
             memcpy((float*)k_pool + slot * D, k + h * k_h + t * k_s, (size_t)D * sizeof(float));
             memcpy((float*)v_pool + slot * D, v + h * v_h + t * v_s, (size_t)D * sizeof(float));
@@ -1105,7 +1128,7 @@ LLMC_KERNEL void llmc_attention(const float* q, int64_t q_h, int64_t q_s, const 
             for (int64_t h0 = hk * group; h0 < (hk + 1) * group; h0 += G) {
                 int64_t heads = (hk + 1) * group - h0 < G ? (hk + 1) * group - h0 : G;
                 for (int64_t part = 0; part < splits; part++)
-                    attend_part(q + h0 * q_h + t * q_s, q_h, heads, &c, (int)kv8, lo, hi, splits, part, scale,
+                    attend_part(q + h0 * q_h + t * q_s, q_h, heads, &c, (int)kv, lo, hi, splits, part, scale,
                                 parts + part * (D + 2), splits * (D + 2));
                 for (int64_t g = 0; g < heads; g++)
                     merge_spans(parts + g * splits * (D + 2), splits, D, out + (h0 + g) * o_h + t * o_s);
@@ -1132,7 +1155,7 @@ LLMC_KERNEL void llmc_attention(const float* q, int64_t q_h, int64_t q_s, const 
         token_spans(positions[t], window, LLMC_MAX_SPLITS, &lo, &hi);
         llmc_paged c = {(const char*)k_pool, (const char*)v_pool, k_scale, v_scale,
                         tables + seq_index[t] * max_blocks, h / group, Hk, B, D, elem};
-        attend_part(q + h * q_h + t * q_s, q_h, G, &c, (int)kv8, lo, hi, splits, part, scale,
+        attend_part(q + h * q_h + t * q_s, q_h, G, &c, (int)kv, lo, hi, splits, part, scale,
                     scratch + (t * Hq + h) * stride + part * (D + 2), stride);
     }
     #pragma omp for schedule(static)

@@ -38,6 +38,7 @@ ALIGN = 64
 MAX_SPLITS = 16            # flash-decoding spans of one token's keys (kernels.c's LLMC_MAX_SPLITS)
 SPLIT_TOKENS = 4           # steps of at most this many tokens run spans as tasks (LLMC_SPLIT_TOKENS)
 DEFAULT_TILES = {"gemv": 16, "gemm": 32}
+KV_KINDS = {"f32": 0, "i8": 1, "f16": 2}        # the attention kernel's pool formats (kernels.c's LLMC_KV_*)
 
 
 class LoweringError(LlmcError):
@@ -367,6 +368,7 @@ class FunctionLowering(GraphLowering):
         pools = [self.read(i) for i in node.inputs[3:7 if kv8 else 5]]
         positions, seq_index, tables = (self.contiguous(self.read(i)) for i in node.inputs[-3:])
         k_pool, v_pool = (pools[0], pools[2]) if kv8 else pools
+        kind = KV_KINDS["i8" if kv8 else k_pool.dtype]
         layers, blocks, heads_kv, block_size, head_dim = k_pool.shape
         heads, seq = q.shape[1], q.shape[2]
         if head_dim > 512:
@@ -376,7 +378,7 @@ class FunctionLowering(GraphLowering):
         def layer_of(pool: View, item: int, width: int) -> str:
             return f"((char*)({pool.base}) + {c_dim(dims.mul(a['layer'], dims.mul(layer_slots, width * item)))})"
 
-        elem = 1 if kv8 else 4
+        elem = _itemsize(k_pool.dtype)
         k_at, v_at = layer_of(k_pool, elem, head_dim), layer_of(v_pool, elem, head_dim)
         ks_at = f"(float*){layer_of(pools[1], 4, 1)}" if kv8 else "0"
         vs_at = f"(float*){layer_of(pools[3], 4, 1)}" if kv8 else "0"
@@ -387,7 +389,7 @@ class FunctionLowering(GraphLowering):
         self._call("llmc_attention", q.pointer("float"), c_dim(q.strides[1]), c_dim(q.strides[2]),
                    k.pointer("float"), c_dim(k.strides[1]), c_dim(k.strides[2]),
                    v.pointer("float"), c_dim(v.strides[1]), c_dim(v.strides[2]),
-                   k_at, ks_at, v_at, vs_at, int(kv8), positions.pointer("int64_t"), seq_index.pointer("int64_t"),
+                   k_at, ks_at, v_at, vs_at, kind, positions.pointer("int64_t"), seq_index.pointer("int64_t"),
                    tables.pointer("int64_t"), c_dim(tables.shape[1]), c_dim(seq), heads, heads_kv, head_dim,
                    block_size, repr(float(a["scale"])) + "f", a["window"], raw.pointer("float"), head_dim,
                    c_dim(heads * head_dim), f"(float*){scratch}")
