@@ -309,8 +309,8 @@ LLMC_KERNEL void llmc_linear_f16(const float* x, int64_t ldx, const f16* w, cons
  * with dw and min the block's weight group's scale and min (a last, shorter run adds zeros to the
  * lanes past its end); then hsum256's tree, then the bias. Lane j of a run holds its block j, or
  * for a full run of 4-bit groups of 32 its block RUN_ORDER[j] = 0 2 4 6 1 3 5 7, the order the
- * pair reductions leave their sums in. Decode runs it for one x row; a GEMM tile runs four rows,
- * each weight group decoded once for the four. */
+ * pair reductions leave their sums in. Decode runs it for one x row; a GEMM tile runs four rows
+ * (the last two or three of a call together), each weight group decoded once for them. */
 
 typedef struct {
     int64_t bits, G, K, blocks, tail;          /* blocks of 32 per row; blocks in the last, short run */
@@ -590,25 +590,37 @@ static inline __attribute__((always_inline)) void q_tile(int kind, int R, const 
     }
 }
 
+/* W rows [n0, n1) against x rows m .. m + R (R = 2, 3 or 4), each W row's groups decoded once
+ * for the R rows; hsum256x4's tree is hsum256's, so each output is what it is alone */
+static inline __attribute__((always_inline)) void q_rows(int kind, int R, const llmc_qlinear* p, const float* b,
+                                                        int64_t n0, int64_t n1, int64_t m, float* y, int64_t ldy) {
+    __m256 acc[4];
+    for (int64_t n = n0; n < n1; n++) {
+        q_tile(kind, R, p, n, m, acc);
+        #pragma GCC unroll 4
+        for (int r = R; r < 4; r++) acc[r] = _mm256_setzero_ps();
+        float sums[4];
+        _mm_storeu_ps(sums, _mm_add_ps(hsum256x4(acc[0], acc[1], acc[2], acc[3]), _mm_set1_ps(b ? b[n] : 0.0f)));
+        for (int i = 0; i < R; i++) y[(m + i) * ldy + n] = sums[i];
+    }
+}
+
 /* W rows [n0, n1) against x rows [0, M), into y at row stride ldy: four x rows at a time (their
- * codes stay in L1 while the task's W rows pass over them), each W row's groups decoded once for
- * the four */
+ * codes stay in L1 while the task's W rows pass over them), then the two or three left together,
+ * or the one alone */
 static inline __attribute__((always_inline)) void q_block_of(int kind, const llmc_qlinear* p, const float* b,
                                                             int64_t n0, int64_t n1, int64_t M, float* y, int64_t ldy) {
-    __m256 acc[4];
     int64_t m = 0;
-    for (; m + 4 <= M; m += 4)
-        for (int64_t n = n0; n < n1; n++) {
-            q_tile(kind, 4, p, n, m, acc);
-            float sums[4];
-            _mm_storeu_ps(sums, _mm_add_ps(hsum256x4(acc[0], acc[1], acc[2], acc[3]), _mm_set1_ps(b ? b[n] : 0.0f)));
-            for (int i = 0; i < 4; i++) y[(m + i) * ldy + n] = sums[i];
-        }
-    for (; m < M; m++)
+    for (; m + 4 <= M; m += 4) q_rows(kind, 4, p, b, n0, n1, m, y, ldy);
+    if (M - m == 3) q_rows(kind, 3, p, b, n0, n1, m, y, ldy);
+    else if (M - m == 2) q_rows(kind, 2, p, b, n0, n1, m, y, ldy);
+    else if (M - m == 1) {
+        __m256 acc[1];
         for (int64_t n = n0; n < n1; n++) {
             q_tile(kind, 1, p, n, m, acc);
             y[m * ldy + n] = hsum256(acc[0]) + (b ? b[n] : 0.0f);
         }
+    }
 }
 
 static void q_block(const llmc_qlinear* p, const float* b, int64_t n0, int64_t n1, int64_t M, float* y, int64_t ldy) {
