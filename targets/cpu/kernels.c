@@ -26,6 +26,28 @@
 typedef _Float16 f16;
 
 /* ---------------------------------------------------------------------------------------------
+ * e^x in plain C that the compiler vectorises (Cephes' expf, as exp256 in the attention: within 2
+ * ulp; x is clamped to [-87.3, 88], so far below it gives about 1e-38, not 0): the generated
+ * loops' silu, sigmoid and swiglu, where libm's expf would keep them scalar. */
+static inline float llmc_expf(float x) {
+    x = x < -87.3365f ? -87.3365f : (x > 88.0f ? 88.0f : x);
+    float n = floorf(x * 1.44269504088896341f + 0.5f);
+    float r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float y = 1.9875691500e-4f;
+    y = y * r + 1.3981999507e-3f;
+    y = y * r + 8.3334519073e-3f;
+    y = y * r + 4.1665795894e-2f;
+    y = y * r + 1.6666665459e-1f;
+    y = y * r + 5.0000001201e-1f;
+    y = y * (r * r) + (r + 1.0f);
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return y * scale;
+}
+
+/* ---------------------------------------------------------------------------------------------
  * Dot products */
 
 static inline float dot_f32(const float* a, const float* b, int64_t n) {
