@@ -139,8 +139,9 @@ def _llama_run(llm, prompt, decode):
         llm.eval(prompt)
         prefill = time.perf_counter() - start
         start = time.perf_counter()
-        for _ in range(decode):
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        vocab = llm.n_vocab()
+        for _ in range(decode):     # the last token's logits (llm.scores holds them only with logits_all)
+            token = int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,))))
             llm.eval([token])
         return prefill, time.perf_counter() - start
     return run

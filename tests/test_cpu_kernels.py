@@ -200,6 +200,7 @@ ATTENTION_CASES = [
     (4, 2, 16, 4, 0, [(11, 5), (40, 1), (0, 8), (600, 1)]),   # mixed: chunks, decodes, one ends at a block's end
     (16, 1, 128, 16, 0, [(4000, 5), (3, 2)]),            # 8 spans of 16 heads: a task takes them 15 at a time
     (8, 2, 32, 8, 0, [(1100, 1), (40, 1)]),              # decode tasks of four heads (of one alone: of one head)
+    (4, 2, 16, 4, 0, [(500, 30), (7, 9)]),               # query tiles whose tokens have one span or two
 ]
 
 

@@ -800,6 +800,7 @@ LLMC_KERNEL void llmc_add_norm(const float* x, int64_t ldx, const float* res, in
  * token's result does not depend on the step it is in. */
 
 #define LLMC_KEY_BLOCK 32
+#define LLMC_QUERY_TILE 8         /* tokens of one sequence whose prefill attention reads each key block once */
 enum { LLMC_KV_F32, LLMC_KV_I8, LLMC_KV_F16 };   /* the pool's format (`kv`): f32, int8 codes + scales, f16 */
 #define LLMC_SPLIT_KEYS 512       /* keys per span, at least */
 #define LLMC_PARTS (2 * LLMC_MAX_SPLITS * (512 + 2))   /* floats of one many-token task's partials */
@@ -890,6 +891,16 @@ static __attribute__((noinline)) void attend_span_scalar(const float* q, const l
 #define PART_M(part, D) ((part)[D])
 #define PART_L(part, D) ((part)[(D) + 1])
 
+/* The queries one call of attend_span runs over one span of keys: T tokens of one sequence, each
+ * with the G query heads of one K/V head. Query (j, g) is q[j] + g * q_h; its keys run from the
+ * span's start to z[j]; its partial goes to dst[j] + g * d_h. */
+typedef struct {
+    int64_t T, G, q_h, d_h;
+    const float* q[LLMC_QUERY_TILE];
+    int64_t z[LLMC_QUERY_TILE];
+    float* dst[LLMC_QUERY_TILE];
+} llmc_queries;
+
 #if LLMC_AVX2
 /* e^x in eight lanes (Cephes' expf: x = n ln2 + r, |r| <= ln2/2, a degree-6 polynomial in r, times
  * 2^n from the exponent bits; within 2 ulp), for x <= 0; below -87.3 it gives about 1e-38, not 0. */
@@ -940,45 +951,50 @@ static inline __attribute__((always_inline)) void pv_chunks(int C, float* acc, i
 }
 
 /* attend_span for head sizes that are multiples of 8, for G query heads that share the K/V head
- * (GQA), a block of up to 32 keys at a time: the block's rows are looked up once and stay in L1
- * for the G heads, the next block's are prefetched; per head, eight keys' scores at once (eight
- * dot products, one transpose), their exponentials in eight lanes, and the values summed D/8
- * vectors at a time in registers. Head g's partial goes to dst + g * dst_stride. Each head's
- * arithmetic depends on its own query and keys [lo, hi) alone, never on G. */
-static inline __attribute__((always_inline)) void attend_span_of(int kv, const float* q, int64_t q_h, int64_t G,
-                                                                 const llmc_paged* c, int64_t lo, int64_t hi,
-                                                                 float scale, float* dst, int64_t dst_stride) {
-    const int64_t D = c->D, chunks = D / 8;
+ * (GQA), and for the T tokens of a query tile, a block of up to 32 keys at a time: the block's
+ * rows are looked up once and stay in L1 for every query that reaches them; per query, eight
+ * keys' scores at once (eight dot products, one transpose), their exponentials in eight lanes, and
+ * the values summed D/8 vectors at a time in registers. A query's arithmetic depends on its own
+ * values and keys [lo, z) alone, never on the other queries of the call: a block's keys past its
+ * end are scored (whoever's they are) and masked. */
+static inline __attribute__((always_inline)) void attend_span_of(int kv, const llmc_queries* Q, const llmc_paged* c,
+                                                                 int64_t lo, float scale) {
+    const int64_t D = c->D, chunks = D / 8, G = Q->G;
     const size_t row_bytes = (size_t)(D * c->elem);
     const __m256i key_order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);    /* undoes hsum256x8's order */
     float p[LLMC_KEY_BLOCK] __attribute__((aligned(32)));
     const char *krow[LLMC_KEY_BLOCK], *vrow[LLMC_KEY_BLOCK];
     int64_t slots[LLMC_KEY_BLOCK];
-    for (int64_t g = 0; g < G; g++) {
-        float* part = dst + g * dst_stride;
-        for (int64_t i = 0; i < D; i++) part[i] = 0.0f;
-        PART_M(part, D) = -INFINITY;
-        PART_L(part, D) = 0.0f;
+    int64_t hi = lo;
+    for (int64_t t = 0; t < Q->T; t++) {
+        hi = Q->z[t] > hi ? Q->z[t] : hi;
+        for (int64_t g = 0; g < G; g++) {
+            float* part = Q->dst[t] + g * Q->d_h;
+            for (int64_t i = 0; i < D; i++) part[i] = 0.0f;
+            PART_M(part, D) = -INFINITY;
+            PART_L(part, D) = 0.0f;
+        }
     }
     for (int64_t t0 = lo; t0 < hi; t0 += LLMC_KEY_BLOCK) {
-        int64_t n = hi - t0 < LLMC_KEY_BLOCK ? hi - t0 : LLMC_KEY_BLOCK;
+        int64_t most = hi - t0 < LLMC_KEY_BLOCK ? hi - t0 : LLMC_KEY_BLOCK;
         int64_t offset = t0 % c->B;
-        for (int64_t j = 0; j < n; j++, offset++) {
+        for (int64_t j = 0; j < most; j++, offset++) {
             /* consecutive positions share a block: look the table up once per block */
             if (offset == c->B) offset = 0;
             slots[j] = j > 0 && offset != 0 ? slots[j - 1] + 1 : paged_slot(c, t0 + j);
             krow[j] = c->k + slots[j] * row_bytes;
             vrow[j] = c->v + slots[j] * row_bytes;
         }
-        for (int64_t j = n; j < (n + 7) / 8 * 8; j++) krow[j] = krow[n - 1];   /* scored, then masked */
-        /* the next block's rows, a block ahead: the pool's blocks are scattered, which the
-         * hardware prefetcher does not follow */
+        for (int64_t j = most; j < (most + 7) / 8 * 8; j++) krow[j] = krow[most - 1];   /* scored, then masked */
         float ks[LLMC_KEY_BLOCK] = {0};
         if (kv == LLMC_KV_I8)
-            for (int64_t j = 0; j < n; j++) ks[j] = c->ks[slots[j]];
-        for (int64_t g = 0; g < G; g++) {
-            const float* qg = q + g * q_h;
-            float* part = dst + g * dst_stride;
+            for (int64_t j = 0; j < most; j++) ks[j] = c->ks[slots[j]];
+        for (int64_t tg = 0; tg < Q->T * G; tg++) {
+            const int64_t t = tg / G, g = tg % G;
+            if (Q->z[t] <= t0) continue;                  /* this query's keys have ended */
+            const int64_t n = Q->z[t] - t0 < LLMC_KEY_BLOCK ? Q->z[t] - t0 : LLMC_KEY_BLOCK;
+            const float* qg = Q->q[t] + g * Q->q_h;
+            float* part = Q->dst[t] + g * Q->d_h;
             __m256 s[LLMC_KEY_BLOCK / 8];
             __m256 top = _mm256_set1_ps(-INFINITY);
             for (int64_t b = 0; b < LLMC_KEY_BLOCK / 8; b++) {
@@ -1035,40 +1051,36 @@ static inline __attribute__((always_inline)) void attend_span_of(int kv, const f
     }
 }
 
-static __attribute__((noinline)) void attend_span_f32(const float* q, int64_t q_h, int64_t G, const llmc_paged* c,
-                                                      int64_t lo, int64_t hi, float scale, float* dst,
-                                                      int64_t dst_stride) {
-    attend_span_of(LLMC_KV_F32, q, q_h, G, c, lo, hi, scale, dst, dst_stride);
+static __attribute__((noinline)) void attend_span_f32(const llmc_queries* Q, const llmc_paged* c, int64_t lo,
+                                                      float scale) {
+    attend_span_of(LLMC_KV_F32, Q, c, lo, scale);
 }
 
-static __attribute__((noinline)) void attend_span_kv8(const float* q, int64_t q_h, int64_t G, const llmc_paged* c,
-                                                      int64_t lo, int64_t hi, float scale, float* dst,
-                                                      int64_t dst_stride) {
-    attend_span_of(LLMC_KV_I8, q, q_h, G, c, lo, hi, scale, dst, dst_stride);
+static __attribute__((noinline)) void attend_span_kv8(const llmc_queries* Q, const llmc_paged* c, int64_t lo,
+                                                      float scale) {
+    attend_span_of(LLMC_KV_I8, Q, c, lo, scale);
 }
 
-static __attribute__((noinline)) void attend_span_f16(const float* q, int64_t q_h, int64_t G, const llmc_paged* c,
-                                                      int64_t lo, int64_t hi, float scale, float* dst,
-                                                      int64_t dst_stride) {
-    attend_span_of(LLMC_KV_F16, q, q_h, G, c, lo, hi, scale, dst, dst_stride);
+static __attribute__((noinline)) void attend_span_f16(const llmc_queries* Q, const llmc_paged* c, int64_t lo,
+                                                      float scale) {
+    attend_span_of(LLMC_KV_F16, Q, c, lo, scale);
 }
 #endif
 
-/* G query heads (q at head stride q_h) that share one K/V head, over the keys [lo, hi): head g's
- * partial (acc [D], m, l) into dst + g * dst_stride */
-static void attend_span(const float* q, int64_t q_h, int64_t G, const llmc_paged* c, int kv, int64_t lo,
-                        int64_t hi, float scale, float* dst, int64_t dst_stride) {
+/* The queries Q over the keys from lo (query t's to Q->z[t]): each (t, g)'s partial (acc [D], m, l) */
+static void attend_span(const llmc_queries* Q, const llmc_paged* c, int kv, int64_t lo, float scale) {
 #if LLMC_AVX2
     if (c->D % 8 == 0) {
-        (kv == LLMC_KV_I8 ? attend_span_kv8 : kv == LLMC_KV_F16 ? attend_span_f16 : attend_span_f32)(
-            q, q_h, G, c, lo, hi, scale, dst, dst_stride);
+        (kv == LLMC_KV_I8 ? attend_span_kv8 : kv == LLMC_KV_F16 ? attend_span_f16 : attend_span_f32)(Q, c, lo, scale);
         return;
     }
 #endif
-    for (int64_t g = 0; g < G; g++) {
-        float* part = dst + g * dst_stride;
-        attend_span_scalar(q + g * q_h, c, kv, lo, hi, scale, &PART_M(part, c->D), &PART_L(part, c->D), part);
-    }
+    for (int64_t t = 0; t < Q->T; t++)
+        for (int64_t g = 0; g < Q->G; g++) {
+            float* part = Q->dst[t] + g * Q->d_h;
+            attend_span_scalar(Q->q[t] + g * Q->q_h, c, kv, lo, Q->z[t], scale, &PART_M(part, c->D),
+                               &PART_L(part, c->D), part);
+        }
 }
 
 /* out [D] = the spans' partials (each D values, then m, then l) merged in order, normalised */
@@ -1087,35 +1099,24 @@ static __attribute__((noinline)) void merge_spans(const float* parts, int64_t sp
     for (int64_t d = 0; d < D; d++) out[d] *= inv;
 }
 
-/* the keys [lo, hi) of position `pos` and how many spans they are cut into */
-static inline int64_t token_spans(int64_t pos, int64_t window, int64_t max_splits, int64_t* lo, int64_t* hi) {
+/* The keys [lo, hi) of position `pos`, cut into spans of *span keys from lo (512, or a multiple
+ * of it past 512 * LLMC_MAX_SPLITS keys): returns how many. The spans of a sequence's tokens line
+ * up, so a tile of its tokens runs each span together. */
+static inline int64_t token_spans(int64_t pos, int64_t window, int64_t* lo, int64_t* hi, int64_t* span) {
     *lo = window > 0 && pos - window + 1 > 0 ? pos - window + 1 : 0;
     *hi = pos + 1;
-    int64_t splits = (*hi - *lo + LLMC_SPLIT_KEYS - 1) / LLMC_SPLIT_KEYS;
-    return splits > max_splits ? max_splits : splits;
+    int64_t keys = *hi - *lo, need = (keys + LLMC_SPLIT_KEYS - 1) / LLMC_SPLIT_KEYS;
+    *span = LLMC_SPLIT_KEYS * ((need + LLMC_MAX_SPLITS - 1) / LLMC_MAX_SPLITS);
+    return (keys + *span - 1) / *span;
 }
 
-static inline void span_bounds(int64_t lo, int64_t hi, int64_t splits, int64_t part, int64_t* a, int64_t* z) {
-    int64_t span = (hi - lo + splits - 1) / splits;
-    *a = lo + part * span;
-    *z = *a + span < hi ? *a + span : hi;
-    if (*a > hi) *a = hi;
-}
-
-/* span `part` of G heads' keys (attend_span's arguments) */
-static void attend_part(const float* q, int64_t q_h, int64_t G, const llmc_paged* c, int kv, int64_t lo,
-                        int64_t hi, int64_t splits, int64_t part, float scale, float* dst, int64_t dst_stride) {
-    int64_t a, z;
-    span_bounds(lo, hi, splits, part, &a, &z);
-    if (a < z) {
-        attend_span(q, q_h, G, c, kv, a, z, scale, dst, dst_stride);
-        return;
-    }
-    for (int64_t g = 0; g < G; g++) {
-        float* empty = dst + g * dst_stride;
-        for (int64_t d = 0; d < c->D + 2; d++) empty[d] = 0.0f;
-        PART_M(empty, c->D) = -INFINITY;
-    }
+/* span `part` of one token's G heads (query q at head stride q_h, partials at dst + g * d_h) */
+static void attend_part(const float* q, int64_t q_h, int64_t G, const llmc_paged* c, int kv, int64_t lo, int64_t hi,
+                        int64_t span, int64_t part, float scale, float* dst, int64_t d_h) {
+    int64_t a = lo + part * span;
+    llmc_queries Q = {.T = 1, .G = G, .q_h = q_h, .d_h = d_h, .q = {q}, .z = {a + span < hi ? a + span : hi},
+                      .dst = {dst}};
+    attend_span(&Q, c, kv, a, scale);
 }
 
 LLMC_KERNEL void llmc_attention(const float* q, int64_t q_h, int64_t q_s, const float* k, int64_t k_h, int64_t k_s,
@@ -1148,24 +1149,48 @@ LLMC_KERNEL void llmc_attention(const float* q, int64_t q_h, int64_t q_s, const 
     }
     const int64_t stride = LLMC_MAX_SPLITS * (D + 2);      /* partials of one (token, head) */
     if (n > LLMC_SPLIT_TOKENS) {
-        /* 2a. many tokens: a task per (token, K/V head), its query heads together as far as their
-         * partials fit in `parts` (all of them for one span up to D = 1024 / group), its spans one
-         * after another */
+        /* 2a. many tokens: a task per LLMC_QUERY_TILE tokens and K/V head. Consecutive tokens of one
+         * sequence (without a window: their spans line up) run each span together, every block of
+         * keys read once for them all, as far as their partials fit in `parts`; a token whose
+         * partials alone do not fit runs its query heads a few at a time. */
+        const int64_t tiles = (n + LLMC_QUERY_TILE - 1) / LLMC_QUERY_TILE;
         #pragma omp for schedule(dynamic, 1)
-        for (int64_t task = 0; task < n * Hk; task++) {
-            int64_t t = task / Hk, hk = task % Hk, lo, hi;
-            int64_t splits = token_spans(positions[t], window, LLMC_MAX_SPLITS, &lo, &hi);
-            llmc_paged c = {(const char*)k_pool, (const char*)v_pool, k_scale, v_scale,
-                            tables + seq_index[t] * max_blocks, hk, Hk, B, D, elem};
+        for (int64_t task = 0; task < tiles * Hk; task++) {
+            const int64_t hk = task % Hk, end = (task / Hk + 1) * LLMC_QUERY_TILE < n ? (task / Hk + 1) * LLMC_QUERY_TILE : n;
             float parts[LLMC_PARTS];
-            int64_t fit = LLMC_PARTS / (splits * (D + 2)), G = fit < group ? fit : group;
-            for (int64_t h0 = hk * group; h0 < (hk + 1) * group; h0 += G) {
-                int64_t heads = (hk + 1) * group - h0 < G ? (hk + 1) * group - h0 : G;
-                for (int64_t part = 0; part < splits; part++)
-                    attend_part(q + h0 * q_h + t * q_s, q_h, heads, &c, (int)kv, lo, hi, splits, part, scale,
-                                parts + part * (D + 2), splits * (D + 2));
-                for (int64_t g = 0; g < heads; g++)
-                    merge_spans(parts + g * splits * (D + 2), splits, D, out + (h0 + g) * o_h + t * o_s);
+            for (int64_t t = task / Hk * LLMC_QUERY_TILE, u; t < end; t = u) {
+                int64_t lo, hi, span, splits[LLMC_QUERY_TILE];
+                splits[0] = token_spans(positions[t], window, &lo, &hi, &span);
+                int64_t most = splits[0], per = group * (D + 2);      /* floats of a token's span, all heads */
+                for (u = t + 1; u < end && window == 0 && seq_index[u] == seq_index[t]; u++) {
+                    int64_t lo_u, hi_u, span_u, s_u = token_spans(positions[u], window, &lo_u, &hi_u, &span_u);
+                    int64_t widest = s_u > most ? s_u : most;
+                    if (span_u != span || (u - t + 1) * widest * per > LLMC_PARTS) break;
+                    splits[u - t] = s_u;
+                    most = widest;
+                }
+                llmc_paged c = {(const char*)k_pool, (const char*)v_pool, k_scale, v_scale,
+                                tables + seq_index[t] * max_blocks, hk, Hk, B, D, elem};
+                /* (token j, head g, span p)'s partial at parts + ((j * heads + g) * most + p) * (D + 2) */
+                int64_t fit = LLMC_PARTS / (most * (D + 2)), heads = fit < group ? fit : group;
+                for (int64_t h0 = hk * group; h0 < (hk + 1) * group; h0 += heads) {
+                    int64_t G = (hk + 1) * group - h0 < heads ? (hk + 1) * group - h0 : heads;
+                    for (int64_t part = 0; part < most; part++) {
+                        llmc_queries Q = {.T = 0, .G = G, .q_h = q_h, .d_h = most * (D + 2)};
+                        for (int64_t j = 0; j < u - t; j++) {
+                            if (part >= splits[j]) continue;
+                            int64_t z = lo + (part + 1) * span, end_j = positions[t + j] + 1;
+                            Q.q[Q.T] = q + h0 * q_h + (t + j) * q_s;
+                            Q.z[Q.T] = z < end_j ? z : end_j;
+                            Q.dst[Q.T++] = parts + (j * G * most + part) * (D + 2);
+                        }
+                        attend_span(&Q, &c, (int)kv, lo + part * span, scale);
+                    }
+                    for (int64_t j = 0; j < u - t; j++)
+                        for (int64_t g = 0; g < G; g++)
+                            merge_spans(parts + (j * G + g) * most * (D + 2), splits[j], D,
+                                        out + (h0 + g) * o_h + (t + j) * o_s);
+                }
             }
         }
         return;
@@ -1176,8 +1201,8 @@ LLMC_KERNEL void llmc_attention(const float* q, int64_t q_h, int64_t q_s, const 
     int64_t first[LLMC_SPLIT_TOKENS + 1];            /* token t's tasks start at first[t] * heads */
     first[0] = 0;
     for (int64_t t = 0; t < n; t++) {
-        int64_t lo, hi;
-        first[t + 1] = first[t] + token_spans(positions[t], window, LLMC_MAX_SPLITS, &lo, &hi);
+        int64_t lo, hi, span;
+        first[t + 1] = first[t] + token_spans(positions[t], window, &lo, &hi, &span);
     }
     const int64_t G = first[n] * Hk >= 2 * omp_get_num_threads() ? group : 1, heads = Hq / G;
     #pragma omp for schedule(dynamic, 1)
@@ -1185,17 +1210,17 @@ LLMC_KERNEL void llmc_attention(const float* q, int64_t q_h, int64_t q_s, const 
         int64_t t = 0;
         while (task >= first[t + 1] * heads) t++;
         int64_t within = task - first[t] * heads, splits = first[t + 1] - first[t];
-        int64_t h = within / splits * G, part = within % splits, lo, hi;
-        token_spans(positions[t], window, LLMC_MAX_SPLITS, &lo, &hi);
+        int64_t h = within / splits * G, part = within % splits, lo, hi, span;
+        token_spans(positions[t], window, &lo, &hi, &span);
         llmc_paged c = {(const char*)k_pool, (const char*)v_pool, k_scale, v_scale,
                         tables + seq_index[t] * max_blocks, h / group, Hk, B, D, elem};
-        attend_part(q + h * q_h + t * q_s, q_h, G, &c, (int)kv, lo, hi, splits, part, scale,
+        attend_part(q + h * q_h + t * q_s, q_h, G, &c, (int)kv, lo, hi, span, part, scale,
                     scratch + (t * Hq + h) * stride + part * (D + 2), stride);
     }
     #pragma omp for schedule(static)
     for (int64_t task = 0; task < n * Hq; task++) {
-        int64_t t = task / Hq, h = task % Hq, lo, hi;
-        int64_t splits = token_spans(positions[t], window, LLMC_MAX_SPLITS, &lo, &hi);
+        int64_t t = task / Hq, h = task % Hq, lo, hi, span;
+        int64_t splits = token_spans(positions[t], window, &lo, &hi, &span);
         merge_spans(scratch + task * stride, splits, D, out + h * o_h + t * o_s);
     }
 }
