@@ -14,8 +14,10 @@ A target package provides (the protocol every ``Target`` entry is a name for):
 - ``runs_here(manifest) -> (bool | None, why)``: whether this machine runs the artifact (None:
   cannot tell), for ``llmc verify``.
 - ``executor(artifact, threads)``: the runtime's side, with ``allocate_pool(blocks) -> bytes``
-  and ``run(entry, inputs) -> logits`` (optionally ``sample``, ``stream_bandwidth``).
-- optionally ``KV_FORMATS`` (the ``--kv`` formats it builds; default: all) and ``CACHE_PARTS``
+  and ``run(entry, inputs) -> logits`` (optionally ``sample``, ``stream_bandwidth``, and
+  ``start_profile`` / ``profile`` for ``LLMC_PROFILE``).
+- optionally ``KV_FORMATS`` (the ``--kv`` formats it builds; default: all), ``DEFAULT_KV`` (the
+  one it builds unless told; default: f16 where it builds f16, else its first) and ``CACHE_PARTS``
   ((what, folder) it keeps in the build cache, for ``llmc cache``).
 
 Adding a target is its folder plus one ``register`` line below; nothing outside ``targets/``
