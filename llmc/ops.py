@@ -756,22 +756,22 @@ def _quant_parts_infer(parts: list[Type], a) -> tuple[int, int]:
     from llmc.quant import parse_scheme
 
     scheme = parse_scheme(a["scheme"])
-    if not scheme.quantized:
+    if scheme.format is None:
         raise OpError(f"{a['scheme']} is not a quantized scheme")
-    q, scales = parts[0], parts[1]
-    rows, stored = q.shape
-    cols = stored * 2 if scheme.bits == 4 else stored
-    want = ["i8" if scheme.bits == 8 else "u8", "f16"]
-    if [q.dtype, scales.dtype] != want or scales.shape != (rows, cols // scheme.group):
-        raise OpError(f"{a['scheme']} weight parts {q}, {scales} are not [N, K{'/2' if scheme.bits == 4 else ''}] "
-                      f"codes and [N, K/{scheme.group}] f16 scales")
-    if (len(parts) == 3) != (not scheme.symmetric) or (len(parts) == 3 and parts[2] != scales):
-        raise OpError(f"{a['scheme']} takes {'codes, scales and mins' if not scheme.symmetric else 'codes and scales'}")
+    if len(parts) != len(scheme.parts) or parts[0].rank != 2 or not isinstance(parts[0].shape[1], int):
+        raise OpError(f"{a['scheme']} takes its weight as {', '.join(scheme.parts)}, not {', '.join(map(str, parts))}")
+    rows, cols = parts[0].shape[0], scheme.cols(parts[0].shape[1])
+    want = [Type(dtype, shape) for dtype, shape in scheme.part_types(rows, cols)]
+    if list(parts) != want:
+        raise OpError(f"{a['scheme']} weight parts {', '.join(map(str, parts))} are not "
+                      f"{', '.join(f'{n} {t}' for n, t in zip(scheme.parts, want))}")
     return rows, cols
 
 
 def _parts_count(a) -> int:
-    return 2 if a["scheme"] == "q8" else 3
+    from llmc.quant import parse_scheme
+
+    return len(parse_scheme(a["scheme"]).parts)
 
 
 def _qlinear_infer(ts, a):
@@ -789,10 +789,7 @@ def _dequantized(parts, a):
     from llmc.quant import dequantize, parse_scheme
 
     scheme = parse_scheme(a["scheme"])
-    q = parts[0]
-    cols = q.shape[1] * 2 if scheme.bits == 4 else q.shape[1]
-    names = ["q", "scales", "mins"]
-    return dequantize(dict(zip(names, parts)), scheme, cols)
+    return dequantize(dict(zip(scheme.parts, parts)), scheme, scheme.cols(parts[0].shape[1]))
 
 
 def _qlinear_ref(xs, a, shape, dt):

@@ -44,8 +44,7 @@ def _weight_parts(n, k, scheme):
         return parts, (half(w) if scheme == "f16" else w.astype(np.float64)), 0, 1
     s = parse_scheme(scheme)
     q = quantize(w, s)
-    names = ["q", "scales", "mins"][: 2 if s.symmetric else 3]
-    return [t(q[n]) for n in names], dequantize(q, s, k).astype(np.float64), s.bits, s.group
+    return [t(q[n]) for n in s.parts], dequantize(q, s, k).astype(np.float64), s.bits, s.group
 
 
 @pytest.mark.parametrize("scheme", ["f32", "f16", "q8", "q4g32", "q4g128"])

@@ -32,6 +32,30 @@ def test_round_trip_error_is_bounded_by_half_a_step(code):
     assert sum(p[0].nbytes for p in parts.values()) == expected_bytes
 
 
+def test_every_scheme_stores_the_parts_it_declares():
+    """The registry is the one description of a format: what quantize writes, what the ops check
+    (qlinear's type inference) and how many parts the lowerings read."""
+    from llmc import ops
+    from llmc.ir import Type
+    from llmc.quant import SCHEMES
+
+    quantized = [s for s in SCHEMES.values() if s.format is not None]
+    assert {s.name for s in quantized} == {"q8", "q4g32", "q4g128"}
+    for scheme in quantized:
+        parts = quantize(rng.standard_normal((6, 256)).astype(np.float32), scheme)
+        assert tuple(parts) == scheme.parts
+        types = scheme.part_types(6, 256)
+        assert [(str(a.dtype), a.shape) for a in parts.values()] == \
+            [({"i8": "int8", "u8": "uint8", "f16": "float16"}[d], shape) for d, shape in types]
+        assert scheme.cols(parts["q"].shape[1]) == 256
+        x = Type("f32", (3, 256))
+        want = [Type(d, shape) for d, shape in types]
+        assert ops.infer("qlinear", [x] + want, {"scheme": scheme.name}) == Type("f32", (3, 6))
+        wrong = want[:-1] + [Type("f32", want[-1].shape)]
+        with pytest.raises(Exception, match="weight parts"):
+            ops.infer("qlinear", [x] + wrong, {"scheme": scheme.name})
+
+
 def test_constant_and_zero_groups_survive():
     weight = np.zeros((2, 64), np.float32)
     weight[1] = 0.25

@@ -275,7 +275,7 @@ class FunctionLowering(GraphLowering):
 
     def _qlinear(self, node: Node) -> View:
         scheme = parse_scheme(node.attrs["scheme"])
-        count = 2 if scheme.symmetric else 3
+        count = len(scheme.parts)
         x, m, ldx = self.rows(self.read(node.inputs[0]))
         parts = [self.contiguous(self.read(i)) for i in node.inputs[1:1 + count]]
         n = parts[0].shape[0]
@@ -283,7 +283,7 @@ class FunctionLowering(GraphLowering):
         bias = self._bias(node.inputs[1 + count]) if len(node.inputs) > 1 + count else "0"
         out = self.alloc("f32", node.type.shape, node)
         scratch = self.scratch(dims.add(dims.mul(m, _round_up(k, ALIGN)), dims.mul(m, (k // 32) * 8)))
-        mins = parts[2].pointer("f16") if count == 3 else "0"
+        mins = parts[scheme.parts.index("mins")].pointer("f16") if "mins" in scheme.parts else "0"
         kernel = f"llmc_linear_{scheme.name}"
         self._call("llmc_linear_q", x.pointer("float"), c_dim(ldx), parts[0].pointer("void"),
                    parts[1].pointer("f16"), mins, bias, out.pointer("float"), c_dim(m), n, k, scheme.bits,
@@ -301,12 +301,12 @@ class FunctionLowering(GraphLowering):
 
     def _qembedding(self, node: Node) -> View:
         scheme = parse_scheme(node.attrs["scheme"])
-        count = 2 if scheme.symmetric else 3
+        count = len(scheme.parts)
         parts = [self.contiguous(self.read(i)) for i in node.inputs[:count]]
         ids = self.contiguous(self.read(node.inputs[count]))
         k = node.type.shape[-1]
         out = self.alloc("f32", node.type.shape, node)
-        mins = parts[2].pointer("f16") if count == 3 else "0"
+        mins = parts[scheme.parts.index("mins")].pointer("f16") if "mins" in scheme.parts else "0"
         self._call("llmc_embedding_q", parts[0].pointer("void"), parts[1].pointer("f16"), mins, parts[0].shape[0],
                    k, scheme.bits, scheme.group, ids.pointer("int64_t"), c_dim(dims.product(ids.shape)),
                    out.pointer("float"))

@@ -307,7 +307,7 @@ class PlanLowering(GraphLowering):
 
     def _qlinear(self, node: Node) -> View:
         scheme = parse_scheme(node.attrs["scheme"])
-        count = 2 if scheme.symmetric else 3
+        count = len(scheme.parts)
         x, m, ldx = self.rows(self.read(node.inputs[0]))
         parts = [self.contiguous(self.read(i)) for i in node.inputs[1:1 + count]]
         bias = node.inputs[1 + count] if len(node.inputs) > 1 + count else None
@@ -320,7 +320,7 @@ class PlanLowering(GraphLowering):
 
     def _qembedding(self, node: Node) -> View:
         scheme = parse_scheme(node.attrs["scheme"])
-        count = 2 if scheme.symmetric else 3
+        count = len(scheme.parts)
         parts = [self.contiguous(self.read(i)) for i in node.inputs[:count]]
         return self._lookup(node, parts, self.contiguous(self.read(node.inputs[count])), scheme.bits, scheme.group)
 
