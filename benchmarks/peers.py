@@ -86,7 +86,8 @@ def bench_llama_cpp(runs: int, prefill_too: bool = True) -> dict:
         llm.reset()
         llm.eval(prompt_ids(16))
         for _ in range(DECODE):
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            # the last token's logits (llm.scores is filled only with logits_all)
+            token = int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))))
             llm.eval([token])
 
     out = {"prefill": {n: median_time(lambda: prefill(n), runs) for n in PROMPTS} if prefill_too else {}}
