@@ -115,12 +115,14 @@ def line_of(code: str) -> int:
     return MODULES.splitlines().index(next(ln for ln in MODULES.splitlines() if code in ln)) + 1
 
 
+@pytest.mark.slow
 def test_untraceable_model_names_the_line(modules_file):
     result = llmc("inspect", f"{modules_file}:data_dependent")
     assert_one_line_error(result, "torch.export could not trace",
                           f"mymodels.py:{line_of('if ids[0, 0] > 5')}", "if ids[0, 0] > 5")
 
 
+@pytest.mark.slow
 def test_unknown_aten_op_names_the_op_and_line(modules_file):
     result = llmc("inspect", f"{modules_file}:unknown_op")
     assert_one_line_error(result, "aten.cumprod", f"mymodels.py:{line_of('torch.cumprod')}", "torch.cumprod")

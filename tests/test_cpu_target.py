@@ -13,18 +13,24 @@ from test_runtime import greedy_reference
 import llmc
 
 
-@pytest.fixture(scope="module")
-def families(tmp_path_factory):
-    """name -> (transformers model, its imported form)."""
-    from llmc.frontend import import_model
+class Families(dict):
+    """name -> (transformers model, its imported form), each built the first time it is asked for
+    (the fast tier asks for a few of them)."""
 
-    out = {}
-    for name in FAMILIES:
+    def __missing__(self, name):
+        from llmc.frontend import import_model
+
         model = tiny_model(name)
-        out[name] = (model, import_model(model))
-    return out
+        self[name] = (model, import_model(model))
+        return self[name]
 
 
+@pytest.fixture(scope="module")
+def families():
+    return Families()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FAMILIES)
 def test_fp32_greedy_matches_transformers_for_64_tokens(families, name, tmp_path):
     model, imported = families[name]
@@ -36,6 +42,7 @@ def test_fp32_greedy_matches_transformers_for_64_tokens(families, name, tmp_path
     assert loaded.generate(ids, max_new_tokens=64) == greedy_reference(model, ids, 64)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quant,kv,tolerance", [("f16", "f32", 1e-5), ("f32", "int8", 1e-5),
                                                 ("q8", "f32", 2e-2), ("q4g32", "f32", 2e-2)])
 def test_compiled_formats_agree_with_the_reference_target(families, tmp_path, quant, kv, tolerance):
@@ -51,6 +58,7 @@ def test_compiled_formats_agree_with_the_reference_target(families, tmp_path, qu
     assert relative_error(logits["cpu"], logits["ref"]) < tolerance
 
 
+@pytest.mark.slow
 def test_prompts_longer_than_a_chunk_are_split(families, tmp_path):
     model, imported = families["mistral"]                # sliding window 16 < the chunks' span
     whole, chunked = tmp_path / "whole.llmc", tmp_path / "chunked.llmc"
@@ -74,6 +82,7 @@ def test_threads_do_not_change_the_result(families, tmp_path):
     np.testing.assert_array_equal(one.logits(ids), two.logits(ids))
 
 
+@pytest.mark.slow
 def test_builds_are_byte_identical(families, tmp_path, monkeypatch):
     """Two builds from scratch (separate build caches) give the same library and the same artifact."""
     _, imported = families["gemma"]

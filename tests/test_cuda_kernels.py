@@ -187,9 +187,9 @@ def _check_written(caches, want_k, want_v, layer):
         assert np.array_equal(got[layer].float().numpy()[written], want[layer][written])
 
 
-# The fast tier runs the first two (blocks of one token; a window); CI runs all four.
-ATTENTION_CASES = [(1, 4, 2, 0), (4, 6, 2, 5), pytest.param(16, 3, 3, 0, marks=pytest.mark.slow),
-                   pytest.param(4, 8, 1, 3, marks=pytest.mark.slow)]
+# The fast tier runs the first (blocks of one token); CI runs all four.
+ATTENTION_CASES = [(1, 4, 2, 0), pytest.param(4, 6, 2, 5, marks=pytest.mark.slow),
+                   pytest.param(16, 3, 3, 0, marks=pytest.mark.slow), pytest.param(4, 8, 1, 3, marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("block_size,heads,heads_kv,window", ATTENTION_CASES)
