@@ -9,7 +9,7 @@ from llmc.artifact import host_cpu_features
 from llmc.quant import dequantize, parse_scheme, quantize
 from llmc.targets.cpu.build import LEVELS
 from llmc.targets.cpu.harness import harness
-from llmc.targets.cpu.lower import MAX_SPLITS, SPLIT_TOKENS
+from llmc.targets.cpu.lower import KV_KINDS, MAX_SPLITS, SPLIT_TOKENS
 
 LEVEL_NAMES = (["x86-64-v3"] if set(LEVELS["x86-64-v3"][1]) <= host_cpu_features() else []) + ["portable"]
 
@@ -217,9 +217,6 @@ def scattered_tables(rng, needs: list[int], block_size: int) -> tuple[np.ndarray
     return tables, blocks
 
 
-KV_KINDS = {"f32": 0, "int8": 1, "f16": 2}
-
-
 def run_attention(lib, q, k, v, pools, positions, seq_index, tables, block_size, window, kv):
     """The kernel on q/k/v [1, heads, n, d] (as views of one projection, the way the graph hands
     them) over the pools (one layer of them: [blocks, Hk, B, d] arrays, changed in place)."""
@@ -231,7 +228,7 @@ def run_attention(lib, q, k, v, pools, positions, seq_index, tables, block_size,
     scratch = np.empty(SPLIT_TOKENS * MAX_SPLITS * hq * (d + 2), np.float32)    # what lower.py plans
     kp, ks, vp, vs = pools if kv == "int8" else (pools[0], None, pools[1], None)
     lib.h_attention(p(proj), d, stride, proj[:, hq * d:].ctypes.data, d, stride, proj[:, (hq + hk) * d:].ctypes.data,
-                    d, stride, p(kp), p(ks), p(vp), p(vs), KV_KINDS[kv], p(positions), p(seq_index), p(tables),
+                    d, stride, p(kp), p(ks), p(vp), p(vs), KV_KINDS["i8" if kv == "int8" else kv], p(positions), p(seq_index), p(tables),
                     tables.shape[1], n, hq, hk, d, block_size, 1 / np.sqrt(d), window, p(out), d, hq * d, p(scratch))
     return out.transpose(1, 0, 2)[None]
 
