@@ -209,7 +209,7 @@ def _compile(source, output: Path, target: str, options, quant, kv, calib, block
     if tokenizer.tokenizer_json:
         sections["tokenizer"] = tokenizer.tokenizer_json.encode()
     used = {n.attrs["name"]: n.type.dtype for n in graph.nodes() if n.op == "weight"}
-    weights = {name: graph.weights[name] for name in sorted(used)}
+    weights = {name: built.weights.get(name, graph.weights[name]) for name in sorted(used)}
     write_artifact(output, manifest, sections, weights, used)
     seconds = time.perf_counter() - start
     return CompileReport(Path(output), result.timings, result.notes, sum(w.nbytes for w in weights.values()),

@@ -43,6 +43,9 @@ class Build:
     max_tokens: int                        # the most tokens one step call takes
     requires: dict[str, list] = field(default_factory=dict)     # e.g. {"cpu_features": [...]}
     pool_dtype: str | None = None          # the KV pool's storage dtype, when not the graph's
+    # weights the target stores in its own layout (same name, dtype and shape, bytes reordered;
+    # the manifest's target entry says which layout), in place of the graph's
+    weights: dict[str, Any] = field(default_factory=dict)
     summary: str = ""                      # the lower phase's progress line, after its time
     report: dict[str, Any] = field(default_factory=dict)        # the compile report's "target"
 

@@ -9,6 +9,7 @@ from llmc.artifact import host_cpu_features
 from llmc.quant import dequantize, parse_scheme, quantize
 from llmc.targets.cpu.build import LEVELS
 from llmc.targets.cpu.harness import harness
+from llmc.targets.cpu.layout import from_panels, q4_panels_fit, to_panels
 from llmc.targets.cpu.lower import KV_KINDS, MAX_SPLITS, SPLIT_TOKENS
 
 LEVEL_NAMES = (["x86-64-v3"] if set(LEVELS["x86-64-v3"][1]) <= host_cpu_features() else []) + ["portable"]
@@ -53,20 +54,44 @@ def test_linear_f32_and_f16(lib, m, n, k, bias):
 
 def quantized_weight(rng, scheme: str, n: int, k: int):
     """(Scheme, parts) of a random [n, k] weight. ``q4g32-q4_0`` is q4g32 with min = -8 * scale,
-    as the GGUF passthrough stores Q4_0 blocks."""
-    s = parse_scheme(scheme.removesuffix("-q4_0"))
+    as the GGUF passthrough stores Q4_0 blocks; a ``-panels`` suffix names the same weight run by
+    the kernel that reads it in panels of eight rows (its layout is applied in linear_q)."""
+    s = parse_scheme(scheme.removesuffix("-panels").removesuffix("-q4_0"))
     parts = quantize(rng.standard_normal((n, k)).astype(np.float32), s)
-    if scheme.endswith("-q4_0"):
+    if "-q4_0" in scheme:
         parts["mins"] = (parts["scales"].astype(np.float32) * -8).astype(np.float16)
     return s, parts
 
 
-def linear_q(lib, s, parts, store, ldx, b, m, n, k, tile):
+def linear_q(lib, s, parts, store, ldx, b, m, n, k, tile, panels=False):
     y = np.full((m, n), np.nan, np.float32)
     scratch = np.empty(m * (k + 64) + m * (k // 32) * 8 + 64, np.uint8)
+    if panels:
+        laid = to_panels(parts)
+        lib.h_linear_q4p(p(store), ldx, p(laid["q"]), p(laid["scales"]), p(laid["mins"]), p(b), p(y), m, n, k, tile,
+                         p(scratch))
+        return y
     lib.h_linear_q(p(store), ldx, p(parts["q"]), p(parts["scales"]), p(parts.get("mins")), p(b), p(y), m, n, k,
                    s.bits, s.group, tile, p(scratch))
     return y
+
+
+def test_the_panel_layout_is_a_permutation_of_the_rows():
+    rng = np.random.default_rng(11)
+    s = parse_scheme("q4g32")
+    parts = quantize(rng.standard_normal((24, 96)).astype(np.float32), s)
+    laid = to_panels(parts)
+    assert {name: (a.dtype, a.shape) for name, a in laid.items()} == \
+        {name: (a.dtype, a.shape) for name, a in parts.items()}
+    assert not np.array_equal(laid["q"], parts["q"])
+    assert all(np.array_equal(back, parts[name]) for name, back in from_panels(laid).items())
+    # row 8P + i's element e: panel P, block e // 32, vector (e % 32) // 8, lane i, nibble (e % 8) // 4
+    codes = np.concatenate([parts["q"].reshape(24, 3, 16) & 15, parts["q"].reshape(24, 3, 16) >> 4], -1).reshape(24, 96)
+    row, e = 13, 75
+    byte = laid["q"].reshape(3, 3, 4, 8, 4)[row // 8, e // 32, e % 32 // 8, row % 8, e % 4]
+    assert (byte >> 4 if e % 8 >= 4 else byte & 15) == codes[row, e]
+    assert laid["scales"].reshape(3, 3, 8)[row // 8, e // 32, row % 8] == parts["scales"][row, e // 32]
+    assert q4_panels_fit(24, 96) and not q4_panels_fit(20, 96) and not q4_panels_fit(24, 80)
 
 
 # Blocks of 32 per row: runs of eight (the AVX2 steps) with and without a shorter last run, and odd
@@ -74,7 +99,7 @@ def linear_q(lib, s, parts, store, ldx, b, m, n, k, tile):
 Q_SIZES = {32: [32, 96, 256, 352, 576], 128: [128, 384, 1024, 1152]}
 
 
-@pytest.mark.parametrize("scheme", ["q8", "q4g32", "q4g32-q4_0", "q4g128"])
+@pytest.mark.parametrize("scheme", ["q8", "q4g32", "q4g32-q4_0", "q4g128", "q4g32-panels", "q4g32-q4_0-panels"])
 @pytest.mark.parametrize("m,n", [(1, 1), (1, 45), (6, 13), (5, 70), (17, 9), (21, 40)])
 def test_quantized_linear_within_the_activation_rounding_bound(lib, scheme, m, n):
     """x is rounded to int8 per block of 32 (scale amax/127) at every M, so each output may differ
@@ -83,13 +108,15 @@ def test_quantized_linear_within_the_activation_rounding_bound(lib, scheme, m, n
     errors of random sign add up to about 0.7/sqrt(K) of it; float rounding alone to ~1e-5): the
     rounding is applied at this M, and the bound is not so loose it could never fail."""
     rng = np.random.default_rng(n * 7 + m)
-    sizes = Q_SIZES[parse_scheme(scheme.removesuffix("-q4_0")).group]
+    panels = scheme.endswith("-panels")
+    n = -(-n // 8) * 8 if panels else n                   # panels hold eight rows
+    sizes = Q_SIZES[parse_scheme(scheme.removesuffix("-panels").removesuffix("-q4_0")).group]
     k = sizes[(m + n) % len(sizes)]
     s, parts = quantized_weight(rng, scheme, n, k)
     store, x = rows_at_stride(rng, m, k, 5)
     dense = dequantize(parts, s, k).astype(np.float64)
     b = rng.standard_normal(n).astype(np.float32)
-    y = linear_q(lib, s, parts, store, k + 5, b, m, n, k, 7)
+    y = linear_q(lib, s, parts, store, k + 5, b, m, n, k, 7, panels)
     want = x.astype(np.float64) @ dense.T + b
     half_steps = np.abs(x).reshape(m, k // 32, 32).max(axis=-1) / 254.0            # [m, blocks]
     weight_mass = np.abs(dense).reshape(n, k // 32, 32).sum(axis=-1)              # [n, blocks]
@@ -100,12 +127,13 @@ def test_quantized_linear_within_the_activation_rounding_bound(lib, scheme, m, n
 
 
 @pytest.mark.parametrize("kernel,k", [("f32", 67), ("f32", 256), ("f16", 67), ("f16", 256), ("q8", 352),
-                                      ("q4g32", 352), ("q4g32-q4_0", 576), ("q4g128", 384), ("q4g128", 1024)])
+                                      ("q4g32", 352), ("q4g32-q4_0", 576), ("q4g128", 384), ("q4g128", 1024),
+                                      ("q4g32-panels", 352), ("q4g32-q4_0-panels", 576)])
 def test_linear_rows_do_not_depend_on_the_batch(lib, kernel, k):
     """Batch invariance: each x row's outputs are bitwise the same computed alone (M = 1) as inside
     any batch, at any row of it, next to any other rows, with any tile and thread count."""
     rng = np.random.default_rng(k)
-    n, pool, pad = 37, 130, 3
+    n, pool, pad = (40 if kernel.endswith("-panels") else 37), 130, 3
     store, _ = rows_at_stride(rng, pool, k, pad)
     store *= rng.choice([1e-3, 1.0, 30.0], size=(pool, 1)).astype(np.float32)      # rows of different scales
     b = rng.standard_normal(n).astype(np.float32)
@@ -121,7 +149,7 @@ def test_linear_rows_do_not_depend_on_the_batch(lib, kernel, k):
         s, parts = quantized_weight(rng, kernel, n, k)
 
         def run(rows, tile):
-            return linear_q(lib, s, parts, rows, k + pad, b, len(rows), n, k, tile)
+            return linear_q(lib, s, parts, rows, k + pad, b, len(rows), n, k, tile, kernel.endswith("-panels"))
 
     try:
         lib.h_set_threads(1)
@@ -161,6 +189,20 @@ def test_quantized_embedding_rows(lib, scheme):
                       p(out))
     want = ops.OPS["qembedding"].ref([parts[key] for key in ("q", "scales", "mins") if key in parts] + [ids],
                                      {"scheme": scheme}, (5, k), "f32")
+    np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
+
+
+def test_quantized_embedding_rows_from_panels(lib):
+    """A tied LM head in panels: the embedding reads the same rows from them."""
+    rng = np.random.default_rng(5)
+    s, k = parse_scheme("q4g32"), 160
+    parts = quantize(rng.standard_normal((40, k)).astype(np.float32), s)
+    laid = to_panels(parts)
+    ids = np.array([0, 39, 7, 8, 8, 23, -4, 99], np.int64)     # out of range: clamped, as llmc_embedding_q
+    out = np.empty((len(ids), k), np.float32)
+    lib.h_embedding_q4p(p(laid["q"]), p(laid["scales"]), p(laid["mins"]), 40, k, p(ids), len(ids), p(out))
+    want = ops.OPS["qembedding"].ref([parts["q"], parts["scales"], parts["mins"], np.clip(ids, 0, 39)],
+                                     {"scheme": "q4g32"}, (len(ids), k), "f32")
     np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
 
 

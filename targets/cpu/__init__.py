@@ -3,6 +3,7 @@ by the system compiler into one shared library per artifact.
 
 - lower.py   graph -> one C function per entry graph (views, loops, kernel calls, arena plan)
 - kernels.c  GEMV/GEMM (f32, f16, q8, q4 with int8 activations), norms, embeddings, attention
+- layout.py  the weights it stores in its own layout (q4g32 in panels of eight rows)
 - tune.py    the autotuner and its cache (tiles per kernel and shape)
 - build.py   the compiler run, cached by content; feature levels
 - launch.py  the runtime side: loads the library with ctypes and runs steps
@@ -61,7 +62,7 @@ def emit(graph: Graph, options: Options, progress=None) -> Build:
     summary = (f"{built.manifest['level']}: library {len(built.code) / 1e3:.0f} kB; kernels: {kernels}; "
                f"tiles: {tuning or 'none'}")
     return Build({"code": built.code}, built.manifest, built.manifest["chunk"], {"cpu_features": built.requires},
-                 summary=summary,
+                 summary=summary, weights=built.weights,
                  report={"kernels": built.kernels, "tuning": built.tuned, "library_bytes": len(built.code),
                          "level": built.manifest["level"], "source": built.source_path})
 
@@ -69,8 +70,13 @@ def emit(graph: Graph, options: Options, progress=None) -> Build:
 def describe(artifact) -> list[str]:
     target = artifact.manifest["target"]
     kernels = ", ".join(f"{k.removeprefix('llmc_')} x{n}" for k, n in target["kernels"].items())
-    return [f"cpu       level {target['level']}, up to {target['chunk']} tokens a call, activation arena "
-            f"{target['arena_bytes'] / 1e6:.1f} MB; kernels: {kernels}"]
+    lines = [f"cpu       level {target['level']}, up to {target['chunk']} tokens a call, activation arena "
+             f"{target['arena_bytes'] / 1e6:.1f} MB; kernels: {kernels}"]
+    layouts = target.get("layouts") or {}
+    if layouts:
+        kinds = sorted(set(layouts.values()))
+        lines.append(f"          {len(layouts)} weight parts in the target's own layout ({', '.join(kinds)})")
+    return lines
 
 
 def runs_here(manifest) -> tuple[bool, str | None]:
@@ -97,6 +103,7 @@ class CpuBuild:
     tuned: dict[str, int]       # tuning: measured, cached, default
     source_path: str
     requires: list[str]         # CPU features the library needs
+    weights: dict = field(default_factory=dict)     # weights in the target's own layout (layout.py)
 
 
 def compile_graphs(graphs: dict[str, Graph], *, level: str | None = None, tune: str = "off",
@@ -158,9 +165,23 @@ def compile_graphs(graphs: dict[str, Graph], *, level: str | None = None, tune: 
         "name": "cpu", "executor": "generated C, OpenMP", "level": level, "chunk": chunk,
         "arena_bytes": max(lowered.arena_bytes for lowered in functions.values()),
         "functions": {name: lowered.name for name, lowered in functions.items()},
-        "weights": weights.names, "kernels": dict(sorted(kernels.items())),
+        "weights": weights.names, "layouts": weights.layouts, "kernels": dict(sorted(kernels.items())),
     }
-    return CpuBuild(code, manifest, kernels, tuner.summary(), str(path), requires)
+    return CpuBuild(code, manifest, kernels, tuner.summary(), str(path), requires,
+                    laid_out(graphs.values(), weights.panels))
+
+
+def laid_out(graphs, panels: list[tuple[str, ...]]) -> dict:
+    """The weights the generated code reads in panels (layout.py), re-laid out from the graphs'."""
+    from .layout import to_panels
+
+    stored = {name: array for graph in graphs for name, array in graph.weights.items()}
+    out = {}
+    for names in panels:
+        parts = dict(zip(("q", "scales", "mins"), names))
+        panel = to_panels({part: stored[name] for part, name in parts.items()})
+        out.update({name: panel[part] for part, name in parts.items()})
+    return out
 
 
 def profile_hooks(labels: list[str]) -> str:

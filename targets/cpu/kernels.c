@@ -704,6 +704,135 @@ LLMC_KERNEL void llmc_linear_q(const float* x, int64_t ldx, const void* codes, c
     }
 }
 
+/* ---------------------------------------------------------------------------------------------
+ * 4-bit groups of 32 in panels of eight W rows (the cpu target's layout of q4g32 weights whose N
+ * is a multiple of 8: targets/cpu/layout.py). Panel P holds W rows 8P .. 8P + 7; block b of it
+ * (K elements 32b .. 32b + 31) is 128 bytes of codes, four vectors of 32: in vector L, bytes
+ * 4i .. 4i + 3 are row 8P + i's elements 32b + 8L + t (low nibble) and 32b + 8L + 4 + t (high),
+ * t = 0..3; its 8 scales and 8 mins (f16, lane i = row 8P + i) follow the same panel-block order
+ * in their own parts. So a 32-bit lane is one W row: four x codes broadcast to every lane multiply
+ * eight rows at once (vpmaddubsw), the int16 sums of a block stay in int16 (16 products of at
+ * most 15 * 127), one vpmaddwd makes them int32, and
+ *     acc = fma(dw * dx, S, acc)  then  acc = fma(min, s, acc)
+ * leaves the eight outputs in the eight lanes: no horizontal sums, and each output is the same
+ * chain of FMAs over its blocks in order whatever the number of x rows, tile or thread count. */
+
+#ifndef LLMC_Q4P_ROWS
+#define LLMC_Q4P_ROWS 4                             /* x rows a tile runs against one panel */
+#endif
+
+typedef struct {
+    int64_t K, blocks;                          /* blocks of 32 per row */
+    const uint8_t* codes; const f16* scales; const f16* mins;
+    const int8_t* xq; const float* xd; const float* xs;   /* x codes [M][K] in order, block d and s [M][blocks] */
+} llmc_q4panels;
+
+#if LLMC_AVX2
+/* panel P against x rows m .. m + R: the eight outputs of each row in acc[r] */
+static inline __attribute__((always_inline)) void q4p_tile(int R, const llmc_q4panels* p, int64_t P, int64_t m,
+                                                          __m256* acc) {
+    const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    const uint8_t* w = p->codes + P * p->blocks * 128;
+    const f16 *sc = p->scales + P * p->blocks * 8, *mn = p->mins + P * p->blocks * 8;
+    const int8_t* x = p->xq + m * p->K;
+    const float *xd = p->xd + m * p->blocks, *xs = p->xs + m * p->blocks;
+    #pragma GCC unroll 8
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < p->blocks; b++) {
+        __m256i s[8];
+        #pragma GCC unroll 8
+        for (int r = 0; r < R; r++) s[r] = _mm256_setzero_si256();
+        #pragma GCC unroll 4
+        for (int L = 0; L < 4; L++) {
+            __m256i raw = _mm256_loadu_si256((const __m256i*)(w + b * 128 + L * 32));
+            __m256i lo = _mm256_and_si256(raw, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), nibble);
+            #pragma GCC unroll 8
+            for (int r = 0; r < R; r++) {
+                int32_t x0, x1;
+                memcpy(&x0, x + r * p->K + b * 32 + L * 8, 4);
+                memcpy(&x1, x + r * p->K + b * 32 + L * 8 + 4, 4);
+                s[r] = _mm256_add_epi16(s[r], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(x0)));
+                s[r] = _mm256_add_epi16(s[r], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(x1)));
+                /* keeps each sum in a register here: left free, the compiler reorders the integer
+                 * adds into trees that hold every product at once and spill */
+                __asm__("" : "+x"(s[r]));
+            }
+        }
+        __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(sc + b * 8)));
+        __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(mn + b * 8)));
+        #pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            __m256 sum = _mm256_cvtepi32_ps(_mm256_madd_epi16(s[r], ones));
+            acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(xd[r * p->blocks + b])), sum, acc[r]);
+            acc[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(xs[r * p->blocks + b]), acc[r]);
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void q4p_rows(int R, const llmc_q4panels* p, const float* b, int64_t P0,
+                                                          int64_t P1, int64_t m, float* y, int64_t ldy) {
+    __m256 acc[8];
+    for (int64_t P = P0; P < P1; P++) {
+        q4p_tile(R, p, P, m, acc);
+        __m256 bias = b ? _mm256_loadu_ps(b + 8 * P) : _mm256_setzero_ps();
+        #pragma GCC unroll 8
+        for (int r = 0; r < R; r++) _mm256_storeu_ps(y + (m + r) * ldy + 8 * P, _mm256_add_ps(acc[r], bias));
+    }
+}
+
+static void q4p_block(const llmc_q4panels* p, const float* b, int64_t P0, int64_t P1, int64_t M, float* y,
+                      int64_t ldy) {
+    int64_t m = 0;
+    for (; m + LLMC_Q4P_ROWS <= M; m += LLMC_Q4P_ROWS) q4p_rows(LLMC_Q4P_ROWS, p, b, P0, P1, m, y, ldy);
+    for (; m + 4 <= M; m += 4) q4p_rows(4, p, b, P0, P1, m, y, ldy);
+    if (M - m == 3) q4p_rows(3, p, b, P0, P1, m, y, ldy);
+    else if (M - m == 2) q4p_rows(2, p, b, P0, P1, m, y, ldy);
+    else if (M - m == 1) q4p_rows(1, p, b, P0, P1, m, y, ldy);
+}
+#else
+static void q4p_block(const llmc_q4panels* p, const float* b, int64_t P0, int64_t P1, int64_t M, float* y,
+                      int64_t ldy) {
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t P = P0; P < P1; P++)
+            for (int i = 0; i < 8; i++) {
+                float acc = 0.0f;
+                for (int64_t blk = 0; blk < p->blocks; blk++) {
+                    const uint8_t* w = p->codes + (P * p->blocks + blk) * 128;
+                    const int8_t* x = p->xq + m * p->K + blk * 32;
+                    int isum = 0;
+                    for (int L = 0; L < 4; L++)
+                        for (int t = 0; t < 4; t++) {
+                            uint8_t byte = w[L * 32 + i * 4 + t];
+                            isum += (byte & 0x0F) * x[L * 8 + t] + (byte >> 4) * x[L * 8 + 4 + t];
+                        }
+                    int64_t at = (P * p->blocks + blk) * 8 + i;
+                    acc += (float)p->scales[at] * p->xd[m * p->blocks + blk] * (float)isum;
+                    acc += (float)p->mins[at] * p->xs[m * p->blocks + blk];
+                }
+                y[m * ldy + 8 * P + i] = acc + (b ? b[8 * P + i] : 0.0f);
+            }
+}
+#endif
+
+/* The q4g32 linear on panels: x rows quantized into `scratch` as llmc_linear_q does (in order),
+ * then each task takes `tile` W rows (rounded up to whole panels) against every x row. */
+LLMC_KERNEL void llmc_linear_q4p(const float* x, int64_t ldx, const uint8_t* codes, const f16* scales,
+                                 const f16* mins, const float* b, float* y, int64_t M, int64_t N, int64_t K,
+                                 int64_t tile, void* scratch) {
+    int64_t blocks = K / 32;
+    int8_t* xq = (int8_t*)scratch;
+    float* xd = (float*)((char*)scratch + ((M * K + 63) / 64) * 64);
+    float* xs = xd + M * blocks;
+    llmc_quantize_rows(x, ldx, M, K, 0, xq, xd, xs);
+    llmc_q4panels p = {K, blocks, codes, scales, mins, xq, xd, xs};
+    int64_t panels = N / 8, per = (tile + 7) / 8, tasks = llmc_tasks(panels, per);
+    #pragma omp for schedule(static)
+    for (int64_t t = 0; t < tasks; t++) {
+        int64_t P0 = t * per, P1 = P0 + per < panels ? P0 + per : panels;
+        q4p_block(&p, b, P0, P1, M, y, N);
+    }
+}
+
 /* W rows [n0, n1) of a quantized weight as f32 rows of K in out */
 static void dequantize_rows(const void* codes, const f16* scales, const f16* mins, int64_t bits, int64_t K, int64_t G,
                             int64_t n0, int64_t n1, float* out) {
@@ -745,6 +874,27 @@ LLMC_KERNEL void llmc_embedding_q(const void* codes, const f16* scales, const f1
     for (int64_t i = 0; i < n; i++) {
         int64_t id = ids[i] < 0 ? 0 : (ids[i] >= rows ? rows - 1 : ids[i]);
         dequantize_rows(codes, scales, mins, bits, K, G, id, id + 1, out + i * K);
+    }
+}
+
+/* The same rows of a q4g32 weight stored in panels (llmc_linear_q4p's layout, a tied LM head) */
+LLMC_KERNEL void llmc_embedding_q4p(const uint8_t* codes, const f16* scales, const f16* mins, int64_t rows,
+                                    int64_t K, const int64_t* ids, int64_t n, float* out) {
+    int64_t blocks = K / 32;
+    #pragma omp for schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        int64_t id = ids[i] < 0 ? 0 : (ids[i] >= rows ? rows - 1 : ids[i]), lane = id % 8;
+        float* dst = out + i * K;
+        for (int64_t b = 0; b < blocks; b++) {
+            int64_t at = (id / 8) * blocks + b;
+            const uint8_t* w = codes + at * 128 + lane * 4;
+            float d = (float)scales[at * 8 + lane], mn = (float)mins[at * 8 + lane];
+            for (int L = 0; L < 4; L++)
+                for (int t = 0; t < 4; t++) {
+                    dst[b * 32 + L * 8 + t] = (float)(w[L * 32 + t] & 0x0F) * d + mn;
+                    dst[b * 32 + L * 8 + 4 + t] = (float)(w[L * 32 + t] >> 4) * d + mn;
+                }
+        }
     }
 }
 
@@ -800,6 +950,7 @@ LLMC_KERNEL void llmc_add_norm(const float* x, int64_t ldx, const float* res, in
  * token's result does not depend on the step it is in. */
 
 #define LLMC_KEY_BLOCK 32
+#define LLMC_WIDE_D 256           /* the largest head the AVX2 attention takes (larger ones: the scalar loop) */
 #define LLMC_QUERY_TILE 8         /* tokens of one sequence whose prefill attention reads each key block once */
 enum { LLMC_KV_F32, LLMC_KV_I8, LLMC_KV_F16 };   /* the pool's format (`kv`): f32, int8 codes + scales, f16 */
 #define LLMC_SPLIT_KEYS 512       /* keys per span, at least */
@@ -828,6 +979,27 @@ typedef struct {
 /* slot index (into [blocks, Hk, B]) of position p */
 static inline int64_t paged_slot(const llmc_paged* c, int64_t p) {
     return (c->table[p / c->B] * c->heads + c->head) * c->B + p % c->B;
+}
+
+/* Asks for the K and V rows of positions [from, from + n) ahead of their use. A sequence's
+ * positions lie in blocks scattered over the pool, each a run of B rows (2 kB for B = 16 and 64
+ * f16s): too short for the hardware's stream prefetcher, so decode deep in a batch's contexts
+ * waited on memory at every block. */
+static inline void prefetch_keys(const llmc_paged* c, int64_t from, int64_t n) {
+#ifdef LLMC_NO_PREFETCH
+    return;
+#endif
+    const int64_t row_bytes = c->D * c->elem;
+    for (int64_t j = 0; j < n;) {
+        int64_t run = c->B - (from + j) % c->B;
+        run = run < n - j ? run : n - j;
+        int64_t at = paged_slot(c, from + j) * row_bytes;
+        for (int64_t byte = 0; byte < run * row_bytes; byte += 64) {
+            __builtin_prefetch(c->k + at + byte);
+            __builtin_prefetch(c->v + at + byte);
+        }
+        j += run;
+    }
 }
 
 /* partial attention of one query over positions [lo, hi): max m, sum l, unnormalised acc [D]; the
@@ -961,6 +1133,10 @@ static inline __attribute__((always_inline)) void attend_span_of(int kv, const l
                                                                  int64_t lo, float scale) {
     const int64_t D = c->D, chunks = D / 8, G = Q->G;
     const size_t row_bytes = (size_t)(D * c->elem);
+    /* f16 or int8 rows are widened to f32 here once a key block (not once per query row: the
+     * conversions, not the FMAs, bounded the loops); the loops below then read f32 (`rk`) */
+    const int rk = LLMC_KV_F32;
+    float wide[kv == LLMC_KV_F32 ? 1 : 2 * LLMC_KEY_BLOCK * LLMC_WIDE_D] __attribute__((aligned(32)));
     const __m256i key_order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);    /* undoes hsum256x8's order */
     float p[LLMC_KEY_BLOCK] __attribute__((aligned(32)));
     const char *krow[LLMC_KEY_BLOCK], *vrow[LLMC_KEY_BLOCK];
@@ -975,8 +1151,12 @@ static inline __attribute__((always_inline)) void attend_span_of(int kv, const l
             PART_L(part, D) = 0.0f;
         }
     }
+    prefetch_keys(c, lo, hi - lo < LLMC_KEY_BLOCK ? hi - lo : LLMC_KEY_BLOCK);
     for (int64_t t0 = lo; t0 < hi; t0 += LLMC_KEY_BLOCK) {
         int64_t most = hi - t0 < LLMC_KEY_BLOCK ? hi - t0 : LLMC_KEY_BLOCK;
+        if (t0 + LLMC_KEY_BLOCK < hi)          /* the next block's rows, while this one is computed */
+            prefetch_keys(c, t0 + LLMC_KEY_BLOCK, hi - t0 - LLMC_KEY_BLOCK < LLMC_KEY_BLOCK ? hi - t0 - LLMC_KEY_BLOCK
+                                                                                      : LLMC_KEY_BLOCK);
         int64_t offset = t0 % c->B;
         for (int64_t j = 0; j < most; j++, offset++) {
             /* consecutive positions share a block: look the table up once per block */
@@ -985,6 +1165,16 @@ static inline __attribute__((always_inline)) void attend_span_of(int kv, const l
             krow[j] = c->k + slots[j] * row_bytes;
             vrow[j] = c->v + slots[j] * row_bytes;
         }
+        if (kv != LLMC_KV_F32)                 /* the block's rows widened once for every query row */
+            for (int64_t j = 0; j < most; j++) {
+                float *kw = wide + j * D, *vw = wide + (LLMC_KEY_BLOCK + j) * D;
+                for (int64_t i = 0; i < chunks; i++) {
+                    _mm256_store_ps(kw + 8 * i, kv_load(krow[j], kv, 8 * i));
+                    _mm256_store_ps(vw + 8 * i, kv_load(vrow[j], kv, 8 * i));
+                }
+                krow[j] = (const char*)kw;
+                vrow[j] = (const char*)vw;
+            }
         for (int64_t j = most; j < (most + 7) / 8 * 8; j++) krow[j] = krow[most - 1];   /* scored, then masked */
         float ks[LLMC_KEY_BLOCK] = {0};
         if (kv == LLMC_KV_I8)
@@ -1010,7 +1200,7 @@ static inline __attribute__((always_inline)) void attend_span_of(int kv, const l
                 for (int64_t i = 0; i < chunks; i++) {
                     __m256 qv = _mm256_loadu_ps(qg + 8 * i);
                     #pragma GCC unroll 8
-                    for (int j = 0; j < 8; j++) dots[j] = _mm256_fmadd_ps(qv, kv_load(rows[j], kv, 8 * i), dots[j]);
+                    for (int j = 0; j < 8; j++) dots[j] = _mm256_fmadd_ps(qv, kv_load(rows[j], rk, 8 * i), dots[j]);
                 }
                 __m256 sc = _mm256_permutevar8x32_ps(hsum256x8(dots), key_order);
                 if (kv == LLMC_KV_I8) sc = _mm256_mul_ps(sc, _mm256_loadu_ps(ks + 8 * b));
@@ -1036,16 +1226,16 @@ static inline __attribute__((always_inline)) void attend_span_of(int kv, const l
                 for (int64_t j = 0; j < n; j++) p[j] *= c->vs[slots[j]];
             __m256 corr = _mm256_set1_ps(correction);
             int64_t c0 = 0;
-            for (; c0 + 8 <= chunks; c0 += 8) pv_chunks(8, part, c0, corr, p, vrow, kv, n);
+            for (; c0 + 8 <= chunks; c0 += 8) pv_chunks(8, part, c0, corr, p, vrow, rk, n);
             switch (chunks - c0) {          /* D = 64, 128, 256: none; 80, 96, 112: 2, 4, 6 */
             case 0: break;
-            case 1: pv_chunks(1, part, c0, corr, p, vrow, kv, n); break;
-            case 2: pv_chunks(2, part, c0, corr, p, vrow, kv, n); break;
-            case 3: pv_chunks(3, part, c0, corr, p, vrow, kv, n); break;
-            case 4: pv_chunks(4, part, c0, corr, p, vrow, kv, n); break;
-            case 5: pv_chunks(5, part, c0, corr, p, vrow, kv, n); break;
-            case 6: pv_chunks(6, part, c0, corr, p, vrow, kv, n); break;
-            default: pv_chunks(7, part, c0, corr, p, vrow, kv, n); break;
+            case 1: pv_chunks(1, part, c0, corr, p, vrow, rk, n); break;
+            case 2: pv_chunks(2, part, c0, corr, p, vrow, rk, n); break;
+            case 3: pv_chunks(3, part, c0, corr, p, vrow, rk, n); break;
+            case 4: pv_chunks(4, part, c0, corr, p, vrow, rk, n); break;
+            case 5: pv_chunks(5, part, c0, corr, p, vrow, rk, n); break;
+            case 6: pv_chunks(6, part, c0, corr, p, vrow, rk, n); break;
+            default: pv_chunks(7, part, c0, corr, p, vrow, rk, n); break;
             }
         }
     }
@@ -1070,7 +1260,7 @@ static __attribute__((noinline)) void attend_span_f16(const llmc_queries* Q, con
 /* The queries Q over the keys from lo (query t's to Q->z[t]): each (t, g)'s partial (acc [D], m, l) */
 static void attend_span(const llmc_queries* Q, const llmc_paged* c, int kv, int64_t lo, float scale) {
 #if LLMC_AVX2
-    if (c->D % 8 == 0) {
+    if (c->D % 8 == 0 && c->D <= LLMC_WIDE_D) {
         (kv == LLMC_KV_I8 ? attend_span_kv8 : kv == LLMC_KV_F16 ? attend_span_f16 : attend_span_f32)(Q, c, lo, scale);
         return;
     }

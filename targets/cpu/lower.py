@@ -29,6 +29,7 @@ from llmc.ir import Graph, Node, Type, numpy_dtype
 from llmc.ops import OPS
 from llmc.quant import parse_scheme
 
+from .layout import Q4_PANELS, q4_panels_fit
 from .scalar import ScalarError, c_type, expression, literal
 from ..arena import plan_arena
 from ..lowering import BATCH_INPUTS, GraphLowering, f16_weight
@@ -58,17 +59,29 @@ class SiteTable:
 
 
 class WeightTable:
-    """The weights the generated code reads, in the order the runtime passes their pointers."""
+    """The weights the generated code reads, in the order the runtime passes their pointers, and
+    the quantized weights it reads in its own layout (layout.py): ``panels`` lists each one's
+    parts (codes, scales, mins) by name."""
 
     def __init__(self):
         self.names: list[str] = []
         self._index: dict[str, int] = {}
+        self.panels: list[tuple[str, ...]] = []
 
     def index(self, name: str) -> int:
         if name not in self._index:
             self._index[name] = len(self.names)
             self.names.append(name)
         return self._index[name]
+
+    def in_panels(self, parts: tuple[str, ...]) -> None:
+        if parts not in self.panels:
+            self.panels.append(parts)
+
+    @property
+    def layouts(self) -> dict[str, str]:
+        """weight name -> its layout, for the weights not stored in their scheme's rows"""
+        return {name: Q4_PANELS for parts in self.panels for name in parts}
 
 
 @dataclass
@@ -273,6 +286,15 @@ class FunctionLowering(GraphLowering):
     def _bias(self, node: Node) -> str:
         return self.contiguous(self.read(node)).pointer("float")
 
+    def _panels(self, scheme, parts: tuple[Node, ...], n: int, k: int) -> bool:
+        """Whether a quantized weight is read in panels of eight rows (layout.py), recording it
+        in the weight table if so: 4-bit groups of 32 stored as whole weights, N a multiple of 8."""
+        if not (scheme.bits == 4 and scheme.group == 32 and q4_panels_fit(n, k)
+                and all(p.op == "weight" for p in parts)):
+            return False
+        self.weights.in_panels(tuple(p.attrs["name"] for p in parts))
+        return True
+
     def _qlinear(self, node: Node) -> View:
         scheme = parse_scheme(node.attrs["scheme"])
         count = len(scheme.parts)
@@ -283,6 +305,12 @@ class FunctionLowering(GraphLowering):
         bias = self._bias(node.inputs[1 + count]) if len(node.inputs) > 1 + count else "0"
         out = self.alloc("f32", node.type.shape, node)
         scratch = self.scratch(dims.add(dims.mul(m, _round_up(k, ALIGN)), dims.mul(m, (k // 32) * 8)))
+        if self._panels(scheme, node.inputs[1:1 + count], n, k):
+            kernel = "llmc_linear_q4p"
+            self._call(kernel, x.pointer("float"), c_dim(ldx), parts[0].pointer("uint8_t"), parts[1].pointer("f16"),
+                       parts[2].pointer("f16"), bias, out.pointer("float"), c_dim(m), n, k,
+                       self._tile(kernel, m, n, k), scratch)
+            return out
         mins = parts[scheme.parts.index("mins")].pointer("f16") if "mins" in scheme.parts else "0"
         kernel = f"llmc_linear_{scheme.name}"
         self._call("llmc_linear_q", x.pointer("float"), c_dim(ldx), parts[0].pointer("void"),
@@ -306,10 +334,15 @@ class FunctionLowering(GraphLowering):
         ids = self.contiguous(self.read(node.inputs[count]))
         k = node.type.shape[-1]
         out = self.alloc("f32", node.type.shape, node)
+        n_ids = c_dim(dims.product(ids.shape))
+        if self._panels(scheme, node.inputs[:count], parts[0].shape[0], k):
+            self._call("llmc_embedding_q4p", parts[0].pointer("uint8_t"), parts[1].pointer("f16"),
+                       parts[2].pointer("f16"), parts[0].shape[0], k, ids.pointer("int64_t"), n_ids,
+                       out.pointer("float"))
+            return out
         mins = parts[scheme.parts.index("mins")].pointer("f16") if "mins" in scheme.parts else "0"
         self._call("llmc_embedding_q", parts[0].pointer("void"), parts[1].pointer("f16"), mins, parts[0].shape[0],
-                   k, scheme.bits, scheme.group, ids.pointer("int64_t"), c_dim(dims.product(ids.shape)),
-                   out.pointer("float"))
+                   k, scheme.bits, scheme.group, ids.pointer("int64_t"), n_ids, out.pointer("float"))
         return out
 
     def _norm_params(self, node: Node, params: tuple[Node, ...]) -> tuple[str, str, str]:

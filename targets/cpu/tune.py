@@ -142,9 +142,16 @@ def _bench_call(kernel: str, n: int, k: int, rows: int, level: str, threads: int
     if kernel == "llmc_linear_f16":
         w16 = w.astype(np.float16)
         return lambda tile: lib.h_linear_f16(x.ctypes.data, k, w16.ctypes.data, None, y.ctypes.data, rows, n, k, tile)
+    scratch = np.empty(rows * (k + 64) + rows * (k // 32) * 8 + 64, np.uint8)
+    if kernel == "llmc_linear_q4p":
+        from .layout import to_panels
+
+        panels = to_panels(quantize(w, parse_scheme("q4g32")))
+        return lambda tile: lib.h_linear_q4p(x.ctypes.data, k, panels["q"].ctypes.data, panels["scales"].ctypes.data,
+                                             panels["mins"].ctypes.data, None, y.ctypes.data, rows, n, k, tile,
+                                             scratch.ctypes.data)
     scheme = parse_scheme(kernel.removeprefix("llmc_linear_"))
     parts = quantize(w, scheme)
-    scratch = np.empty(rows * (k + 64) + rows * (k // 32) * 8 + 64, np.uint8)
     mins = parts["mins"].ctypes.data if "mins" in parts else None
     return lambda tile: lib.h_linear_q(x.ctypes.data, k, parts["q"].ctypes.data, parts["scales"].ctypes.data, mins,
                                        None, y.ctypes.data, rows, n, k, scheme.bits, scheme.group, tile,
