@@ -981,27 +981,6 @@ static inline int64_t paged_slot(const llmc_paged* c, int64_t p) {
     return (c->table[p / c->B] * c->heads + c->head) * c->B + p % c->B;
 }
 
-/* Asks for the K and V rows of positions [from, from + n) ahead of their use. A sequence's
- * positions lie in blocks scattered over the pool, each a run of B rows (2 kB for B = 16 and 64
- * f16s): too short for the hardware's stream prefetcher, so decode deep in a batch's contexts
- * waited on memory at every block. */
-static inline void prefetch_keys(const llmc_paged* c, int64_t from, int64_t n) {
-#ifdef LLMC_NO_PREFETCH
-    return;
-#endif
-    const int64_t row_bytes = c->D * c->elem;
-    for (int64_t j = 0; j < n;) {
-        int64_t run = c->B - (from + j) % c->B;
-        run = run < n - j ? run : n - j;
-        int64_t at = paged_slot(c, from + j) * row_bytes;
-        for (int64_t byte = 0; byte < run * row_bytes; byte += 64) {
-            __builtin_prefetch(c->k + at + byte);
-            __builtin_prefetch(c->v + at + byte);
-        }
-        j += run;
-    }
-}
-
 /* partial attention of one query over positions [lo, hi): max m, sum l, unnormalised acc [D]; the
  * portable build's, and any head size that is not a multiple of 8 */
 static __attribute__((noinline)) void attend_span_scalar(const float* q, const llmc_paged* c, int kv, int64_t lo,
@@ -1151,12 +1130,8 @@ static inline __attribute__((always_inline)) void attend_span_of(int kv, const l
             PART_L(part, D) = 0.0f;
         }
     }
-    prefetch_keys(c, lo, hi - lo < LLMC_KEY_BLOCK ? hi - lo : LLMC_KEY_BLOCK);
     for (int64_t t0 = lo; t0 < hi; t0 += LLMC_KEY_BLOCK) {
         int64_t most = hi - t0 < LLMC_KEY_BLOCK ? hi - t0 : LLMC_KEY_BLOCK;
-        if (t0 + LLMC_KEY_BLOCK < hi)          /* the next block's rows, while this one is computed */
-            prefetch_keys(c, t0 + LLMC_KEY_BLOCK, hi - t0 - LLMC_KEY_BLOCK < LLMC_KEY_BLOCK ? hi - t0 - LLMC_KEY_BLOCK
-                                                                                      : LLMC_KEY_BLOCK);
         int64_t offset = t0 % c->B;
         for (int64_t j = 0; j < most; j++, offset++) {
             /* consecutive positions share a block: look the table up once per block */
