@@ -9,7 +9,7 @@ from llmc.artifact import host_cpu_features
 from llmc.quant import dequantize, parse_scheme, quantize
 from llmc.targets.cpu.build import LEVELS
 from llmc.targets.cpu.harness import harness
-from llmc.targets.cpu.layout import from_panels, q4_panels_fit, to_panels
+from llmc.targets.cpu.layout import from_panels, panels_fit, to_panels
 from llmc.targets.cpu.lower import KV_KINDS, MAX_SPLITS, SPLIT_TOKENS
 
 LEVEL_NAMES = (["x86-64-v3"] if set(LEVELS["x86-64-v3"][1]) <= host_cpu_features() else []) + ["portable"]
@@ -68,30 +68,37 @@ def linear_q(lib, s, parts, store, ldx, b, m, n, k, tile, panels=False):
     scratch = np.empty(m * (k + 64) + m * (k // 32) * 8 + 64, np.uint8)
     if panels:
         laid = to_panels(parts)
-        lib.h_linear_q4p(p(store), ldx, p(laid["q"]), p(laid["scales"]), p(laid["mins"]), p(b), p(y), m, n, k, tile,
-                         p(scratch))
+        lib.h_linear_panels(p(store), ldx, p(laid["q"]), p(laid["scales"]), p(laid.get("mins")), p(b), p(y), m, n, k,
+                            s.bits, tile, p(scratch))
         return y
     lib.h_linear_q(p(store), ldx, p(parts["q"]), p(parts["scales"]), p(parts.get("mins")), p(b), p(y), m, n, k,
                    s.bits, s.group, tile, p(scratch))
     return y
 
 
-def test_the_panel_layout_is_a_permutation_of_the_rows():
+@pytest.mark.parametrize("scheme", ["q4g32", "q8"])
+def test_the_panel_layout_is_a_permutation_of_the_rows(scheme):
     rng = np.random.default_rng(11)
-    s = parse_scheme("q4g32")
+    s = parse_scheme(scheme)
     parts = quantize(rng.standard_normal((24, 96)).astype(np.float32), s)
     laid = to_panels(parts)
     assert {name: (a.dtype, a.shape) for name, a in laid.items()} == \
         {name: (a.dtype, a.shape) for name, a in parts.items()}
     assert not np.array_equal(laid["q"], parts["q"])
     assert all(np.array_equal(back, parts[name]) for name, back in from_panels(laid).items())
-    # row 8P + i's element e: panel P, block e // 32, vector (e % 32) // 8, lane i, nibble (e % 8) // 4
-    codes = np.concatenate([parts["q"].reshape(24, 3, 16) & 15, parts["q"].reshape(24, 3, 16) >> 4], -1).reshape(24, 96)
+    # row 8P + i's element e: panel P, block e // 32, then (4-bit) vector (e % 32) // 8, lane i,
+    # nibble (e % 8) // 4, or (8-bit) vector (e % 32) // 4, lane i
     row, e = 13, 75
-    byte = laid["q"].reshape(3, 3, 4, 8, 4)[row // 8, e // 32, e % 32 // 8, row % 8, e % 4]
-    assert (byte >> 4 if e % 8 >= 4 else byte & 15) == codes[row, e]
+    if scheme == "q8":
+        assert laid["q"].reshape(3, 3, 8, 8, 4)[row // 8, e // 32, e % 32 // 4, row % 8, e % 4] == parts["q"][row, e]
+    else:
+        nibbles = parts["q"].reshape(24, 3, 16)
+        codes = np.concatenate([nibbles & 15, nibbles >> 4], -1).reshape(24, 96)
+        byte = laid["q"].reshape(3, 3, 4, 8, 4)[row // 8, e // 32, e % 32 // 8, row % 8, e % 4]
+        assert (byte >> 4 if e % 8 >= 4 else byte & 15) == codes[row, e]
     assert laid["scales"].reshape(3, 3, 8)[row // 8, e // 32, row % 8] == parts["scales"][row, e // 32]
-    assert q4_panels_fit(24, 96) and not q4_panels_fit(20, 96) and not q4_panels_fit(24, 80)
+    assert panels_fit(s.bits, s.group, 24, 96) and not panels_fit(s.bits, s.group, 20, 96)
+    assert not panels_fit(s.bits, s.group, 24, 80) and not panels_fit(4, 128, 24, 256)
 
 
 # Blocks of 32 per row: runs of eight (the AVX2 steps) with and without a shorter last run, and odd
@@ -99,7 +106,8 @@ def test_the_panel_layout_is_a_permutation_of_the_rows():
 Q_SIZES = {32: [32, 96, 256, 352, 576], 128: [128, 384, 1024, 1152]}
 
 
-@pytest.mark.parametrize("scheme", ["q8", "q4g32", "q4g32-q4_0", "q4g128", "q4g32-panels", "q4g32-q4_0-panels"])
+@pytest.mark.parametrize("scheme", ["q8", "q4g32", "q4g32-q4_0", "q4g128", "q4g32-panels", "q4g32-q4_0-panels",
+                                    "q8-panels"])
 @pytest.mark.parametrize("m,n", [(1, 1), (1, 45), (6, 13), (5, 70), (17, 9), (21, 40)])
 def test_quantized_linear_within_the_activation_rounding_bound(lib, scheme, m, n):
     """x is rounded to int8 per block of 32 (scale amax/127) at every M, so each output may differ
@@ -128,7 +136,7 @@ def test_quantized_linear_within_the_activation_rounding_bound(lib, scheme, m, n
 
 @pytest.mark.parametrize("kernel,k", [("f32", 67), ("f32", 256), ("f16", 67), ("f16", 256), ("q8", 352),
                                       ("q4g32", 352), ("q4g32-q4_0", 576), ("q4g128", 384), ("q4g128", 1024),
-                                      ("q4g32-panels", 352), ("q4g32-q4_0-panels", 576)])
+                                      ("q4g32-panels", 352), ("q4g32-q4_0-panels", 576), ("q8-panels", 352)])
 def test_linear_rows_do_not_depend_on_the_batch(lib, kernel, k):
     """Batch invariance: each x row's outputs are bitwise the same computed alone (M = 1) as inside
     any batch, at any row of it, next to any other rows, with any tile and thread count."""
@@ -192,17 +200,19 @@ def test_quantized_embedding_rows(lib, scheme):
     np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
 
 
-def test_quantized_embedding_rows_from_panels(lib):
+@pytest.mark.parametrize("scheme", ["q4g32", "q8"])
+def test_quantized_embedding_rows_from_panels(lib, scheme):
     """A tied LM head in panels: the embedding reads the same rows from them."""
     rng = np.random.default_rng(5)
-    s, k = parse_scheme("q4g32"), 160
+    s, k = parse_scheme(scheme), 160
     parts = quantize(rng.standard_normal((40, k)).astype(np.float32), s)
     laid = to_panels(parts)
     ids = np.array([0, 39, 7, 8, 8, 23, -4, 99], np.int64)     # out of range: clamped, as llmc_embedding_q
     out = np.empty((len(ids), k), np.float32)
-    lib.h_embedding_q4p(p(laid["q"]), p(laid["scales"]), p(laid["mins"]), 40, k, p(ids), len(ids), p(out))
-    want = ops.OPS["qembedding"].ref([parts["q"], parts["scales"], parts["mins"], np.clip(ids, 0, 39)],
-                                     {"scheme": "q4g32"}, (len(ids), k), "f32")
+    lib.h_embedding_panels(p(laid["q"]), p(laid["scales"]), p(laid.get("mins")), 40, k, s.bits, p(ids), len(ids),
+                           p(out))
+    want = ops.OPS["qembedding"].ref([parts[key] for key in ("q", "scales", "mins") if key in parts] +
+                                     [np.clip(ids, 0, 39)], {"scheme": scheme}, (len(ids), k), "f32")
     np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
 
 

@@ -56,8 +56,8 @@ def test_compiled_formats_agree_with_the_reference_target(families, tmp_path, qu
         compile_model(imported, path, target=target, quant=quant, kv=kv, progress=None)
         loaded = llmc.load(path, max_context=64)
         logits[target] = loaded.logits(ids)
-        if target == "cpu":       # 4-bit groups of 32 run from the target's own panels (layout.py)
-            assert bool(loaded.manifest["target"]["layouts"]) == (quant == "q4g32")
+        if target == "cpu":       # q4g32 and q8 run from the target's own panels (layout.py)
+            assert bool(loaded.manifest["target"]["layouts"]) == (quant in ("q4g32", "q8"))
     assert relative_error(logits["cpu"], logits["ref"]) < tolerance
 
 

@@ -3,7 +3,7 @@ by the system compiler into one shared library per artifact.
 
 - lower.py   graph -> one C function per entry graph (views, loops, kernel calls, arena plan)
 - kernels.c  GEMV/GEMM (f32, f16, q8, q4 with int8 activations), norms, embeddings, attention
-- layout.py  the weights it stores in its own layout (q4g32 in panels of eight rows)
+- layout.py  the weights it stores in its own layout (q4g32 and q8 in panels of eight rows)
 - tune.py    the autotuner and its cache (tiles per kernel and shape)
 - build.py   the compiler run, cached by content; feature levels
 - launch.py  the runtime side: loads the library with ctypes and runs steps
@@ -177,7 +177,7 @@ def laid_out(graphs, panels: list[tuple[str, ...]]) -> dict:
 
     stored = {name: array for graph in graphs for name, array in graph.weights.items()}
     out = {}
-    for names in panels:
+    for names in panels:                       # (codes, scales[, mins])
         parts = dict(zip(("q", "scales", "mins"), names))
         panel = to_panels({part: stored[name] for part, name in parts.items()})
         out.update({name: panel[part] for part, name in parts.items()})

@@ -19,17 +19,18 @@ LLMC_EXPORT void h_linear_f16(const float* x, int64_t ldx, const f16* w, const f
 LLMC_EXPORT void h_linear_q(const float* x, int64_t ldx, const void* q, const f16* s, const f16* mn, const float* b,
     float* y, int64_t M, int64_t N, int64_t K, int64_t bits, int64_t G, int64_t tile, void* scratch)
     PARALLEL(llmc_linear_q(x, ldx, q, s, mn, b, y, M, N, K, bits, G, tile, scratch))
-LLMC_EXPORT void h_linear_q4p(const float* x, int64_t ldx, const uint8_t* q, const f16* s, const f16* mn,
-    const float* b, float* y, int64_t M, int64_t N, int64_t K, int64_t tile, void* scratch)
-    PARALLEL(llmc_linear_q4p(x, ldx, q, s, mn, b, y, M, N, K, tile, scratch))
+LLMC_EXPORT void h_linear_panels(const float* x, int64_t ldx, const void* q, const f16* s, const f16* mn,
+    const float* b, float* y, int64_t M, int64_t N, int64_t K, int64_t bits, int64_t tile, void* scratch)
+    PARALLEL(llmc_linear_panels(x, ldx, q, s, mn, b, y, M, N, K, bits, tile, scratch))
 """
 WRAPPERS = LINEAR_WRAPPERS + r"""
 LLMC_EXPORT void h_embedding(const char* table, int64_t row_bytes, int64_t rows, const int64_t* ids, int64_t n,
     char* out) PARALLEL(llmc_embedding(table, row_bytes, rows, ids, n, out))
 LLMC_EXPORT void h_embedding_q(const void* q, const f16* s, const f16* mn, int64_t rows, int64_t K, int64_t bits,
     int64_t G, const int64_t* ids, int64_t n, float* out) PARALLEL(llmc_embedding_q(q, s, mn, rows, K, bits, G, ids, n, out))
-LLMC_EXPORT void h_embedding_q4p(const uint8_t* q, const f16* s, const f16* mn, int64_t rows, int64_t K,
-    const int64_t* ids, int64_t n, float* out) PARALLEL(llmc_embedding_q4p(q, s, mn, rows, K, ids, n, out))
+LLMC_EXPORT void h_embedding_panels(const void* q, const f16* s, const f16* mn, int64_t rows, int64_t K,
+    int64_t bits, const int64_t* ids, int64_t n, float* out)
+    PARALLEL(llmc_embedding_panels(q, s, mn, rows, K, bits, ids, n, out))
 LLMC_EXPORT void h_norm(const float* x, int64_t ldx, const float* w, const float* b, float eps, int64_t kind,
     int64_t R, int64_t D, float* out) PARALLEL(llmc_norm(x, ldx, w, b, eps, kind, R, D, out))
 LLMC_EXPORT void h_add_norm(const float* x, int64_t ldx, const float* r, int64_t ldr, const float* w, const float* b,
@@ -51,10 +52,10 @@ SIGNATURES = {
     "h_linear_f32": [_PTR, _INT, _PTR, _PTR, _PTR, _INT, _INT, _INT, _INT],
     "h_linear_f16": [_PTR, _INT, _PTR, _PTR, _PTR, _INT, _INT, _INT, _INT],
     "h_linear_q": [_PTR, _INT, _PTR, _PTR, _PTR, _PTR, _PTR, _INT, _INT, _INT, _INT, _INT, _INT, _PTR],
-    "h_linear_q4p": [_PTR, _INT, _PTR, _PTR, _PTR, _PTR, _PTR, _INT, _INT, _INT, _INT, _PTR],
+    "h_linear_panels": [_PTR, _INT, _PTR, _PTR, _PTR, _PTR, _PTR, _INT, _INT, _INT, _INT, _INT, _PTR],
     "h_embedding": [_PTR, _INT, _INT, _PTR, _INT, _PTR],
     "h_embedding_q": [_PTR, _PTR, _PTR, _INT, _INT, _INT, _INT, _PTR, _INT, _PTR],
-    "h_embedding_q4p": [_PTR, _PTR, _PTR, _INT, _INT, _PTR, _INT, _PTR],
+    "h_embedding_panels": [_PTR, _PTR, _PTR, _INT, _INT, _INT, _PTR, _INT, _PTR],
     "h_norm": [_PTR, _INT, _PTR, _PTR, _FLOAT, _INT, _INT, _INT, _PTR],
     "h_add_norm": [_PTR, _INT, _PTR, _INT, _PTR, _PTR, _FLOAT, _INT, _INT, _INT, _PTR, _PTR],
     "h_attention": [_PTR, _INT, _INT, _PTR, _INT, _INT, _PTR, _INT, _INT, _PTR, _PTR, _PTR, _PTR, _INT, _PTR, _PTR,

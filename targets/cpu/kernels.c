@@ -705,131 +705,175 @@ LLMC_KERNEL void llmc_linear_q(const float* x, int64_t ldx, const void* codes, c
 }
 
 /* ---------------------------------------------------------------------------------------------
- * 4-bit groups of 32 in panels of eight W rows (the cpu target's layout of q4g32 weights whose N
- * is a multiple of 8: targets/cpu/layout.py). Panel P holds W rows 8P .. 8P + 7; block b of it
- * (K elements 32b .. 32b + 31) is 128 bytes of codes, four vectors of 32: in vector L, bytes
- * 4i .. 4i + 3 are row 8P + i's elements 32b + 8L + t (low nibble) and 32b + 8L + 4 + t (high),
- * t = 0..3; its 8 scales and 8 mins (f16, lane i = row 8P + i) follow the same panel-block order
- * in their own parts. So a 32-bit lane is one W row: four x codes broadcast to every lane multiply
- * eight rows at once (vpmaddubsw), the int16 sums of a block stay in int16 (16 products of at
- * most 15 * 127), one vpmaddwd makes them int32, and
- *     acc = fma(dw * dx, S, acc)  then  acc = fma(min, s, acc)
+ * Quantized weights in panels of eight W rows (the cpu target's layout of q4g32 and q8 weights
+ * whose N is a multiple of 8: targets/cpu/layout.py). Panel P holds W rows 8P .. 8P + 7; its block
+ * b (K elements 32b .. 32b + 31) is 4-bit: 128 bytes of codes, four vectors of 32, in vector L
+ * bytes 4i .. 4i + 3 row 8P + i's elements 32b + 8L + t (low nibble) and 32b + 8L + 4 + t (high),
+ * t = 0..3; 8-bit: 256 bytes, eight vectors, in vector L row 8P + i's elements 32b + 4L + t. The
+ * block's 8 scales (and mins), lane i = row 8P + i, follow the same panel-block order in their own
+ * parts. So a 32-bit lane is one W row: four x codes broadcast to every lane multiply eight rows
+ * at once (vpmaddubsw; 8-bit codes by the sign trick). A 4-bit block's int16 sums stay int16 (16
+ * products of at most 15 * 127) until one vpmaddwd; an 8-bit one's pairs reach 2 * 127 * 127 and
+ * go to int32 at once. Then
+ *     acc = fma(dw * dx, S, acc)  then, 4-bit,  acc = fma(min, s, acc)
  * leaves the eight outputs in the eight lanes: no horizontal sums, and each output is the same
  * chain of FMAs over its blocks in order whatever the number of x rows, tile or thread count. */
 
-#ifndef LLMC_Q4P_ROWS
-#define LLMC_Q4P_ROWS 4                             /* x rows a tile runs against one panel */
+#ifndef LLMC_PANEL_ROWS
+#define LLMC_PANEL_ROWS 4                           /* x rows a tile runs against one panel */
 #endif
 
 typedef struct {
-    int64_t K, blocks;                          /* blocks of 32 per row */
-    const uint8_t* codes; const f16* scales; const f16* mins;
+    int64_t K, blocks;                              /* blocks of 32 per row */
+    const void* codes; const f16* scales; const f16* mins;
     const int8_t* xq; const float* xd; const float* xs;   /* x codes [M][K] in order, block d and s [M][blocks] */
-} llmc_q4panels;
+} llmc_panels;
 
 #if LLMC_AVX2
-/* panel P against x rows m .. m + R: the eight outputs of each row in acc[r] */
-static inline __attribute__((always_inline)) void q4p_tile(int R, const llmc_q4panels* p, int64_t P, int64_t m,
-                                                          __m256* acc) {
-    const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-    const uint8_t* w = p->codes + P * p->blocks * 128;
-    const f16 *sc = p->scales + P * p->blocks * 8, *mn = p->mins + P * p->blocks * 8;
-    const int8_t* x = p->xq + m * p->K;
-    const float *xd = p->xd + m * p->blocks, *xs = p->xs + m * p->blocks;
+/* block b of panel P against x rows m .. m + R: each row's eight int32 block sums in S[r] */
+static inline __attribute__((always_inline)) void panel_sums(int bits, int R, const llmc_panels* p, int64_t P,
+                                                            int64_t b, const int8_t* x, __m256i* S) {
+    const __m256i ones = _mm256_set1_epi16(1);
     #pragma GCC unroll 8
-    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < p->blocks; b++) {
-        __m256i s[8];
-        #pragma GCC unroll 8
-        for (int r = 0; r < R; r++) s[r] = _mm256_setzero_si256();
+    for (int r = 0; r < R; r++) S[r] = _mm256_setzero_si256();
+    if (bits == 4) {
+        const __m256i nibble = _mm256_set1_epi8(0x0F);
+        const uint8_t* w = (const uint8_t*)p->codes + (P * p->blocks + b) * 128;
         #pragma GCC unroll 4
         for (int L = 0; L < 4; L++) {
-            __m256i raw = _mm256_loadu_si256((const __m256i*)(w + b * 128 + L * 32));
+            __m256i raw = _mm256_loadu_si256((const __m256i*)(w + L * 32));
             __m256i lo = _mm256_and_si256(raw, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), nibble);
             #pragma GCC unroll 8
             for (int r = 0; r < R; r++) {
                 int32_t x0, x1;
                 memcpy(&x0, x + r * p->K + b * 32 + L * 8, 4);
                 memcpy(&x1, x + r * p->K + b * 32 + L * 8 + 4, 4);
-                s[r] = _mm256_add_epi16(s[r], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(x0)));
-                s[r] = _mm256_add_epi16(s[r], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(x1)));
+                S[r] = _mm256_add_epi16(S[r], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(x0)));
+                S[r] = _mm256_add_epi16(S[r], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(x1)));
                 /* keeps each sum in a register here: left free, the compiler reorders the integer
                  * adds into trees that hold every product at once and spill */
-                __asm__("" : "+x"(s[r]));
+                __asm__("" : "+x"(S[r]));
             }
         }
-        __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(sc + b * 8)));
-        __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(mn + b * 8)));
         #pragma GCC unroll 8
-        for (int r = 0; r < R; r++) {
-            __m256 sum = _mm256_cvtepi32_ps(_mm256_madd_epi16(s[r], ones));
-            acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(xd[r * p->blocks + b])), sum, acc[r]);
-            acc[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(xs[r * p->blocks + b]), acc[r]);
+        for (int r = 0; r < R; r++) S[r] = _mm256_madd_epi16(S[r], ones);
+    } else {
+        const int8_t* w = (const int8_t*)p->codes + (P * p->blocks + b) * 256;
+        #pragma GCC unroll 8
+        for (int L = 0; L < 8; L++) {
+            __m256i raw = _mm256_loadu_si256((const __m256i*)(w + L * 32)), magnitude = _mm256_sign_epi8(raw, raw);
+            #pragma GCC unroll 8
+            for (int r = 0; r < R; r++) {
+                int32_t x0;
+                memcpy(&x0, x + r * p->K + b * 32 + L * 4, 4);
+                __m256i signed_x = _mm256_sign_epi8(_mm256_set1_epi32(x0), raw);
+                S[r] = _mm256_add_epi32(S[r], _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, signed_x), ones));
+                __asm__("" : "+x"(S[r]));
+            }
         }
     }
 }
 
-static inline __attribute__((always_inline)) void q4p_rows(int R, const llmc_q4panels* p, const float* b, int64_t P0,
-                                                          int64_t P1, int64_t m, float* y, int64_t ldy) {
+/* panel P against x rows m .. m + R: the eight outputs of each row in acc[r] */
+static inline __attribute__((always_inline)) void panel_tile(int bits, int R, const llmc_panels* p, int64_t P,
+                                                            int64_t m, __m256* acc) {
+    const f16 *sc = p->scales + P * p->blocks * 8, *mn = bits == 4 ? p->mins + P * p->blocks * 8 : 0;
+    const int8_t* x = p->xq + m * p->K;
+    const float *xd = p->xd + m * p->blocks, *xs = p->xs + m * p->blocks;
+    #pragma GCC unroll 8
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < p->blocks; b++) {
+        __m256i S[8];
+        panel_sums(bits, R, p, P, b, x, S);
+        __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(sc + b * 8)));
+        #pragma GCC unroll 8
+        for (int r = 0; r < R; r++)
+            acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(xd[r * p->blocks + b])), _mm256_cvtepi32_ps(S[r]),
+                                     acc[r]);
+        if (bits == 4) {
+            __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(mn + b * 8)));
+            #pragma GCC unroll 8
+            for (int r = 0; r < R; r++) acc[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(xs[r * p->blocks + b]), acc[r]);
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void panel_rows(int bits, int R, const llmc_panels* p, const float* b,
+                                                            int64_t P0, int64_t P1, int64_t m, float* y, int64_t ldy) {
     __m256 acc[8];
     for (int64_t P = P0; P < P1; P++) {
-        q4p_tile(R, p, P, m, acc);
+        panel_tile(bits, R, p, P, m, acc);
         __m256 bias = b ? _mm256_loadu_ps(b + 8 * P) : _mm256_setzero_ps();
         #pragma GCC unroll 8
         for (int r = 0; r < R; r++) _mm256_storeu_ps(y + (m + r) * ldy + 8 * P, _mm256_add_ps(acc[r], bias));
     }
 }
 
-static void q4p_block(const llmc_q4panels* p, const float* b, int64_t P0, int64_t P1, int64_t M, float* y,
-                      int64_t ldy) {
+static inline __attribute__((always_inline)) void panel_block_of(int bits, const llmc_panels* p, const float* b,
+                                                                int64_t P0, int64_t P1, int64_t M, float* y,
+                                                                int64_t ldy) {
     int64_t m = 0;
-    for (; m + LLMC_Q4P_ROWS <= M; m += LLMC_Q4P_ROWS) q4p_rows(LLMC_Q4P_ROWS, p, b, P0, P1, m, y, ldy);
-    for (; m + 4 <= M; m += 4) q4p_rows(4, p, b, P0, P1, m, y, ldy);
-    if (M - m == 3) q4p_rows(3, p, b, P0, P1, m, y, ldy);
-    else if (M - m == 2) q4p_rows(2, p, b, P0, P1, m, y, ldy);
-    else if (M - m == 1) q4p_rows(1, p, b, P0, P1, m, y, ldy);
+    for (; m + LLMC_PANEL_ROWS <= M; m += LLMC_PANEL_ROWS) panel_rows(bits, LLMC_PANEL_ROWS, p, b, P0, P1, m, y, ldy);
+    for (; m + 4 <= M; m += 4) panel_rows(bits, 4, p, b, P0, P1, m, y, ldy);
+    if (M - m == 3) panel_rows(bits, 3, p, b, P0, P1, m, y, ldy);
+    else if (M - m == 2) panel_rows(bits, 2, p, b, P0, P1, m, y, ldy);
+    else if (M - m == 1) panel_rows(bits, 1, p, b, P0, P1, m, y, ldy);
+}
+
+static void panel_block(int64_t bits, const llmc_panels* p, const float* b, int64_t P0, int64_t P1, int64_t M,
+                        float* y, int64_t ldy) {
+    if (bits == 4) panel_block_of(4, p, b, P0, P1, M, y, ldy);
+    else panel_block_of(8, p, b, P0, P1, M, y, ldy);
 }
 #else
-static void q4p_block(const llmc_q4panels* p, const float* b, int64_t P0, int64_t P1, int64_t M, float* y,
-                      int64_t ldy) {
+static void panel_block(int64_t bits, const llmc_panels* p, const float* b, int64_t P0, int64_t P1, int64_t M,
+                        float* y, int64_t ldy) {
+    const int64_t bytes = bits == 4 ? 128 : 256;
     for (int64_t m = 0; m < M; m++)
         for (int64_t P = P0; P < P1; P++)
             for (int i = 0; i < 8; i++) {
                 float acc = 0.0f;
                 for (int64_t blk = 0; blk < p->blocks; blk++) {
-                    const uint8_t* w = p->codes + (P * p->blocks + blk) * 128;
+                    const int64_t at = P * p->blocks + blk;
                     const int8_t* x = p->xq + m * p->K + blk * 32;
                     int isum = 0;
-                    for (int L = 0; L < 4; L++)
-                        for (int t = 0; t < 4; t++) {
-                            uint8_t byte = w[L * 32 + i * 4 + t];
-                            isum += (byte & 0x0F) * x[L * 8 + t] + (byte >> 4) * x[L * 8 + 4 + t];
-                        }
-                    int64_t at = (P * p->blocks + blk) * 8 + i;
-                    acc += (float)p->scales[at] * p->xd[m * p->blocks + blk] * (float)isum;
-                    acc += (float)p->mins[at] * p->xs[m * p->blocks + blk];
+                    if (bits == 4) {
+                        const uint8_t* w = (const uint8_t*)p->codes + at * bytes;
+                        for (int L = 0; L < 4; L++)
+                            for (int t = 0; t < 4; t++) {
+                                uint8_t byte = w[L * 32 + i * 4 + t];
+                                isum += (byte & 0x0F) * x[L * 8 + t] + (byte >> 4) * x[L * 8 + 4 + t];
+                            }
+                    } else {
+                        const int8_t* w = (const int8_t*)p->codes + at * bytes;
+                        for (int L = 0; L < 8; L++)
+                            for (int t = 0; t < 4; t++) isum += w[L * 32 + i * 4 + t] * x[L * 4 + t];
+                    }
+                    acc += (float)p->scales[at * 8 + i] * p->xd[m * p->blocks + blk] * (float)isum;
+                    if (bits == 4) acc += (float)p->mins[at * 8 + i] * p->xs[m * p->blocks + blk];
                 }
                 y[m * ldy + 8 * P + i] = acc + (b ? b[8 * P + i] : 0.0f);
             }
 }
 #endif
 
-/* The q4g32 linear on panels: x rows quantized into `scratch` as llmc_linear_q does (in order),
- * then each task takes `tile` W rows (rounded up to whole panels) against every x row. */
-LLMC_KERNEL void llmc_linear_q4p(const float* x, int64_t ldx, const uint8_t* codes, const f16* scales,
-                                 const f16* mins, const float* b, float* y, int64_t M, int64_t N, int64_t K,
-                                 int64_t tile, void* scratch) {
+/* The quantized linear on panels (bits 4: q4g32, 8: q8): x rows quantized into `scratch` as
+ * llmc_linear_q does (in order), then each task takes `tile` W rows (rounded up to whole panels)
+ * against every x row. */
+LLMC_KERNEL void llmc_linear_panels(const float* x, int64_t ldx, const void* codes, const f16* scales,
+                                    const f16* mins, const float* b, float* y, int64_t M, int64_t N, int64_t K,
+                                    int64_t bits, int64_t tile, void* scratch) {
     int64_t blocks = K / 32;
     int8_t* xq = (int8_t*)scratch;
     float* xd = (float*)((char*)scratch + ((M * K + 63) / 64) * 64);
     float* xs = xd + M * blocks;
     llmc_quantize_rows(x, ldx, M, K, 0, xq, xd, xs);
-    llmc_q4panels p = {K, blocks, codes, scales, mins, xq, xd, xs};
+    llmc_panels p = {K, blocks, codes, scales, mins, xq, xd, xs};
     int64_t panels = N / 8, per = (tile + 7) / 8, tasks = llmc_tasks(panels, per);
     #pragma omp for schedule(static)
     for (int64_t t = 0; t < tasks; t++) {
         int64_t P0 = t * per, P1 = P0 + per < panels ? P0 + per : panels;
-        q4p_block(&p, b, P0, P1, M, y, N);
+        panel_block(bits, &p, b, P0, P1, M, y, N);
     }
 }
 
@@ -877,9 +921,9 @@ LLMC_KERNEL void llmc_embedding_q(const void* codes, const f16* scales, const f1
     }
 }
 
-/* The same rows of a q4g32 weight stored in panels (llmc_linear_q4p's layout, a tied LM head) */
-LLMC_KERNEL void llmc_embedding_q4p(const uint8_t* codes, const f16* scales, const f16* mins, int64_t rows,
-                                    int64_t K, const int64_t* ids, int64_t n, float* out) {
+/* The same rows of a weight stored in panels (llmc_linear_panels' layout: a tied LM head) */
+LLMC_KERNEL void llmc_embedding_panels(const void* codes, const f16* scales, const f16* mins, int64_t rows,
+                                       int64_t K, int64_t bits, const int64_t* ids, int64_t n, float* out) {
     int64_t blocks = K / 32;
     #pragma omp for schedule(static)
     for (int64_t i = 0; i < n; i++) {
@@ -887,8 +931,15 @@ LLMC_KERNEL void llmc_embedding_q4p(const uint8_t* codes, const f16* scales, con
         float* dst = out + i * K;
         for (int64_t b = 0; b < blocks; b++) {
             int64_t at = (id / 8) * blocks + b;
-            const uint8_t* w = codes + at * 128 + lane * 4;
-            float d = (float)scales[at * 8 + lane], mn = (float)mins[at * 8 + lane];
+            float d = (float)scales[at * 8 + lane];
+            if (bits == 8) {
+                const int8_t* w = (const int8_t*)codes + at * 256 + lane * 4;
+                for (int L = 0; L < 8; L++)
+                    for (int t = 0; t < 4; t++) dst[b * 32 + L * 4 + t] = (float)w[L * 32 + t] * d;
+                continue;
+            }
+            const uint8_t* w = (const uint8_t*)codes + at * 128 + lane * 4;
+            float mn = (float)mins[at * 8 + lane];
             for (int L = 0; L < 4; L++)
                 for (int t = 0; t < 4; t++) {
                     dst[b * 32 + L * 8 + t] = (float)(w[L * 32 + t] & 0x0F) * d + mn;

@@ -29,7 +29,7 @@ from llmc.ir import Graph, Node, Type, numpy_dtype
 from llmc.ops import OPS
 from llmc.quant import parse_scheme
 
-from .layout import Q4_PANELS, q4_panels_fit
+from .layout import LAYOUTS, panels_fit
 from .scalar import ScalarError, c_type, expression, literal
 from ..arena import plan_arena
 from ..lowering import BATCH_INPUTS, GraphLowering, f16_weight
@@ -67,6 +67,7 @@ class WeightTable:
         self.names: list[str] = []
         self._index: dict[str, int] = {}
         self.panels: list[tuple[str, ...]] = []
+        self._layouts: dict[str, str] = {}
 
     def index(self, name: str) -> int:
         if name not in self._index:
@@ -74,14 +75,15 @@ class WeightTable:
             self.names.append(name)
         return self._index[name]
 
-    def in_panels(self, parts: tuple[str, ...]) -> None:
+    def in_panels(self, parts: tuple[str, ...], layout: str) -> None:
         if parts not in self.panels:
             self.panels.append(parts)
+            self._layouts.update(dict.fromkeys(parts, layout))
 
     @property
     def layouts(self) -> dict[str, str]:
         """weight name -> its layout, for the weights not stored in their scheme's rows"""
-        return {name: Q4_PANELS for parts in self.panels for name in parts}
+        return dict(self._layouts)
 
 
 @dataclass
@@ -287,12 +289,12 @@ class FunctionLowering(GraphLowering):
         return self.contiguous(self.read(node)).pointer("float")
 
     def _panels(self, scheme, parts: tuple[Node, ...], n: int, k: int) -> bool:
-        """Whether a quantized weight is read in panels of eight rows (layout.py), recording it
-        in the weight table if so: 4-bit groups of 32 stored as whole weights, N a multiple of 8."""
-        if not (scheme.bits == 4 and scheme.group == 32 and q4_panels_fit(n, k)
-                and all(p.op == "weight" for p in parts)):
+        """Whether a quantized weight is read in panels of eight rows (layout.py), recording it in
+        the weight table if so: 4-bit or 8-bit groups of 32 stored as whole weights, N a multiple
+        of 8."""
+        if not (panels_fit(scheme.bits, scheme.group, n, k) and all(p.op == "weight" for p in parts)):
             return False
-        self.weights.in_panels(tuple(p.attrs["name"] for p in parts))
+        self.weights.in_panels(tuple(p.attrs["name"] for p in parts), LAYOUTS[scheme.bits])
         return True
 
     def _qlinear(self, node: Node) -> View:
@@ -305,13 +307,13 @@ class FunctionLowering(GraphLowering):
         bias = self._bias(node.inputs[1 + count]) if len(node.inputs) > 1 + count else "0"
         out = self.alloc("f32", node.type.shape, node)
         scratch = self.scratch(dims.add(dims.mul(m, _round_up(k, ALIGN)), dims.mul(m, (k // 32) * 8)))
-        if self._panels(scheme, node.inputs[1:1 + count], n, k):
-            kernel = "llmc_linear_q4p"
-            self._call(kernel, x.pointer("float"), c_dim(ldx), parts[0].pointer("uint8_t"), parts[1].pointer("f16"),
-                       parts[2].pointer("f16"), bias, out.pointer("float"), c_dim(m), n, k,
-                       self._tile(kernel, m, n, k), scratch)
-            return out
         mins = parts[scheme.parts.index("mins")].pointer("f16") if "mins" in scheme.parts else "0"
+        if self._panels(scheme, node.inputs[1:1 + count], n, k):
+            kernel = f"llmc_linear_q{scheme.bits}p"         # the tuner's and the profile's name
+            self._call("llmc_linear_panels", x.pointer("float"), c_dim(ldx), parts[0].pointer("void"),
+                       parts[1].pointer("f16"), mins, bias, out.pointer("float"), c_dim(m), n, k, scheme.bits,
+                       self._tile(kernel, m, n, k), scratch, kernel=kernel)
+            return out
         kernel = f"llmc_linear_{scheme.name}"
         self._call("llmc_linear_q", x.pointer("float"), c_dim(ldx), parts[0].pointer("void"),
                    parts[1].pointer("f16"), mins, bias, out.pointer("float"), c_dim(m), n, k, scheme.bits,
@@ -335,12 +337,11 @@ class FunctionLowering(GraphLowering):
         k = node.type.shape[-1]
         out = self.alloc("f32", node.type.shape, node)
         n_ids = c_dim(dims.product(ids.shape))
-        if self._panels(scheme, node.inputs[:count], parts[0].shape[0], k):
-            self._call("llmc_embedding_q4p", parts[0].pointer("uint8_t"), parts[1].pointer("f16"),
-                       parts[2].pointer("f16"), parts[0].shape[0], k, ids.pointer("int64_t"), n_ids,
-                       out.pointer("float"))
-            return out
         mins = parts[scheme.parts.index("mins")].pointer("f16") if "mins" in scheme.parts else "0"
+        if self._panels(scheme, node.inputs[:count], parts[0].shape[0], k):
+            self._call("llmc_embedding_panels", parts[0].pointer("void"), parts[1].pointer("f16"), mins,
+                       parts[0].shape[0], k, scheme.bits, ids.pointer("int64_t"), n_ids, out.pointer("float"))
+            return out
         self._call("llmc_embedding_q", parts[0].pointer("void"), parts[1].pointer("f16"), mins, parts[0].shape[0],
                    k, scheme.bits, scheme.group, ids.pointer("int64_t"), n_ids, out.pointer("float"))
         return out

@@ -143,13 +143,15 @@ def _bench_call(kernel: str, n: int, k: int, rows: int, level: str, threads: int
         w16 = w.astype(np.float16)
         return lambda tile: lib.h_linear_f16(x.ctypes.data, k, w16.ctypes.data, None, y.ctypes.data, rows, n, k, tile)
     scratch = np.empty(rows * (k + 64) + rows * (k // 32) * 8 + 64, np.uint8)
-    if kernel == "llmc_linear_q4p":
+    if kernel in ("llmc_linear_q4p", "llmc_linear_q8p"):         # q4g32 / q8 in panels (layout.py)
         from .layout import to_panels
 
-        panels = to_panels(quantize(w, parse_scheme("q4g32")))
-        return lambda tile: lib.h_linear_q4p(x.ctypes.data, k, panels["q"].ctypes.data, panels["scales"].ctypes.data,
-                                             panels["mins"].ctypes.data, None, y.ctypes.data, rows, n, k, tile,
-                                             scratch.ctypes.data)
+        bits = 4 if kernel == "llmc_linear_q4p" else 8
+        panels = to_panels(quantize(w, parse_scheme("q4g32" if bits == 4 else "q8")))
+        mins = panels["mins"].ctypes.data if "mins" in panels else None
+        return lambda tile: lib.h_linear_panels(x.ctypes.data, k, panels["q"].ctypes.data,
+                                                panels["scales"].ctypes.data, mins, None, y.ctypes.data, rows, n, k,
+                                                bits, tile, scratch.ctypes.data)
     scheme = parse_scheme(kernel.removeprefix("llmc_linear_"))
     parts = quantize(w, scheme)
     mins = parts["mins"].ctypes.data if "mins" in parts else None
