@@ -63,8 +63,12 @@ def quantized_weight(rng, scheme: str, n: int, k: int):
     return s, parts
 
 
-def linear_q(lib, s, parts, store, ldx, b, m, n, k, tile, panels=False):
+def linear_q(lib, s, parts, store, ldx, b, m, n, k, tile, panels=False, exact=False):
     y = np.full((m, n), np.nan, np.float32)
+    if exact:
+        lib.h_linear_q_exact(p(store), ldx, p(parts["q"]), p(parts["scales"]), p(parts.get("mins")), p(b), p(y), m, n,
+                             k, s.bits, s.group, tile)
+        return y
     scratch = np.empty(m * (k + 64) + m * (k // 32) * 8 + 64, np.uint8)
     if panels:
         laid = to_panels(parts)
@@ -134,9 +138,26 @@ def test_quantized_linear_within_the_activation_rounding_bound(lib, scheme, m, n
     assert (error / rounding).max() > 0.1 / np.sqrt(k)
 
 
+@pytest.mark.parametrize("scheme", ["q8", "q4g32", "q4g32-q4_0", "q4g128"])
+@pytest.mark.parametrize("m,n", [(1, 1), (1, 45), (6, 13), (17, 9), (21, 40)])
+def test_quantized_linear_on_f32_activations_is_the_exact_product(lib, scheme, m, n):
+    """quant_activations f32: x as it is times the dequantized weight, within f32 rounding."""
+    rng = np.random.default_rng(n * 5 + m)
+    sizes = Q_SIZES[parse_scheme(scheme.removesuffix("-q4_0")).group]
+    k = sizes[(m + n) % len(sizes)]
+    s, parts = quantized_weight(rng, scheme, n, k)
+    store, x = rows_at_stride(rng, m, k, 5)
+    b = rng.standard_normal(n).astype(np.float32)
+    for tile in (1, 7, 64):
+        y = linear_q(lib, s, parts, store, k + 5, b, m, n, k, tile, exact=True)
+        want = x.astype(np.float64) @ dequantize(parts, s, k).astype(np.float64).T + b
+        np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4 * np.sqrt(k))
+
+
 @pytest.mark.parametrize("kernel,k", [("f32", 67), ("f32", 256), ("f16", 67), ("f16", 256), ("q8", 352),
                                       ("q4g32", 352), ("q4g32-q4_0", 576), ("q4g128", 384), ("q4g128", 1024),
-                                      ("q4g32-panels", 352), ("q4g32-q4_0-panels", 576), ("q8-panels", 352)])
+                                      ("q4g32-panels", 352), ("q4g32-q4_0-panels", 576), ("q8-panels", 352),
+                                      ("q4g32-exact", 352), ("q4g128-exact", 384)])
 def test_linear_rows_do_not_depend_on_the_batch(lib, kernel, k):
     """Batch invariance: each x row's outputs are bitwise the same computed alone (M = 1) as inside
     any batch, at any row of it, next to any other rows, with any tile and thread count."""
@@ -154,10 +175,11 @@ def test_linear_rows_do_not_depend_on_the_batch(lib, kernel, k):
             call(p(rows), k + pad, p(w), p(b), p(y), len(rows), n, k, tile)
             return y
     else:
-        s, parts = quantized_weight(rng, kernel, n, k)
+        s, parts = quantized_weight(rng, kernel.removesuffix("-exact"), n, k)
 
         def run(rows, tile):
-            return linear_q(lib, s, parts, rows, k + pad, b, len(rows), n, k, tile, kernel.endswith("-panels"))
+            return linear_q(lib, s, parts, rows, k + pad, b, len(rows), n, k, tile, kernel.endswith("-panels"),
+                            kernel.endswith("-exact"))
 
     try:
         lib.h_set_threads(1)

@@ -43,21 +43,25 @@ def test_fp32_greedy_matches_transformers_for_64_tokens(families, name, tmp_path
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("quant,kv,tolerance", [("f16", "f32", 1e-5), ("f32", "int8", 1e-5),
-                                                ("q8", "f32", 2e-2), ("q4g32", "f32", 2e-2)])
-def test_compiled_formats_agree_with_the_reference_target(families, tmp_path, quant, kv, tolerance):
+@pytest.mark.parametrize("quant,kv,activations,tolerance", [
+    ("f16", "f32", "int8", 1e-5), ("f32", "int8", "int8", 1e-5), ("q8", "f32", "int8", 2e-2),
+    ("q4g32", "f32", "int8", 2e-2), ("q4g32", "f32", "f32", 1e-5), ("q8", "f32", "f32", 1e-5)])
+def test_compiled_formats_agree_with_the_reference_target(families, tmp_path, quant, kv, activations, tolerance):
     """q8/q4 kernels round activations to int8 per block of 32 (as llama.cpp does); the reference
-    multiplies by the dequantized weight exactly, hence the looser tolerance there."""
+    multiplies by the dequantized weight exactly, hence the looser tolerance there. With
+    quant_activations f32 the cpu target does what the reference does."""
     _, imported = families["llama"]
     ids = list(np.random.default_rng(5).integers(0, 128, 41))
     logits = {}
     for target in ("cpu", "ref"):
         path = tmp_path / f"{target}.llmc"
-        compile_model(imported, path, target=target, quant=quant, kv=kv, progress=None)
+        options = {"quant_activations": activations} if target == "cpu" else {}
+        compile_model(imported, path, target=target, quant=quant, kv=kv, progress=None, **options)
         loaded = llmc.load(path, max_context=64)
         logits[target] = loaded.logits(ids)
-        if target == "cpu":       # q4g32 and q8 run from the target's own panels (layout.py)
-            assert bool(loaded.manifest["target"]["layouts"]) == (quant in ("q4g32", "q8"))
+        if target == "cpu":       # q4g32 and q8 on int8 activations run from the target's panels (layout.py)
+            assert bool(loaded.manifest["target"]["layouts"]) == (quant in ("q4g32", "q8") and activations == "int8")
+            assert loaded.manifest["options"]["quant_activations"] == activations
     assert relative_error(logits["cpu"], logits["ref"]) < tolerance
 
 
@@ -250,3 +254,12 @@ def test_tuning_a_level_this_machine_cannot_run_is_refused(families):
     _, imported = families["llama"]
     with pytest.raises(UsageError, match="cannot tune x86-64-v3 kernels on this machine, which lacks avx.*--tune off"):
         compile_graphs({"graph": imported.graph}, level="x86-64-v3", tune="fast", features={"sse2"})
+
+
+def test_an_unknown_activation_format_is_refused_before_anything_is_traced():
+    from llmc import targets
+    from llmc.errors import UsageError
+
+    with pytest.raises(UsageError, match="unknown activation format 'bf16' for quantized linears; choose int8, f32"):
+        targets.get("cpu").make_options({"quant_activations": "bf16"})
+    assert targets.get("cpu").make_options({"quant_activations": "f32"}).quant_activations == "f32"

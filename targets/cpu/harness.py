@@ -19,6 +19,9 @@ LLMC_EXPORT void h_linear_f16(const float* x, int64_t ldx, const f16* w, const f
 LLMC_EXPORT void h_linear_q(const float* x, int64_t ldx, const void* q, const f16* s, const f16* mn, const float* b,
     float* y, int64_t M, int64_t N, int64_t K, int64_t bits, int64_t G, int64_t tile, void* scratch)
     PARALLEL(llmc_linear_q(x, ldx, q, s, mn, b, y, M, N, K, bits, G, tile, scratch))
+LLMC_EXPORT void h_linear_q_exact(const float* x, int64_t ldx, const void* q, const f16* s, const f16* mn,
+    const float* b, float* y, int64_t M, int64_t N, int64_t K, int64_t bits, int64_t G, int64_t tile)
+    PARALLEL(llmc_linear_q_exact(x, ldx, q, s, mn, b, y, M, N, K, bits, G, tile))
 LLMC_EXPORT void h_linear_panels(const float* x, int64_t ldx, const void* q, const f16* s, const f16* mn,
     const float* b, float* y, int64_t M, int64_t N, int64_t K, int64_t bits, int64_t tile, void* scratch)
     PARALLEL(llmc_linear_panels(x, ldx, q, s, mn, b, y, M, N, K, bits, tile, scratch))
@@ -52,6 +55,7 @@ SIGNATURES = {
     "h_linear_f32": [_PTR, _INT, _PTR, _PTR, _PTR, _INT, _INT, _INT, _INT],
     "h_linear_f16": [_PTR, _INT, _PTR, _PTR, _PTR, _INT, _INT, _INT, _INT],
     "h_linear_q": [_PTR, _INT, _PTR, _PTR, _PTR, _PTR, _PTR, _INT, _INT, _INT, _INT, _INT, _INT, _PTR],
+    "h_linear_q_exact": [_PTR, _INT, _PTR, _PTR, _PTR, _PTR, _PTR, _INT, _INT, _INT, _INT, _INT, _INT],
     "h_linear_panels": [_PTR, _INT, _PTR, _PTR, _PTR, _PTR, _PTR, _INT, _INT, _INT, _INT, _INT, _PTR],
     "h_embedding": [_PTR, _INT, _INT, _PTR, _INT, _PTR],
     "h_embedding_q": [_PTR, _PTR, _PTR, _INT, _INT, _INT, _INT, _PTR, _INT, _PTR],

@@ -900,6 +900,37 @@ static void dequantize_rows(const void* codes, const f16* scales, const f16* min
     }
 }
 
+/* The exact path for quantized weights (the cpu option quant_activations = "f32"): each task's W
+ * rows dequantized to f32 into the thread's buffer, then the f32 linear's block on x as it is, not
+ * rounded to int8: the product with the dequantized weight, as the reference computes it, in the
+ * f32 linear's fixed order (batch invariant as it is). Should the buffer not grow to a task's
+ * rows, they go one at a time (the same arithmetic, more calls). */
+LLMC_KERNEL void llmc_linear_q_exact(const float* x, int64_t ldx, const void* codes, const f16* scales,
+                                     const f16* mins, const float* b, float* y, int64_t M, int64_t N, int64_t K,
+                                     int64_t bits, int64_t G, int64_t tile) {
+    static __thread float* rows = 0;
+    static __thread int64_t capacity = 0;              /* floats */
+    int64_t tasks = llmc_tasks(N, tile);
+    #pragma omp for schedule(static)
+    for (int64_t t = 0; t < tasks; t++) {
+        int64_t n0 = t * tile, n1 = n0 + tile < N ? n0 + tile : N, step = n1 - n0;
+        if (step * K > capacity) {
+            float* grown = (float*)realloc(rows, (size_t)(step * K) * sizeof(float));
+            if (grown) {
+                rows = grown;
+                capacity = step * K;
+            }
+        }
+        if (step * K > capacity) step = 1;
+        if (K > capacity) abort();                     /* out of memory for one row of K floats */
+        for (int64_t r0 = n0; r0 < n1; r0 += step) {
+            int64_t r1 = r0 + step < n1 ? r0 + step : n1;
+            dequantize_rows(codes, scales, mins, bits, K, G, r0, r1, rows);
+            linear_block(x, ldx, rows, 0, b ? b + r0 : 0, y + r0, N, M, r1 - r0, K);
+        }
+    }
+}
+
 /* ---------------------------------------------------------------------------------------------
  * Embeddings */
 

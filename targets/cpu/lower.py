@@ -99,7 +99,7 @@ class FunctionLowering(GraphLowering):
     target = "cpu"
 
     def __init__(self, graph: Graph, name: str, weights: WeightTable, tiles: Callable[[str, int, int], dict],
-                 chunk: int, sites: SiteTable | None = None):
+                 chunk: int, sites: SiteTable | None = None, exact: bool = False):
         super().__init__(graph)
         self.name = name
         self.weights = weights
@@ -107,6 +107,7 @@ class FunctionLowering(GraphLowering):
         self._called: str | None = None          # the last kernel called (the profile label's kind)
         self.tiles = tiles
         self.chunk = chunk
+        self.exact = exact          # quantized linears on f32 activations (the cpu option quant_activations)
         vocab = graph.outputs[0].type.shape[-1] if graph.outputs[0].type.rank else None
         self.vocab = vocab if isinstance(vocab, int) else "INT64_MAX"
         # k_cache is [layers, blocks, Hk, B, D]; a graph without a pool reads no block tables (B 0).
@@ -292,7 +293,7 @@ class FunctionLowering(GraphLowering):
         """Whether a quantized weight is read in panels of eight rows (layout.py), recording it in
         the weight table if so: 4-bit or 8-bit groups of 32 stored as whole weights, N a multiple
         of 8."""
-        if not (panels_fit(scheme.bits, scheme.group, n, k) and all(p.op == "weight" for p in parts)):
+        if self.exact or not (panels_fit(scheme.bits, scheme.group, n, k) and all(p.op == "weight" for p in parts)):
             return False
         self.weights.in_panels(tuple(p.attrs["name"] for p in parts), LAYOUTS[scheme.bits])
         return True
@@ -306,8 +307,14 @@ class FunctionLowering(GraphLowering):
         k = node.inputs[0].type.shape[-1]
         bias = self._bias(node.inputs[1 + count]) if len(node.inputs) > 1 + count else "0"
         out = self.alloc("f32", node.type.shape, node)
-        scratch = self.scratch(dims.add(dims.mul(m, _round_up(k, ALIGN)), dims.mul(m, (k // 32) * 8)))
         mins = parts[scheme.parts.index("mins")].pointer("f16") if "mins" in scheme.parts else "0"
+        if self.exact:
+            kernel = f"llmc_linear_{scheme.name}_exact"
+            self._call("llmc_linear_q_exact", x.pointer("float"), c_dim(ldx), parts[0].pointer("void"),
+                       parts[1].pointer("f16"), mins, bias, out.pointer("float"), c_dim(m), n, k, scheme.bits,
+                       scheme.group, self._tile(kernel, m, n, k), kernel=kernel)
+            return out
+        scratch = self.scratch(dims.add(dims.mul(m, _round_up(k, ALIGN)), dims.mul(m, (k // 32) * 8)))
         if self._panels(scheme, node.inputs[1:1 + count], n, k):
             kernel = f"llmc_linear_q{scheme.bits}p"         # the tuner's and the profile's name
             self._call("llmc_linear_panels", x.pointer("float"), c_dim(ldx), parts[0].pointer("void"),
@@ -483,5 +490,5 @@ def _round_up(n: int, to: int) -> int:
 
 
 def lower_graph(graph: Graph, name: str, weights: WeightTable, tiles, chunk: int,
-                sites: SiteTable | None = None) -> Lowered:
-    return FunctionLowering(graph, name, weights, tiles, chunk, sites).run()
+                sites: SiteTable | None = None, exact: bool = False) -> Lowered:
+    return FunctionLowering(graph, name, weights, tiles, chunk, sites, exact).run()

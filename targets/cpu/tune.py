@@ -152,8 +152,12 @@ def _bench_call(kernel: str, n: int, k: int, rows: int, level: str, threads: int
         return lambda tile: lib.h_linear_panels(x.ctypes.data, k, panels["q"].ctypes.data,
                                                 panels["scales"].ctypes.data, mins, None, y.ctypes.data, rows, n, k,
                                                 bits, tile, scratch.ctypes.data)
-    scheme = parse_scheme(kernel.removeprefix("llmc_linear_"))
+    scheme = parse_scheme(kernel.removeprefix("llmc_linear_").removesuffix("_exact"))
     parts = quantize(w, scheme)
+    if kernel.endswith("_exact"):
+        mins = parts["mins"].ctypes.data if "mins" in parts else None
+        return lambda tile: lib.h_linear_q_exact(x.ctypes.data, k, parts["q"].ctypes.data, parts["scales"].ctypes.data,
+                                                 mins, None, y.ctypes.data, rows, n, k, scheme.bits, scheme.group, tile)
     mins = parts["mins"].ctypes.data if "mins" in parts else None
     return lambda tile: lib.h_linear_q(x.ctypes.data, k, parts["q"].ctypes.data, parts["scales"].ctypes.data, mins,
                                        None, y.ctypes.data, rows, n, k, scheme.bits, scheme.group, tile,
