@@ -2,18 +2,19 @@
 decode and prefill deep in the context against llama.cpp, and the KV cache formats' cost and
 quality.
 
-    python benchmarks/kernels.py batch ARTIFACT... [--batches 1,2,4,8,16,32] [--position 150] [--rounds 5]
-    python benchmarks/kernels.py deep ARTIFACT... [--prompt 3000] [--decode 64] [--rounds 3]
-    python benchmarks/kernels.py kv [--quant gguf] [--context 1024]
+    python benchmarks/step_kernels.py batch ARTIFACT... [--batches 1,2,4,8,16,32] [--position 150] [--rounds 5]
+    python benchmarks/step_kernels.py deep ARTIFACT... [--prompt 3000] [--decode 64] [--rounds 3]
+    python benchmarks/step_kernels.py kv [--quant gguf] [--context 1024]
 
 batch: one step of B decode tokens (B sequences at ``--position``, ``Model.run_batch``) for each
 artifact, the artifacts interleaved step by step within a round and the order reversed every
 other round; aggregate tok/s (medians over rounds) and its ratio to batch 1.
 
 deep: prefill of a ``--prompt``-token prompt, then ``--decode`` greedy tokens, for each llmc
-artifact and for llama.cpp (llama-cpp-python, SmolLM2's Q4_1 GGUF requantized to Q4_0, the fair
-peer of q4g32) with and without its flash attention; engines interleaved, the order reversed every
-other round; medians and the median of per-round ratios to llama.cpp.
+artifact, for llama.cpp (llama-cpp-python, SmolLM2's Q4_1 GGUF requantized to Q4_0, the fair
+peer of q4g32) with and without its flash attention, and for ONNX Runtime GenAI's int4 build
+(benchmarks/ort_peer.py; each peer where it is installed); engines interleaved, the order
+reversed every other round; medians and the median of per-round ratios to each peer.
 
 kv: the same weights built with each KV cache format (f32, f16, int8): bytes per position, and
 perplexity on benchmarks/data/alice.txt in windows of ``--context`` tokens (stride half of it)
@@ -25,6 +26,7 @@ against the f32 cache's.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import sys
@@ -99,6 +101,11 @@ def deep(args) -> dict:
             llm = Llama(model_path=str(gguf), n_ctx=context, n_batch=512, n_ubatch=512, n_threads=THREADS,
                         n_threads_batch=THREADS, flash_attn=flash, verbose=False)
             engines[f"llama.cpp Q4_0{' flash' if flash else ''}"] = _llama_run(llm, prompt, args.decode)
+    if importlib.util.find_spec("onnxruntime_genai") is not None:
+        from ort_peer import ort_int4, ort_run, smollm2_hf_folder
+
+        engines["ORT GenAI int4"] = ort_run(ort_int4(smollm2_hf_folder(folder), folder / "ort-int4"), prompt,
+                                            args.decode, context)
     names = list(engines)
     figures: dict[str, dict[str, list[float]]] = {n: {"prefill": [], "decode": []} for n in names}
     for r in range(args.rounds):
@@ -107,7 +114,7 @@ def deep(args) -> dict:
             figures[name]["prefill"].append(args.prompt / prefill)
             figures[name]["decode"].append(args.decode / decode)
     out = {}
-    peers = [n for n in names if n.startswith("llama.cpp")]
+    peers = [n for n in names if n.startswith(("llama.cpp", "ORT"))]
     for name in names:
         row = {phase: round(statistics.median(v), 1) for phase, v in figures[name].items()}
         for peer in peers if name not in peers else []:
