@@ -4,6 +4,7 @@ quality.
 
     python benchmarks/step_kernels.py batch ARTIFACT... [--batches 1,2,4,8,16,32] [--position 150] [--rounds 5]
     python benchmarks/step_kernels.py deep ARTIFACT... [--prompt 3000] [--decode 64] [--rounds 3]
+    python benchmarks/step_kernels.py big [--work DIR] [--prompt 512] [--decode 64] [--rounds 3]
     python benchmarks/step_kernels.py kv [--quant gguf] [--context 1024]
 
 batch: one step of B decode tokens (B sequences at ``--position``, ``Model.run_batch``) for each
@@ -15,6 +16,10 @@ artifact, for llama.cpp (llama-cpp-python, SmolLM2's Q4_1 GGUF requantized to Q4
 peer of q4g32) with and without its flash attention, and for ONNX Runtime GenAI's int4 build
 (benchmarks/ort_peer.py; each peer where it is installed); engines interleaved, the order
 reversed every other round; medians and the median of per-round ratios to each peer.
+
+big: the same on a random-weight Llama of 0.90B parameters (built with transformers, kept in
+``--work``) compiled by llmc (q4g32) and by ONNX Runtime GenAI's builder (int4); no llama.cpp
+(llama-cpp-python ships no HF-to-GGUF converter).
 
 kv: the same weights built with each KV cache format (f32, f16, int8): bytes per position, and
 perplexity on benchmarks/data/alice.txt in windows of ``--context`` tokens (stride half of it)
@@ -106,13 +111,19 @@ def deep(args) -> dict:
 
         engines["ORT GenAI int4"] = ort_run(ort_int4(smollm2_hf_folder(folder), folder / "ort-int4"), prompt,
                                             args.decode, context)
+    return compare(engines, args.prompt, args.decode, args.rounds)
+
+
+def compare(engines: dict, prompt: int, decode: int, rounds: int) -> dict:
+    """Each engine's prefill and decode tok/s over ``rounds`` interleaved rounds (the order reversed
+    every other round): medians, and the median of per-round ratios to each peer."""
     names = list(engines)
     figures: dict[str, dict[str, list[float]]] = {n: {"prefill": [], "decode": []} for n in names}
-    for r in range(args.rounds):
+    for r in range(rounds):
         for name in (names if r % 2 == 0 else names[::-1]):
-            prefill, decode = engines[name]()
-            figures[name]["prefill"].append(args.prompt / prefill)
-            figures[name]["decode"].append(args.decode / decode)
+            prefill, seconds = engines[name]()
+            figures[name]["prefill"].append(prompt / prefill)
+            figures[name]["decode"].append(decode / seconds)
     out = {}
     peers = [n for n in names if n.startswith(("llama.cpp", "ORT"))]
     for name in names:
@@ -123,6 +134,61 @@ def deep(args) -> dict:
                 row[f"{phase} / {peer}"] = round(statistics.median(ratios), 2)
         out[name] = row
     return out
+
+
+def big(args) -> dict:
+    """A random-weight Llama of about 0.9B parameters: llmc q4g32 against ORT GenAI int4."""
+    import llmc
+    from llmc.compiler import compile_model
+    from ort_peer import model_bytes, ort_int4, ort_run
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    hf = random_llama_folder(work / "llama-0.9b")
+    artifact = work / "llama-0.9b-q4g32.llmc"
+    if not artifact.exists():
+        compile_model(str(hf), artifact, quant="q4g32", progress=None)
+    ort = work / "llama-0.9b-ort-int4"
+    if not (ort / "genai_config.json").exists():
+        ort_int4(hf, ort)
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(100, 30000, args.prompt).tolist()
+    context = args.prompt + args.decode + 8
+    engines = {"llmc q4g32": _llmc_run(llmc.load(artifact, max_context=context, threads=THREADS), prompt, args.decode),
+               "ORT GenAI int4": ort_run(ort, prompt, args.decode, context)}
+    out = compare(engines, args.prompt, args.decode, args.rounds)
+    out["bytes"] = {"llmc q4g32": artifact.stat().st_size, "ORT GenAI int4": model_bytes(ort)}
+    return out
+
+
+def random_llama_folder(out: Path) -> Path:
+    """hidden 2048, 16 layers, 32 query / 8 K/V heads, MLP 6144, vocab 32000, untied: 0.90B
+    parameters, random (seed 0), saved as a Hugging Face folder (once)."""
+    if (out / "config.json").exists():
+        return out
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=2048, intermediate_size=6144, num_hidden_layers=16,
+                                      num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
+                                      max_position_embeddings=4096, tie_word_embeddings=False)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.save_pretrained(out)
+    _placeholder_tokenizer(config.vocab_size).save_pretrained(out)     # ORT's builder wants one
+    return out
+
+
+def _placeholder_tokenizer(vocab: int):
+    """A word-level tokenizer over ``vocab`` made-up tokens (the benchmark feeds token ids)."""
+    import tokenizers
+    import transformers
+
+    words = {f"t{i}": i for i in range(vocab)}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(words, unk_token="t0"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="t1", eos_token="t2",
+                                                unk_token="t0")
 
 
 def _llmc_run(model, prompt, decode):
@@ -188,11 +254,16 @@ def main() -> None:
     d.add_argument("--prompt", type=int, default=3000)
     d.add_argument("--decode", type=int, default=64)
     d.add_argument("--rounds", type=int, default=3)
+    g = commands.add_parser("big")
+    g.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "llmc-big"))
+    g.add_argument("--prompt", type=int, default=512)
+    g.add_argument("--decode", type=int, default=64)
+    g.add_argument("--rounds", type=int, default=3)
     k = commands.add_parser("kv")
     k.add_argument("--quant", default="gguf")
     k.add_argument("--context", type=int, default=1024)
     args = parser.parse_args()
-    result = {"batch": batch, "deep": deep, "kv": kv}[args.command](args)
+    result = {"batch": batch, "deep": deep, "big": big, "kv": kv}[args.command](args)
     print(json.dumps(result, indent=2))
 
 

@@ -391,24 +391,41 @@ static inline int quantize_block(const float* src, int8_t* lo, int8_t* hi, float
  * 32 on AVX2), the codes of blocks 2p and 2p+1 are stored [2p: 0..15][2p+1: 0..15][2p: 16..31]
  * [2p+1: 16..31], the order in which one 32-byte load of 4-bit weight codes (two groups) yields its
  * low and its high nibbles, and the d and s of each full run of eight blocks in RUN_ORDER. */
+static inline void quantize_task(const float* x, int64_t ldx, int64_t K, int paired, int8_t* codes, float* xd,
+                                 float* xs, int64_t task) {
+    int64_t per_row = K / 32, paired_blocks = paired ? per_row / 2 * 2 : 0, in_runs = paired ? per_row / 8 * 8 : 0;
+    int64_t m = task / per_row, j = task % per_row;
+    int8_t* dst = codes + m * K + j * 32;
+    int8_t *lo = dst, *hi = dst + 16;                  /* where elements 0..15 and 16..31 go */
+    if (j < paired_blocks) {
+        lo = codes + m * K + (j & ~1) * 32 + (j & 1) * 16;
+        hi = lo + 32;
+    }
+    float d;
+    int sum = quantize_block(x + m * ldx + j * 32, lo, hi, &d);
+    int64_t at = j < in_runs ? (j & ~7) + (j & 1) * 4 + (j & 7) / 2 : j;     /* full runs in RUN_ORDER */
+    xd[m * per_row + at] = d;
+    xs[m * per_row + at] = d * (float)sum;
+}
+
 static void llmc_quantize_rows(const float* x, int64_t ldx, int64_t M, int64_t K, int paired, int8_t* codes,
                                float* xd, float* xs) {
-    int64_t per_row = K / 32, paired_blocks = paired ? per_row / 2 * 2 : 0, in_runs = paired ? per_row / 8 * 8 : 0;
     #pragma omp for schedule(static)
-    for (int64_t task = 0; task < M * per_row; task++) {
-        int64_t m = task / per_row, j = task % per_row;
-        int8_t* dst = codes + m * K + j * 32;
-        int8_t *lo = dst, *hi = dst + 16;                  /* where elements 0..15 and 16..31 go */
-        if (j < paired_blocks) {
-            lo = codes + m * K + (j & ~1) * 32 + (j & 1) * 16;
-            hi = lo + 32;
-        }
-        float d;
-        int sum = quantize_block(x + m * ldx + j * 32, lo, hi, &d);
-        int64_t at = j < in_runs ? (j & ~7) + (j & 1) * 4 + (j & 7) / 2 : j;     /* full runs in RUN_ORDER */
-        xd[m * per_row + at] = d;
-        xs[m * per_row + at] = d * (float)sum;
-    }
+    for (int64_t task = 0; task < M * (K / 32); task++) quantize_task(x, ldx, K, paired, codes, xd, xs, task);
+}
+
+/* At most this many x values (a decode step's row or two) are rounded by every thread for itself,
+ * into its stack, rather than shared out: a few hundred ns of redundant work instead of the
+ * barrier that sharing them needs (one of a linear's two). The values are the same either way. */
+#define LLMC_PRIVATE_X 4096
+typedef struct {
+    int8_t codes[LLMC_PRIVATE_X] __attribute__((aligned(32)));
+    float d[LLMC_PRIVATE_X / 32], s[LLMC_PRIVATE_X / 32];
+} llmc_private_x;
+
+static inline void quantize_rows_alone(const float* x, int64_t ldx, int64_t M, int64_t K, int paired,
+                                       llmc_private_x* own) {
+    for (int64_t task = 0; task < M * (K / 32); task++) quantize_task(x, ldx, K, paired, own->codes, own->d, own->s, task);
 }
 
 #if LLMC_AVX2
@@ -693,7 +710,14 @@ LLMC_KERNEL void llmc_linear_q(const float* x, int64_t ldx, const void* codes, c
     int8_t* xq = (int8_t*)scratch;
     float* xd = (float*)((char*)scratch + ((M * K + 63) / 64) * 64);
     float* xs = xd + M * blocks;
-    llmc_quantize_rows(x, ldx, M, K, LLMC_AVX2 && bits == 4 && G == 32, xq, xd, xs);
+    const int paired = LLMC_AVX2 && bits == 4 && G == 32;
+    llmc_private_x own;
+    if (M * K <= LLMC_PRIVATE_X) {
+        quantize_rows_alone(x, ldx, M, K, paired, &own);
+        xq = own.codes, xd = own.d, xs = own.s;
+    } else {
+        llmc_quantize_rows(x, ldx, M, K, paired, xq, xd, xs);
+    }
     llmc_qlinear p = {bits, G, K, blocks, blocks % 8, codes, scales, mins, bits == 4 ? K / 2 : K, K / G, N * (K / G),
                       xq, xd, xs};
     int64_t tasks = llmc_tasks(N, tile);
@@ -867,7 +891,13 @@ LLMC_KERNEL void llmc_linear_panels(const float* x, int64_t ldx, const void* cod
     int8_t* xq = (int8_t*)scratch;
     float* xd = (float*)((char*)scratch + ((M * K + 63) / 64) * 64);
     float* xs = xd + M * blocks;
-    llmc_quantize_rows(x, ldx, M, K, 0, xq, xd, xs);
+    llmc_private_x own;
+    if (M * K <= LLMC_PRIVATE_X) {
+        quantize_rows_alone(x, ldx, M, K, 0, &own);
+        xq = own.codes, xd = own.d, xs = own.s;
+    } else {
+        llmc_quantize_rows(x, ldx, M, K, 0, xq, xd, xs);
+    }
     llmc_panels p = {K, blocks, codes, scales, mins, xq, xd, xs};
     int64_t panels = N / 8, per = (tile + 7) / 8, tasks = llmc_tasks(panels, per);
     #pragma omp for schedule(static)
