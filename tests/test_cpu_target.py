@@ -247,6 +247,50 @@ def test_fused_elementwise_loops_match_the_interpreter(tmp_path):
     np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
 
 
+def test_independent_loops_in_a_row_share_one_barrier(tmp_path):
+    """exp, sin and cos of the same input do not wait for each other; the add that reads two of
+    them does."""
+    import ctypes
+    from pathlib import Path
+
+    from llmc.interpret import run
+    from llmc.ir import parse_graph
+    from llmc.targets.cpu import compile_graphs
+    from llmc.targets.cpu.launch import library_file
+
+    graph = parse_graph("""graph @forward(%tokens: i64[seq], %positions: i64[seq]) {
+  %0 = add(%tokens, %positions) : i64[seq]
+  %1 = cast(%0) {dtype="f32"} : f32[seq]
+  %2 = exp(%1) : f32[seq]
+  %3 = sin(%1) : f32[seq]
+  %4 = cos(%1) : f32[seq]
+  %5 = add(%3, %4) : f32[seq]
+  %6 = mul(%2, %5) : f32[seq]
+  %7 = reshape(%6) {shape=[1, "seq"]} : f32[1, seq]
+  return %7
+}""")
+    built = compile_graphs({"g": graph})
+    code = Path(built.source_path).read_text()
+    body = code[code.index("llmc_g("):]
+    loops = [line.split("*/")[0].split()[2] for line in body.split("\n") if "/* %" in line]
+    assert loops[4:7] == ["exp", "sin", "cos"]        # in this order: three independent loops in a row
+    # exp, sin and cos share the barrier after cos; the cast before them and the add after wait
+    assert body.count("#pragma omp for schedule(static) nowait") == 2
+    lib = ctypes.CDLL(str(library_file(built.code)))
+    tokens = np.arange(3, 500, dtype=np.int64) % 37        # at most a chunk (512)
+    positions, zeros = tokens * 3 % 11, np.zeros(tokens.size, np.int64)
+    arena = np.zeros(built.manifest["arena_bytes"] + 64, np.uint8)
+    out = np.full((1, tokens.size), np.nan, np.float32)
+    pointer = [ctypes.c_void_p(a.ctypes.data) for a in (tokens, positions, zeros, arena, out)]
+    lib.llmc_set_threads(2)
+    for _ in range(20):
+        status = lib.llmc_g(ctypes.c_int64(tokens.size), pointer[0], pointer[1], pointer[2], ctypes.c_int64(1),
+                            ctypes.c_int64(1), pointer[2], ctypes.c_int64(1), pointer[2], ctypes.c_int64(1), None,
+                            None, pointer[3], pointer[4])
+        assert status == 0
+        np.testing.assert_allclose(out, run(graph, [tokens, positions])[0], rtol=1e-5, atol=1e-5)
+
+
 def test_tuning_a_level_this_machine_cannot_run_is_refused(families):
     from llmc.errors import UsageError
     from llmc.targets.cpu import compile_graphs

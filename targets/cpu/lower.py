@@ -105,6 +105,9 @@ class FunctionLowering(GraphLowering):
         self.weights = weights
         self.sites = sites or SiteTable()
         self._called: str | None = None          # the last kernel called (the profile label's kind)
+        self._reads: set[int] = set()             # the buffers the op being lowered reads
+        # the loops since the last barrier, if the last op was one: (its pragma's line, their reads, writes)
+        self._previous: tuple | None = None
         self.tiles = tiles
         self.chunk = chunk
         self.exact = exact          # quantized linears on f32 activations (the cpu option quant_activations)
@@ -209,11 +212,38 @@ class FunctionLowering(GraphLowering):
     def lower(self, node: Node):
         """The node's code, then (if it ran any) a profile mark: the op's time ends at the barrier
         that ends its last loop."""
-        before, self._called = len(self.lines), None
+        before, self._called, self._reads = len(self.lines), None, set()
         value = self._lower(node)
         if len(self.lines) > before:
+            self._join_loops(before, value)
             self.lines.append(f"LLMC_MARK({self.sites.add(self._label(node))});")
         return value
+
+    def use(self, view: View) -> None:
+        super().use(view)
+        if view.buffer is not None:
+            self._reads.add(view.buffer)
+
+    def _join_loops(self, start: int, value) -> None:
+        """Generated loops in a row that are independent share one barrier (a layer's two RoPE
+        loops): a loop drops its barrier when the next one reads nothing the loops since the last
+        barrier wrote and cannot be given their inputs' memory (each is still read by it or
+        later). A loop writes only its new output, so nothing else can race."""
+        added = self.lines[start:]
+        loops = [i for i, line in enumerate(added) if line.strip() == "#pragma omp for schedule(static)"]
+        views = value if isinstance(value, tuple) else (value,)
+        writes = {v.buffer for v in views if isinstance(v, View) and v.buffer is not None}
+        one_loop = self._called is None and len(loops) == 1 and len(writes) == len(views)
+        previous, self._previous = self._previous, None
+        if not one_loop:
+            return
+        reads = set(self._reads)
+        if previous is not None:          # the loops since the last barrier, and what they read and wrote
+            pragma, group_reads, group_writes = previous
+            if not group_writes & reads and all(self.buffers[b].last >= self.index for b in group_reads):
+                self.lines[pragma] += " nowait"
+                reads, writes = reads | group_reads, writes | group_writes
+        self._previous = (start + loops[0], reads, writes)
 
     def _label(self, node: Node) -> str:
         kind = self._called.removeprefix("llmc_") if self._called else f"loop {node.op}"
