@@ -163,3 +163,27 @@ def test_compile_writes_an_artifact_that_runs(family_dirs, tmp_path):
     assert "[1/" not in missing.stderr                      # refused before any work
     assert_one_line_error(llmc("compile", family_dirs["mistral"], "-o", out, "--quant", "q5"),
                           "valid schemes: f32, f16, q8, q4g32, q4g128", code=2)      # a usage error
+
+
+def test_bad_values_on_the_command_line_are_one_line_and_exit_2(chat_artifact, tmp_path):
+    """Issue 17: values the user got wrong are usage errors, never "internal error"."""
+    assert_one_line_error(llmc("run", chat_artifact, "hi", "--seed", "-1"), "seed must be an int", code=2)
+    assert_one_line_error(llmc("run", chat_artifact, "hi", "--max-new-tokens", "0"),
+                          "max_new_tokens must be an int >= 1, not 0", code=2)
+    text = tmp_path / "text.txt"
+    text.write_text("some words to read, and some more words " * 8)
+    assert_one_line_error(llmc("eval", chat_artifact, "--text", text, "--stride", "0"),
+                          "need 1 <= stride <= context", "got stride 0", code=2)
+    # a prompt that is not UTF-8 (Python gives it to llmc as a lone surrogate)
+    bad = subprocess.run([sys.executable.encode(), b"-m", b"llmc", b"run", str(chat_artifact).encode(), b"a\xffb"],
+                         capture_output=True, text=True, timeout=600)
+    assert_one_line_error(bad, "not valid Unicode", code=2)
+
+
+@pytest.mark.slow
+def test_a_context_beyond_the_model_s_positions_is_refused(family_dirs, tmp_path):
+    config = json.loads((family_dirs["llama"] / "config.json").read_text())
+    positions = config["max_position_embeddings"]
+    result = llmc("compile", family_dirs["llama"], "-o", tmp_path / "x.llmc", "--context", positions + 1)
+    assert_one_line_error(result, f"--context {positions + 1} is beyond the {positions} positions", code=2)
+    assert not (tmp_path / "x.llmc").exists()

@@ -5,7 +5,6 @@ target a sequence's logits are bitwise the same in any batch)."""
 import asyncio
 import json
 import threading
-import time
 
 import numpy as np
 import pytest

@@ -138,3 +138,68 @@ def test_generation_stops_at_an_end_of_sequence_token(tiny):
     tokens = model.generate(ids, max_new_tokens=10)
     model.manifest["eos_token_ids"] = [tokens[3]]
     assert model.generate(ids, max_new_tokens=10) == tokens[:tokens.index(tokens[3])]
+
+
+BAD_CALLS = [
+    (dict(prompt="hi", max_new_tokens=2.5), "max_new_tokens must be an int >= 1, not 2.5"),
+    (dict(prompt="hi", max_new_tokens=None), "max_new_tokens must be an int >= 1, not None"),
+    (dict(prompt="hi", max_new_tokens="3"), "max_new_tokens must be an int >= 1, not '3'"),
+    (dict(prompt=[1.7, 2.2]), r"token ids must be a list of ints: 1.7 is a float"),
+    (dict(prompt=["a"]), "token ids must be a list of ints: 'a' is a str"),
+    (dict(prompt=b"ab"), "token ids must be a list of ints, not bytes"),
+    (dict(prompt=[2 ** 70]), r"token ids must be in \[0, 256\), not 1180591620717411303424"),
+    (dict(prompt=np.array([1.0, 2.0])), "1-D array of ints"),
+    (dict(prompt=[1, 2], stop=["a"]), "stop strings end text: give the prompt as text"),
+    (dict(prompt="hi", stop=""), "a stop string must not be empty"),
+    (dict(prompt="hi", stop=[3]), "stop must be a string or a list of strings"),
+    (dict(prompt="hi", temperature=float("inf")), "temperature must be a finite number"),
+    (dict(prompt="hi", seed=-1), r"seed must be an int in \[0, 2\*\*63\)"),
+    (dict(prompt="hi", seed=1.5), r"seed must be an int in \[0, 2\*\*63\)"),
+    (dict(prompt="a\ud800b"), "not valid Unicode: '\\\\ud800' at position 1"),
+    (dict(prompt=""), "the prompt is empty: give at least one token of text"),
+    (dict(prompt=[]), "the prompt is empty: give at least one token id"),
+]
+
+
+@pytest.mark.parametrize("call, message", BAD_CALLS)
+def test_bad_values_are_usage_errors_that_say_what_is_allowed(chat_artifact, call, message):
+    """Issue 17: every value a caller can get wrong is an LlmcError (a UsageError: the CLI's exit
+    2) naming what is allowed; nothing is truncated or ignored."""
+    from llmc.errors import UsageError
+
+    model = llmc.load(chat_artifact, max_context=64)
+    call = dict(call)
+    with pytest.raises(UsageError, match=message):
+        model.generate(call.pop("prompt"), **{"max_new_tokens": 2, **call})
+
+
+@pytest.mark.parametrize("messages, message", [
+    (None, "messages must be a non-empty list"), ([], "messages must be a non-empty list"),
+    ([{"role": "user", "content": 5}], "message 0's content must be a string"),
+    ([{"role": "wizard", "content": "x"}], "message 0 needs a role, one of system, user"),
+    (["hello"], "message 0 needs a role")])
+def test_bad_chat_messages_are_usage_errors(chat_artifact, messages, message):
+    from llmc.errors import UsageError
+
+    with pytest.raises(UsageError, match=message):
+        llmc.load(chat_artifact, max_context=64).chat(messages, max_new_tokens=2)
+
+
+def test_good_values_of_other_types_are_taken(chat_artifact):
+    """numpy integers are ints: as token ids, top_k, seed and max_new_tokens."""
+    model = llmc.load(chat_artifact, max_context=64)
+    want = model.generate([1, 2, 3], max_new_tokens=4, temperature=0.7, top_k=5, seed=3)
+    got = model.generate(np.array([1, 2, 3]), max_new_tokens=np.int64(4), temperature=0.7, top_k=np.int64(5),
+                         seed=np.int32(3))
+    assert got == want and len(got) == 4
+
+
+@pytest.mark.parametrize("threads", [0, -1, 1.5, "2", 10 ** 4])
+def test_thread_counts_outside_the_cpus_are_refused(chat_artifact, threads):
+    import os
+
+    from llmc.errors import UsageError
+
+    cpus = len(os.sched_getaffinity(0))
+    with pytest.raises(UsageError, match=f"threads must be an int from 1 to {cpus}"):
+        llmc.load(chat_artifact, threads=threads)

@@ -34,6 +34,16 @@ class Imported:
                         copied=True)
 
 
+def check_context(max_seq: int | None, config: dict, spec: Any) -> None:
+    """Refuse a context (``--context``) longer than the positions the model was made for."""
+    from llmc.errors import UsageError
+
+    positions = config.get("max_position_embeddings") or config.get("n_positions")
+    if max_seq is not None and positions and max_seq > positions:
+        raise UsageError(f"--context {max_seq} is beyond the {positions} positions {spec} was made for; "
+                         f"give at most {positions}")
+
+
 def import_model(spec: Any, *, attn_implementation: str | None = None, max_seq: int | None = None) -> Imported:
     """Resolve ``spec``, load the model, check it is causal, trace it and import it as a verified graph."""
     import torch
@@ -48,6 +58,7 @@ def import_model(spec: Any, *, attn_implementation: str | None = None, max_seq: 
     timings["load"] = time.perf_counter() - start
 
     config = model.config.to_dict() if hasattr(model, "config") and hasattr(model.config, "to_dict") else {}
+    check_context(max_seq, config, source.spec)
     if max_seq is None:
         max_seq = config.get("max_position_embeddings") or config.get("n_positions") or DEFAULT_MAX_SEQ
     check_causal(model, source.spec, _vocab_size(model, config))

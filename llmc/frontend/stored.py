@@ -27,7 +27,7 @@ from llmc import __version__
 from llmc.artifact import ArtifactError, read_artifact, write_artifact
 from llmc.cache import active
 from llmc.errors import LlmcWarning
-from llmc.frontend import Imported, import_model
+from llmc.frontend import Imported, check_context, import_model
 from llmc.frontend.sources import ModelSource, resolve
 from llmc.frontend.tokenizer import TokenizerInfo, tokenizer_info
 from llmc.ir import dtype_of_array, parse_graph
@@ -74,6 +74,7 @@ def import_stored(spec: Any, *, attn_implementation: str | None = None, max_seq:
     imported = _read(entry, source) if cache.reads and entry.exists() else None
     cache.record("import", imported is not None)
     if imported is not None:
+        check_context(max_seq, imported.config, source.spec)
         imported.timings = {"cached": time.perf_counter() - start}
         return imported
     imported = _fresh(source, attn_implementation, max_seq)

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from llmc.errors import LlmcError
+from llmc.errors import LlmcError, UsageError, is_int
 from llmc.runtime.model import Model
 
 
@@ -30,12 +30,12 @@ def perplexity(model: Model, ids: Sequence[int], context: int = 256, stride: int
     the two give the same score (a row's arithmetic does not depend on the step it is in); on a
     GPU they agree to fp16 rounding."""
     ids = list(ids)
-    stride = stride or max(1, context // 2)
+    stride = max(1, context // 2) if stride is None else stride
     if len(ids) < 2:
         raise LlmcError("perplexity needs a text of at least two tokens")
-    if not 1 <= stride <= context or context > model.max_context:
-        raise LlmcError(f"need 1 <= stride <= context <= max_context ({model.max_context}); got stride {stride}, "
-                        f"context {context}")
+    if not (is_int(stride) and is_int(context) and 1 <= stride <= context <= model.max_context):
+        raise UsageError(f"need 1 <= stride <= context <= max_context ({model.max_context}); got stride {stride}, "
+                         f"context {context}")
     start = time.perf_counter()
     total, count, scored_until = 0.0, 0, 1            # token 0 has no prediction
     for begin in range(0, len(ids) - 1, stride):

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from llmc.errors import LlmcError, is_int
+from llmc.errors import UsageError, is_int
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class SamplingParams:
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, number) or not math.isfinite(value):
-                raise LlmcError(f"bad sampling parameters: {name} must be a finite number, not {value!r}")
+                raise UsageError(f"bad sampling parameters: {name} must be a finite number, not {value!r}")
         seed = self.seed
         checks = [
             (self.temperature >= 0, "temperature must be >= 0 (0 means greedy)"),
@@ -53,7 +53,7 @@ class SamplingParams:
         ]
         for ok, message in checks:
             if not ok:
-                raise LlmcError(f"bad sampling parameters: {message}")
+                raise UsageError(f"bad sampling parameters: {message}")
 
     @property
     def greedy(self) -> bool:

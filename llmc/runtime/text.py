@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from llmc.errors import LlmcError
+from llmc.errors import UsageError
 
 
 def check_stops(stop) -> list[str]:
@@ -15,9 +15,9 @@ def check_stops(stop) -> list[str]:
     if stops is None:
         return []
     if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) for s in stops):
-        raise LlmcError(f"stop must be a string or a list of strings, not {stop!r}")
+        raise UsageError(f"stop must be a string or a list of strings, not {stop!r}")
     if any(s == "" for s in stops):
-        raise LlmcError("a stop string must not be empty")
+        raise UsageError("a stop string must not be empty")
     return list(stops)
 
 

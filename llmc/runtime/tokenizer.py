@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmc.errors import LlmcError
+from llmc.errors import LlmcError, UsageError
 
 
 class Tokenizer:
@@ -17,6 +17,14 @@ class Tokenizer:
         self.eos_token_ids = list(info.get("eos_token_ids") or [])
 
     def encode(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise UsageError(f"a text prompt must be a str, not {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise UsageError(f"the text is not valid Unicode: {exc.object[exc.start:exc.end]!r} at position "
+                            f"{exc.start} is {exc.reason} (a lone surrogate: text decoded with errors="
+                            "'surrogateescape' or 'surrogatepass'?); pass valid text") from None
         ids = self._tokenizer.encode(text, add_special_tokens=False).ids
         if self.info.get("add_bos_token") and self.bos_token_id is not None:
             ids = [self.bos_token_id] + ids
@@ -35,6 +43,7 @@ class Tokenizer:
         return "tools" in (self.info.get("chat_template") or "")
 
     def render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
+        messages = check_messages(messages)
         template = self.info.get("chat_template")
         if not template:
             raise LlmcError("this model has no chat template: use generate() with a plain prompt")
@@ -54,3 +63,19 @@ class Tokenizer:
                 bos_token=self.info.get("bos_token") or "", eos_token=self.info.get("eos_token") or "")
         except jinja2.TemplateError as exc:
             raise LlmcError(f"the model's chat template failed: {exc}") from None
+
+
+ROLES = ("system", "user", "assistant", "tool", "developer")
+
+
+def check_messages(messages) -> list[dict[str, Any]]:
+    """Chat messages as a template takes them, or an LlmcError saying what is wrong."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise UsageError("messages must be a non-empty list of {'role': ..., 'content': ...} objects")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise UsageError(f"message {i} needs a role, one of {', '.join(ROLES)}")
+        content = message.get("content")
+        if not (content is None and message.get("tool_calls")) and not isinstance(content, str):
+            raise UsageError(f"message {i}'s content must be a string")
+    return list(messages)

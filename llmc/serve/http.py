@@ -23,7 +23,6 @@ import asyncio
 import functools
 import hmac
 import json
-import os
 import signal
 import socket
 import sys
@@ -310,14 +309,16 @@ class App:
                            "model_not_found")
         prompt = body.get("prompt")
         if prompt is None:
-            from llmc.serve.requests import check_messages
             try:
-                prompt = await _in_thread(tokenizer.render_chat, check_messages(body["messages"]))
+                prompt = await _in_thread(tokenizer.render_chat, body["messages"])
             except LlmcError as exc:
                 raise ApiError(400, str(exc), param="messages") from None
         if not isinstance(prompt, str):
             raise ApiError(400, "prompt must be a string", param="prompt")
-        tokens = await _in_thread(tokenizer.encode, prompt)
+        try:
+            tokens = await _in_thread(tokenizer.encode, prompt)
+        except LlmcError as exc:
+            raise ApiError(400, str(exc), param="prompt") from None
         await ex.json(200, {"count": len(tokens), "max_model_len": engine.model.max_context, "tokens": tokens})
 
     async def detokenize(self, ex: Exchange) -> None:

@@ -15,11 +15,10 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
-
-import numpy as np
+from typing import Optional, Sequence
 
 from llmc.errors import LlmcError, is_int
+from llmc.runtime.model import check_token_ids
 from llmc.runtime.sampler import SamplingParams
 from llmc.runtime.text import check_stops
 
@@ -93,17 +92,6 @@ class Request:
     arrival: float
 
 
-def _token_ids(ids, vocab: int, what: str) -> list[int]:
-    if isinstance(ids, np.ndarray):
-        ids = ids.tolist()
-    if not isinstance(ids, (list, tuple)) or not all(is_int(t) for t in ids):
-        raise LlmcError(f"{what} must be a list of ints")
-    bad = [t for t in ids if not 0 <= t < vocab]
-    if bad:
-        raise LlmcError(f"{what} must be in [0, {vocab}), not {bad[0]}")
-    return [int(t) for t in ids]
-
-
 def make_request(model, prompt=None, *, messages=None, tools=None, max_tokens: int | None = None,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
                  repetition_penalty: float = 1.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
@@ -118,18 +106,15 @@ def make_request(model, prompt=None, *, messages=None, tools=None, max_tokens: i
             raise LlmcError("this artifact has no tokenizer, so it cannot take chat messages")
         if tools is not None and not (isinstance(tools, (list, tuple)) and all(isinstance(t, dict) for t in tools)):
             raise LlmcError("tools must be a list of objects (function definitions)")
-        prompt = tokenizer.render_chat(check_messages(messages), list(tools) if tools else None)
+        prompt = tokenizer.render_chat(messages, list(tools) if tools else None)
     elif tools is not None:
         raise LlmcError("tools go with chat messages, not with a plain prompt")
     if isinstance(prompt, str):
         if tokenizer is None:
             raise LlmcError("this artifact has no tokenizer (it was built without one): pass token ids")
-        try:
-            prompt_ids = tokenizer.encode(prompt)
-        except Exception as exc:
-            raise LlmcError(f"the prompt cannot be tokenized: {exc}") from None
+        prompt_ids = tokenizer.encode(prompt)
     else:
-        prompt_ids = _token_ids(prompt, model.vocab_size, "a prompt of token ids")
+        prompt_ids = check_token_ids(prompt, model.vocab_size, "a prompt of token ids").tolist()
     if not prompt_ids:
         raise LlmcError("the prompt is empty: give at least one token")
     room = model.max_context - len(prompt_ids)
@@ -153,7 +138,7 @@ def make_request(model, prompt=None, *, messages=None, tools=None, max_tokens: i
     stops = check_stops(stop)
     if stops and tokenizer is None:
         raise LlmcError("stop strings need a tokenizer, and this artifact has none: use stop_token_ids")
-    stop_ids = set(_token_ids(list(stop_token_ids or ()), model.vocab_size, "stop_token_ids"))
+    stop_ids = set(check_token_ids(list(stop_token_ids or ()), model.vocab_size, "stop_token_ids").tolist())
     if not ignore_eos:
         stop_ids |= model.eos_token_ids
     base = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed, presence_penalty,
@@ -163,21 +148,6 @@ def make_request(model, prompt=None, *, messages=None, tools=None, max_tokens: i
               for i in range(n)]
     return Request(f"req-{next(_ids)}", prompt_ids, int(max_tokens), params, stops, frozenset(stop_ids),
                    logprobs or top_logprobs > 0, int(top_logprobs), time.monotonic())
-
-
-ROLES = ("system", "user", "assistant", "tool", "developer")
-
-
-def check_messages(messages) -> list[dict[str, Any]]:
-    if not isinstance(messages, (list, tuple)) or not messages:
-        raise LlmcError("messages must be a non-empty list of {'role': ..., 'content': ...} objects")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in ROLES:
-            raise LlmcError(f"message {i} needs a role, one of {', '.join(ROLES)}")
-        content = message.get("content")
-        if not (content is None and message.get("tool_calls")) and not isinstance(content, str):
-            raise LlmcError(f"message {i}'s content must be a string")
-    return list(messages)
 
 
 class RequestHandle:
