@@ -5,11 +5,19 @@ A Model runs one artifact: the executor of its target (``llmc.targets``) calls t
 owns. The pool's size is chosen here at load time: enough blocks for one sequence of
 ``max_context`` positions, which ``generate``, ``logits`` and ``step`` run as a batch of one, or
 ``kv_blocks`` blocks for callers that run batches of many sequences (``run_batch``).
+
+One Model may be shared by threads, and its streams interleaved in any order: a lock serialises
+the calls of the executor, a ``generate`` without ``stream`` holds it to the end (other threads
+wait for the handle), and the one sequence's blocks remember whose tokens they hold. A stream
+that finds another generation's tokens there writes its own again (prompt and tokens so far, in
+steps) before its next token: interleaving costs time, never correctness. Many requests at once
+are the engine's work (``llmc.Engine``), which gives each its own sequence.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -76,6 +84,9 @@ class Model:
             raise LlmcError(f"max_context must be between 1 and the model's {limit} positions, not {max_context}")
         least = self.layout.blocks_for(self.max_context)
         self._engine = None
+        self._lock = threading.RLock()
+        # The generation whose tokens fill the one sequence's blocks (None: nobody's, or unknown).
+        self._holder: object | None = None
         self._allocate(kv_blocks or least)
         # The one sequence generate/logits/step run: the pool's first blocks, in order.
         self._table = np.arange(least, dtype=np.int64)
@@ -96,9 +107,11 @@ class Model:
         blocks the engine's sequences hold."""
         if engine is not None and self._engine is not None and self._engine is not engine:
             raise LlmcError("this Model is already driven by another Engine: load the artifact again for a second one")
-        if kv_blocks is not None and kv_blocks != self.kv_blocks:
-            self._allocate(kv_blocks)
-        self._engine = engine
+        with self._lock:
+            if kv_blocks is not None and kv_blocks != self.kv_blocks:
+                self._allocate(kv_blocks)
+            self._engine = engine
+            self._holder = None
 
     def _single(self) -> None:
         if self._engine is not None:
@@ -138,7 +151,9 @@ class Model:
         """One call of the step entry point on a batch of any sequences in the pool: the logits of
         ``batch.logit_rows``, [rows, vocab] float32. The batch is checked first."""
         self._check(batch)
-        return self.executor.run(abi.STEP, batch.inputs())
+        with self._lock:
+            self._holder = None
+            return self.executor.run(abi.STEP, batch.inputs())
 
     def _check(self, batch: abi.Batch) -> None:
         abi.check_batch(batch, self.layout, self.kv_blocks, self.max_tokens, self.vocab_size,
@@ -154,23 +169,30 @@ class Model:
         run (for logits, or sampled on the device)."""
         *earlier, last = self._chunks(ids, start_pos, "last")
         for batch in earlier:
-            self.run_batch(batch)
+            self._check(batch)
+            self.executor.run(abi.STEP, batch.inputs())
         self._check(last)
         return last
 
     def step(self, token_ids: Sequence[int] | np.ndarray, start_pos: int) -> np.ndarray:
         """One prefill or decode step of the model's one sequence: the logits of the last token, [vocab]."""
-        self._single()
         ids = self._check_ids(token_ids)
         self._fits(start_pos + len(ids))
+        with self._lock:
+            self._single()
+            self._holder = None
+            return self._step(ids, start_pos)
+
+    def _step(self, ids: np.ndarray, start_pos: int) -> np.ndarray:
         return self.executor.run(abi.STEP, self._all_but_last(ids, start_pos).inputs())[-1]
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """Logits for every position, [len(token_ids), vocab] float32."""
-        self._single()
         ids = self._check_ids(token_ids)
         self._fits(len(ids))
-        return np.concatenate([self.run_batch(b) for b in self._chunks(ids, 0, "all")]).astype(np.float32)
+        with self._lock:
+            self._single()
+            return np.concatenate([self.run_batch(b) for b in self._chunks(ids, 0, "all")]).astype(np.float32)
 
     # -- generation --------------------------------------------------------------------------
 
@@ -200,21 +222,32 @@ class Model:
         pieces = self._pieces(ids, max_new_tokens, Sampler(params), as_text, stops)
         if stream:
             return pieces
-        collected = list(pieces)
+        with self._lock:                    # the whole generation: other threads wait, none re-prefills
+            collected = list(pieces)
         return "".join(collected) if as_text else [t for piece in collected for t in piece]
 
     def _tokens(self, ids: np.ndarray, max_new_tokens: int, sampler: Sampler) -> Iterator[int]:
         eos = self.eos_token_ids
         history = list(ids)
         on_device = getattr(self.executor, "sample", None)
-        if on_device and not sampler.params.reads_history:
-            # The device samples: only token ids cross to the host (the penalties need the history).
-            def next_token(tokens, pos: int, step: int) -> int:
-                last = self._all_but_last(np.asarray(tokens, np.int64), pos)
-                return on_device(abi.STEP, last.inputs(), sampler.params, step)
-        else:
-            def next_token(tokens, pos: int, step: int) -> int:
-                return sampler(self.step(tokens, pos), history, generated=len(history) - len(ids))
+        me = object()
+
+        def next_token(tokens, pos: int, step: int) -> int:
+            with self._lock:
+                self._single()
+                if self._holder is not me:      # another generation wrote the blocks: ours again
+                    tokens, pos = history, 0
+                self._holder = None             # until this step has written them
+                tokens = np.asarray(tokens, np.int64)
+                if on_device and not sampler.params.reads_history:
+                    # The device samples: only token ids cross to the host (the penalties need the history).
+                    last = self._all_but_last(tokens, pos)
+                    token = on_device(abi.STEP, last.inputs(), sampler.params, step)
+                else:
+                    token = sampler(self._step(tokens, pos), history, generated=len(history) - len(ids))
+                self._holder = me
+                return token
+
         token = next_token(ids, 0, 0)
         for step in range(max_new_tokens):
             if token in eos:
