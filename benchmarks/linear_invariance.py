@@ -38,12 +38,12 @@ def linear_library(kernels: str) -> ctypes.CDLL:
     from llmc.targets.cpu.build import build_shared_library
     from llmc.targets.cpu import kernel_constants
     from llmc.targets.cpu.harness import LINEAR_WRAPPERS, SIGNATURES
-    from llmc.targets.cpu.launch import library_file
+    from llmc.targets.cpu.launch import load_library
 
     source = "\n".join(["#define LLMC_KERNEL static", '#define LLMC_EXPORT __attribute__((visibility("default")))',
                         kernel_constants(), kernels, LINEAR_WRAPPERS])
     code, _ = build_shared_library(source, "x86-64-v3", name="harness")
-    lib = ctypes.CDLL(str(library_file(code)))
+    lib = load_library(code)
     for name in ("h_linear_f32", "h_linear_f16", "h_linear_q"):
         getattr(lib, name).argtypes = SIGNATURES[name]
     return lib

@@ -146,7 +146,15 @@ def declare(graph, max_tokens: int, pool_dtype: str | None = None) -> dict[str, 
 
 def check_manifest(manifest: Mapping[str, Any], path: str | Path) -> dict[str, Any]:
     """The ``step`` entry of an artifact's manifest, checked against the signature this runtime
-    calls; an AbiError that says what is wrong and to rebuild otherwise."""
+    calls; an AbiError that says what is wrong and to rebuild otherwise. The artifact's fields the
+    runtime reads are checked first (``llmc.manifest.check_model``)."""
+    from llmc.manifest import ManifestError, check_model
+
+    try:
+        check_model(manifest)
+    except ManifestError as exc:
+        raise ArtifactError(f"{path} has a manifest that is not valid: {exc}. Its checksum matches, so a tool "
+                            "edited it; rebuild the artifact") from None
     entries = manifest.get("entry_points")
     if not isinstance(entries, dict) or STEP not in entries:
         have = ", ".join(entries) if isinstance(entries, dict) and entries else "none"
@@ -172,7 +180,42 @@ def check_manifest(manifest: Mapping[str, Any], path: str | Path) -> dict[str, A
     if names not in [list(v) for v in POOL_TENSORS.values()] or layout.block_size < 1 or max_tokens < 1:
         raise EntryPointError(f"{path}: its KV pool ({', '.join(names)}, blocks of {layout.block_size}) is not one this "
                        "llmc allocates; rebuild the artifact")
+    problem = _pool_problem(manifest["kv_pool"], layout, entry["max_tokens"])
+    if problem:
+        raise EntryPointError(f"{path}: its KV pool declaration is not consistent ({problem}); rebuild the artifact")
+    if not isinstance(entry.get("graph"), str) or entry["graph"] not in manifest["sections"]:
+        raise EntryPointError(f"{path}: entry point {STEP!r} names graph section {entry.get('graph')!r}, which it "
+                              "lacks; rebuild the artifact")
     return dict(entry)
+
+
+def _pool_problem(pool: Mapping[str, Any], layout: PoolLayout, max_tokens: int) -> str | None:
+    """What is wrong with a declared pool whose names are right: every tensor's type must be
+    [layers, blocks, kv_heads, block_size, head_dim] (a scale drops head_dim) of a dtype the pool
+    may hold, and bytes_per_block what those need."""
+    from llmc.errors import is_int
+
+    sizes = (layout.layers, layout.kv_heads, layout.block_size, layout.head_dim, max_tokens)
+    if not all(is_int(pool[k]) for k in ("layers", "kv_heads", "block_size", "head_dim")) or not is_int(max_tokens) or \
+            not all(1 <= n <= 1 << 20 for n in sizes) or not isinstance(layout.dtype, str) or \
+            layout.dtype not in ITEMSIZE:
+        return f"layers, kv_heads, block_size, head_dim and max_tokens must be ints from 1 to 2**20, dtype one of " \
+               f"{', '.join(ITEMSIZE)}"
+    per_block = 0
+    for name, text in layout.tensors:
+        try:
+            t = parse_type(text)
+        except Exception:                  # noqa: BLE001 -- any text that is not a type
+            return f"{name}'s type {text!r} does not parse"
+        scale = name.endswith("_scale")
+        want = [layout.layers, "blocks", layout.kv_heads, layout.block_size] + ([] if scale else [layout.head_dim])
+        if list(t.shape) != want or t.dtype not in ITEMSIZE or (scale and t.dtype != "f32"):
+            return f"{name} is {text}, not {t.dtype if t.dtype in ITEMSIZE else 'f32'}[{', '.join(map(str, want))}]"
+        stored = t.dtype if scale or t.dtype == "i8" else layout.dtype
+        per_block += ITEMSIZE[stored] * dims.product([d for d in t.shape if d != "blocks"])
+    if pool.get("bytes_per_block") != per_block:
+        return f"bytes_per_block is {pool.get('bytes_per_block')!r}, its tensors need {per_block}"
+    return None
 
 
 def _signature(pairs) -> str:

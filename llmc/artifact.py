@@ -11,17 +11,22 @@ Layout (all integers little-endian)::
         within "weights" every tensor starts at a TENSOR_ALIGN boundary and is listed in the
         manifest's "tensors" table: name -> {dtype, shape, offset, nbytes}
 
-Writing is deterministic (no timestamps, sorted JSON) and atomic (a temporary file renamed into
-place). Reading checks the magic, the version, every size against the file and every checksum
+Writing is deterministic (no timestamps, sorted JSON) and atomic: a hidden temporary file, locked
+while it is written, renamed into place with the mode the umask gives; an error, Ctrl-C or (in the
+CLI) SIGTERM/SIGHUP removes it, and the next write to the same path removes one a killed writer
+left. Reading checks the magic, the version, every size against the file and every checksum
 before anything is used, so a corrupt or truncated artifact is an ArtifactError, never a crash.
 """
 
 from __future__ import annotations
 
+import fcntl
+import glob
 import hashlib
 import json
 import mmap
 import os
+import stat
 import struct
 import tempfile
 from dataclasses import dataclass
@@ -30,8 +35,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from llmc.errors import LlmcError
+from llmc.errors import LlmcError, is_int
 from llmc.ir import numpy_dtype
+from llmc.manifest import ManifestError, check_container
 
 MAGIC = b"LLMCART\0"
 FORMAT_VERSION = 2         # 2: the batched, paged step of llmc.abi (1: one sequence, a contiguous cache)
@@ -64,9 +70,10 @@ def sha256_file(path: str | Path) -> str:
 
 
 def pack_weights(weights: Mapping[str, np.ndarray], dtypes: Mapping[str, str]) -> tuple[list, dict]:
-    """(chunks to write, tensor table) for the weights section, in the given order."""
+    """(chunks to write, tensor table) for the weights section, in the order of the names (which
+    the reader checks: ``llmc.manifest.check_tensors``)."""
     chunks, table, offset = [], {}, 0
-    for name, array in weights.items():
+    for name, array in sorted(weights.items()):
         array = np.ascontiguousarray(array).reshape(np.shape(array))    # (ascontiguousarray makes 0-d 1-d)
         padding = _align(offset, TENSOR_ALIGN) - offset
         if padding:
@@ -111,12 +118,16 @@ def write_artifact(path: str | Path, manifest: Mapping[str, Any], sections: Mapp
     encoded = encoded + b" " * (reserve - len(encoded))
     header = _HEADER.pack(MAGIC, FORMAT_VERSION, HEADER_SIZE, len(encoded), hashlib.sha256(encoded).digest())
     path = Path(path)
+    check_output(path)
+    remove_stale(path)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent or ".")
     except OSError as exc:
         raise ArtifactError(f"cannot write {path}: {exc.strerror or exc}") from None
     try:
         with os.fdopen(fd, "wb") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)     # held while writing: remove_stale leaves it alone
+            os.fchmod(f.fileno(), 0o666 & ~_umask())   # what open() would give, not mkstemp's 0600
             f.write(header.ljust(HEADER_SIZE, b"\0"))
             f.write(encoded)
             for name, chunks in blobs.items():
@@ -124,13 +135,69 @@ def write_artifact(path: str | Path, manifest: Mapping[str, Any], sections: Mapp
                 for chunk in chunks:
                     f.write(chunk)
             f.write(b"\0" * (_align(f.tell(), SECTION_ALIGN) - f.tell()))
-        os.replace(tmp, path)
-    except BaseException as exc:
+            f.flush()
+            os.replace(tmp, path)
+    except BaseException as exc:        # an error, Ctrl-C, or SIGTERM/SIGHUP as the CLI raises them
         if os.path.exists(tmp):
             os.unlink(tmp)
         if isinstance(exc, OSError):    # a full disk, a read-only folder: the old file is untouched
             raise ArtifactError(f"cannot write {path}: {exc.strerror or exc}") from None
         raise
+
+
+TEMP_SUFFIX = ".partial"
+
+
+def check_output(path: str | Path) -> None:
+    """Refuse, before any work, an output path that cannot become an artifact: a folder that
+    does not exist or cannot be written, or a path that is a folder, a FIFO or another file that
+    is not a regular one."""
+    path = Path(path)
+    folder = path.resolve().parent
+    if not folder.is_dir():
+        raise ArtifactError(f"cannot write {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ArtifactError(f"cannot write {path}: the folder {folder} is not writable")
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ArtifactError(f"cannot write {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+        raise ArtifactError(f"cannot write {path}: it is {kind}; name a file")
+
+
+def remove_stale(path: Path) -> None:
+    """Remove the temporary files of earlier writes of ``path`` that died without cleaning up
+    (SIGKILL, a power cut): those no live writer holds locked."""
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*{TEMP_SUFFIX}"):
+        try:
+            fd = os.open(stale, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)      # fails while its writer lives
+                stale.unlink()
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux says it (/proc/self/status)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _encode(manifest: Mapping[str, Any], offsets) -> bytes:
@@ -170,7 +237,10 @@ class Artifact:
         return out
 
     def close(self) -> None:
-        self._map.close()
+        try:
+            self._map.close()
+        except BufferError:         # views of the weights are still alive: the map goes with them
+            pass
 
 
 def host_cpu_features() -> set[str]:
@@ -203,8 +273,15 @@ def read_artifact(path: str | Path, verify: bool = True, features: set[str] | No
     the host's, for tests)."""
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+        # O_NONBLOCK: a FIFO named as an artifact is refused below instead of waiting for a writer.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                kind = "a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else \
+                    "not a regular file"
+                raise ArtifactError(f"{path} is {kind}, not an llmc artifact")
+            size = st.st_size
             if size < HEADER_SIZE:
                 raise ArtifactError(f"{path} is too short to be an llmc artifact ({size} bytes); is it truncated?")
             mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -232,11 +309,21 @@ def read_artifact(path: str | Path, verify: bool = True, features: set[str] | No
         manifest = json.loads(encoded)
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise ArtifactError(f"{path} is corrupt: its manifest is not valid JSON; rebuild the artifact") from None
-    for name, entry in manifest.get("sections", {}).items():
+    sections = manifest.get("sections") if isinstance(manifest, dict) else None
+    ends = {name: entry.get("offset", 0) + entry.get("size", 0) for name, entry in sections.items()
+            if isinstance(entry, dict) and is_int(entry.get("offset", 0)) and is_int(entry.get("size", 0))
+            } if isinstance(sections, dict) else {}
+    past = [(name, end) for name, end in ends.items() if end > size]
+    if past:
+        raise ArtifactError(f"{path} is truncated: section {past[0][0]!r} ends at byte {past[0][1]} but the file has "
+                            f"{size} bytes")
+    try:
+        check_container(manifest, size, header_size + manifest_size, version)
+    except ManifestError as exc:
+        raise ArtifactError(f"{path} has a manifest that is not valid: {exc}. Its checksum matches, so a tool edited "
+                            "it; rebuild the artifact (llmc verify checks one)") from None
+    for name, entry in manifest["sections"].items():
         end = entry["offset"] + entry["size"]
-        if end > size:
-            raise ArtifactError(f"{path} is truncated: section {name!r} ends at byte {end} but the file has "
-                                f"{size} bytes")
         if verify and _sha256(memoryview(mapped)[entry["offset"]: end]) != entry["sha256"]:
             raise ArtifactError(f"{path} is corrupt: section {name!r} does not match its checksum; rebuild the artifact")
     if machine:

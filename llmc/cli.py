@@ -1,14 +1,18 @@
 """The ``llmc`` command. Exit codes: 0 success; 1 an error a user can cause (a failed build, a corrupt
 artifact, an unreadable model), printed as one line; 2 a usage error (an unknown option, a bad
 option value, a bad build file), nothing done. With ``--json`` an error is also printed to stdout
-as ``{"ok": false, "error": ..., "exit_code": ...}``."""
+as ``{"ok": false, "error": ..., "exit_code": ...}``. SIGTERM and SIGHUP (but for ``serve``, which
+drains) end a command as Ctrl-C does, removing what it was writing; the exit code is 128 + the
+signal's number."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import warnings
 
 from llmc import __version__, targets
@@ -16,12 +20,32 @@ from llmc.errors import LlmcError, LlmcWarning, UsageError
 from llmc.pipeline import PHASE_NAMES
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP, raised where the program is so that what it was writing is removed
+    (the default action ends the process with a half-written temporary file left behind)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _terminate(signum, frame):
+    raise Terminated(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     warnings.showwarning = _one_line_warning
+    # The server handles SIGTERM itself (it drains); every other command cleans up and exits.
+    handled = (signal.SIGTERM, signal.SIGHUP) if args.command != "serve" and \
+        threading.current_thread() is threading.main_thread() else ()
+    before = {sig: signal.signal(sig, _terminate) for sig in handled}
     try:
         return args.run(args)
+    except Terminated as exc:
+        print(f"terminated by {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except LlmcError as exc:
         print(f"error: {exc}", file=sys.stderr)
         if getattr(args, "json", False):
@@ -39,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"internal error: {type(exc).__name__}: {exc} "
               "(a bug in llmc; rerun with LLMC_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 def build_parser() -> argparse.ArgumentParser:

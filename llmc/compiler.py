@@ -17,7 +17,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from llmc import __version__, abi
-from llmc.artifact import sha256_file, write_artifact
+from llmc.artifact import check_output, sha256_file, write_artifact
 from llmc.errors import LlmcError, UsageError
 
 
@@ -148,9 +148,7 @@ def compile_model(source: Any, output: str | Path, *, target: str | None = None,
     if quant is None and calib:
         raise UsageError("--calib sets the scales of quantized weights: name the scheme with --quant "
                          "(q8, q4g32 or q4g128)")
-    folder = Path(output).resolve().parent
-    if not folder.is_dir():
-        raise LlmcError(f"cannot write {output}: the folder {folder} does not exist")
+    check_output(output)            # before the work, not after it
     with using(cache) as store:
         report = _compile(source, Path(output), target, target_options, quant, kv, calib, block_size, progress,
                           import_options)

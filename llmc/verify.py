@@ -1,8 +1,9 @@
 """``llmc verify``: is an artifact intact, and what was it built from?
 
-Every section's checksum is checked (as loading does), and the manifest's record of the build is
-reported: the input files' hashes, the llmc version, the target and what it needs to run, the
-quantization scheme and the options. Whether it can run on this machine is reported, not
+Every section's checksum is checked and the manifest validated as loading does (its schema, its
+sections and tensors, the entry point, and what the target's code was built for), and the
+manifest's record of the build is reported: the input files' hashes, the llmc version, the
+target and what it needs to run, the quantization scheme and the options. Whether it can run on this machine is reported, not
 required: a CI runner verifies artifacts built for other machines.
 """
 
@@ -24,6 +25,7 @@ def verify_artifact(path: str | Path) -> dict:
         m = art.manifest
         target = target_of(m, art.path)
         entry = abi.check_manifest(m, art.path)
+        target.check_artifact(art)
         runs_here, why = target.runs_here(m)
         pool = m["kv_pool"]
         return {

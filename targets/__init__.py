@@ -13,6 +13,9 @@ A target package provides (the protocol every ``Target`` entry is a name for):
 - ``describe(artifact) -> list[str]``: the target's lines of ``llmc inspect``.
 - ``runs_here(manifest) -> (bool | None, why)``: whether this machine runs the artifact (None:
   cannot tell), for ``llmc verify``.
+- optionally ``check_artifact(artifact)``: refuse (ArtifactError) an artifact whose manifest does
+  not match what its code was built for, before any of it runs; loading and ``llmc verify`` call
+  it after the common checks (``llmc.manifest``, ``llmc.abi.check_manifest``).
 - ``executor(artifact, threads)``: the runtime's side, with ``allocate_pool(blocks) -> bytes``
   and ``run(entry, inputs) -> logits`` (optionally ``sample``, ``stream_bandwidth``, and
   ``start_profile`` / ``profile`` for ``LLMC_PROFILE``).
@@ -110,6 +113,13 @@ class Target:
     def runs_here(self, manifest: Mapping[str, Any]) -> tuple[bool | None, str | None]:
         return self.package.runs_here(manifest)
 
+    def check_artifact(self, artifact) -> None:
+        """The target's own checks of an artifact (its manifest entry against its sections and
+        code), before any of its code runs; an ArtifactError if they fail."""
+        check = getattr(self.package, "check_artifact", None)
+        if check is not None:
+            check(artifact)
+
     def executor(self, artifact, threads: int | None):
         return self.package.executor(artifact, threads)
 
@@ -125,7 +135,7 @@ def register(target: Target) -> Target:
 
 def get(name: str) -> Target:
     """The registered target ``name``; a UsageError listing the others otherwise."""
-    if name not in REGISTRY:
+    if not isinstance(name, str) or name not in REGISTRY:
         raise UsageError(f"unknown target {name!r}; this llmc builds: {', '.join(REGISTRY)}")
     return REGISTRY[name]
 
@@ -135,7 +145,7 @@ def target_of(manifest: Mapping[str, Any], path: str | Path) -> Target:
     from llmc.artifact import ArtifactError
 
     name = manifest.get("target", {}).get("name") if isinstance(manifest.get("target"), dict) else None
-    if name not in REGISTRY:
+    if not isinstance(name, str) or name not in REGISTRY:
         raise ArtifactError(f"{path} was built for target {name!r}; this llmc runs {', '.join(REGISTRY)} artifacts")
     return REGISTRY[name]
 

@@ -213,7 +213,7 @@ def test_fused_elementwise_loops_match_the_interpreter(tmp_path):
     from llmc.ir import parse_graph
     from llmc.passes.elementwise import group_elementwise
     from llmc.targets.cpu import compile_graphs
-    from llmc.targets.cpu.launch import library_file
+    from llmc.targets.cpu.launch import load_library
 
     graph = group_elementwise(parse_graph("""graph @forward(%tokens: i64[seq], %positions: i64[seq]) {
   %0 = add(%tokens, %positions) : i64[seq]
@@ -233,7 +233,7 @@ def test_fused_elementwise_loops_match_the_interpreter(tmp_path):
     steps = {step[0] for n in graph.nodes() if n.op == "fused" for step in n.attrs["body"]}
     assert {"where", "cast", "exp", "add"} <= steps
     built = compile_graphs({"g": graph})
-    lib = ctypes.CDLL(str(library_file(built.code)))
+    lib = load_library(built.code)
     tokens = np.arange(3, 40, dtype=np.int64)
     positions, zeros = tokens + 5, np.zeros(tokens.size, np.int64)
     arena = np.zeros(built.manifest["arena_bytes"] + 64, np.uint8)
@@ -256,7 +256,7 @@ def test_independent_loops_in_a_row_share_one_barrier(tmp_path):
     from llmc.interpret import run
     from llmc.ir import parse_graph
     from llmc.targets.cpu import compile_graphs
-    from llmc.targets.cpu.launch import library_file
+    from llmc.targets.cpu.launch import load_library
 
     graph = parse_graph("""graph @forward(%tokens: i64[seq], %positions: i64[seq]) {
   %0 = add(%tokens, %positions) : i64[seq]
@@ -276,7 +276,7 @@ def test_independent_loops_in_a_row_share_one_barrier(tmp_path):
     assert loops[4:7] == ["exp", "sin", "cos"]        # in this order: three independent loops in a row
     # exp, sin and cos share the barrier after cos; the cast before them and the add after wait
     assert body.count("#pragma omp for schedule(static) nowait") == 2
-    lib = ctypes.CDLL(str(library_file(built.code)))
+    lib = load_library(built.code)
     tokens = np.arange(3, 500, dtype=np.int64) % 37        # at most a chunk (512)
     positions, zeros = tokens * 3 % 11, np.zeros(tokens.size, np.int64)
     arena = np.zeros(built.manifest["arena_bytes"] + 64, np.uint8)

@@ -102,6 +102,13 @@ def runs_here(manifest) -> tuple[bool, str | None]:
     return True, None
 
 
+def check_artifact(artifact) -> None:
+    """The manifest's target entry against what the library was built for (expects.py)."""
+    from .expects import check_against_library
+
+    check_against_library(artifact.manifest, bytes(artifact.section("code")), artifact.path)
+
+
 def executor(artifact, threads: int | None = None):
     from .launch import CpuExecutor
 
@@ -128,6 +135,7 @@ def compile_graphs(graphs: dict[str, Graph], *, level: str | None = None, tune: 
     from llmc.artifact import host_cpu_features
 
     from .build import build_shared_library, default_level, level_requirements
+    from .expects import c_declaration, expects_of
     from .lower import SiteTable, WeightTable, lower_graph
     from .tune import Tuner
 
@@ -175,11 +183,14 @@ def compile_graphs(graphs: dict[str, Graph], *, level: str | None = None, tune: 
         "",
         profile_hooks(sites.labels),
     ] + [lowered.code for lowered in functions.values()])
+    arena_bytes = max(lowered.arena_bytes for lowered in functions.values())
+    entries = {name: lowered.name for name, lowered in functions.items()}
+    source += "\n/* what this library was built for, checked against the manifest before it runs (expects.py) */\n"
+    source += c_declaration(expects_of(graphs, weights.names, arena_bytes, chunk, entries)) + "\n"
     code, path = build_shared_library(source, level)
     manifest = {
         "name": "cpu", "executor": "generated C, OpenMP", "level": level, "chunk": chunk,
-        "arena_bytes": max(lowered.arena_bytes for lowered in functions.values()),
-        "functions": {name: lowered.name for name, lowered in functions.items()},
+        "arena_bytes": arena_bytes, "functions": entries,
         "weights": weights.names, "layouts": weights.layouts, "kernels": dict(sorted(kernels.items())),
     }
     return CpuBuild(code, manifest, kernels, tuner.summary(), str(path), requires,

@@ -86,8 +86,12 @@ def build_shared_library(source: str, level: str, name: str = "model") -> tuple[
     except OSError as exc:
         raise BuildError(f"cannot create the build folder under {folder.parent}: {exc.strerror or exc}; "
                          "set LLMC_CACHE_DIR to a writable folder, or build with --cache off") from None
-    (work / f"{name}.c").write_text(source)
-    done = subprocess.run(command, cwd=work, capture_output=True, text=True)
+    try:
+        (work / f"{name}.c").write_text(source)
+        done = subprocess.run(command, cwd=work, capture_output=True, text=True)
+    except BaseException:               # an error, Ctrl-C, SIGTERM in the CLI: no scratch folder left
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     if done.returncode != 0:
         errors = [line for line in done.stderr.splitlines() if "error" in line] or done.stderr.splitlines() or ["?"]
         # Kept for the user to read: in the cache, or (when the build stores nothing there, and

@@ -72,12 +72,12 @@ def harness(level: str) -> ctypes.CDLL:
     """The kernel library for a feature level (``portable``, ``x86-64-v3``, ``native``)."""
     from . import kernel_constants
     from .build import KERNELS, build_shared_library
-    from .launch import library_file
+    from .launch import load_library
 
     source = "\n".join(["#define LLMC_KERNEL static", '#define LLMC_EXPORT __attribute__((visibility("default")))',
                         kernel_constants(), KERNELS.read_text(), WRAPPERS])
     code, _ = build_shared_library(source, level, name="harness")
-    lib = ctypes.CDLL(str(library_file(code)))
+    lib = load_library(code)
     for name, args in SIGNATURES.items():
         getattr(lib, name).argtypes = args
         getattr(lib, name).restype = None

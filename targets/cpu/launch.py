@@ -1,6 +1,8 @@
 """The CPU target's launcher: runs an artifact's compiled library through ctypes (no torch).
 
-The library is written once to ``<cache>/cpu/lib/<sha256>.so`` (dlopen needs a file) and loaded;
+The library is written once to ``<cache>/cpu/lib/<sha256>.so`` (dlopen needs a file) and loaded
+through the descriptor its bytes were checked through (``load_library``), after the manifest was
+checked against the record of what it was built for (expects.py);
 weights are pointers into the artifact's memory-mapped weights section; the KV pool and the
 activation arena are numpy arrays the executor owns.
 """
@@ -11,6 +13,7 @@ import atexit
 import ctypes
 import hashlib
 import os
+import stat
 import sys
 import tempfile
 import time
@@ -23,33 +26,94 @@ from llmc.artifact import Artifact, ArtifactError
 from llmc.runtime.profile import Profile, format_profile, profile_requested
 
 from . import ABI_VERSION
+from .expects import check_against_library
 from .. import pool_arrays
 
 _I64 = ctypes.POINTER(ctypes.c_int64)
 
 
-def library_file(code: bytes) -> Path:
-    """A file holding ``code`` (dlopen needs one), written once per content."""
+def load_library(code: bytes) -> ctypes.CDLL:
+    """``code`` loaded (dlopen needs a file): written once per content into a folder that only
+    this user can write (the cache's cpu/lib, else ``$TMPDIR/llmc-<uid>``; a folder another user
+    owns or may write is passed over), and loaded through the very descriptor its bytes were
+    checked through, so nothing can swap the file between the check and the load. Where no such
+    folder can be had, the code is loaded from an anonymous memory file."""
     from .. import cache_dir
 
     digest = hashlib.sha256(code).hexdigest()
+    if digest in _LOADED:
+        return _LOADED[digest]
     for folder in (cache_dir() / "cpu" / "lib", Path(tempfile.gettempdir()) / f"llmc-{os.getuid()}"):
-        path = folder / f"{digest}.so"
         try:
-            if hashlib.sha256(path.read_bytes()).hexdigest() == digest:
-                return path
-        except OSError:
-            pass
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=folder, suffix=".so")
-            with os.fdopen(fd, "wb") as f:
-                f.write(code)
-            os.replace(tmp, path)
-            return path
+            _private_folder(folder)
+            path = folder / f"{digest}.so"
+            fd = _checked(path, digest)
+            if fd is None:
+                handle, tmp = tempfile.mkstemp(dir=folder, suffix=".so")
+                try:
+                    with os.fdopen(handle, "wb") as f:
+                        f.write(code)
+                    os.replace(tmp, path)
+                except BaseException:
+                    Path(tmp).unlink(missing_ok=True)
+                    raise
+                fd = _checked(path, digest)
         except OSError:
             continue
-    raise ArtifactError("cannot write the artifact's library to a cache folder; set LLMC_CACHE_DIR to a writable folder")
+        if fd is not None:
+            return _open_descriptor(fd, digest)
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create(f"llmc-{digest[:16]}.so", os.MFD_CLOEXEC)
+        with os.fdopen(os.dup(fd), "wb") as f:
+            f.write(code)
+        return _open_descriptor(fd, digest)
+    raise ArtifactError("cannot find a folder only this user can write to hold the artifact's library; set "
+                        "LLMC_CACHE_DIR to one")
+
+
+def _private_folder(folder: Path) -> None:
+    """Make ``folder`` (mode 0700) if it is missing; an OSError unless it is a folder this user
+    owns and no one else may write."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = os.stat(folder)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise PermissionError(f"{folder} is not a folder only this user may write")
+
+
+def _checked(path: Path, digest: str) -> int | None:
+    """A descriptor of ``path`` if it is a regular file this user owns, no one else may write,
+    holding the bytes of ``digest``; else None."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    st = os.fstat(fd)
+    hasher = hashlib.sha256()
+    if stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022:
+        with os.fdopen(os.dup(fd), "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                hasher.update(block)
+    if hasher.hexdigest() == digest:
+        return fd
+    os.close(fd)
+    return None
+
+
+# Libraries loaded by this process, by the sha256 of their code. Each one's descriptor stays open
+# while the process lives: dlopen knows a library by its name, and a closed descriptor's number
+# (its /proc/self/fd name) would be reused for the next library, which dlopen would then take
+# for the first.
+_LOADED: dict[str, ctypes.CDLL] = {}
+
+
+def _open_descriptor(fd: int, digest: str) -> ctypes.CDLL:
+    try:
+        lib = ctypes.CDLL(f"/proc/self/fd/{fd}")
+    except OSError:
+        os.close(fd)
+        raise
+    _LOADED[digest] = lib
+    return lib
 
 
 class CpuExecutor:
@@ -58,8 +122,9 @@ class CpuExecutor:
     def __init__(self, artifact: Artifact, threads: int | None = None):
         target = artifact.manifest["target"]
         code = bytes(artifact.section("code"))
+        check_against_library(artifact.manifest, code, artifact.path)       # before any of it runs
         try:
-            self.lib = ctypes.CDLL(str(library_file(code)))
+            self.lib = load_library(code)
             abi = self.lib.llmc_abi()
         except (OSError, AttributeError) as exc:
             raise ArtifactError(f"{artifact.path}: its cpu library cannot be loaded ({exc}); rebuild the artifact "

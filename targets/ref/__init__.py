@@ -34,22 +34,34 @@ def runs_here(manifest) -> tuple[bool, None]:
     return True, None
 
 
+def read_graphs(artifact) -> dict:
+    """Entry name -> its step graph, read from the artifact's IR text over its weights and
+    verified; an ArtifactError when the text or a weight does not fit the graph."""
+    from llmc.artifact import ArtifactError
+    from llmc.ir import IRError, parse_graph, verify
+
+    weights = artifact.weights()
+    try:
+        graphs = {name: parse_graph(bytes(artifact.section(entry["graph"])).decode(), weights)
+                  for name, entry in artifact.manifest["entry_points"].items()}
+        for graph in graphs.values():
+            verify(graph)
+    except (IRError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{artifact.path}: its graph cannot be read ({exc}); rebuild the artifact") from None
+    return graphs
+
+
+def check_artifact(artifact) -> None:
+    """The graph reads, and every weight it names is in the manifest with its type."""
+    read_graphs(artifact)
+
+
 class ReferenceExecutor:
     """The artifact's step graph, run by the reference interpreter over a host KV pool."""
 
     def __init__(self, artifact, threads: int | None = None):
-        from llmc.artifact import ArtifactError
-        from llmc.ir import IRError, parse_graph, verify
-
         self.artifact = artifact
-        weights = artifact.weights()
-        try:
-            self.graphs = {name: parse_graph(bytes(artifact.section(entry["graph"])).decode(), weights)
-                           for name, entry in artifact.manifest["entry_points"].items()}
-            for graph in self.graphs.values():
-                verify(graph)
-        except (IRError, UnicodeDecodeError) as exc:
-            raise ArtifactError(f"{artifact.path}: its graph cannot be read ({exc}); rebuild the artifact") from None
+        self.graphs = read_graphs(artifact)
         self.pool: list[np.ndarray] = []
 
     def allocate_pool(self, blocks: int) -> int:
