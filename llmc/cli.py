@@ -483,17 +483,19 @@ def inspect_artifact(path: str) -> int:
     art = read_artifact(path)
     m = art.manifest
     abi.check_manifest(m, path)
+    targets.target_of(m, path).check_artifact(art)
     model = m["model"]
-    config = model.get("config") or {}
+    config = model.get("config")
+    config = config if isinstance(config, dict) else {}
     out = sys.stdout
-    out.write(f"artifact  {path} (format {m['format_version']}, llmc {m['llmc_version']})\n")
+    out.write(f"artifact  {path} (format {m['format_version']}, llmc {m.get('llmc_version')})\n")
     target = m["target"]
     out.write(f"target    {target['name']}: {target.get('executor', '')}\n")
     for line in targets.target_of(m, path).describe(art):
         out.write(line + "\n")
     out.write(f"requires  {describe_requirements(m)}\n")
-    out.write(f"model     {model['source']} ({model['kind']}){': ' + _describe_config(config) if config else ''}\n")
-    out.write(f"quant     {m['quantization']}, context <= {model['max_seq']}\n")
+    out.write(f"model     {model.get('source')} ({model.get('kind')}){': ' + _describe_config(config) if config else ''}\n")
+    out.write(f"quant     {m.get('quantization')}, context <= {model['max_seq']}\n")
     for line in abi.describe(m):
         out.write(line + "\n")
     tok = m.get("tokenizer")

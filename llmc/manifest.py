@@ -15,7 +15,7 @@ native has run. Imports the core only.
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from typing import Any
 
 from llmc.errors import is_int
 
@@ -103,21 +103,49 @@ def check_container(manifest: Any, file_size: int, manifest_end: int, format_ver
 
 def check_model(manifest: dict) -> None:
     """Raise ManifestError for the first field of an artifact's own part of ``manifest`` that the
-    runtime reads and is not what it must be (the vocabulary, the model's positions, the target's
-    name, the end tokens, the tokenizer)."""
+    runtime, ``llmc verify`` or ``llmc inspect`` reads and is not what it must be (the vocabulary,
+    the model's positions, the target's name, the end tokens, the tokenizer, the build's record)."""
     check_dict(manifest, "the manifest", ("vocab_size", "model", "target", "entry_points", "kv_pool"))
-    vocab = check_int(manifest["vocab_size"], "vocab_size", 1, 2 ** 31 - 1)
+    check_int(manifest["vocab_size"], "vocab_size", 1, 2 ** 31 - 1)
     model = check_dict(manifest["model"], "model", ("max_seq",))
     check_int(model["max_seq"], "model.max_seq", 1, 2 ** 31 - 1)
     check_dict(manifest["target"], "target", ("name",))
     check_str(manifest["target"]["name"], "target.name")
+    # End and begin tokens may lie past the vocabulary (tiny test configs keep their family's ids):
+    # never generated, and a step refuses a token outside it.
     for i, token in enumerate(check_list(manifest.get("eos_token_ids", []), "eos_token_ids")):
-        check_int(token, f"eos_token_ids.{i}", 0, vocab - 1)
+        check_int(token, f"eos_token_ids.{i}", 0, 2 ** 31 - 1)
+    check_provenance(manifest)
     tokenizer = manifest.get("tokenizer")
     if tokenizer is not None:
-        check_tokenizer(tokenizer, vocab)
+        check_tokenizer(tokenizer)
         if "tokenizer" not in manifest["sections"]:
             raise ManifestError("sections", "lack the tokenizer section the manifest's tokenizer describes")
+
+
+def check_provenance(manifest: dict) -> None:
+    """What ``llmc verify`` and ``llmc inspect`` report of how the artifact was built."""
+    def text(value, where):
+        return check_str(value, where, empty=True)
+
+    for key in ("llmc_version", "quantization"):
+        check_optional(manifest.get(key), key, text)
+    for key in ("source", "kind"):
+        check_optional(manifest["model"].get(key), f"model.{key}", text)
+    check_optional(manifest["model"].get("config"), "model.config", check_dict)
+    for name, digest in (check_optional(manifest.get("inputs"), "inputs", check_dict) or {}).items():
+        text(digest, f"inputs.{name}")
+    for name, value in (check_optional(manifest.get("options"), "options", check_dict) or {}).items():
+        if not isinstance(value, (str, int, float, bool, type(None))):
+            raise ManifestError(f"options.{name}", f"must be a string, number or null, not {_show(value)}")
+    calibration = check_optional(manifest.get("calibration"), "calibration",
+                                 lambda v, w: check_dict(v, w, ("text", "tokens")))
+    if calibration:
+        text(calibration["text"], "calibration.text")
+        check_int(calibration["tokens"], "calibration.tokens")
+        check_optional(calibration.get("sha256"), "calibration.sha256", text)
+    for i, note in enumerate(check_optional(manifest.get("notes"), "notes", check_list) or []):
+        text(note, f"notes.{i}")
 
 
 def check_tensors(tensors: dict, weights_size: int) -> None:
@@ -154,12 +182,12 @@ def check_tensors(tensors: dict, weights_size: int) -> None:
         raise ManifestError(first, "is out of place: tensors lie in the weights section in the order of their names")
 
 
-def check_tokenizer(tokenizer: Any, vocab: int) -> None:
+def check_tokenizer(tokenizer: Any) -> None:
     check_dict(tokenizer, "tokenizer")
     for key in ("bos_token_id",):
-        check_optional(tokenizer.get(key), f"tokenizer.{key}", lambda v, w: check_int(v, w, 0, vocab - 1))
+        check_optional(tokenizer.get(key), f"tokenizer.{key}", lambda v, w: check_int(v, w, 0, 2 ** 31 - 1))
     for i, token in enumerate(check_list(tokenizer.get("eos_token_ids") or [], "tokenizer.eos_token_ids")):
-        check_int(token, f"tokenizer.eos_token_ids.{i}", 0, vocab - 1)
+        check_int(token, f"tokenizer.eos_token_ids.{i}", 0, 2 ** 31 - 1)
     for key in ("bos_token", "eos_token", "chat_template"):
         check_optional(tokenizer.get(key), f"tokenizer.{key}", lambda v, w: check_str(v, w, empty=True))
     if not isinstance(tokenizer.get("add_bos_token", False), bool):

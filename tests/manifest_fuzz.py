@@ -164,13 +164,27 @@ def _attempt(fn):
 
 
 def _child(path: Path, with_verify: bool):
-    """Runs in the fork: verify, then load and run (logits of PROMPT, then a short generation)."""
+    """Runs in the fork: verify (and, if it passes, inspect and verify's report), then load and run
+    (logits of PROMPT, then a short generation)."""
     import numpy as np
 
     import llmc
     from llmc.verify import verify_artifact
 
     verified = _attempt(lambda: verify_artifact(path)["ok"]) if with_verify else ("ok", True)
+    if with_verify and verified[0] == "ok":     # inspect reads what verify passed: it must not fail
+        import contextlib
+        import io
+
+        from llmc.cli import inspect_artifact
+        from llmc.verify import format_result
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            shown = _attempt(lambda: inspect_artifact(str(path)))
+            if shown[0] == "ok":
+                shown = _attempt(lambda: format_result(verify_artifact(path)))
+        if shown[0] == "error":
+            verified = ("error", f"verify passed, inspect or verify's report failed: {shown[1]}")
 
     def run():
         model = llmc.load(path, max_context=64, threads=1)

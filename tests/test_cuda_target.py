@@ -332,3 +332,31 @@ def test_bad_cuda_options_are_refused_before_tracing(tmp_path):
         compile_model("no-such-model-dir", tmp_path / "m.llmc", target="cuda", act_dtype="f32", progress=None)
     with pytest.raises(LlmcError, match="int8"):
         compile_model("no-such-model-dir", tmp_path / "m.llmc", target="cuda", kv="int8", progress=None)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.update(vocab_size=512) or m["entry_points"]["step"].update(outputs=[["logits", "f32[rows, 512]"]]),
+     "its vocabulary"),
+    (lambda m: m["target"]["weights"].reverse(), "the weights it reads, in order"),
+    (lambda m: m["target"].update(decode_batch=3), "its largest decode batch"),
+    (lambda m: m["target"].update(max_tokens=4096, chunk=4096) or m["entry_points"]["step"].update(max_tokens=4096),
+     "the most tokens a call takes"),
+    (lambda m: m["target"].update(weight_dtypes=["bf16"] * len(m["target"]["weight_dtypes"])), "storage dtypes"),
+    (lambda m: m["target"].update(weight_dtypes=None), "target.weight_dtypes must be a list"),
+])
+def test_a_manifest_edited_out_of_step_with_the_plans_is_refused(llama_cuda, tmp_path, edit, message):
+    """Issue 17 on cuda: what the plans and kernels were built for is recorded in the plan section;
+    verify and loading refuse a manifest that says otherwise, before anything is uploaded."""
+    from llmc.artifact import read_artifact
+    from llmc.verify import verify_artifact
+    from manifest_fuzz import write_mutant
+
+    manifest = read_artifact(llama_cuda, machine=False).manifest
+    edit(manifest)
+    path = tmp_path / "edited.llmc"
+    assert write_mutant(llama_cuda.read_bytes(), manifest, path)
+    assert verify_artifact(llama_cuda)["ok"]
+    with pytest.raises(LlmcError, match=message):
+        verify_artifact(path)
+    with pytest.raises(LlmcError, match=message):
+        emulated(path)

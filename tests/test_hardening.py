@@ -83,7 +83,7 @@ EDITS = {
                                "multiple of 4096"),
     "a chunk larger than the arena's": (lambda m: (m["target"].update(chunk=64), m["entry_points"]["step"].update(
         max_tokens=64)), "the most tokens a call takes"),
-    "eos outside the vocabulary": (lambda m: m.update(eos_token_ids=[10 ** 6]), "eos_token_ids.0"),
+    "an end token that is not an id": (lambda m: m.update(eos_token_ids=["2"]), "eos_token_ids.0"),
 }
 
 

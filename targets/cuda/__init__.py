@@ -114,8 +114,44 @@ def runs_here(manifest) -> tuple[None, str]:
     return None, "needs an NVIDIA GPU of " + " or ".join(manifest["target"]["arches"])
 
 
+def check_artifact(artifact) -> None:
+    """The manifest's cuda entry for its types, and against what the plans and kernels were built
+    for (targets/expects.py), before anything is uploaded or launched."""
+    from llmc.artifact import ArtifactError
+    from llmc.manifest import ManifestError, check_dict, check_int, check_list, check_str
+
+    from ..expects import compare, require
+
+    target = artifact.manifest["target"]
+    try:
+        check_dict(target, "target", ("arches", "act_dtype", "kv_dtype", "chunk", "max_tokens", "decode_batch",
+                                      "arena_bytes", "weights", "weight_dtypes", "kernels", "decode_launches"))
+        for key in ("arches", "weights", "weight_dtypes"):
+            for i, value in enumerate(check_list(target[key], f"target.{key}")):
+                check_str(value, f"target.{key}.{i}")
+        for key in ("chunk", "max_tokens", "decode_batch", "arena_bytes"):
+            check_int(target[key], f"target.{key}")
+        for key in ("kernels", "decode_launches"):
+            check_dict(target[key], f"target.{key}")
+    except ManifestError as exc:
+        raise ArtifactError(f"{artifact.path} has a manifest that is not valid: {exc}; rebuild the artifact") from None
+    try:
+        expects = json.loads(bytes(artifact.section("cuda_plan")).decode()).get("expects")
+    except (AttributeError, ValueError, UnicodeDecodeError):
+        expects = None
+    require(expects, ("decode_batch", "act", "weight_dtypes"), artifact.path)
+    compare(artifact.manifest, expects, target["weights"], artifact.path, [
+        ("the most tokens a call takes (target.max_tokens)", target["max_tokens"], expects["max_tokens"]),
+        ("the most tokens a call takes (target.chunk)", target["chunk"], expects["max_tokens"]),
+        ("its largest decode batch", target["decode_batch"], expects["decode_batch"]),
+        ("its activation dtype", [target["act_dtype"], target["kv_dtype"]], [expects["act"], expects["act"]]),
+        ("its weights' storage dtypes", target["weight_dtypes"], expects["weight_dtypes"])])
+
+
 def executor(artifact, threads: int | None = None):
     import os
+
+    check_artifact(artifact)                 # before anything is uploaded or launched
 
     if os.environ.get("LLMC_CUDA_EMULATE") == "1":          # no GPU: Triton's interpreter, slowly
         from .emulate import EmulatedExecutor
@@ -150,6 +186,7 @@ def compile_graphs(graphs: dict[str, Graph], *, arches=None, act: str = "f16", c
     kernels compiled for every arch in ``arches``."""
     from llmc.cache import active
 
+    from ..expects import record
     from .build import compile_kernels
     from .lower import PLANS, KernelTable, WeightTable, lower_graph
     from .plan import SAMPLE_STEPS
@@ -191,7 +228,11 @@ def compile_graphs(graphs: dict[str, Graph], *, arches=None, act: str = "f16", c
             blob += b"\0" * (-len(blob) % 256)
         sections[f"cubin_sm{arch}"] = bytes(blob)
         table_of[f"sm_{arch}"] = index
-    plan = {"plans": plans, "sampling": sampling, "kernels": dict(sorted(kernels.entries.items())), "cubins": table_of}
+    # What the kernels and plans were built for, checked against the manifest before a load (check_artifact).
+    expects = {**record(graph, weights.names), "max_tokens": chunk, "decode_batch": decode_batch, "act": act,
+               "weight_dtypes": list(weights.dtypes)}
+    plan = {"plans": plans, "sampling": sampling, "kernels": dict(sorted(kernels.entries.items())), "cubins": table_of,
+            "expects": expects}
     sections["cuda_plan"] = json.dumps(plan, sort_keys=True).encode()
     sections["cuda_src"] = json.dumps(kernels.sources, sort_keys=True).encode()
     launches: dict[str, int] = {}

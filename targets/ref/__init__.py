@@ -46,6 +46,9 @@ def read_graphs(artifact) -> dict:
                   for name, entry in artifact.manifest["entry_points"].items()}
         for graph in graphs.values():
             verify(graph)
+    except KeyError as exc:
+        raise ArtifactError(f"{artifact.path}: its graph reads weight {exc}, which its manifest's tensors lack; "
+                            "rebuild the artifact") from None
     except (IRError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{artifact.path}: its graph cannot be read ({exc}); rebuild the artifact") from None
     return graphs
