@@ -108,6 +108,32 @@ def test_an_unedited_artifact_passes_every_check(chat_artifact):
     assert outcome["load"][0] == "ok"
 
 
+def test_the_library_checks_the_buffers_it_is_given(chat_artifact):
+    """Beyond the manifest's checks, the cpu library compares each buffer's size with what it was
+    built for (llmc_check_buffers) before the first step: the same sizes pass, any short one fails."""
+    import ctypes
+
+    import llmc
+
+    executor = llmc.load(chat_artifact, max_context=64).executor
+    weights = [w.nbytes for w in executor._keep]
+    blocks = [a.nbytes // executor.blocks for a in executor.pool]
+    arena = executor.arena.nbytes - 64
+
+    def check(weights, blocks, arena, vocab):
+        w = (ctypes.c_int64 * len(weights))(*weights)
+        b = (ctypes.c_int64 * len(blocks))(*blocks)
+        return executor.lib.llmc_check_buffers(len(weights), w, len(blocks), b, arena, vocab)
+
+    assert check(weights, blocks, arena, 256) == 0
+    assert check(weights[:-1], blocks, arena, 256) == 1
+    assert check(weights[:3] + [weights[3] - 1] + weights[4:], blocks, arena, 256) == 1
+    assert check(weights, [blocks[0] // 2] + blocks[1:], arena, 256) == 1
+    assert check(weights, blocks[:1], arena, 256) == 1
+    assert check(weights, blocks, arena - 64, 256) == 1
+    assert check(weights, blocks, arena, 257) == 1
+
+
 def _fuzz(artifact: Path, mutants: int, seed: int) -> dict:
     done = subprocess.run([sys.executable, str(HERE / "manifest_fuzz.py"), str(artifact), "--mutants", str(mutants),
                            "--seed", str(seed), "--json"], capture_output=True, text=True, timeout=600)

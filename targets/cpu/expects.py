@@ -18,9 +18,38 @@ MARK = b"llmc-expects:"
 
 
 def c_declaration(expects: dict[str, Any]) -> str:
-    """The C line that carries ``expects`` in the library."""
+    """The C that carries ``expects`` in the library: the record as a string, and
+    ``llmc_check_buffers``, which the executor calls with the sizes of the buffers it made before
+    the first step (the code checks what it is given, not only Python)."""
+    from llmc import dims
+    from llmc.types import parse_type
+
     text = json.dumps(expects, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return f"LLMC_EXPORT const char llmc_expects[] = {json.dumps(MARK.decode() + text)};"
+    itemsize = {"f64": 8, "f32": 4, "f16": 2, "bf16": 2, "i64": 8, "i32": 4, "i16": 2, "i8": 1, "u8": 1, "bool": 1}
+    weights = [itemsize[dtype] * dims.product(shape) for _, dtype, shape in expects["weights"]]
+    pool = []
+    for _, type_text in expects["pool"]:
+        t = parse_type(type_text)
+        pool.append(itemsize[t.dtype] * dims.product([d for d in t.shape if d != "blocks"]))
+
+    def table(name, values):
+        return f"static const int64_t {name}[{max(len(values), 1)}] = {{{', '.join(map(str, values)) or '0'}}};"
+
+    return "\n".join([
+        f"LLMC_EXPORT const char llmc_expects[] = {json.dumps(MARK.decode() + text)};",
+        table("llmc_weight_bytes", weights),
+        table("llmc_pool_block_bytes", pool),
+        "/* 0 when the buffers the executor made are the ones this code was built for: as many weights",
+        "   and pool tensors, each at least as large (pool tensors per block), the arena at least",
+        "   arena_bytes, the logits' rows exactly vocab wide */",
+        "LLMC_EXPORT int llmc_check_buffers(int64_t weights, const int64_t* weight_bytes, int64_t caches,",
+        "                                   const int64_t* cache_block_bytes, int64_t arena, int64_t vocab) {",
+        f"  if (weights != {len(weights)} || caches != {len(pool)} || arena < {expects['arena_bytes']}"
+        f" || vocab != {expects['vocab'] if expects['vocab'] is not None else -1}) return 1;",
+        "  for (int64_t i = 0; i < weights; i++) if (weight_bytes[i] < llmc_weight_bytes[i]) return 1;",
+        "  for (int64_t i = 0; i < caches; i++) if (cache_block_bytes[i] < llmc_pool_block_bytes[i]) return 1;",
+        "  return 0;",
+        "}"])
 
 
 def expects_of(graphs: dict, weight_names: list[str], arena_bytes: int, chunk: int,

@@ -194,7 +194,18 @@ class CpuExecutor:
         self.lib.llmc_set_threads(ctypes.c_int(self.threads))
 
     def allocate_pool(self, blocks: int) -> int:
-        self.pool = pool_arrays(self.artifact, blocks)
+        pool = pool_arrays(self.artifact, blocks)
+        # The library checks every buffer it will be given against what it was built for.
+        weight_bytes = (ctypes.c_int64 * max(len(self._keep), 1))(*[w.nbytes for w in self._keep])
+        block_bytes = (ctypes.c_int64 * max(len(pool), 1))(*[a.nbytes // blocks for a in pool])
+        check = self.lib.llmc_check_buffers
+        check.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                          ctypes.c_int64]
+        if check(len(self._keep), weight_bytes, len(pool), block_bytes, self.arena.nbytes - 64, self.vocab) != 0:
+            raise ArtifactError(f"{self.artifact.path}: its cpu library refused the buffers its manifest sizes "
+                                "(weights, KV pool, arena or vocabulary differ from what it was built for); "
+                                "rebuild the artifact")
+        self.pool = pool
         self._pool = (ctypes.c_void_p * len(self.pool))(*[a.ctypes.data for a in self.pool])
         self.blocks = blocks
         return sum(a.nbytes for a in self.pool)
