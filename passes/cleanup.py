@@ -1,5 +1,6 @@
 """Cleanup: no-op casts and shape ops removed, reshape/permute chains collapsed, constant
-arithmetic folded, common subexpressions shared. Dead code needs no pass: a graph is what its
+arithmetic folded, common subexpressions shared, a weight's rows picked by index made an
+embedding lookup. Dead code needs no pass: a graph is what its
 outputs reach."""
 
 from __future__ import annotations
@@ -77,7 +78,21 @@ def fold_constants(root):
 
 
 X = P(name="x")
+def _rows_of_a_table(node: Node) -> bool:
+    return list(node.attrs["axes"]) == [0] and len(node.inputs) == 2 and node.inputs[0].op == "weight" \
+        and node.inputs[0].type.rank == 2
+
+
+def rows_as_embedding(root):
+    """``table[ids]`` of a [rows, dim] weight is an embedding lookup (GPT-J's sin/cos table by
+    position), which every target has a kernel for."""
+    from llmc.passes.rewrite import emit
+
+    return emit("embedding", list(root.inputs))
+
+
 NOOP_RULES = [
+    (P("index", name="root", where=_rows_of_a_table), rows_as_embedding),
     (P("cast", X, name="root", where=_same_type_as_input), drop_noop),
     (P("reshape", X, name="root", where=_same_type_as_input), drop_noop),
     (P("expand", X, name="root", where=_same_type_as_input), drop_noop),

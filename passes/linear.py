@@ -1,7 +1,8 @@
 """Linear layers in one canonical form, and siblings merged.
 
-- ``matmul(x, W)`` with a weight ``W[in, out]`` (GPT-2's Conv1D) becomes ``linear(x, W.T)``, and a
-  bias added to a linear's output becomes the linear's bias.
+- ``matmul(x, W)`` with a weight ``W[in, out]`` (GPT-2's Conv1D) becomes ``linear(x, W.T)``,
+  ``matmul(x, W.T)`` (Falcon's) ``linear(x, W)``, and a bias added to a linear's output becomes
+  the linear's bias.
 - Linears that read the same input (Q/K/V projections, gate/up) become one linear over the
   concatenated weight, followed by slices: one pass over the input, one larger GEMV/GEMM.
 """
@@ -24,6 +25,8 @@ def canonical_linear(graph: Graph) -> Graph:
 
     def from_matmul(root: Node) -> Node | None:
         x, w = root.inputs
+        if w.op == "permute" and list(w.attrs["perm"]) == [1, 0] and w.inputs[0].op == "weight" and x.type.rank >= 1:
+            return emit("linear", [x, w.inputs[0]])          # x @ W.T (Falcon's linear): W is [out, in]
         if w.op != "weight" or w.type.rank != 2 or x.type.rank < 1:
             return None
         return emit("linear", [x, transposed(w)])

@@ -1,5 +1,6 @@
-"""RMSNorm as one op: ``w * (x * rsqrt(mean(x**2, last axis) + eps))`` in any operand order.
-(LayerNorm arrives as one op from the importer already.)"""
+"""RMSNorm as one op: ``w * (x * rsqrt(mean(x**2, last axis) + eps))`` in any operand order; and
+LayerNorm without a bias written out the same way around ``x - mean(x)`` (Cohere's). (LayerNorm
+called as ``F.layer_norm`` arrives as one op from the importer already.)"""
 
 from __future__ import annotations
 
@@ -29,4 +30,26 @@ def rms_norm(root: Node) -> Node | None:
     return None
 
 
-RULES = [(P("mul", name="root"), rms_norm)]
+def _mean_last(node: Node, rank: int) -> bool:
+    return node.op == "mean" and node.attrs["keepdim"] and list(node.attrs["axes"]) == [rank - 1]
+
+
+def layer_norm(root: Node) -> Node | None:
+    """LayerNorm written out (Cohere's): ``w * ((x - mean(x)) * rsqrt(mean((x - mean(x))**2) + eps))``."""
+    for weight, normed in commuted(root):
+        if weight.op != "weight" or weight.type.rank != 1 or normed.op != "mul":
+            continue
+        for centered, scale in commuted(normed):
+            if centered.op != "sub" or scale.op != "rsqrt" or scale.inputs[0].op != "add":
+                continue
+            x, mean_x = centered.inputs
+            if mean_x.inputs[0] is not x or not _mean_last(mean_x, x.type.rank) or root.type != x.type:
+                continue
+            for variance, eps in commuted(scale.inputs[0]):
+                if eps.op == "const" and _mean_last(variance, x.type.rank) and _square_of(variance.inputs[0], centered):
+                    return emit("layer_norm", [x, weight], eps=float(eps.attrs["value"]))
+    return None
+
+
+# LayerNorm first: written out, it is also an RMSNorm of x - mean(x), which would leave the mean behind.
+RULES = [(P("mul", name="root"), layer_norm), (P("mul", name="root"), rms_norm)]

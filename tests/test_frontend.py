@@ -82,3 +82,45 @@ def test_plain_nn_module():
     ids = torch.randint(0, 50, (1, 9))
     want = model(ids).detach().numpy()
     assert relative_error(run(imported.graph, [ids.numpy()])[0], want) < 1e-5
+
+
+def test_ops_of_more_families_import_and_match_torch():
+    """Issue 16: what cohere, gptj, helium (interleaved rotary: repeat_interleave and stack),
+    nemotron (square), falcon (x @ W.T, in-place +=) and cohere (LayerNorm written out) trace to;
+    each checked against torch through the interpreter, after the passes too."""
+    from llmc.passes.cleanup import simplify
+    from llmc.passes.context import PassContext
+    from llmc.passes.fuse import fuse
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(50, 16)
+            self.weight = torch.nn.Parameter(torch.randn(16, 16) * 0.3)
+            self.norm = torch.nn.Parameter(1 + 0.1 * torch.randn(16))
+            self.table = torch.nn.Parameter(torch.randn(128, 8))
+            self.proj = torch.nn.Linear(16, 50)
+
+        def forward(self, ids):
+            h = self.embed(ids)
+            mean = h.mean(-1, keepdim=True)
+            variance = (h - mean).pow(2).mean(-1, keepdim=True)
+            h = self.norm * ((h - mean) * torch.rsqrt(variance + 1e-5))          # cohere's LayerNorm
+            out = h @ self.weight.T                                              # falcon's linear
+            out += torch.square(torch.relu(h))                                   # nemotron; in place
+            freqs = self.table[torch.arange(ids.shape[1])]                       # gptj's table by position
+            emb = torch.repeat_interleave(freqs, 2, dim=-1)                      # [seq, 16]
+            pairs = torch.stack([-out[..., 1::2], out[..., ::2]], dim=-1).flatten(-2)
+            return self.proj(out * emb.cos() + pairs * emb.sin())
+
+    model = Tiny().eval()
+    imported = import_model(model, max_seq=128)
+    ids = torch.randint(0, 50, (1, 9))
+    want = model(ids).detach().numpy()
+    assert relative_error(run(imported.graph, [ids.numpy()])[0], want) < 1e-5
+    ops = {n.op for n in imported.graph.nodes()}
+    assert "index" in ops and "mean" in ops
+    optimised = fuse(simplify(imported.graph), PassContext(verify=True))
+    assert relative_error(run(optimised, [ids.numpy()])[0], want) < 1e-5
+    ops = {n.op for n in optimised.nodes()}
+    assert "layer_norm" in ops and "mean" not in ops and "index" not in ops and "matmul" not in ops

@@ -244,6 +244,12 @@ for _target, _op in {
     HANDLERS[_target] = _unary(_op)
 
 
+@handles(aten.square.default)
+def _square(imp, n, x):
+    node = imp.tensor(x, imp.meta_type(n).dtype)
+    return imp.emit("mul", [node, node])
+
+
 @handles(aten.gelu.default)
 def _gelu(imp, n, x, approximate="none"):
     return imp.emit("gelu", [imp.tensor(x)], approximate=approximate)
@@ -268,6 +274,24 @@ for _op, _targets in {
 }.items():
     for _target in _targets:
         HANDLERS[_target] = _binary(_op)
+
+def _in_place(op):
+    """``x.add_(y)`` and kin on a tensor the forward made: the result replaces ``x`` for every
+    later use (the traced program reads the mutated tensor through ``x``'s node). A graph input,
+    a weight or a view of another tensor is refused: the mutation would have to reach them."""
+    def handler(imp, n, a, b, alpha=1):
+        target = imp.tensor(a)
+        if target.op in ("input", "weight") or _meta(a)._is_view():
+            raise imp.unsupported(f"the in-place {n.target} on a graph input, weight or view")
+        result = _binary(op)(imp, n, a, b, alpha)
+        imp.values[a] = result
+        return result
+    return handler
+
+
+for _op in ("add", "sub", "mul", "div"):
+    HANDLERS[getattr(aten, f"{_op}_").Tensor] = _in_place(_op)
+    HANDLERS[getattr(aten, f"{_op}_").Scalar] = _in_place(_op)
 
 for _op, _names in {"eq": ("eq",), "ne": ("ne",), "lt": ("lt",), "le": ("le",), "gt": ("gt",), "ge": ("ge",)}.items():
     HANDLERS[getattr(aten, _op).Tensor] = _binary(_op, compare=True)
@@ -377,6 +401,28 @@ def _t(imp, n, x):
     return imp.emit("permute", [node], perm=[1, 0]) if node.type.rank == 2 else node
 
 
+@handles(aten.numpy_T.default)
+def _numpy_t(imp, n, x):
+    """``x.T``: every axis reversed."""
+    node = imp.tensor(x)
+    return imp.emit("permute", [node], perm=list(reversed(range(node.type.rank)))) if node.type.rank > 1 else node
+
+
+@handles(aten.repeat_interleave.self_int)
+def _repeat_interleave(imp, n, x, repeats, dim=None, output_size=None):
+    """Each element ``repeats`` times in a row along ``dim`` (flattened when None): a new axis
+    after ``dim``, expanded, then merged into ``dim`` (how interleaved rotary tables are built)."""
+    node = imp.tensor(x)
+    if dim is None:
+        node = imp.reshape(node, (dims.product(node.type.shape),))
+        dim = 0
+    axis = imp.axis(dim, node.type.rank)
+    shape = list(node.type.shape)
+    spread = imp.reshape(node, tuple(shape[:axis + 1] + [1] + shape[axis + 1:]))
+    spread = imp.emit("expand", [spread], shape=shape[:axis + 1] + [repeats] + shape[axis + 1:])
+    return imp.reshape(spread, imp.meta_type(n).shape)
+
+
 def _slice_to(imp, node: Node, axis: int, start: dims.Dim, length: dims.Dim, step: int = 1) -> Node:
     end = dims.add(start, dims.add(dims.mul(dims.sub(length, 1), step), 1)) if length != 0 else start
     if start == 0 and step == 1 and length == node.type.shape[axis]:
@@ -416,6 +462,16 @@ def _cat(imp, n, tensors, dim=0):
     nodes = [imp.tensor(t, dtype) for t in tensors]
     nodes = [x for x in nodes if not (x.type.rank == 1 and x.type.shape == (0,))] or nodes
     return nodes[0] if len(nodes) == 1 else imp.emit("concat", nodes, axis=imp.axis(dim, nodes[0].type.rank))
+
+
+@handles(aten.stack.default)
+def _stack(imp, n, tensors, dim=0):
+    """A new axis ``dim`` holding each tensor in turn: each reshaped to have it, then joined."""
+    out = imp.meta_type(n)
+    axis = imp.axis(dim, out.rank)
+    nodes = [imp.tensor(t, out.dtype) for t in tensors]
+    nodes = [imp.reshape(x, tuple(x.type.shape[:axis]) + (1,) + tuple(x.type.shape[axis:])) for x in nodes]
+    return nodes[0] if len(nodes) == 1 else imp.emit("concat", nodes, axis=axis)
 
 
 @handles(aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int,
