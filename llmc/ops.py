@@ -622,7 +622,8 @@ def _attention_ref(xs, a, shape, dt):
 
 define("attention", "generation",
        "write each token's k, v to its sequence's KV blocks at its position, then causal (windowed) "
-       "attention over that sequence's positions 0..position",
+       "attention over that sequence's positions 0..position (scores soft-capped by cap * tanh(s / cap) when "
+       "the optional attribute softcap is set)",
        8, ["layer", "scale", "window"], infer=_attention_infer, ref=_attention_ref)
 
 
@@ -881,6 +882,9 @@ def _attend(q, keys, values, query_pos, a):
     groups = q.shape[1] // keys.shape[0]
     keys, values = np.repeat(keys, groups, axis=0), np.repeat(values, groups, axis=0)
     scores = np.matmul(q[0], np.swapaxes(keys, -1, -2)) * np.asarray(a["scale"], q.dtype)
+    cap = a.get("softcap", 0.0)
+    if cap:                                  # Gemma 2's soft cap of the scores
+        scores = (np.asarray(cap, q.dtype) * np.tanh(scores / np.asarray(cap, q.dtype))).astype(q.dtype)
     query_pos = np.asarray(query_pos)[:, None]
     key_pos = np.arange(end)[None, :]
     allowed = key_pos <= query_pos

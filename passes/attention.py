@@ -50,6 +50,7 @@ class Site:
     v: Node
     scale: float
     window: int
+    softcap: float = 0.0        # Gemma 2: scores become cap * tanh(scores / cap) before the mask
 
 
 def rewrite_attention(graph: Graph, ctx: PassContext) -> Graph:
@@ -100,6 +101,8 @@ def _rewrite(graph: Graph, ctx: PassContext) -> Graph:
             layer, site = layer_of[id(original)]
             qkv = [rebuilt(site.q), rebuilt(site.k), rebuilt(site.v)]
             attrs = dict(layer=layer, scale=site.scale, window=site.window)
+            if site.softcap:
+                attrs["softcap"] = site.softcap
             if int8:
                 return emit("attention_kv8", qkv + [k_cache, k_scale, v_cache, v_scale] + paging, **attrs)
             return emit("attention", qkv + [k_cache, v_cache] + paging, **attrs)
@@ -130,7 +133,7 @@ def _site(graph: Graph, node: Node, ctx: PassContext) -> Site:
         mask = node.inputs[3] if len(node.inputs) == 4 else None
         scale, causal = node.attrs["scale"], node.attrs["causal"]
     else:
-        q, k, v, scale, mask = _eager_parts(node)
+        q, k, v, scale, mask, softcap = _eager_parts(node)
         causal = False
     if mask is None and not causal:
         raise Decline("an attention without a causal mask (bidirectional attention)")
@@ -140,7 +143,7 @@ def _site(graph: Graph, node: Node, ctx: PassContext) -> Site:
     for t in (q, k, v):
         if t.type.rank != 4 or t.type.shape[0] != 1 or t.type.shape[2] != SEQ:
             raise Decline(f"attention operand {t.type} is not [1, heads, seq, head_dim]")
-    return Site(node, q, k, v, float(scale), window)
+    return Site(node, q, k, v, float(scale), window, softcap if node.op != "sdpa" else 0.0)
 
 
 def _eager_parts(node: Node):
@@ -151,13 +154,14 @@ def _eager_parts(node: Node):
     mask = None
     if scores.op == "add":
         a, b = scores.inputs
-        scores, mask = (a, b) if _is_qk(_unscaled(a)[0]) else (b, a)
+        scores, mask = (a, b) if _is_qk(_unscaled(_uncapped(a)[0])[0]) else (b, a)
     elif scores.op == "where":
         cond, kept, dropped = scores.inputs
         if not (_constant_value(dropped, default=0.0) <= -1e30):
             raise Decline("a where() on attention scores that does not mask with -inf")
         scores, mask = kept, cond
-    raw, scale = _unscaled(scores)
+    capped, softcap = _uncapped(scores)
+    raw, scale = _unscaled(capped)
     if not _is_qk(raw):
         raise Decline(f"attention scores computed by {raw.op}, not q @ k.T")
     q, kt = raw.inputs
@@ -166,7 +170,20 @@ def _eager_parts(node: Node):
     if perm != list(range(len(perm) - 2)) + [len(perm) - 1, len(perm) - 2]:
         # The transpose merged with a head permute: k itself is x permuted by perm with its last two swapped.
         k = emit("permute", [k], perm=perm[:-2] + [perm[-1], perm[-2]])
-    return q, k, v, scale, mask
+    return q, k, v, scale, mask, softcap
+
+
+def _uncapped(node: Node) -> tuple[Node, float]:
+    """(scores, cap) for soft-capped scores ``tanh(scores / cap) * cap`` (Gemma 2), else (node, 0)."""
+    if node.op != "mul":
+        return node, 0.0
+    for tanh, cap in (node.inputs, node.inputs[::-1]):
+        if tanh.op != "tanh" or cap.op != "const" or float(cap.attrs["value"]) <= 0:
+            continue
+        inner, divisor = _unscaled(tanh.inputs[0])
+        if divisor and abs(divisor * float(cap.attrs["value"]) - 1) < 1e-6:
+            return inner, float(cap.attrs["value"])
+    return node, 0.0
 
 
 def _unscaled(node: Node) -> tuple[Node, float]:

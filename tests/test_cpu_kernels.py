@@ -291,7 +291,7 @@ def scattered_tables(rng, needs: list[int], block_size: int) -> tuple[np.ndarray
     return tables, blocks
 
 
-def run_attention(lib, q, k, v, pools, positions, seq_index, tables, block_size, window, kv):
+def run_attention(lib, q, k, v, pools, positions, seq_index, tables, block_size, window, kv, softcap=0.0):
     """The kernel on q/k/v [1, heads, n, d] (as views of one projection, the way the graph hands
     them) over the pools (one layer of them: [blocks, Hk, B, d] arrays, changed in place)."""
     _, hq, n, d = q.shape
@@ -303,7 +303,8 @@ def run_attention(lib, q, k, v, pools, positions, seq_index, tables, block_size,
     kp, ks, vp, vs = pools if kv == "int8" else (pools[0], None, pools[1], None)
     lib.h_attention(p(proj), d, stride, proj[:, hq * d:].ctypes.data, d, stride, proj[:, (hq + hk) * d:].ctypes.data,
                     d, stride, p(kp), p(ks), p(vp), p(vs), KV_KINDS["i8" if kv == "int8" else kv], p(positions), p(seq_index), p(tables),
-                    tables.shape[1], n, hq, hk, d, block_size, 1 / np.sqrt(d), window, p(out), d, hq * d, p(scratch))
+                    tables.shape[1], n, hq, hk, d, block_size, 1 / np.sqrt(d), window, softcap, p(out), d, hq * d,
+                    p(scratch))
     return out.transpose(1, 0, 2)[None]
 
 
@@ -312,6 +313,17 @@ def run_attention(lib, q, k, v, pools, positions, seq_index, tables, block_size,
 def test_paged_attention_matches_the_reference_and_each_sequence_alone(lib, kv, hq, hk, d, bs, window, sequences):
     """A step of several sequences against the reference op, and bitwise against each sequence run
     alone over its own copy of the pool (batch invariance)."""
+    check_attention(lib, kv, hq, hk, d, bs, window, sequences)
+
+
+@pytest.mark.parametrize("kv", ["f32", "f16", "int8"])
+@pytest.mark.parametrize("hq,hk,d,bs,window,sequences", [ATTENTION_CASES[i] for i in (0, 2, 3, 5, 8)])
+def test_soft_capped_attention_matches_the_reference(lib, kv, hq, hk, d, bs, window, sequences):
+    """Gemma 2's cap * tanh(score / cap), on every path (scalar head sizes, vector, split spans)."""
+    check_attention(lib, kv, hq, hk, d, bs, window, sequences, softcap=1.5)
+
+
+def check_attention(lib, kv, hq, hk, d, bs, window, sequences, softcap=0.0):
     rng = np.random.default_rng(hq * 1000 + d * 10 + bs)
     tables, blocks = scattered_tables(rng, [done + new for done, new in sequences], bs)
     positions = np.concatenate([np.arange(done, done + new) for done, new in sequences]).astype(np.int64)
@@ -328,12 +340,12 @@ def test_paged_attention_matches_the_reference_and_each_sequence_alone(lib, kv, 
     else:
         pools = [rng.standard_normal((2, blocks, hk, bs, d)).astype(np.float16 if kv == "f16" else np.float32)
                  for _ in range(2)]
-    attrs = {"layer": 1, "scale": 1 / np.sqrt(d), "window": window}
+    attrs = {"layer": 1, "scale": 1 / np.sqrt(d), "window": window, **({"softcap": softcap} if softcap else {})}
     reference = [a.copy() for a in pools]
     op = ops.OPS["attention_kv8" if kv == "int8" else "attention"]
     want = op.ref([q, k, v] + reference + [positions, seq_index, tables], attrs, None, None)
     batched = [a[1].copy() for a in pools]
-    got = run_attention(lib, q, k, v, batched, positions, seq_index, tables, bs, window, kv)
+    got = run_attention(lib, q, k, v, batched, positions, seq_index, tables, bs, window, kv, softcap)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     for mine, theirs in zip(batched, reference):        # K/V (codes and scales) where the reference put them
         np.testing.assert_allclose(mine, theirs[1], rtol=1e-7, atol=0)
@@ -341,5 +353,5 @@ def test_paged_attention_matches_the_reference_and_each_sequence_alone(lib, kv, 
         rows = np.flatnonzero(seq_index == s)
         alone = [a[1].copy() for a in pools]
         single = run_attention(lib, q[:, :, rows], k[:, :, rows], v[:, :, rows], alone, positions[rows],
-                               np.zeros(rows.size, np.int64), tables[s:s + 1].copy(), bs, window, kv)
+                               np.zeros(rows.size, np.int64), tables[s:s + 1].copy(), bs, window, kv, softcap)
         assert np.array_equal(single, got[:, :, rows]), f"sequence {s} differs alone and in the batch"

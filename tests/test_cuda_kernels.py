@@ -159,11 +159,12 @@ def _paged_batch(block_size, heads, heads_kv, d, layers=2):
     return q, k, v, pool, positions, seq_index, tables
 
 
-def _paged_reference(q, k, v, pool, positions, seq_index, tables, layer, scale, window):
+def _paged_reference(q, k, v, pool, positions, seq_index, tables, layer, scale, window, softcap=0.0):
     """The attention op's reference: its output [1, heads, n, d] and the pool it wrote."""
     k_cache, v_cache = (np.nan_to_num(c, nan=0.0) for c in pool)
+    capped = {"softcap": softcap} if softcap else {}
     out = OPS["attention"].ref([q, k, v, k_cache, v_cache, positions, seq_index, tables],
-                               {"layer": layer, "scale": scale, "window": window}, None, None)
+                               {"layer": layer, "scale": scale, "window": window, **capped}, None, None)
     return out, k_cache, v_cache
 
 
@@ -188,16 +189,18 @@ def _check_written(caches, want_k, want_v, layer):
 
 
 # The fast tier runs the first (blocks of one token); CI runs all four.
-ATTENTION_CASES = [(1, 4, 2, 0), pytest.param(4, 6, 2, 5, marks=pytest.mark.slow),
-                   pytest.param(16, 3, 3, 0, marks=pytest.mark.slow), pytest.param(4, 8, 1, 3, marks=pytest.mark.slow)]
+ATTENTION_CASES = [(1, 4, 2, 0, 0.0), pytest.param(4, 6, 2, 5, 0.0, marks=pytest.mark.slow),
+                   pytest.param(16, 3, 3, 0, 0.0, marks=pytest.mark.slow), pytest.param(4, 8, 1, 3, 0.0, marks=pytest.mark.slow),
+                   pytest.param(4, 4, 2, 0, 0.8, marks=pytest.mark.slow)]        # Gemma 2's soft-capped scores
 
 
-@pytest.mark.parametrize("block_size,heads,heads_kv,window", ATTENTION_CASES)
-def test_paged_decode_attention_on_a_mixed_batch(block_size, heads, heads_kv, window):
+@pytest.mark.parametrize("block_size,heads,heads_kv,window,softcap", ATTENTION_CASES)
+def test_paged_decode_attention_on_a_mixed_batch(block_size, heads, heads_kv, window, softcap):
     """The decode kernel takes every token as its own query, so it is checked on a mixed batch."""
     d, layer, splits, scale = 24, 1, 4, 24 ** -0.5
     q, k, v, pool, positions, seq_index, tables = _paged_batch(block_size, heads, heads_kv, d)
-    want, want_k, want_v = _paged_reference(q, k, v, pool, positions, seq_index, tables, layer, scale, window)
+    want, want_k, want_v = _paged_reference(q, k, v, pool, positions, seq_index, tables, layer, scale, window,
+                                            softcap)
     caches, layer_pool = _device_pool(pool, layer)
     _write_kv(k, v, layer_pool, positions, seq_index, tables, block_size)
     _check_written(caches, want_k, want_v, layer)
@@ -206,19 +209,21 @@ def test_paged_decode_attention_on_a_mixed_batch(block_size, heads, heads_kv, wi
     qs = t(q[0].transpose(1, 0, 2), torch.float16)                  # [n, heads, d] in memory
     K.attn_decode[(n, heads_kv, splits)](qs, d, heads * d, layer_pool[0], layer_pool[1], part, t(positions),
                                          t(seq_index), t(tables), tables.shape[1], heads_kv, group, d, scale, window,
-                                         KV_BLOCK=block_size, SPLITS=splits, BLOCK_H=16, BLOCK_N=16, BLOCK_D=32)
+                                         KV_BLOCK=block_size, SPLITS=splits, BLOCK_H=16, BLOCK_N=16, BLOCK_D=32,
+                                         SOFTCAP=softcap)
     out = nans(n, heads, d, dtype=torch.float16)
     K.attn_merge[(n, heads)](part, out, heads * d, d, heads, d, SPLITS=splits, BLOCK_D=32)
     assert rel(out.permute(1, 0, 2)[None], want) < 2e-3
 
 
-@pytest.mark.parametrize("block_size,heads,heads_kv,window", ATTENTION_CASES)
-def test_paged_prefill_attention_on_a_mixed_batch(block_size, heads, heads_kv, window):
+@pytest.mark.parametrize("block_size,heads,heads_kv,window,softcap", ATTENTION_CASES)
+def test_paged_prefill_attention_on_a_mixed_batch(block_size, heads, heads_kv, window, softcap):
     from llmc.targets.cuda.plan import attention_tiles
 
     d, layer, scale, block_m = 24, 0, 24 ** -0.5, 16
     q, k, v, pool, positions, seq_index, tables = _paged_batch(block_size, heads, heads_kv, d)
-    want, want_k, want_v = _paged_reference(q, k, v, pool, positions, seq_index, tables, layer, scale, window)
+    want, want_k, want_v = _paged_reference(q, k, v, pool, positions, seq_index, tables, layer, scale, window,
+                                            softcap)
     caches, layer_pool = _device_pool(pool, layer)
     _write_kv(k, v, layer_pool, positions, seq_index, tables, block_size)
     _check_written(caches, want_k, want_v, layer)
@@ -230,7 +235,7 @@ def test_paged_prefill_attention_on_a_mixed_batch(block_size, heads, heads_kv, w
     K.attn_prefill[(len(tiles), heads)](qs, n * d, d, layer_pool[0], layer_pool[1], out, d, heads * d, t(tiles),
                                         t(positions), t(seq_index), t(tables), tables.shape[1], heads_kv,
                                         heads // heads_kv, d, scale, window, KV_BLOCK=block_size, BLOCK_M=block_m,
-                                        BLOCK_N=16, BLOCK_D=32)
+                                        BLOCK_N=16, BLOCK_D=32, SOFTCAP=softcap)
     assert rel(out.permute(1, 0, 2)[None], want) < 3e-3
 
 

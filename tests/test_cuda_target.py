@@ -83,6 +83,19 @@ def test_prefill_and_decode_match_the_cpu_artifact(families, name, tmp_path):
         assert relative_error(gpu.step([ids[pos]], pos), host.step([ids[pos]], pos)) < 3e-3
 
 
+def test_soft_capped_attention_decodes_like_the_cpu_artifact(tmp_path):
+    """Gemma 2 (attention and final logits soft-capped) through both targets' kernels."""
+    from llmc.frontend import import_model
+    from test_families import tiny
+
+    cuda, cpu = build_pair(import_model(tiny("gemma2")), tmp_path)
+    gpu, host = emulated(cuda), llmc.load(cpu, max_context=64)
+    ids = list(np.random.default_rng(5).integers(0, 128, 21))
+    assert relative_error(gpu.logits(ids), host.logits(ids)) < 3e-3
+    gpu.step(ids, 0), host.step(ids, 0)
+    assert relative_error(gpu.step([7], 21), host.step([7], 21)) < 3e-3
+
+
 @pytest.mark.parametrize("quant,tolerance", [("q8", 2e-2), ("q4g32", 2e-2)])
 def test_quantized_builds_match_the_cpu_artifact(families, tmp_path, quant, tolerance):
     """The cpu target's q8/q4 decode rounds activations to int8, hence the looser tolerance."""

@@ -41,8 +41,8 @@ def _config(name: str):
         "nemotron": lambda: T.NemotronConfig(**COMMON),                      # squared ReLU, LayerNorm1P
         "falcon": lambda: T.FalconConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2,
                                          num_attention_heads=4),             # x @ W.T, in-place add, parallel
-        # Not yet (issue 16): soft-capped attention, mixture-of-experts routing.
-        "gemma2": lambda: T.Gemma2Config(**COMMON, head_dim=16),
+        "gemma2": lambda: T.Gemma2Config(**COMMON, head_dim=16),            # soft-capped attention and logits
+        # Not yet (issue 16): mixture-of-experts routing.
         "mixtral": lambda: T.MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2),
         "qwen2_moe": lambda: T.Qwen2MoeConfig(**COMMON, num_experts=4, num_experts_per_tok=2,
                                               moe_intermediate_size=32, shared_expert_intermediate_size=48),
@@ -51,10 +51,9 @@ def _config(name: str):
 
 
 CHECKED = ["olmo", "olmo2", "stablelm", "gpt_neox", "phi", "starcoder2", "granite", "qwen3", "gemma3", "helium",
-           "cohere", "gptj", "nemotron", "falcon"]
+           "cohere", "gptj", "nemotron", "falcon", "gemma2"]
 # family -> what its error must name: the op (or the attention it could not place) and the source file
-NOT_YET = {"gemma2": ("attention scores computed by where", None),
-           "mixtral": ("aten.topk", "modeling_mixtral.py:"),
+NOT_YET = {"mixtral": ("aten.topk", "modeling_mixtral.py:"),
            "qwen2_moe": ("aten.topk", "modeling_qwen2_moe.py:"),
            "olmoe": ("aten.topk", "modeling_olmoe.py:")}
 PROMPT = [3, 17, 42, 99, 5, 64, 120, 7]
@@ -111,3 +110,14 @@ def test_a_family_that_cannot_compile_yet_names_the_op_and_the_line(name, tmp_pa
     assert op in str(error.value)
     if where:
         assert where in str(error.value)
+
+
+def test_soft_capped_attention_becomes_one_op_with_its_cap():
+    """Gemma 2's eager attention (scores * scale, then tanh(s / 50) * 50, then the mask) is placed
+    on the KV cache as attention ops carrying the cap, not left as traced."""
+    from llmc.pipeline import run_pipeline
+
+    result = run_pipeline(tiny("gemma2"), until="attention", progress=None)
+    sites = [n for n in result.graph.nodes() if n.op == "attention"]
+    assert len(sites) == 2 and all(n.attrs["softcap"] == 50.0 for n in sites)
+    assert not any(n.op == "softmax" for n in result.graph.nodes())

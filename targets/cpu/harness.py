@@ -42,10 +42,10 @@ LLMC_EXPORT void h_add_norm(const float* x, int64_t ldx, const float* r, int64_t
 LLMC_EXPORT void h_attention(const float* q, int64_t q_h, int64_t q_s, const float* k, int64_t k_h, int64_t k_s,
     const float* v, int64_t v_h, int64_t v_s, void* kp, float* ks, void* vp, float* vs, int64_t kv8,
     const int64_t* positions, const int64_t* seq_index, const int64_t* tables, int64_t max_blocks, int64_t n,
-    int64_t Hq, int64_t Hk, int64_t D, int64_t B, float scale, int64_t window, float* out, int64_t o_h, int64_t o_s,
-    float* scratch)
+    int64_t Hq, int64_t Hk, int64_t D, int64_t B, float scale, int64_t window, float softcap, float* out, int64_t o_h,
+    int64_t o_s, float* scratch)
     PARALLEL(llmc_attention(q, q_h, q_s, k, k_h, k_s, v, v_h, v_s, kp, ks, vp, vs, kv8, positions, seq_index, tables,
-                            max_blocks, n, Hq, Hk, D, B, scale, window, out, o_h, o_s, scratch))
+                            max_blocks, n, Hq, Hk, D, B, scale, window, softcap, out, o_h, o_s, scratch))
 """
 
 _FLOAT = ctypes.c_float
@@ -63,7 +63,7 @@ SIGNATURES = {
     "h_norm": [_PTR, _INT, _PTR, _PTR, _FLOAT, _INT, _INT, _INT, _PTR],
     "h_add_norm": [_PTR, _INT, _PTR, _INT, _PTR, _PTR, _FLOAT, _INT, _INT, _INT, _PTR, _PTR],
     "h_attention": [_PTR, _INT, _INT, _PTR, _INT, _INT, _PTR, _INT, _INT, _PTR, _PTR, _PTR, _PTR, _INT, _PTR, _PTR,
-                    _PTR, _INT, _INT, _INT, _INT, _INT, _INT, _FLOAT, _INT, _PTR, _INT, _INT, _PTR],
+                    _PTR, _INT, _INT, _INT, _INT, _INT, _INT, _FLOAT, _INT, _FLOAT, _PTR, _INT, _INT, _PTR],
 }
 
 

@@ -1086,6 +1086,7 @@ typedef struct {
     const char* k; const char* v; const float* ks; const float* vs;   /* the layer's pool */
     const int64_t* table;                                             /* the sequence's block table */
     int64_t head, heads, B, D, elem;
+    float softcap;                                                    /* > 0: scores become cap * tanh(s / cap) */
 } llmc_paged;
 
 /* slot index (into [blocks, Hk, B]) of position p */
@@ -1123,6 +1124,7 @@ static __attribute__((noinline)) void attend_span_scalar(const float* q, const l
                 s = dot_f32(q, (const float*)c->k + slots[j] * D, D);
             }
             scores[j] = s * scale;
+            if (c->softcap > 0.0f) scores[j] = c->softcap * tanhf(scores[j] / c->softcap);
             block_max = fmaxf(block_max, scores[j]);
         }
         float m_new = fmaxf(m, block_max);
@@ -1167,6 +1169,15 @@ typedef struct {
 #if LLMC_AVX2
 /* e^x in eight lanes (Cephes' expf: x = n ln2 + r, |r| <= ln2/2, a degree-6 polynomial in r, times
  * 2^n from the exponent bits; within 2 ulp), for x <= 0; below -87.3 it gives about 1e-38, not 0. */
+/* Gemma 2's soft cap of attention scores, cap * tanh(s / cap), lane by lane with libm's tanhf
+ * (the same function as the scalar path: results do not depend on the path) */
+static inline __m256 softcap256(__m256 s, float cap) {
+    float lanes[8];
+    _mm256_storeu_ps(lanes, s);
+    for (int i = 0; i < 8; i++) lanes[i] = cap * tanhf(lanes[i] / cap);
+    return _mm256_loadu_ps(lanes);
+}
+
 static inline __m256 exp256(__m256 x) {
     x = _mm256_max_ps(x, _mm256_set1_ps(-87.3365f));
     __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
@@ -1292,6 +1303,7 @@ static inline __attribute__((always_inline)) void attend_span_of(int kv, const l
                 __m256 sc = _mm256_permutevar8x32_ps(hsum256x8(dots), key_order);
                 if (kv == LLMC_KV_I8) sc = _mm256_mul_ps(sc, _mm256_loadu_ps(ks + 8 * b));
                 sc = _mm256_mul_ps(sc, _mm256_set1_ps(scale));
+                if (c->softcap > 0.0f) sc = softcap256(sc, c->softcap);
                 if (have < 8)
                     sc = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), sc, _mm256_castsi256_ps(lanes_below(have)));
                 s[b] = sc;
@@ -1401,7 +1413,7 @@ LLMC_KERNEL void llmc_attention(const float* q, int64_t q_h, int64_t q_s, const 
                                 void* v_pool, float* v_scale, int64_t kv, const int64_t* positions,
                                 const int64_t* seq_index, const int64_t* tables, int64_t max_blocks, int64_t n,
                                 int64_t Hq, int64_t Hk, int64_t D, int64_t B, float scale, int64_t window,
-                                float* out, int64_t o_h, int64_t o_s, float* scratch) {
+                                float softcap, float* out, int64_t o_h, int64_t o_s, float* scratch) {
     const int64_t elem = kv == LLMC_KV_I8 ? 1 : kv == LLMC_KV_F16 ? 2 : 4, group = Hq / Hk;
     /* 1. every token's keys and values into its block slot */
     #pragma omp for schedule(static)
@@ -1447,7 +1459,7 @@ LLMC_KERNEL void llmc_attention(const float* q, int64_t q_h, int64_t q_s, const 
                     most = widest;
                 }
                 llmc_paged c = {(const char*)k_pool, (const char*)v_pool, k_scale, v_scale,
-                                tables + seq_index[t] * max_blocks, hk, Hk, B, D, elem};
+                                tables + seq_index[t] * max_blocks, hk, Hk, B, D, elem, softcap};
                 /* (token j, head g, span p)'s partial at parts + ((j * heads + g) * most + p) * (D + 2) */
                 int64_t fit = LLMC_PARTS / (most * (D + 2)), heads = fit < group ? fit : group;
                 for (int64_t h0 = hk * group; h0 < (hk + 1) * group; h0 += heads) {
@@ -1490,7 +1502,7 @@ LLMC_KERNEL void llmc_attention(const float* q, int64_t q_h, int64_t q_s, const 
         int64_t h = within / splits * G, part = within % splits, lo, hi, span;
         token_spans(positions[t], window, &lo, &hi, &span);
         llmc_paged c = {(const char*)k_pool, (const char*)v_pool, k_scale, v_scale,
-                        tables + seq_index[t] * max_blocks, h / group, Hk, B, D, elem};
+                        tables + seq_index[t] * max_blocks, h / group, Hk, B, D, elem, softcap};
         attend_part(q + h * q_h + t * q_s, q_h, G, &c, (int)kv, lo, hi, span, part, scale,
                     scratch + (t * Hq + h) * stride + part * (D + 2), stride);
     }

@@ -462,7 +462,8 @@ class FunctionLowering(GraphLowering):
                    v.pointer("float"), c_dim(v.strides[1]), c_dim(v.strides[2]),
                    k_at, ks_at, v_at, vs_at, kind, positions.pointer("int64_t"), seq_index.pointer("int64_t"),
                    tables.pointer("int64_t"), c_dim(tables.shape[1]), c_dim(seq), heads, heads_kv, head_dim,
-                   block_size, repr(float(a["scale"])) + "f", a["window"], raw.pointer("float"), head_dim,
+                   block_size, repr(float(a["scale"])) + "f", a["window"], repr(float(a.get("softcap", 0.0))) + "f",
+                   raw.pointer("float"), head_dim,
                    c_dim(heads * head_dim), f"(float*){scratch}")
         return out
 

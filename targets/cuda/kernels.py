@@ -170,9 +170,15 @@ def kv_write(k, k_sh, k_ss, v, v_sh, v_ss, kc, vc, positions, seq_index, tables,
 
 
 @triton.jit
+def _soft_cap(scores, CAP: tl.constexpr):
+    """Gemma 2's cap * tanh(scores / cap), tanh from exp (1 - 2 / (e^2x + 1): +-1 at the extremes)."""
+    return CAP * (1.0 - 2.0 / (tl.exp(2.0 * scores / CAP) + 1.0))
+
+
+@triton.jit
 def attn_decode(q, q_sh, q_ss, kc, vc, part, positions, seq_index, tables, MAX_BLOCKS, HK, GROUP, D, scale, WINDOW,
                 KV_BLOCK: tl.constexpr, SPLITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_D: tl.constexpr):
+                BLOCK_D: tl.constexpr, SOFTCAP: tl.constexpr = 0.0):
     """Flash-decoding: program (t, g, split) attends token t's GROUP query heads of key/value head
     g (rows of one tile, so K/V are read once per group) over its share of the positions
     0..positions[t] of its sequence, and writes (unnormalised output, running max, sum) per head
@@ -203,7 +209,10 @@ def attn_decode(q, q_sh, q_ss, kc, vc, part, positions, seq_index, tables, MAX_B
         n_ok = offs_n < hi
         at = _pool_rows(tables, row, offs_n, n_ok, g, HK, KV_BLOCK)[:, None] * D + offs_d[None, :]
         keys = tl.load(kc + at, mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-        scores = tl.where(n_ok[None, :], tl.dot(qt, tl.trans(keys), input_precision="ieee"), -float("inf"))
+        scores = tl.dot(qt, tl.trans(keys), input_precision="ieee")
+        if SOFTCAP > 0:
+            scores = _soft_cap(scores, SOFTCAP)
+        scores = tl.where(n_ok[None, :], scores, -float("inf"))
         m_new = tl.maximum(m, tl.max(scores, axis=1))
         alpha = tl.exp(m - m_new)
         p = tl.exp(scores - m_new[:, None])
@@ -237,7 +246,7 @@ def attn_merge(part, out, o_ss, o_sh, HQ, D, SPLITS: tl.constexpr, BLOCK_D: tl.c
 @triton.jit
 def attn_prefill(q, q_sh, q_ss, kc, vc, out, o_sh, o_ss, tiles, positions, seq_index, tables, MAX_BLOCKS, HK, GROUP,
                  D, scale, WINDOW, KV_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_D: tl.constexpr):
+                 BLOCK_D: tl.constexpr, SOFTCAP: tl.constexpr = 0.0):
     """Program (tile, h): tiled causal (windowed) attention of query head h for one tile of the
     step, with online softmax and tensor-core tiles. A tile is ``tiles[2*tile]``, the first of
     ``tiles[2*tile + 1]`` consecutive token rows of one sequence (the launcher cuts them, at most
@@ -270,6 +279,8 @@ def attn_prefill(q, q_sh, q_ss, kc, vc, out, o_sh, o_ss, tiles, positions, seq_i
         at = _pool_rows(tables, row, offs_n, n_ok, g, HK, KV_BLOCK)[:, None] * D + offs_d[None, :]
         keys = tl.load(kc + at, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         scores = tl.dot(qt, tl.trans(keys.to(qt.dtype))) * scale
+        if SOFTCAP > 0:
+            scores = _soft_cap(scores, SOFTCAP)
         allowed = (offs_n[None, :] <= qpos[:, None]) & n_ok[None, :]
         allowed = allowed & ((WINDOW == 0) | (qpos[:, None] - offs_n[None, :] < WINDOW))
         scores = tl.where(allowed, scores, -float("inf"))

@@ -414,8 +414,9 @@ class PlanLowering(GraphLowering):
         out = raw.reshape((1, seq, heads, head_dim)).permute((0, 2, 1, 3))
         common = paging + [("GROUP", heads // heads_kv), ("D", head_dim), ("scale", float(a["scale"])),
                            ("WINDOW", int(a["window"] or 0))]
+        capped = {"SOFTCAP": float(a["softcap"])} if a.get("softcap") else {}     # Gemma 2
         if self.kind.decode:
-            self._attend_decode(q, kc, vc, raw, common, block_size, block_d)
+            self._attend_decode(q, kc, vc, raw, common, block_size, block_d, capped)
         else:
             tune = self.tuning["attn_prefill"]
             tiles = View.of_buffer("i32", ("tiles", 2), "tiles")
@@ -423,7 +424,7 @@ class PlanLowering(GraphLowering):
                         [("q", q), ("q_sh", q.strides[1]), ("q_ss", q.strides[2]), ("kc", kc), ("vc", vc),
                          ("out", raw), ("o_sh", head_dim), ("o_ss", heads * head_dim), ("tiles", tiles)] + common,
                         {"KV_BLOCK": block_size, "BLOCK_M": tune["BLOCK_M"], "BLOCK_N": tune["BLOCK_N"],
-                         "BLOCK_D": block_d}, self._options("attn_prefill"))
+                         "BLOCK_D": block_d, **capped}, self._options("attn_prefill"))
         return out
 
     def _pool_layer(self, pool: View, layer: int) -> View:
@@ -434,7 +435,7 @@ class PlanLowering(GraphLowering):
         return View(self.act, shape, pool.strides[1:], pool.base, at)
 
     def _attend_decode(self, q: View, kc: View, vc: View, raw: View, common: list, block_size: int,
-                       block_d: int) -> None:
+                       block_d: int, capped: dict) -> None:
         """Flash-decoding: the splits of each (token, key/value head), then their merge per query head."""
         seq, heads = q.shape[2], q.shape[1]
         heads_kv = kc.shape[1]
@@ -445,7 +446,7 @@ class PlanLowering(GraphLowering):
                     [("q", q), ("q_sh", q.strides[1]), ("q_ss", q.strides[2]), ("kc", kc), ("vc", vc),
                      ("part", part)] + common,
                     {"KV_BLOCK": block_size, "SPLITS": splits, "BLOCK_H": _pow2(heads // heads_kv),
-                     "BLOCK_N": tune["BLOCK_N"], "BLOCK_D": block_d}, self._options("attn_decode"))
+                     "BLOCK_N": tune["BLOCK_N"], "BLOCK_D": block_d, **capped}, self._options("attn_decode"))
         head_dim = kc.shape[3]
         self.launch("attn_merge", [seq, heads], [("part", part), ("out", raw), ("o_ss", heads * head_dim),
                                                  ("o_sh", head_dim), ("HQ", heads), ("D", head_dim)],
