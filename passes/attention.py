@@ -287,6 +287,18 @@ def _logits(out: Node, logit_rows: Node) -> Node:
         rows = emit("reshape", [x], shape=[SEQ, x.type.shape[2]])
         return emit("embedding", [rows, logit_rows])
 
-    if out.op == "linear" and out.inputs[0].type.rank == 3 and out.inputs[0].type.shape[1] == SEQ:
-        return emit("linear", [picked(out.inputs[0])] + list(out.inputs[1:]))
+    # An elementwise epilogue with constants (Gemma 2's tanh(x / cap) * cap, Granite's scale) runs
+    # after the head on the picked rows only.
+    epilogue, head = [], out
+    while head.op in EPILOGUE and all(i.op == "const" for i in head.inputs[1:]) and head.type == out.type:
+        epilogue.append(head)
+        head = head.inputs[0]
+    if head.op == "linear" and head.inputs[0].type.rank == 3 and head.inputs[0].type.shape[1] == SEQ:
+        result = emit("linear", [picked(head.inputs[0])] + list(head.inputs[1:]))
+        for node in reversed(epilogue):
+            result = emit(node.op, [result] + list(node.inputs[1:]), **node.attrs)
+        return result
     return picked(out)
+
+
+EPILOGUE = ("mul", "div", "add", "sub", "tanh")

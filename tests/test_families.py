@@ -121,3 +121,6 @@ def test_soft_capped_attention_becomes_one_op_with_its_cap():
     sites = [n for n in result.graph.nodes() if n.op == "attention"]
     assert len(sites) == 2 and all(n.attrs["softcap"] == 50.0 for n in sites)
     assert not any(n.op == "softmax" for n in result.graph.nodes())
+    # the final logits' cap runs after the LM head on the rows asked for, not on every token
+    tail = result.graph.outputs[0]
+    assert tail.op == "mul" and tail.type.shape[0] == "rows"
