@@ -17,6 +17,7 @@ pytestmark = pytest.mark.slow           # a compile or two per family
 
 COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256)
+LONG = dict(COMMON, max_position_embeddings=64)
 
 
 def _config(name: str):
@@ -42,7 +43,21 @@ def _config(name: str):
         "falcon": lambda: T.FalconConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2,
                                          num_attention_heads=4),             # x @ W.T, in-place add, parallel
         "gemma2": lambda: T.Gemma2Config(**COMMON, head_dim=16),            # soft-capped attention and logits
-        # Not yet (issue 16): mixture-of-experts routing.
+        # Rotary scaling variants, computed from the positions by the model's own code (short
+        # trained context, so the scaled frequencies matter within the test's positions)
+        "llama-linear": lambda: T.LlamaConfig(**LONG, rope_scaling={"rope_type": "linear", "factor": 2.0}),
+        "llama-yarn": lambda: T.LlamaConfig(**LONG, rope_scaling={"rope_type": "yarn", "factor": 2.0,
+                                                                   "original_max_position_embeddings": 32}),
+        "llama-llama3": lambda: T.LlamaConfig(**LONG, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32}),
+        # Not yet (issue 16): mixture-of-experts routing; rotary scaling chosen by the longest
+        # position of the batch (dynamic NTK, LongRoPE), a branch on the data.
+        "llama-dynamic": lambda: T.LlamaConfig(**LONG, rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
+        "phi3-longrope": lambda: T.Phi3Config(**dict(LONG, max_position_embeddings=128), pad_token_id=0,
+                                              original_max_position_embeddings=32, rope_scaling={
+                                                  "type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(8)],
+                                                  "long_factor": [2.0 + 0.1 * i for i in range(8)]}),
         "mixtral": lambda: T.MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2),
         "qwen2_moe": lambda: T.Qwen2MoeConfig(**COMMON, num_experts=4, num_experts_per_tok=2,
                                               moe_intermediate_size=32, shared_expert_intermediate_size=48),
@@ -51,11 +66,13 @@ def _config(name: str):
 
 
 CHECKED = ["olmo", "olmo2", "stablelm", "gpt_neox", "phi", "starcoder2", "granite", "qwen3", "gemma3", "helium",
-           "cohere", "gptj", "nemotron", "falcon", "gemma2"]
+           "cohere", "gptj", "nemotron", "falcon", "gemma2", "llama-linear", "llama-yarn", "llama-llama3"]
 # family -> what its error must name: the op (or the attention it could not place) and the source file
 NOT_YET = {"mixtral": ("aten.topk", "modeling_mixtral.py:"),
            "qwen2_moe": ("aten.topk", "modeling_qwen2_moe.py:"),
-           "olmoe": ("aten.topk", "modeling_olmoe.py:")}
+           "olmoe": ("aten.topk", "modeling_olmoe.py:"),
+           "llama-dynamic": ("torch.export could not trace", None),
+           "phi3-longrope": ("aten.max.default", "modeling_phi3.py:")}
 PROMPT = [3, 17, 42, 99, 5, 64, 120, 7]
 
 
