@@ -142,6 +142,7 @@ def _fuzz(artifact: Path, mutants: int, seed: int) -> dict:
     return result
 
 
+@pytest.mark.slow                   # 17 s: CI runs it, the fast loop runs the named edits above
 def test_a_few_hundred_mutated_manifests_are_refused_or_run_correctly(chat_artifact):
     """The bounded fuzzer (tests/manifest_fuzz.py): each mutant is refused with an LlmcError by
     both verify and load, or runs with the original's logits; never a signal, another exception
