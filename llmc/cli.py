@@ -494,7 +494,8 @@ def inspect_artifact(path: str) -> int:
     for line in targets.target_of(m, path).describe(art):
         out.write(line + "\n")
     out.write(f"requires  {describe_requirements(m)}\n")
-    out.write(f"model     {model.get('source')} ({model.get('kind')}){': ' + _describe_config(config) if config else ''}\n")
+    described = ": " + _describe_config(config) if config else ""
+    out.write(f"model     {model.get('source')} ({model.get('kind')}){described}\n")
     out.write(f"quant     {m.get('quantization')}, context <= {model['max_seq']}\n")
     for line in abi.describe(m):
         out.write(line + "\n")

@@ -166,7 +166,8 @@ def check_tensors(tensors: dict, weights_size: int) -> None:
             count *= check_int(d, f"{where}.shape.{i}", 0, LIMIT)
         need = count * itemsize[t["dtype"]]
         if t["nbytes"] != need or not is_int(t["nbytes"]):
-            raise ManifestError(f"{where}.nbytes", f"must be {need} ({t['dtype']}{t['shape']}), not {_show(t['nbytes'])}")
+            raise ManifestError(f"{where}.nbytes",
+                                f"must be {need} ({t['dtype']}{t['shape']}), not {_show(t['nbytes'])}")
         offset = check_int(t["offset"], f"{where}.offset", 0, weights_size)
         if offset % TENSOR_ALIGN:
             raise ManifestError(f"{where}.offset", f"must be a multiple of {TENSOR_ALIGN}, not {offset}")
@@ -191,7 +192,8 @@ def check_tokenizer(tokenizer: Any) -> None:
     for key in ("bos_token", "eos_token", "chat_template"):
         check_optional(tokenizer.get(key), f"tokenizer.{key}", lambda v, w: check_str(v, w, empty=True))
     if not isinstance(tokenizer.get("add_bos_token", False), bool):
-        raise ManifestError("tokenizer.add_bos_token", f"must be true or false, not {_show(tokenizer['add_bos_token'])}")
+        raise ManifestError("tokenizer.add_bos_token",
+                            f"must be true or false, not {_show(tokenizer['add_bos_token'])}")
 
 
 def _apart(spans: list[tuple[int, int, str]]) -> None:

@@ -190,7 +190,8 @@ def _check_written(caches, want_k, want_v, layer):
 
 # The fast tier runs the first (blocks of one token); CI runs all four.
 ATTENTION_CASES = [(1, 4, 2, 0, 0.0), pytest.param(4, 6, 2, 5, 0.0, marks=pytest.mark.slow),
-                   pytest.param(16, 3, 3, 0, 0.0, marks=pytest.mark.slow), pytest.param(4, 8, 1, 3, 0.0, marks=pytest.mark.slow),
+                   pytest.param(16, 3, 3, 0, 0.0, marks=pytest.mark.slow),
+                   pytest.param(4, 8, 1, 3, 0.0, marks=pytest.mark.slow),
                    pytest.param(4, 4, 2, 0, 0.8, marks=pytest.mark.slow)]        # Gemma 2's soft-capped scores
 
 

@@ -45,7 +45,8 @@ def _f32_pool(m):
     m["kv_pool"]["tensors"] = [[n, t.replace("f16", "f32")] for n, t in m["kv_pool"]["tensors"]]
     m["kv_pool"]["dtype"] = "f32"
     m["kv_pool"]["bytes_per_block"] *= 2
-    m["entry_points"]["step"]["inputs"] = [[n, t.replace("f16", "f32")] for n, t in m["entry_points"]["step"]["inputs"]]
+    step = m["entry_points"]["step"]
+    step["inputs"] = [[n, t.replace("f16", "f32")] for n, t in step["inputs"]]
 
 
 def _reorder(m):

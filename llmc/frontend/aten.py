@@ -275,6 +275,7 @@ for _op, _targets in {
     for _target in _targets:
         HANDLERS[_target] = _binary(_op)
 
+
 def _in_place(op):
     """``x.add_(y)`` and kin on a tensor the forward made: the result replaces ``x`` for every
     later use (the traced program reads the mutated tensor through ``x``'s node). A graph input,
