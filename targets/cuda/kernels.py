@@ -178,7 +178,7 @@ def _soft_cap(scores, CAP: tl.constexpr):
 @triton.jit
 def attn_decode(q, q_sh, q_ss, kc, vc, part, positions, seq_index, tables, MAX_BLOCKS, HK, GROUP, D, scale, WINDOW,
                 KV_BLOCK: tl.constexpr, SPLITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_D: tl.constexpr, SOFTCAP: tl.constexpr = 0.0):
+                BLOCK_D: tl.constexpr, SOFTCAP: tl.constexpr):
     """Flash-decoding: program (t, g, split) attends token t's GROUP query heads of key/value head
     g (rows of one tile, so K/V are read once per group) over its share of the positions
     0..positions[t] of its sequence, and writes (unnormalised output, running max, sum) per head
@@ -246,7 +246,7 @@ def attn_merge(part, out, o_ss, o_sh, HQ, D, SPLITS: tl.constexpr, BLOCK_D: tl.c
 @triton.jit
 def attn_prefill(q, q_sh, q_ss, kc, vc, out, o_sh, o_ss, tiles, positions, seq_index, tables, MAX_BLOCKS, HK, GROUP,
                  D, scale, WINDOW, KV_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_D: tl.constexpr, SOFTCAP: tl.constexpr = 0.0):
+                 BLOCK_D: tl.constexpr, SOFTCAP: tl.constexpr):
     """Program (tile, h): tiled causal (windowed) attention of query head h for one tile of the
     step, with online softmax and tensor-core tiles. A tile is ``tiles[2*tile]``, the first of
     ``tiles[2*tile + 1]`` consecutive token rows of one sequence (the launcher cuts them, at most

@@ -414,7 +414,7 @@ class PlanLowering(GraphLowering):
         out = raw.reshape((1, seq, heads, head_dim)).permute((0, 2, 1, 3))
         common = paging + [("GROUP", heads // heads_kv), ("D", head_dim), ("scale", float(a["scale"])),
                            ("WINDOW", int(a["window"] or 0))]
-        capped = {"SOFTCAP": float(a["softcap"])} if a.get("softcap") else {}     # Gemma 2
+        capped = {"SOFTCAP": float(a.get("softcap", 0.0))}     # Gemma 2's soft cap; 0: none
         if self.kind.decode:
             self._attend_decode(q, kc, vc, raw, common, block_size, block_d, capped)
         else:
