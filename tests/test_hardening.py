@@ -161,7 +161,7 @@ def test_the_fuzzer_finds_nothing_on_other_targets_and_formats(chat_artifact, tm
 
     path = tmp_path / "other.llmc"
     compile_model(str(chat_artifact.parent / "hf"), path, progress=None, **options)
-    result = _fuzz(path, 200, 5)
+    result = _fuzz(path, 120, 5)
     assert result["findings"] == []
 
 
