@@ -31,7 +31,7 @@ import numpy as np
 from llmc import dims
 from llmc.artifact import ArtifactError
 from llmc.errors import LlmcError
-from llmc.types import numpy_dtype, parse_type
+from llmc.types import DTYPE_BYTES, numpy_dtype, parse_type
 
 DEFAULT_BLOCK_SIZE = 16
 STEP = "step"
@@ -39,7 +39,7 @@ POOL_LAYOUT = "[layers, blocks, kv_heads, block_size, head_dim]"
 # The step's inputs before the KV pool, in call order: what the runtime passes each call.
 BATCH_INPUTS = (("tokens", "i64[seq]"), ("positions", "i64[seq]"), ("seq_index", "i64[seq]"),
                 ("block_tables", "i64[seqs, max_blocks]"), ("logit_rows", "i64[rows]"))
-ITEMSIZE = {"f32": 4, "f16": 2, "bf16": 2, "i8": 1}
+ITEMSIZE = {d: DTYPE_BYTES[d] for d in ("f32", "f16", "bf16", "i8")}     # the dtypes a pool may hold
 POOL_TENSORS = {"f32": ("k_cache", "v_cache"), "f16": ("k_cache", "v_cache"),
                 "int8": ("k_cache", "v_cache", "k_scale", "v_scale")}
 
@@ -86,6 +86,13 @@ class PoolLayout:
                           int(pool["kv_heads"]), int(pool["head_dim"]), pool["dtype"])
 
 
+def block_bytes(name: str, t, pool_dtype: str) -> int:
+    """Bytes one block of pool tensor ``name`` (IR type ``t``, with the symbol ``blocks``) takes
+    in a pool stored as ``pool_dtype``: int8 codes and scales keep their own dtype."""
+    stored = t.dtype if name.endswith("_scale") or t.dtype == "i8" else pool_dtype
+    return DTYPE_BYTES[stored] * dims.product([d for d in t.shape if d != "blocks"])
+
+
 def allocate_pool(layout: PoolLayout, blocks: int) -> list[np.ndarray]:
     """Zeroed host arrays for a pool of ``blocks`` blocks, in the step's input order."""
     return [np.zeros(shape, numpy_dtype(dtype)) for _, shape, dtype in layout.shapes(blocks)]
@@ -123,11 +130,7 @@ def declare(graph, max_tokens: int, pool_dtype: str | None = None) -> dict[str, 
     layers, _, kv_heads, block_size, head_dim = k_cache.shape
     tensors = [[n.attrs["name"], str(n.type)] for n in pool]
     dtype = pool_dtype or k_cache.dtype
-    per_block = 0
-    for node in pool:
-        scales = node.attrs["name"].endswith("_scale") or node.type.dtype == "i8"
-        stored = node.type.dtype if scales else dtype          # codes and scales keep their dtype
-        per_block += ITEMSIZE[stored] * dims.product([d for d in node.type.shape if d != "blocks"])
+    per_block = sum(block_bytes(node.attrs["name"], node.type, dtype) for node in pool)
     return {
         "entry_points": {STEP: {
             "graph": "graph",
@@ -211,8 +214,7 @@ def _pool_problem(pool: Mapping[str, Any], layout: PoolLayout, max_tokens: int) 
         want = [layout.layers, "blocks", layout.kv_heads, layout.block_size] + ([] if scale else [layout.head_dim])
         if list(t.shape) != want or t.dtype not in ITEMSIZE or (scale and t.dtype != "f32"):
             return f"{name} is {text}, not {t.dtype if t.dtype in ITEMSIZE else 'f32'}[{', '.join(map(str, want))}]"
-        stored = t.dtype if scale or t.dtype == "i8" else layout.dtype
-        per_block += ITEMSIZE[stored] * dims.product([d for d in t.shape if d != "blocks"])
+        per_block += block_bytes(name, t, layout.dtype)
     if pool.get("bytes_per_block") != per_block:
         return f"bytes_per_block is {pool.get('bytes_per_block')!r}, its tensors need {per_block}"
     return None

@@ -152,9 +152,8 @@ def check_tensors(tensors: dict, weights_size: int) -> None:
     """Every tensor: a known dtype, a shape of ints, ``nbytes`` what they need, at an aligned
     offset inside the weights section, apart from the others."""
     from llmc.artifact import TENSOR_ALIGN
-    from llmc.types import DTYPES
+    from llmc.types import DTYPE_BYTES, DTYPES
 
-    itemsize = {"f64": 8, "f32": 4, "f16": 2, "bf16": 2, "i64": 8, "i32": 4, "i16": 2, "i8": 1, "u8": 1, "bool": 1}
     spans = []
     for name, t in tensors.items():
         where = f"tensors.{name}"
@@ -164,7 +163,7 @@ def check_tensors(tensors: dict, weights_size: int) -> None:
         count = 1
         for i, d in enumerate(check_list(t["shape"], f"{where}.shape")):
             count *= check_int(d, f"{where}.shape.{i}", 0, LIMIT)
-        need = count * itemsize[t["dtype"]]
+        need = count * DTYPE_BYTES[t["dtype"]]
         if t["nbytes"] != need or not is_int(t["nbytes"]):
             raise ManifestError(f"{where}.nbytes",
                                 f"must be {need} ({t['dtype']}{t['shape']}), not {_show(t['nbytes'])}")

@@ -27,6 +27,10 @@ _NUMPY_DTYPES = {
 }
 
 
+# Bytes one value takes where it is stored (bf16 too, which the interpreter widens to float32).
+DTYPE_BYTES = {"f64": 8, "f32": 4, "f16": 2, "bf16": 2, "i64": 8, "i32": 4, "i16": 2, "i8": 1, "u8": 1, "bool": 1}
+
+
 def numpy_dtype(dtype: str) -> type:
     return _NUMPY_DTYPES[dtype]
 

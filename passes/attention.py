@@ -36,6 +36,7 @@ SEQ = "seq"                 # tokens in the step, from any number of sequences
 ROWS = "rows"               # token rows whose logits the step returns
 SEQS, MAX_BLOCKS = "seqs", "max_blocks"     # block tables: one row per sequence in the step
 BLOCKS = "blocks"           # blocks in the KV pool: chosen when the artifact is loaded
+EPILOGUE = ("mul", "div", "add", "sub", "tanh")     # ops of the logits' epilogue that run on picked rows
 
 
 class Decline(Exception):
@@ -299,6 +300,3 @@ def _logits(out: Node, logit_rows: Node) -> Node:
             result = emit(node.op, [result] + list(node.inputs[1:]), **node.attrs)
         return result
     return picked(out)
-
-
-EPILOGUE = ("mul", "div", "add", "sub", "tanh")

@@ -14,8 +14,9 @@ A target package provides (the protocol every ``Target`` entry is a name for):
 - ``runs_here(manifest) -> (bool | None, why)``: whether this machine runs the artifact (None:
   cannot tell), for ``llmc verify``.
 - optionally ``check_artifact(artifact)``: refuse (ArtifactError) an artifact whose manifest does
-  not match what its code was built for, before any of it runs; loading and ``llmc verify`` call
-  it after the common checks (``llmc.manifest``, ``llmc.abi.check_manifest``).
+  not match what its code was built for, before any of it runs; ``llmc verify`` and ``llmc
+  inspect`` call it after the common checks (``llmc.manifest``, ``llmc.abi.check_manifest``), and
+  the target's ``executor`` makes the same checks itself before it runs anything.
 - ``executor(artifact, threads)``: the runtime's side, with ``allocate_pool(blocks) -> bytes``
   and ``run(entry, inputs) -> logits`` (optionally ``sample``, ``stream_bandwidth``, and
   ``start_profile`` / ``profile`` for ``LLMC_PROFILE``).

@@ -37,12 +37,13 @@ def family_config(name: str):
 FAMILIES = ["llama", "qwen2", "mistral", "phi3", "gemma", "gpt2"]
 
 
-def tiny_model(name: str, seed: int = 0):
+def tiny_model(name: str, seed: int = 0, config=None):
+    """A random model of family ``name`` (``config``, a transformers config, for others)."""
     import torch
     import transformers
 
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(family_config(name)).eval()
+    model = transformers.AutoModelForCausalLM.from_config(config or family_config(name)).eval()
     # Random init leaves norms at 1 and biases at 0; perturb every tensor so each one matters.
     with torch.no_grad():
         for p in model.parameters():

@@ -136,8 +136,8 @@ def write_mutant(original: bytes, manifest: dict, path: Path) -> bool:
 
     header = struct.Struct("<8sIIQ32s")
     magic, version, header_size, size, _ = header.unpack_from(original, 0)
-    room = min(json.loads(original[header_size: header_size + size])["sections"][s]["offset"]
-               for s in json.loads(original[header_size: header_size + size])["sections"]) - HEADER_SIZE
+    sections = json.loads(original[header_size: header_size + size])["sections"]
+    room = min(entry["offset"] for entry in sections.values()) - HEADER_SIZE
     encoded = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
     if len(encoded) > room:
         return False

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_model
 from llmc.compiler import compile_model
 from llmc.errors import LlmcError
 from llmc.frontend import import_model
@@ -77,14 +78,7 @@ PROMPT = [3, 17, 42, 99, 5, 64, 120, 7]
 
 
 def tiny(name: str):
-    import transformers
-
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(_config(name)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return model
+    return tiny_model(name, config=_config(name))
 
 
 def greedy(model, n: int) -> list[int]:

@@ -76,9 +76,7 @@ class Model:
         self.max_tokens = int(self.entry["max_tokens"])
         self.vocab_size = int(manifest["vocab_size"])
         check_threads(threads)
-        target = target_of(manifest, artifact.path)
-        target.check_artifact(artifact)
-        self.executor = target.executor(artifact, threads)
+        self.executor = target_of(manifest, artifact.path).executor(artifact, threads)
         self.threads = threads
         limit = int(manifest["model"]["max_seq"])
         self.max_context = min(limit, DEFAULT_MAX_CONTEXT) if max_context is None else int(max_context)

@@ -22,15 +22,15 @@ def c_declaration(expects: dict[str, Any]) -> str:
     ``llmc_check_buffers``, which the executor calls with the sizes of the buffers it made before
     the first step (the code checks what it is given, not only Python)."""
     from llmc import dims
-    from llmc.types import parse_type
+    from llmc.abi import block_bytes
+    from llmc.types import DTYPE_BYTES, parse_type
 
     text = json.dumps(expects, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    itemsize = {"f64": 8, "f32": 4, "f16": 2, "bf16": 2, "i64": 8, "i32": 4, "i16": 2, "i8": 1, "u8": 1, "bool": 1}
-    weights = [itemsize[dtype] * dims.product(shape) for _, dtype, shape in expects["weights"]]
+    weights = [DTYPE_BYTES[dtype] * dims.product(shape) for _, dtype, shape in expects["weights"]]
     pool = []
-    for _, type_text in expects["pool"]:
+    for name, type_text in expects["pool"]:
         t = parse_type(type_text)
-        pool.append(itemsize[t.dtype] * dims.product([d for d in t.shape if d != "blocks"]))
+        pool.append(block_bytes(name, t, t.dtype))
 
     def table(name, values):
         return f"static const int64_t {name}[{max(len(values), 1)}] = {{{', '.join(map(str, values)) or '0'}}};"

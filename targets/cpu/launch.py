@@ -146,6 +146,8 @@ class CpuExecutor:
             fn.argtypes = [ctypes.c_int64, _I64, _I64, _I64, ctypes.c_int64, ctypes.c_int64, _I64, ctypes.c_int64,
                            _I64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
             self.functions[entry] = fn
+        self.lib.llmc_check_buffers.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                                                ctypes.c_int64, ctypes.c_int64]
         self.lib.llmc_stream_read.restype = ctypes.c_double
         self.lib.llmc_stream_read.argtypes = [ctypes.c_void_p, ctypes.c_int64]
         self.pool: list[np.ndarray] = []
@@ -198,10 +200,7 @@ class CpuExecutor:
         # The library checks every buffer it will be given against what it was built for.
         weight_bytes = (ctypes.c_int64 * max(len(self._keep), 1))(*[w.nbytes for w in self._keep])
         block_bytes = (ctypes.c_int64 * max(len(pool), 1))(*[a.nbytes // blocks for a in pool])
-        check = self.lib.llmc_check_buffers
-        check.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-                          ctypes.c_int64]
-        if check(len(self._keep), weight_bytes, len(pool), block_bytes, self.arena.nbytes - 64, self.vocab) != 0:
+        if self.lib.llmc_check_buffers(len(self._keep), weight_bytes, len(pool), block_bytes, self.arena.nbytes - 64, self.vocab) != 0:
             raise ArtifactError(f"{self.artifact.path}: its cpu library refused the buffers its manifest sizes "
                                 "(weights, KV pool, arena or vocabulary differ from what it was built for); "
                                 "rebuild the artifact")
