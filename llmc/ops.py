@@ -309,6 +309,32 @@ define("log_softmax", "reduce", "log of softmax along axis", 1, ["axis"], infer=
        ref=lambda xs, a, shape, dt: _log_softmax(xs[0], a["axis"]))
 
 
+def _topk_infer(ts, a):
+    x = ts[0]
+    axis = _check_axis(a["axis"], x.rank)
+    size, k = x.shape[axis], a["k"]
+    if not isinstance(k, int) or k < 1 or (isinstance(size, int) and k > size):
+        raise OpError(f"topk of {k} along an axis of {size}")
+    if x.dtype == "bool":
+        raise OpError("topk of bool: cast to a numeric dtype first")
+    shape = x.shape[:axis] + (k,) + x.shape[axis + 1:]
+    return TupleType((Type(x.dtype, shape), Type("i64", shape)))
+
+
+def topk_indices(x: np.ndarray, k: int, axis: int = -1) -> np.ndarray:
+    """The indices of the k largest along axis, largest first (the lower index first among equals)."""
+    return np.take(np.argsort(-x, axis=axis, kind="stable"), np.arange(k), axis=axis)
+
+
+def _topk_ref(xs, a, shape, dt):
+    indices = topk_indices(xs[0], a["k"], a["axis"])
+    return np.take_along_axis(xs[0], indices, axis=a["axis"]), indices.astype(np.int64)
+
+
+define("topk", "reduce", "(values, indices) of the k largest along axis, largest first", 1, ["k", "axis"],
+       infer=_topk_infer, ref=_topk_ref)
+
+
 def _cumsum_infer(ts, a):
     _check_axis(a["axis"], ts[0].rank)
     if ts[0].dtype == "bool":
@@ -821,6 +847,99 @@ def _qembedding_ref(xs, a, shape, dt):
 
 define("qembedding", "shape", "rows of a quantized table picked by ids, dequantized", (3, 4), ["scheme"],
        infer=_qembedding_infer, ref=_qembedding_ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixture of experts (introduced by llmc.passes.moe)
+
+MOE_ACTS = {"silu": lambda x: x / (1 + np.exp(-x)), "gelu": lambda x: _gelu(x, "none"),
+            "gelu_tanh": lambda x: _gelu(x, "tanh"), "relu": lambda x: np.maximum(x, 0)}
+
+
+def _moe_shapes(x: Type, router: Type, up: tuple[int, int], down: tuple[int, int], a) -> Type:
+    """The routed block's result type, from x, the router's type and the [rows, cols] of the
+    stacked expert weights: gate_up [E * (2 if gated) * I, H], down [E * H, I]."""
+    experts, top_k = a["experts"], a["top_k"]
+    if a["act"] not in MOE_ACTS:
+        raise OpError(f"moe activation {a['act']!r} is not one of {', '.join(MOE_ACTS)}")
+    if not (isinstance(experts, int) and isinstance(top_k, int) and 1 <= top_k <= experts):
+        raise OpError(f"moe of top {top_k} among {experts} experts")
+    if x.dtype != "f32" or x.rank != 2 or router.dtype != "f32":
+        raise OpError(f"moe takes f32 rows [tokens, hidden] and an f32 router, not {x} and {router}")
+    hidden = x.shape[1]
+    if router.shape != (experts, hidden):
+        raise OpError(f"moe router {router} must be [{experts}, {hidden}]")
+    if down[0] != experts * hidden:
+        raise OpError(f"moe down weight of {down[0]} rows: want {experts} experts x {hidden}")
+    inner = down[1]
+    want = experts * inner * (2 if a["gated"] else 1)
+    if up != (want, hidden):
+        raise OpError(f"moe gate/up weight {list(up)}: want [{want}, {hidden}] for {experts} experts of {inner}")
+    return Type("f32", x.shape)
+
+
+def _moe_infer(ts, a):
+    x, router, up, down = ts
+    for w in (up, down):
+        if w.dtype != "f32" or w.rank != 2:
+            raise OpError(f"moe expert weights are f32 [experts * rows, cols], not {w}")
+    return _moe_shapes(x, router, up.shape, down.shape, a)
+
+
+def moe_route(x: np.ndarray, router: np.ndarray, a) -> tuple[np.ndarray, np.ndarray]:
+    """Each token's experts [T, k], best first, and their weights [T, k]: softmax over the router's
+    logits, the top k (the lower index first among equals), renormalised to sum 1 if asked."""
+    probs = _softmax(np.matmul(x, router.T), -1)
+    ids = topk_indices(probs, a["top_k"], -1)
+    weights = np.take_along_axis(probs, ids, axis=-1)
+    if a["normalize"]:
+        weights = weights / weights.sum(axis=-1, keepdims=True)
+    return ids, weights.astype(np.float32)
+
+
+def moe_reference(x: np.ndarray, router: np.ndarray, up: np.ndarray, down: np.ndarray, a) -> np.ndarray:
+    """The routed block over stacked expert weights: each token through its top-k experts' MLPs
+    (act(gate) * up, or act(up) when not gated), weighted and summed in the router's order."""
+    experts, hidden = a["experts"], x.shape[1]
+    up, down = up.reshape(experts, -1, hidden), down.reshape(experts, hidden, -1)
+    ids, weights = moe_route(x, router, a)
+    act = MOE_ACTS[a["act"]]
+    out = np.zeros_like(x)
+    for j in range(ids.shape[1]):
+        h = np.einsum("tnh,th->tn", up[ids[:, j]], x)
+        if a["gated"]:
+            inner = h.shape[1] // 2
+            h = act(h[:, :inner]) * h[:, inner:]
+        else:
+            h = act(h)
+        out += weights[:, j:j + 1] * np.einsum("thi,ti->th", down[ids[:, j]], h)
+    return out.astype(np.float32)
+
+
+MOE_ATTRS = ["experts", "top_k", "normalize", "act", "gated"]
+define("moe", "linalg",
+       "a routed expert block: softmax of x @ router.T, each token's top_k experts (weights renormalised if "
+       "normalize), their MLPs down @ act(gate) * up (gated) or down @ act(up) summed by weight",
+       4, MOE_ATTRS, infer=_moe_infer,
+       ref=lambda xs, a, shape, dt: moe_reference(xs[0], xs[1], xs[2], xs[3], a))
+
+
+def _qmoe_infer(ts, a):
+    count = _parts_count(a)
+    if len(ts) != 2 + 2 * count:
+        raise OpError(f"qmoe takes x, the router and two {a['scheme']} weights of {count} parts each")
+    up = _quant_parts_infer(ts[2:2 + count], a)
+    down = _quant_parts_infer(ts[2 + count:], a)
+    return _moe_shapes(ts[0], ts[1], up, down, a)
+
+
+def _qmoe_ref(xs, a, shape, dt):
+    count = _parts_count(a)
+    return moe_reference(xs[0], xs[1], _dequantized(xs[2:2 + count], a), _dequantized(xs[2 + count:], a), a)
+
+
+define("qmoe", "linalg", "moe whose expert weights are quantized (parts of gate_up, then of down)", (6, 8),
+       ["scheme"] + MOE_ATTRS, infer=_qmoe_infer, ref=_qmoe_ref)
 
 
 def _attention_kv8_infer(ts, a):

@@ -1,5 +1,6 @@
 """The fuse phase, in order: fold weight expressions, put linears in canonical form, recognise
-activations, then the pattern table (RMSNorm, RoPE, SwiGLU/GeGLU), merge sibling linears, group
+activations, then the pattern table (RMSNorm, RoPE, SwiGLU/GeGLU), mixture-of-experts blocks (before
+their router could be merged with a shared expert's linears), merge sibling linears, group
 the elementwise chains that remain, fuse residual adds with the norms that read them, and clean up."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from llmc.passes.context import PassContext
 from llmc.passes.elementwise import group_elementwise
 from llmc.passes.fold import fold_weights
 from llmc.passes.linear import canonical_linear, merge_sibling_linears
+from llmc.passes.moe import recognise_moe
 from llmc.passes.residual import fuse_residual_norms
 from llmc.passes.rewrite import rewrite
 
@@ -22,6 +24,7 @@ PASSES = [
     ("canonical_linear", canonical_linear),
     ("recognise_activations", activations.recognise_activations),
     ("norms_rope_gated", lambda graph: rewrite(graph, RULES)),
+    ("recognise_moe", recognise_moe),
     ("merge_sibling_linears", merge_sibling_linears),
     ("group_elementwise", group_elementwise),
     ("fuse_residual_norms", fuse_residual_norms),

@@ -1,10 +1,12 @@
-"""The quantize phase: linear weights (and an embedding table tied to one) into a scheme's format.
+"""The quantize phase: linear and expert weights (and an embedding table tied to a linear) into a
+scheme's format.
 
 Every ``linear`` over a 2-D weight becomes ``qlinear`` over the quantized parts (round to nearest;
 ``f16`` stores the weight in half precision and casts). An embedding that reads the same table as
 a quantized linear (tied embeddings, SmolLM2's LM head) becomes ``qembedding`` over the very same
 parts, so the tie is kept and the matrix is stored once. Untied embeddings stay f32: a lookup
-reads one row per token, so quantizing them saves memory but not time.
+reads one row per token, so quantizing them saves memory but not time. A ``moe`` block's stacked
+expert weights become a ``qmoe`` over their parts; its router stays f32.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ def quantize_weights(graph: Graph, ctx: PassContext) -> Graph:
                       if n.op == "linear" and n.inputs[1].op == "weight" and n.inputs[1].type.dtype == "f32"}
     if scheme.passthrough:
         return _passthrough(graph, ctx, linear_weights)
-    for name in sorted(linear_weights):
+    expert_weights = {i.attrs["name"] for n in graph.nodes() if n.op == "moe" for i in n.inputs[2:]
+                      if i.op == "weight" and i.type.dtype == "f32"}
+    for name in sorted(linear_weights | expert_weights):
         scheme.check_layer(name, weights[name].shape)
     column_scales = _calibrate(graph, ctx, scheme, linear_weights)
     inverses: dict[str, Node] = {}
@@ -62,6 +66,15 @@ def quantize_weights(graph: Graph, ctx: PassContext) -> Graph:
             if not scheme.quantized:     # f16: half-precision storage, widened where it is read
                 return emit("linear", [inputs[0], emit("cast", [half_of(name)], dtype="f32")] + inputs[2:])
             return emit("qlinear", [scaled_input(name, inputs[0])] + parts_of(name) + inputs[2:], scheme=scheme.name)
+        if original.op == "moe" and all(i.op == "weight" and i.attrs["name"] in expert_weights
+                                        for i in original.inputs[2:]):
+            # The router stays f32, as llama.cpp keeps it: a rounded logit can change the experts chosen.
+            names = [i.attrs["name"] for i in original.inputs[2:]]
+            if not scheme.quantized:
+                return emit("moe", inputs[:2] + [emit("cast", [half_of(n)], dtype="f32") for n in names],
+                            **original.attrs)
+            return emit("qmoe", inputs[:2] + parts_of(names[0]) + parts_of(names[1]), scheme=scheme.name,
+                        **original.attrs)
         if original.op == "embedding" and original.inputs[0].op == "weight" \
                 and original.inputs[0].attrs["name"] in linear_weights:
             name = original.inputs[0].attrs["name"]

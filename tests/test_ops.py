@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from llmc import ops
 from llmc.errors import LlmcError
 from llmc.interpret import round_to_bf16
-from llmc.ir import Type, dtype_of_array
+from llmc.ir import TupleType, Type, dtype_of_array
 
 rng = np.random.default_rng()
 
@@ -21,6 +21,10 @@ def f32(*shape):
 def apply(op, arrays, **attrs):
     """Run an op's shape rule and its reference; check they agree; return the result."""
     out_type = ops.infer(op, [Type(dtype_of_array(a), a.shape) for a in arrays], attrs)
+    if isinstance(out_type, TupleType):          # several results: each checked against its type
+        results = ops.OPS[op].ref(arrays, attrs, None, None)
+        assert [Type(dtype_of_array(r), r.shape) for r in results] == list(out_type.types), op
+        return results
     result = np.asarray(ops.OPS[op].ref(arrays, attrs, out_type.shape, out_type.dtype))
     assert result.shape == out_type.shape, op
     return result
@@ -177,6 +181,61 @@ def test_sdpa_with_gqa(causal, mask_kind):
     want = F.scaled_dot_product_attention(T(q), T(k), T(v), attn_mask=None if mask is None else T(mask),
                                           is_causal=causal, scale=0.3, enable_gqa=True)
     close(got, want, tol=1e-5)
+
+
+def test_topk_matches_torch():
+    x = f32(7, 13)
+    values, indices = apply("topk", [x], k=3, axis=1)
+    want = torch.topk(T(x), 3, dim=1)
+    close(values, want.values, tol=0)
+    assert (indices == want.indices.numpy()).all()
+    with pytest.raises(ops.OpError, match="topk of 14"):
+        apply("topk", [x], k=14, axis=1)
+
+
+def _torch_moe(x, router, up, down, top_k, normalize, act, gated):
+    """A token-by-token mixture of experts in torch, written from the op's definition."""
+    x, router, up, down = T(x), T(router), T(up), T(down)
+    experts, hidden = router.shape
+    up, down = up.reshape(experts, -1, hidden), down.reshape(experts, hidden, -1)
+    fn = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}[act]
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        probs = torch.softmax(x[t] @ router.T, -1)
+        weights, ids = torch.topk(probs, top_k)
+        if normalize:
+            weights = weights / weights.sum()
+        for w, e in zip(weights, ids):
+            h = up[e] @ x[t]
+            h = fn(h[:h.shape[0] // 2]) * h[h.shape[0] // 2:] if gated else fn(h)
+            out[t] += w * (down[e] @ h)
+    return out
+
+
+@pytest.mark.parametrize("gated,act,normalize", [(True, "silu", True), (True, "gelu", False), (False, "relu", True)])
+def test_moe_matches_a_token_by_token_torch_loop(gated, act, normalize):
+    experts, hidden, inner, top_k = 5, 24, 7, 2
+    x, router = f32(11, hidden), f32(experts, hidden)
+    up, down = f32(experts * inner * (2 if gated else 1), hidden) * 0.3, f32(experts * hidden, inner) * 0.3
+    attrs = dict(experts=experts, top_k=top_k, normalize=normalize, act=act, gated=gated)
+    got = apply("moe", [x, router, up, down], **attrs)
+    close(got, _torch_moe(x, router, up, down, top_k, normalize, act, gated), tol=2e-5)
+    with pytest.raises(ops.OpError, match="router"):
+        apply("moe", [x, f32(experts + 1, hidden), up, down], **attrs)
+
+
+def test_qmoe_is_moe_over_its_dequantized_experts():
+    from llmc.quant import dequantize, parse_scheme, quantize
+
+    scheme = parse_scheme("q4g32")
+    x, router = f32(6, 64), f32(4, 64)
+    up, down = f32(4 * 2 * 32, 64), f32(4 * 64, 32)
+    attrs = dict(experts=4, top_k=2, normalize=True, act="silu", gated=True)
+    parts = [quantize(w, scheme) for w in (up, down)]
+    flat = [p[key] for p in parts for key in scheme.parts]
+    got = apply("qmoe", [x, router] + flat, scheme="q4g32", **attrs)
+    plain = [dequantize(p, scheme, w.shape[1]) for p, w in zip(parts, (up, down))]
+    close(got, apply("moe", [x, router] + plain, **attrs), tol=1e-6)
 
 
 def test_every_op_with_a_reference_is_exercised_here():

@@ -568,6 +568,16 @@ def _argmax(imp, n, x, dim=None, keepdim=False):
     return imp.emit("argmax", [node], axis=imp.axis(dim, node.type.rank), keepdim=bool(keepdim))
 
 
+@handles(aten.topk.default)
+def _topk(imp, n, x, k, dim=-1, largest=True, sorted=True):
+    """The k largest along dim, largest first (an MoE router's expert choice)."""
+    if not largest:
+        raise imp.unsupported("topk of the smallest values")
+    node = imp.tensor(x)
+    both = imp.emit("topk", [node], k=int(k), axis=imp.axis(dim, node.type.rank))
+    return [imp.emit("get", [both], index=i) for i in range(2)]
+
+
 def _softmax_like(op):
     def handler(imp, n, x, dim, *rest):
         out = imp.meta_type(n)

@@ -39,11 +39,30 @@ def export(model: torch.nn.Module, max_seq: int, name: str) -> torch.export.Expo
     seq = torch.export.Dim(SEQ, min=1, max=max_seq) if max_seq > 1 else None
     wrapper = LogitsOnly(model).eval()
     try:
-        with torch.no_grad(), _quiet_torch_logs():
+        with torch.no_grad(), _quiet_torch_logs(), _traceable_experts(model):
             return torch.export.export(wrapper, (ids,), dynamic_shapes={"input_ids": {1: seq}} if seq else None,
                                        strict=False)
     except Exception as exc:  # torch raises many unrelated types; all mean "could not trace"
         raise TraceError(f"torch.export could not trace {name}: {_summary(exc)}{_model_frame(exc)}") from exc
+
+
+@contextlib.contextmanager
+def _traceable_experts(model: torch.nn.Module):
+    """transformers' mixture-of-experts blocks pick their experts' code by
+    ``config._experts_implementation``: the default sorts tokens by expert into an opaque custom op,
+    and "eager" loops over the experts a batch hit (a branch on the data). "batched_mm" gathers each
+    (token, choice) pair's expert weights and multiplies them in one batched matmul: plain ATen ops
+    that trace, from which llmc's moe pass recovers the routing (llmc.passes.moe)."""
+    configs = {id(c): c for c in (getattr(m, "config", None) for m in model.modules())
+               if c is not None and getattr(c, "_experts_implementation", None) is not None}
+    before = {key: c._experts_implementation for key, c in configs.items()}
+    try:
+        for c in configs.values():
+            c._experts_implementation = "batched_mm"
+        yield
+    finally:
+        for key, c in configs.items():
+            c._experts_implementation = before[key]
 
 
 @contextlib.contextmanager
