@@ -45,9 +45,11 @@ class GraphLowering(ABC):
     # -- the walk ------------------------------------------------------------------------------
 
     def operands(self, node: Node) -> tuple[Node, ...]:
-        """The inputs whose values the node's code reads (a linear reads an f16 weight directly)."""
+        """The inputs whose values the node's code reads (a linear or moe reads an f16 weight directly)."""
         if node.op == "linear" and f16_weight(node.inputs[1]) is not None:
             return (node.inputs[0], f16_weight(node.inputs[1])) + node.inputs[2:]
+        if node.op == "moe":
+            return tuple(f16_weight(i) or i for i in node.inputs)
         return node.inputs
 
     def walk(self, on_node=None, soft_errors: tuple = ()) -> View:

@@ -18,13 +18,19 @@ import llmc
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
-    """qwen2 (untied head, attention bias) for cpu and ref, and mistral (sliding window of 16) for
-    cpu with blocks of 4."""
+    """qwen2 (untied head, attention bias) for cpu and ref, mistral (sliding window of 16) for
+    cpu with blocks of 4, and mixtral (four experts, top 2) for cpu in q4g32 (experts in panels)."""
+    import transformers
+
     folder = tmp_path_factory.mktemp("abi")
     qwen, mistral = tiny_model("qwen2"), tiny_model("mistral")
+    mixtral = tiny_model("mixtral", config=transformers.MixtralConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2))
     out = {}
     for name, model, target, options in [("cpu", qwen, "cpu", {"chunk": 24}), ("ref", qwen, "ref", {}),
-                                         ("cpu-window", mistral, "cpu", {"block_size": 4})]:
+                                         ("cpu-window", mistral, "cpu", {"block_size": 4}),
+                                         ("cpu-moe", mixtral, "cpu", {"quant": "q4g32"})]:
         out[name] = folder / f"{name}.llmc"
         compile_model(model, out[name], target=target, progress=None, **options)
     return out
@@ -159,7 +165,7 @@ def random_schedule(rng, lengths: list[int], prompts: list[int], max_tokens: int
     return steps
 
 
-@pytest.mark.parametrize("name", ["cpu", "ref", "cpu-window"])
+@pytest.mark.parametrize("name", ["cpu", "ref", "cpu-window", "cpu-moe"])
 def test_batched_steps_match_single_sequence_runs(artifacts, name):
     """Random mixes of prefill chunks and decode tokens from up to five sequences, over block
     tables scattered across the pool, give every token the logits of its sequence run alone —

@@ -46,6 +46,12 @@ LLMC_EXPORT void h_attention(const float* q, int64_t q_h, int64_t q_s, const flo
     int64_t o_s, float* scratch)
     PARALLEL(llmc_attention(q, q_h, q_s, k, k_h, k_s, v, v_h, v_s, kp, ks, vp, vs, kv8, positions, seq_index, tables,
                             max_blocks, n, Hq, Hk, D, B, scale, window, softcap, out, o_h, o_s, scratch))
+LLMC_EXPORT void h_moe(const float* x, int64_t ldx, int64_t T, int64_t H, const float* router, int64_t E, int64_t k,
+    int64_t normalize, int64_t act, int64_t gated, int64_t I, int64_t kind, int64_t bits, int64_t G, const void* up,
+    const f16* up_scales, const f16* up_mins, const void* down, const f16* down_scales, const f16* down_mins,
+    const int64_t* tiles, float* out, void* scratch)
+    PARALLEL(llmc_moe(x, ldx, T, H, router, E, k, normalize, act, gated, I, kind, bits, G, up, up_scales, up_mins,
+                      down, down_scales, down_mins, tiles, out, scratch))
 """
 
 _FLOAT = ctypes.c_float
@@ -64,6 +70,8 @@ SIGNATURES = {
     "h_add_norm": [_PTR, _INT, _PTR, _INT, _PTR, _PTR, _FLOAT, _INT, _INT, _INT, _PTR, _PTR],
     "h_attention": [_PTR, _INT, _INT, _PTR, _INT, _INT, _PTR, _INT, _INT, _PTR, _PTR, _PTR, _PTR, _INT, _PTR, _PTR,
                     _PTR, _INT, _INT, _INT, _INT, _INT, _INT, _FLOAT, _INT, _FLOAT, _PTR, _INT, _INT, _PTR],
+    "h_moe": [_PTR, _INT, _INT, _INT, _PTR, _INT, _INT, _INT, _INT, _INT, _INT, _INT, _INT, _INT, _PTR, _PTR, _PTR,
+              _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
 }
 
 

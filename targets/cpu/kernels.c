@@ -1011,6 +1011,139 @@ LLMC_KERNEL void llmc_embedding_panels(const void* codes, const f16* scales, con
 }
 
 /* ---------------------------------------------------------------------------------------------
+ * Mixture of experts (the moe and qmoe ops). x: T rows of H at stride ldx; the router [E][H] f32;
+ * expert e's gate/up weight is rows e * U .. e * U + U - 1 (U = 2I gated: gate rows then up rows,
+ * else I) of the stacked `up`, its down weight rows e * H .. of the stacked `down` [E * H][I], stored
+ * as `kind` says: f32, f16, quantized codes + f16 scales (+ mins) read on int8 activations
+ * (plain or in panels, whose rows of one expert are whole panels), or read exactly. Steps:
+ *   1. the router's logits (the f32 linear);
+ *   2. per token: softmax, the top k (the lower index first among equals), renormalised if asked;
+ *   3. one thread sorts the T * k (token, choice) pairs by expert, stably: expert e's pairs are
+ *      rows offsets[e] .. offsets[e + 1] - 1, and pair t * k + j went to row slot[t * k + j];
+ *   4. the pairs' x rows gathered in that order;
+ *   5. per expert that has pairs: its gate/up linear over its rows (so each expert's weights are
+ *      read once a step, however many tokens chose it), the activation, its down linear;
+ *   6. per token: out = the sum over j of weight j * its pair's row, in the router's order.
+ * A token's result depends on its own row alone (a linear's row does not depend on how many rows
+ * it runs with, and step 6 adds in a fixed order): the step stays batch invariant. */
+
+enum { LLMC_W_F32, LLMC_W_F16, LLMC_W_Q, LLMC_W_PANELS, LLMC_W_Q_EXACT };   /* `kind` */
+enum { LLMC_ACT_SILU, LLMC_ACT_GELU, LLMC_ACT_GELU_TANH, LLMC_ACT_RELU };    /* `act` */
+
+static inline float moe_act(int64_t act, float x) {
+    switch (act) {
+    case LLMC_ACT_SILU: return x / (1 + llmc_expf(-x));
+    case LLMC_ACT_GELU: return 0.5f * x * (1.0f + erff(x * 0.7071067811865476f));
+    case LLMC_ACT_GELU_TANH: return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+    default: return x > 0 ? x : 0;
+    }
+}
+
+/* M rows of x (contiguous, K each) through rows n0 .. n0 + N - 1 of a stacked weight */
+static void expert_linear(int64_t kind, int64_t bits, int64_t G, const void* codes, const f16* scales,
+                          const f16* mins, int64_t n0, const float* x, int64_t M, int64_t N, int64_t K, float* y,
+                          int64_t gemv, int64_t gemm, void* scratch) {
+    int64_t tile = M == 1 ? gemv : gemm;
+    if (kind == LLMC_W_F32) {
+        llmc_linear_f32(x, K, (const float*)codes + n0 * K, 0, y, M, N, K, tile);
+        return;
+    }
+    if (kind == LLMC_W_F16) {
+        llmc_linear_f16(x, K, (const f16*)codes + n0 * K, 0, y, M, N, K, tile);
+        return;
+    }
+    int64_t groups = K / G;                 /* panels keep a row's bytes and groups: the same offsets */
+    const void* q = (const char*)codes + n0 * (bits == 4 ? K / 2 : K);
+    const f16* s = scales + n0 * groups;
+    const f16* m = mins ? mins + n0 * groups : 0;
+    if (kind == LLMC_W_Q) llmc_linear_q(x, K, q, s, m, 0, y, M, N, K, bits, G, tile, scratch);
+    else if (kind == LLMC_W_PANELS) llmc_linear_panels(x, K, q, s, m, 0, y, M, N, K, bits, tile, scratch);
+    else llmc_linear_q_exact(x, K, q, s, m, 0, y, M, N, K, bits, G, tile);
+}
+
+static inline char* moe_take(char** at, int64_t bytes) {
+    char* p = (char*)(((uintptr_t)*at + 63) & ~(uintptr_t)63);
+    *at = p + bytes;
+    return p;
+}
+
+/* `scratch`: the bytes targets/cpu/lower.py's moe_scratch gives; `tiles`: the router's, the
+ * gate/up's and the down's (gemv, gemm) tiles. */
+LLMC_KERNEL void llmc_moe(const float* x, int64_t ldx, int64_t T, int64_t H, const float* router, int64_t E,
+                          int64_t k, int64_t normalize, int64_t act, int64_t gated, int64_t I, int64_t kind,
+                          int64_t bits, int64_t G, const void* up, const f16* up_scales, const f16* up_mins,
+                          const void* down, const f16* down_scales, const f16* down_mins, const int64_t* tiles,
+                          float* out, void* scratch) {
+    int64_t P = T * k, U = gated ? 2 * I : I;
+    char* at = (char*)scratch;
+    float* logits = (float*)moe_take(&at, T * E * 4);
+    float* weights = (float*)moe_take(&at, P * 4);
+    int64_t* ids = (int64_t*)moe_take(&at, P * 8);
+    int64_t* slot = (int64_t*)moe_take(&at, P * 8);
+    int64_t* offsets = (int64_t*)moe_take(&at, (E + 1) * 8);
+    int64_t* cursor = (int64_t*)moe_take(&at, E * 8);
+    float* xs = (float*)moe_take(&at, P * H * 4);
+    float* h = (float*)moe_take(&at, P * U * 4);
+    float* a = (float*)moe_take(&at, P * I * 4);
+    float* o = (float*)moe_take(&at, P * H * 4);
+    void* qscratch = moe_take(&at, 0);
+    llmc_linear_f32(x, ldx, router, 0, logits, T, E, H, T == 1 ? tiles[0] : tiles[1]);
+    #pragma omp for schedule(static)
+    for (int64_t t = 0; t < T; t++) {
+        float* p = logits + t * E, top = p[0], total = 0.0f, chosen = 0.0f;
+        for (int64_t e = 1; e < E; e++) top = p[e] > top ? p[e] : top;
+        for (int64_t e = 0; e < E; e++) total += (p[e] = expf(p[e] - top));
+        for (int64_t e = 0; e < E; e++) p[e] /= total;
+        for (int64_t j = 0; j < k; j++) {
+            int64_t best = -1;
+            for (int64_t e = 0; e < E; e++)                   /* (a NaN is never better: still an expert) */
+                if (p[e] != -2.0f && (best < 0 || p[e] > p[best])) best = e;
+            ids[t * k + j] = best;
+            chosen += (weights[t * k + j] = p[best]);
+            p[best] = -2.0f;                                  /* taken */
+        }
+        if (normalize)
+            for (int64_t j = 0; j < k; j++) weights[t * k + j] /= chosen;
+    }
+    #pragma omp single
+    {
+        for (int64_t e = 0; e <= E; e++) offsets[e] = 0;
+        for (int64_t p = 0; p < P; p++) offsets[ids[p] + 1]++;
+        for (int64_t e = 0; e < E; e++) offsets[e + 1] += offsets[e];
+        for (int64_t e = 0; e < E; e++) cursor[e] = offsets[e];
+        for (int64_t p = 0; p < P; p++) slot[p] = cursor[ids[p]]++;
+    }
+    #pragma omp for schedule(static)
+    for (int64_t p = 0; p < P; p++) memcpy(xs + slot[p] * H, x + (p / k) * ldx, (size_t)H * sizeof(float));
+    for (int64_t e = 0; e < E; e++) {
+        int64_t r0 = offsets[e], n = offsets[e + 1] - r0;
+        if (n) expert_linear(kind, bits, G, up, up_scales, up_mins, e * U, xs + r0 * H, n, U, H, h + r0 * U,
+                             tiles[2], tiles[3], qscratch);
+    }
+    #pragma omp for schedule(static)
+    for (int64_t r = 0; r < P; r++) {
+        const float* hr = h + r * U;
+        float* ar = a + r * I;
+        for (int64_t i = 0; i < I; i++) ar[i] = gated ? moe_act(act, hr[i]) * hr[I + i] : moe_act(act, hr[i]);
+    }
+    for (int64_t e = 0; e < E; e++) {
+        int64_t r0 = offsets[e], n = offsets[e + 1] - r0;
+        if (n) expert_linear(kind, bits, G, down, down_scales, down_mins, e * H, a + r0 * I, n, H, I, o + r0 * H,
+                             tiles[4], tiles[5], qscratch);
+    }
+    #pragma omp for schedule(static)
+    for (int64_t t = 0; t < T; t++) {
+        float* y = out + t * H;
+        for (int64_t i = 0; i < H; i++) y[i] = 0.0f;
+        for (int64_t j = 0; j < k; j++) {
+            const float* row = o + slot[t * k + j] * H;
+            float w = weights[t * k + j];
+            for (int64_t i = 0; i < H; i++) y[i] += w * row[i];
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
  * Norms over the last axis: rows of D at a stride in, contiguous rows out. add_norm first writes
  * sum = x + r (contiguous), then normalises it. kind 0: RMSNorm, 1: LayerNorm. */
 

@@ -357,6 +357,68 @@ class FunctionLowering(GraphLowering):
                    scheme.group, self._tile(kernel, m, n, k), scratch, kernel=kernel)
         return out
 
+    def _moe(self, node: Node) -> View:
+        return self._experts(node, None)
+
+    def _qmoe(self, node: Node) -> View:
+        return self._experts(node, parse_scheme(node.attrs["scheme"]))
+
+    def _experts(self, node: Node, scheme) -> View:
+        """kernels.c's llmc_moe over the stacked expert weights, in the storage ``kind`` it names."""
+        a = node.attrs
+        x, tokens, ldx = self.rows(self.read(node.inputs[0]))
+        router = self.contiguous(self.read(node.inputs[1]))
+        experts, hidden = router.shape
+        count = len(scheme.parts) if scheme else 1
+        stacks = [node.inputs[2:2 + count], node.inputs[2 + count:]]
+        inner = node.inputs[-count].type.shape[1] if scheme is None else scheme.cols(node.inputs[-count].type.shape[1])
+        rows = [experts * inner * (2 if a["gated"] else 1), experts * hidden]
+        if scheme is None:
+            f16 = [f16_weight(s[0]) for s in stacks]
+            if any(f is not None for f in f16) and not all(f is not None for f in f16):
+                raise LoweringError("moe expert weights stored one f16, one f32")
+            kind, bits, group = ("LLMC_W_F16", 16, 0) if f16[0] is not None else ("LLMC_W_F32", 32, 0)
+            parts = [[self.read(f16[i]) if f16[i] is not None else self.contiguous(self.read(s[0])), None, None]
+                     for i, s in enumerate(stacks)]
+            kernel = f"llmc_moe_{'f16' if f16[0] is not None else 'f32'}"
+        else:
+            bits, group = scheme.bits, scheme.group
+            per_expert = [rows[0] // experts, hidden]
+            # panels only where each expert's rows are whole panels of both weights
+            panels = not self.exact and all(
+                n % 8 == 0 and panels_fit(bits, group, n * experts, k) and all(i.op == "weight" for i in s)
+                for s, n, k in zip(stacks, per_expert, (hidden, inner)))
+            for s, n, k in zip(stacks, per_expert, (hidden, inner)):
+                if panels:
+                    self._panels(scheme, s, n * experts, k)
+            kind = "LLMC_W_Q_EXACT" if self.exact else "LLMC_W_PANELS" if panels else "LLMC_W_Q"
+            parts = []
+            for s in stacks:
+                views = [self.contiguous(self.read(i)) for i in s]
+                parts.append([views[0], views[1], views[scheme.parts.index("mins")] if "mins" in scheme.parts else None])
+            kernel = f"llmc_moe_{scheme.name}{'_exact' if self.exact else 'p' if panels else ''}"
+        tile_kernel = {"LLMC_W_F32": "llmc_linear_f32", "LLMC_W_F16": "llmc_linear_f16",
+                       "LLMC_W_PANELS": f"llmc_linear_q{bits}p"}.get(kind, f"llmc_linear_{scheme.name if scheme else ''}"
+                                                                        f"{'_exact' if self.exact else ''}")
+        tiles = [self.tiles("llmc_linear_f32", experts, hidden)] + \
+                [self.tiles(tile_kernel, n // experts, k) for n, k in zip(rows, (hidden, inner))]
+        table = ", ".join(str(t[key]) for t in tiles for key in ("gemv", "gemm"))
+        scratch = self.scratch(moe_scratch(tokens, hidden, experts, a["top_k"], inner, a["gated"]))
+        out = self.alloc("f32", node.type.shape, node)
+
+        def pointers(views):
+            codes, scales, mins = views
+            return [codes.pointer("void"), scales.pointer("f16") if scales else "0", mins.pointer("f16") if mins else "0"]
+
+        acts = {"silu": "LLMC_ACT_SILU", "gelu": "LLMC_ACT_GELU", "gelu_tanh": "LLMC_ACT_GELU_TANH",
+                "relu": "LLMC_ACT_RELU"}
+        self.lines.append(f"{{ static const int64_t tiles[6] = {{{table}}};")
+        self._call("llmc_moe", x.pointer("float"), c_dim(ldx), c_dim(tokens), hidden, router.pointer("float"),
+                   experts, a["top_k"], int(a["normalize"]), acts[a["act"]], int(a["gated"]), inner, kind, bits, group,
+                   *pointers(parts[0]), *pointers(parts[1]), "tiles", out.pointer("float"), scratch, kernel=kernel)
+        self.lines.append("}")
+        return out
+
     def _embedding(self, node: Node) -> View:
         table = self.contiguous(self.read(node.inputs[0]))
         ids = self.contiguous(self.read(node.inputs[1]))
@@ -510,6 +572,20 @@ def _fused_body(node: Node, load) -> tuple[list[str], str]:
         statements.append(f"const {c_type(out_dtype)} t{index} = "
                           f"{expression(op, [v for v, _ in values], attrs, in_dtype, out_dtype)};")
     return statements, f"t{len(types) - 1}"
+
+
+def moe_scratch(tokens, hidden: int, experts: int, top_k: int, inner: int, gated: bool):
+    """The bytes of llmc_moe's scratch (kernels.c lays it out, each part 64-aligned): the router's
+    logits, the pairs' weights, ids and slots, the expert offsets, then the pairs' x rows, gate/up
+    rows, activations and down rows, then a quantized linear's x codes (for the wider of H and I)."""
+    pairs = dims.mul(tokens, top_k)
+    widest = max(hidden, inner)
+    floats = dims.add(dims.mul(tokens, experts), dims.mul(pairs, 1 + hidden + inner * (2 if gated else 1) + inner
+                                                          + hidden))
+    total = dims.add(dims.mul(floats, 4), dims.mul(pairs, 16))
+    total = dims.add(total, (2 * experts + 1) * 8)
+    quantized = dims.add(dims.mul(pairs, _round_up(widest, ALIGN)), dims.mul(pairs, (widest // 32) * 8))
+    return dims.add(dims.add(total, quantized), 11 * ALIGN)
 
 
 def _itemsize(dtype: str) -> int:
