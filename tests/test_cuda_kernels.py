@@ -345,3 +345,57 @@ def test_where_and_comparisons_in_a_fused_body():
     body_text = [["gt", "in0", "in1"], ["where", "t0", "in0", "in1"], ["mul", "t1", "in1"]]
     got = _run_elementwise("fused", {"body": body_text}, [x, y])
     assert rel(got, np.where(x > y, x, y) * y) < 1e-6
+
+
+# -- mixture of experts -----------------------------------------------------------------------
+
+MOE_ACTS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
+
+
+def run_moe(x, router, up_parts, down_parts, mode, group, inner, attrs, block_m=16):
+    """The five launches of targets/cuda/lower.py's moe, at the grids it gives them: (out, ids)."""
+    tokens, hidden = x.shape
+    experts, top_k, gated = attrs["experts"], attrs["top_k"], attrs["gated"]
+    pairs = tokens * top_k
+    max_blocks = -(-(pairs + experts * (block_m - 1)) // block_m)
+    slots_bound, blocks_bound = pairs + experts * block_m, pairs + experts
+    ids, weights = torch.full((pairs,), -7, dtype=torch.int32), nans(pairs)
+    slots, rows = torch.full((pairs,), -7, dtype=torch.int32), torch.full((slots_bound,), -7, dtype=torch.int32)
+    block_experts = torch.full((blocks_bound,), -7, dtype=torch.int32)
+    a, o = nans(slots_bound, inner, dtype=torch.float16), nans(slots_bound, hidden, dtype=torch.float16)
+    out = nans(tokens, hidden, dtype=torch.float16)
+    xs = t(x, torch.float16)
+    K.moe_route[(tokens,)](xs, hidden, t(router), ids, weights, hidden, experts, TOP_K=top_k,
+                           NORMALIZE=attrs["normalize"], BLOCK_E=16, BLOCK_H=32)
+    K.moe_sort[(1,)](ids, slots, rows, block_experts, pairs, experts, slots_bound, blocks_bound, BLOCK_M=block_m,
+                     BLOCK_P=16)
+    (w, scales, mins), (dw, dscales, dmins) = [(p + [p[0]] * 2)[:3] for p in (up_parts, down_parts)]
+    if mode == 8:
+        mins, dmins = scales, dscales
+    K.moe_up[(-(-inner // 16), max_blocks)](xs, hidden, rows, block_experts, w, scales, mins, a, hidden, inner,
+                                            TOP_K=top_k, MODE=mode, GROUP=group, GATED=gated,
+                                            ACT=MOE_ACTS[attrs["act"]], BLOCK_M=block_m, BLOCK_N=16, BLOCK_K=32)
+    K.moe_down[(-(-hidden // 16), max_blocks)](a, rows, block_experts, dw, dscales, dmins, o, hidden, inner,
+                                               MODE=mode, GROUP=group, BLOCK_M=block_m, BLOCK_N=16, BLOCK_K=32)
+    K.moe_combine[(tokens, -(-hidden // 32))](o, slots, weights, out, hidden, TOP_K=top_k, BLOCK=32)
+    return out, ids.numpy().reshape(tokens, top_k)
+
+
+@pytest.mark.parametrize("scheme", ["f32", "f16", "q8", "q4g32"])
+@pytest.mark.parametrize("tokens,act,gated,normalize", [(1, "silu", True, True), (5, "gelu_tanh", True, False),
+                                                         (19, "relu", False, True)])
+def test_moe_matches_the_reference(scheme, tokens, act, gated, normalize):
+    """Route, sort by expert, the experts' two matmuls and the weighted sum against
+    ops.moe_reference over the weights as stored, on fp16 activations: the same experts chosen,
+    and every pair's rows where the grouping put them (outputs start as NaN: a pair left out fails)."""
+    from llmc.ops import moe_reference, moe_route
+
+    experts, top_k, hidden, inner = 5, 2, 64, 96
+    up_parts, up, mode, group = _weight_parts(experts * inner * (2 if gated else 1), hidden, scheme)
+    down_parts, down, _, _ = _weight_parts(experts * hidden, inner, scheme)
+    x = half(rng.standard_normal((tokens, hidden)) * 0.15)
+    router = (rng.standard_normal((experts, hidden)) / 8).astype(np.float32)        # logits ~ N(0, 1)
+    attrs = dict(experts=experts, top_k=top_k, normalize=normalize, act=act, gated=gated)
+    got, ids = run_moe(x.astype(np.float32), router, up_parts, down_parts, mode, group, inner, attrs)
+    assert (ids == moe_route(x, router, attrs)[0]).all()
+    assert rel(got, moe_reference(x, router, up, down, attrs)) < 5e-3

@@ -90,6 +90,170 @@ def embedding(table, scales, mins, ids, out, WIDTH, MODE: tl.constexpr, GROUP: t
     tl.store(out + row.to(tl.int64) * WIDTH + offs, tl.sum(tile, axis=0).to(out.dtype.element_ty), mask=ok)
 
 
+# -- mixture of experts ------------------------------------------------------------------------
+# The moe / qmoe ops in four launches over a static grid (so a decode plan captures as a graph):
+# moe_route picks each token's experts, moe_sort groups the step's (token, choice) pairs by expert
+# into blocks of BLOCK_M slots (each block one expert's, padded), moe_up and moe_down run every
+# block against its expert's weights only (blocks past the used ones exit at once), moe_combine
+# adds each token's choices by weight in the router's order.
+
+
+@triton.jit
+def moe_route(x, ldx, router, ids, weights, H, E, TOP_K: tl.constexpr, NORMALIZE: tl.constexpr,
+              BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr):
+    """One program per token: logits = x @ router.T in fp32 (the router is kept fp32), softmax,
+    the TOP_K largest (the lower index first among equals) into ids (i32) and weights (fp32),
+    renormalised to sum 1 if NORMALIZE."""
+    row = tl.program_id(0).to(tl.int64)
+    offs_e = tl.arange(0, BLOCK_E)
+    e_ok = offs_e < E
+    logits = tl.zeros((BLOCK_E,), tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        h_ok = offs_h < H
+        xv = tl.load(x + row * ldx + offs_h, mask=h_ok, other=0.0).to(tl.float32)
+        r = tl.load(router + offs_e.to(tl.int64)[:, None] * H + offs_h[None, :], mask=e_ok[:, None] & h_ok[None, :],
+                    other=0.0).to(tl.float32)
+        logits += tl.sum(r * xv[None, :], axis=1)
+    logits = tl.where(e_ok, logits, -float("inf"))
+    p = tl.exp(logits - tl.max(logits, axis=0))
+    p = p / tl.sum(p, axis=0)
+    p = tl.where(e_ok, p, -1.0)
+    total = tl.sum(tl.zeros((1,), tl.float32), axis=0)
+    for j in tl.static_range(TOP_K):
+        best = tl.max(p, axis=0)
+        choice = tl.min(tl.where(p == best, offs_e, BLOCK_E), axis=0)
+        tl.store(ids + row * TOP_K + j, choice.to(tl.int32))
+        tl.store(weights + row * TOP_K + j, best)
+        total += best
+        p = tl.where(offs_e == choice, -2.0, p)
+    if NORMALIZE:
+        for j in tl.static_range(TOP_K):
+            tl.store(weights + row * TOP_K + j, tl.load(weights + row * TOP_K + j) / total)
+
+
+@triton.jit
+def moe_sort(ids, slots, rows, block_experts, P, E, SLOTS, BLOCKS, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr):
+    """One program: the P pairs grouped by expert, in pair order within each. Expert e's pairs take
+    slots from its first block on, padded to whole blocks of BLOCK_M: rows[slot] = the pair (-1 in
+    padding), slots[pair] = its slot, block_experts[b] = block b's expert (-1 past the last used).
+    rows holds SLOTS and block_experts BLOCKS entries, at least what P pairs can fill."""
+    for s0 in range(0, SLOTS, BLOCK_P):
+        offs = s0 + tl.arange(0, BLOCK_P)
+        tl.store(rows + offs, tl.full((BLOCK_P,), -1, tl.int32), mask=offs < SLOTS)
+    for b0 in range(0, BLOCKS, BLOCK_P):
+        offs = b0 + tl.arange(0, BLOCK_P)
+        tl.store(block_experts + offs, tl.full((BLOCK_P,), -1, tl.int32), mask=offs < BLOCKS)
+    tl.debug_barrier()
+    base = P * 0
+    for e in range(0, E):
+        count = P * 0
+        for p0 in range(0, P, BLOCK_P):
+            offs = p0 + tl.arange(0, BLOCK_P)
+            mine = tl.load(ids + offs, mask=offs < P, other=-1) == e
+            slot = base + count + tl.cumsum(mine.to(tl.int32), axis=0) - 1
+            tl.store(slots + offs, slot, mask=mine)
+            tl.store(rows + slot, offs, mask=mine)
+            count += tl.sum(mine.to(tl.int32), axis=0)
+        blocks = (count + BLOCK_M - 1) // BLOCK_M
+        for b0 in range(0, blocks, BLOCK_P):
+            offs = b0 + tl.arange(0, BLOCK_P)
+            tl.store(block_experts + base // BLOCK_M + offs, tl.full((BLOCK_P,), 0, tl.int32) + e, mask=offs < blocks)
+        base += blocks * BLOCK_M
+
+
+@triton.jit
+def _moe_act(v, ACT: tl.constexpr):
+    """kernels.c's moe_act: 0 silu, 1 gelu (erf), 2 gelu (tanh form), 3 relu."""
+    if ACT == 0:
+        out = v / (1.0 + tl.exp(-v))
+    elif ACT == 1:
+        out = 0.5 * v * (1.0 + tl.math.erf(v * 0.7071067811865476))
+    elif ACT == 2:
+        inner = 0.7978845608028654 * (v + 0.044715 * v * v * v)
+        out = 0.5 * v * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0))
+    else:
+        out = tl.maximum(v, 0.0)
+    return out
+
+
+@triton.jit
+def _expert_tile(acc, xt, w, scales, mins, e_row, offs_n, n_ok, offs_k, k_ok, K, MODE: tl.constexpr,
+                 GROUP: tl.constexpr):
+    tile = _weight_tile(w, scales, mins, e_row + offs_n, offs_k, n_ok[:, None] & k_ok[None, :], K, MODE, GROUP)
+    return tl.dot(xt, tl.trans(tile.to(xt.dtype)), acc)
+
+
+@triton.jit
+def moe_up(x, ldx, rows, block_experts, w, scales, mins, out, H, I, TOP_K: tl.constexpr, MODE: tl.constexpr,
+           GROUP: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
+           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Block b's slots (one expert's pairs): out[slot, n] = act(gate) * up (GATED) or act(up) of
+    the pair's token row of x through its expert's gate/up rows, for BLOCK_N of the I columns."""
+    pid_n = tl.program_id(0)
+    block = tl.program_id(1)
+    e = tl.load(block_experts + block)
+    if e >= 0:
+        slots = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        pair = tl.load(rows + slots)
+        ok = pair >= 0
+        token = tl.where(ok, pair // TOP_K, 0).to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < I
+        e_row = e.to(tl.int64) * (2 * I if GATED else I)
+        gate = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < H
+            xt = tl.load(x + token[:, None] * ldx + offs_k[None, :], mask=ok[:, None] & k_ok[None, :], other=0.0)
+            gate = _expert_tile(gate, xt, w, scales, mins, e_row, offs_n, n_ok, offs_k, k_ok, H, MODE, GROUP)
+            if GATED:
+                up = _expert_tile(up, xt, w, scales, mins, e_row + I, offs_n, n_ok, offs_k, k_ok, H, MODE, GROUP)
+        result = _moe_act(gate, ACT)
+        if GATED:
+            result = result * up
+        tl.store(out + slots.to(tl.int64)[:, None] * I + offs_n[None, :], result.to(out.dtype.element_ty),
+                 mask=ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def moe_down(a, rows, block_experts, w, scales, mins, out, H, I, MODE: tl.constexpr, GROUP: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Block b's slots: out[slot, n] = a[slot] through its expert's down rows, BLOCK_N of the H."""
+    pid_n = tl.program_id(0)
+    block = tl.program_id(1)
+    e = tl.load(block_experts + block)
+    if e >= 0:
+        slots = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        ok = tl.load(rows + slots) >= 0
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < H
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for k0 in range(0, I, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < I
+            at = tl.load(a + slots.to(tl.int64)[:, None] * I + offs_k[None, :], mask=ok[:, None] & k_ok[None, :],
+                         other=0.0)
+            acc = _expert_tile(acc, at, w, scales, mins, e.to(tl.int64) * H, offs_n, n_ok, offs_k, k_ok, I, MODE,
+                               GROUP)
+        tl.store(out + slots.to(tl.int64)[:, None] * H + offs_n[None, :], acc.to(out.dtype.element_ty),
+                 mask=ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def moe_combine(o, slots, weights, out, H, TOP_K: tl.constexpr, BLOCK: tl.constexpr):
+    """out[t] = the sum over j of weights[t, j] * o[slots[t * TOP_K + j]], in j order."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < H
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for j in tl.static_range(TOP_K):
+        slot = tl.load(slots + row * TOP_K + j).to(tl.int64)
+        acc += tl.load(weights + row * TOP_K + j) * tl.load(o + slot * H + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out + row * H + offs, acc.to(out.dtype.element_ty), mask=ok)
+
+
 # -- norms and rotary embedding ---------------------------------------------------------------
 
 

@@ -47,8 +47,9 @@ POINTER_TYPES = {"f32": "*fp32", "f16": "*fp16", "bf16": "*bf16", "i64": "*i64",
                  "u8": "*u8"}
 # Ops whose f32 results are activations, stored in the activation dtype.
 ACTIVATIONS = {"linear", "qlinear", "embedding", "qembedding", "rms_norm", "layer_norm", "add_norm", "attention",
-               "rope", "swiglu", "geglu"}
+               "rope", "swiglu", "geglu", "moe", "qmoe"}
 MAX_NORM_WIDTH = 16384
+MOE_BLOCK_M = 16                                  # slots of one expert's block in the moe kernels (tl.dot's least)
 POOL_INPUTS = {"k_cache": 0, "v_cache": 1}        # the float KV pool's tensors, c0 and c1 on the device
 
 
@@ -138,13 +139,15 @@ class PlanLowering(GraphLowering):
         return super().operands(node)
 
     def _weight_storage(self, graph: Graph) -> dict[str, str]:
-        """Device dtype per weight: f32 matrices that only linears and embeddings read are stored
-        in the activation dtype (what the tensor cores take); other f32 weights stay fp32."""
+        """Device dtype per weight: f32 matrices that only linears, embeddings and experts read are
+        stored in the activation dtype (what the tensor cores take); other f32 weights (a router
+        among them) stay fp32."""
         readers: dict[str, set[str]] = {}
         for node in graph.nodes():
             for slot, i in enumerate(node.inputs):
                 if i.op == "weight":
-                    matrix = (node.op == "linear" and slot == 1) or (node.op == "embedding" and slot == 0)
+                    matrix = (node.op == "linear" and slot == 1) or (node.op == "embedding" and slot == 0) \
+                        or (node.op == "moe" and slot >= 2)
                     readers.setdefault(i.attrs["name"], set()).add("matrix" if matrix else "other")
         out = {}
         for node in graph.nodes():
@@ -312,6 +315,60 @@ class PlanLowering(GraphLowering):
         parts = [self.contiguous(self.read(i)) for i in node.inputs[1:1 + count]]
         bias = node.inputs[1 + count] if len(node.inputs) > 1 + count else None
         return self._matmul(node, x, m, ldx, parts, scheme.bits, scheme.group, bias)
+
+    def _moe(self, node: Node) -> View:
+        f16 = [f16_weight(i) for i in node.inputs[2:]]
+        stacks = [[self.read(f) if f is not None else self.contiguous(self.read(i))] for f, i in zip(f16, node.inputs[2:])]
+        return self._experts(node, stacks, 0, 1, node.inputs[3].type.shape[1])
+
+    def _qmoe(self, node: Node) -> View:
+        scheme = parse_scheme(node.attrs["scheme"])
+        count = len(scheme.parts)
+        stacks = [[self.contiguous(self.read(i)) for i in node.inputs[at:at + count]] for at in (2, 2 + count)]
+        return self._experts(node, stacks, scheme.bits, scheme.group, scheme.cols(node.inputs[-count].type.shape[1]))
+
+    def _experts(self, node: Node, stacks: list[list[View]], mode: int, group: int, inner: int) -> View:
+        """kernels.py's five moe launches: route, sort the pairs into expert blocks of BLOCK_M,
+        gate/up with the activation, down, and the weighted sum of each token's choices."""
+        a = node.attrs
+        x, tokens, ldx = self.rows(self.read(node.inputs[0]))
+        router = self.contiguous(self.read(node.inputs[1]))
+        experts, hidden = router.shape
+        top_k, block_m = a["top_k"], MOE_BLOCK_M
+        pairs = dims.mul(tokens, top_k)
+        used_slots = dims.add(pairs, experts * (block_m - 1))     # ceil(this / block_m) blocks at most
+        slots_bound, blocks_bound = dims.add(pairs, experts * block_m), dims.add(pairs, experts)
+        ids, weights, slots = self.alloc("i32", (pairs,)), self.alloc("f32", (pairs,)), self.alloc("i32", (pairs,))
+        rows, block_experts = self.alloc("i32", (slots_bound,)), self.alloc("i32", (blocks_bound,))
+        act_rows, out_rows = self.alloc(self.act, (slots_bound, inner)), self.alloc(self.act, (slots_bound, hidden))
+        out = self.alloc(self.act, node.type.shape, node)
+        self.launch("moe_route", [tokens], [("x", x), ("ldx", ldx), ("router", router), ("ids", ids),
+                                            ("weights", weights), ("H", hidden), ("E", experts)],
+                    {"TOP_K": top_k, "NORMALIZE": bool(a["normalize"]), "BLOCK_E": _pow2(experts),
+                     "BLOCK_H": min(256, _pow2(hidden))}, {"num_warps": 4, "num_stages": 1})
+        self.launch("moe_sort", [1], [("ids", ids), ("slots", slots), ("rows", rows), ("block_experts", block_experts),
+                                      ("P", pairs), ("E", experts), ("SLOTS", slots_bound), ("BLOCKS", blocks_bound)],
+                    {"BLOCK_M": block_m, "BLOCK_P": 1024}, {"num_warps": 4, "num_stages": 1})
+        tune, options = self.tuning["gemm"], self._options("gemm")
+        (w, scales, mins), (dw, dscales, dmins) = [(parts + [parts[0]] * 2)[:3] for parts in stacks]
+        if mode == 8:
+            mins, dmins = scales, dscales
+        shared = {"MODE": mode, "GROUP": group, "BLOCK_M": block_m, "BLOCK_N": tune["BLOCK_N"],
+                  "BLOCK_K": tune["BLOCK_K"]}
+        acts = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
+        self.launch("moe_up", [(inner, tune["BLOCK_N"]), (used_slots, block_m)],
+                    [("x", x), ("ldx", ldx), ("rows", rows), ("block_experts", block_experts), ("w", w),
+                     ("scales", scales), ("mins", mins), ("out", act_rows), ("H", hidden), ("I", inner)],
+                    {"TOP_K": top_k, "GATED": bool(a["gated"]), "ACT": acts[a["act"]], **shared}, options)
+        self.launch("moe_down", [(hidden, tune["BLOCK_N"]), (used_slots, block_m)],
+                    [("a", act_rows), ("rows", rows), ("block_experts", block_experts), ("w", dw),
+                     ("scales", dscales), ("mins", dmins), ("out", out_rows), ("H", hidden), ("I", inner)],
+                    shared, options)
+        block = min(1024, _pow2(hidden))
+        self.launch("moe_combine", [tokens, (hidden, block)],
+                    [("o", out_rows), ("slots", slots), ("weights", weights), ("out", out), ("H", hidden)],
+                    {"TOP_K": top_k, "BLOCK": block}, {"num_warps": 4, "num_stages": 1})
+        return out
 
     def _embedding(self, node: Node) -> View:
         f16 = f16_weight(node.inputs[0])
