@@ -2,7 +2,7 @@
 build it with gcc), for the tiny random configs of tests/test_families.py, cpu f32, build cache
 off so every phase runs. One line per family as a Markdown table row.
 
-    python benchmarks/family_compile_times.py
+    python benchmarks/family_compile_times.py [FAMILY ...]     (default: every checked family)
 """
 
 import sys
@@ -20,7 +20,7 @@ def main() -> None:
     print("| family | import s | passes s | lower s | total s |")
     print("| --- | --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as folder:
-        for name in CHECKED:
+        for name in sys.argv[1:] or CHECKED:
             report = compile_model(tiny(name), Path(folder) / f"{name}.llmc", target="cpu", quant="f32", kv="f32",
                                    progress=None, cache="off")
             t = report.phases

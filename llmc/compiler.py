@@ -39,18 +39,28 @@ class CompileReport:
 
 def decode_weight_bytes(graph) -> int:
     """Bytes of weights one decode step reads: all of each weight, except one row of a table that
-    only embedding lookups read."""
+    only embedding lookups read, and top_k of the experts of a routed (moe) block's expert weights."""
     nodes = graph.nodes()
     names = {n.attrs["name"] for n in nodes if n.op == "weight"}
     only_looked_up = set(names)
+    routed: dict[str, float] = {}                 # expert weight -> the share of it a token reads
     for node in nodes:
         for index, i in enumerate(node.inputs):
-            if i.op == "weight" and not (node.op in ("embedding", "qembedding") and index != len(node.inputs) - 1):
+            if i.op != "weight":
+                continue
+            if node.op in ("moe", "qmoe") and index >= 2:
+                routed[i.attrs["name"]] = node.attrs["top_k"] / node.attrs["experts"]
+            elif not (node.op in ("embedding", "qembedding") and index != len(node.inputs) - 1):
                 only_looked_up.discard(i.attrs["name"])
     total = 0
     for name in names:
         array = graph.weights[name]
-        total += array[0].nbytes if name in only_looked_up else array.nbytes
+        if name in only_looked_up - set(routed):
+            total += array[0].nbytes
+        elif name in routed and name in only_looked_up:
+            total += int(array.nbytes * routed[name])
+        else:
+            total += array.nbytes
     return total
 
 
