@@ -667,8 +667,19 @@ def _rotate_half(x):
     return np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
 
 
-define("rope", "generation", "rotary embedding, rotate-half form: x*cos + rotate_half(x)*sin", 3,
-       infer=_rope_infer, ref=lambda xs, a, shape, dt: xs[0] * xs[1] + _rotate_half(xs[0]) * xs[2])
+def _rotate_pairs(x):
+    pairs = x.reshape(x.shape[:-1] + (x.shape[-1] // 2, 2))
+    return np.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
+
+
+def _rope_ref(xs, a, shape, dt):
+    x, cos, sin = xs
+    return x * cos + (_rotate_pairs(x) if a.get("interleaved") else _rotate_half(x)) * sin
+
+
+define("rope", "generation",
+       "rotary embedding: x*cos + rotate_half(x)*sin (halves (i, i + D/2) rotated), or with the optional attribute "
+       "interleaved set, pairs (2i, 2i + 1): x*cos + (-x[2i+1], x[2i])*sin", 3, infer=_rope_infer, ref=_rope_ref)
 
 
 # ---------------------------------------------------------------------------------------------

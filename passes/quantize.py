@@ -136,6 +136,10 @@ def _passthrough(graph: Graph, ctx: PassContext, linear_weights: set[str]) -> Gr
     if kept_f32:
         ctx.note(f"quantize: {len(kept_f32)} linear weights are not stored as Q4_0/Q4_1/Q8_0 blocks in the GGUF "
                  f"and stay f32 (e.g. {kept_f32[0]})")
+    routed = sum(n.op == "moe" for n in graph.nodes())
+    if routed:
+        ctx.note(f"quantize: the experts of {routed} moe blocks stay f32 (--quant gguf keeps the blocks of 2-D "
+                 "linear weights only; q8 or q4g32 quantizes experts)")
 
     def replace(original: Node, inputs: list[Node], rebuilt) -> Node | None:
         if original.op == "linear" and original.inputs[1].op == "weight" and original.inputs[1].attrs["name"] in parts:

@@ -106,15 +106,17 @@ def test_norm(kind, add, params):
     assert rel(normed, y) < 2e-3
 
 
-def test_rope_on_a_permuted_view_with_broadcast_tables():
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_rope_on_a_permuted_view_with_broadcast_tables(interleaved):
     heads, seq, d = 3, 7, 24
     raw = rng.standard_normal((seq, heads, d)).astype(np.float32)          # [seq, heads, d] in memory
     x = raw.transpose(1, 0, 2)[None]                                         # viewed as [1, heads, seq, d]
     cos, sin = rng.standard_normal((seq, d)).astype(np.float32), rng.standard_normal((seq, d)).astype(np.float32)
     out = nans(heads * seq, d, dtype=torch.float16)
     xs = t(raw, torch.float16)
-    K.rope[(heads * seq,)](xs, 0, d, heads * d, t(cos), 0, 0, d, 1, t(sin), 0, 0, d, 1, out, heads, seq, d, BLOCK=32)
-    want = OPS["rope"].ref([half(x), cos[None, None], sin[None, None]], {}, None, None)
+    K.rope[(heads * seq,)](xs, 0, d, heads * d, t(cos), 0, 0, d, 1, t(sin), 0, 0, d, 1, out, heads, seq, d, BLOCK=32,
+                           INTERLEAVED=interleaved)
+    want = OPS["rope"].ref([half(x), cos[None, None], sin[None, None]], {"interleaved": interleaved}, None, None)
     assert rel(out.reshape(1, heads, seq, d), want) < 2e-3
 
 

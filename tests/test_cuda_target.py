@@ -83,12 +83,14 @@ def test_prefill_and_decode_match_the_cpu_artifact(families, name, tmp_path):
         assert relative_error(gpu.step([ids[pos]], pos), host.step([ids[pos]], pos)) < 3e-3
 
 
-def test_soft_capped_attention_decodes_like_the_cpu_artifact(tmp_path):
-    """Gemma 2 (attention and final logits soft-capped) through both targets' kernels."""
+@pytest.mark.parametrize("name", ["gemma2", "helium"])
+def test_families_beyond_the_six_decode_like_the_cpu_artifact(tmp_path, name):
+    """Gemma 2 (attention and final logits soft-capped) and Helium (interleaved rotary) through
+    both targets' kernels."""
     from llmc.frontend import import_model
     from test_families import tiny
 
-    cuda, cpu = build_pair(import_model(tiny("gemma2")), tmp_path)
+    cuda, cpu = build_pair(import_model(tiny(name)), tmp_path)
     gpu, host = emulated(cuda), llmc.load(cpu, max_context=64)
     ids = list(np.random.default_rng(5).integers(0, 128, 21))
     assert relative_error(gpu.logits(ids), host.logits(ids)) < 3e-3

@@ -123,6 +123,34 @@ def test_a_family_that_cannot_compile_yet_names_the_op_and_the_line(name, tmp_pa
         assert where in str(error.value)
 
 
+@pytest.mark.parametrize("name,interleaved", [("helium", True), ("cohere", True), ("gptj", True),
+                                              ("stablelm", False), ("phi", False)])
+def test_every_rotary_layout_becomes_the_rope_op(name, interleaved):
+    """Interleaved pairs (Helium, Cohere, GPT-J from its sin/cos table) and partial rotary (StableLM,
+    Phi, GPT-J: the rope runs on the rotated slice) are one rope op per q and k of each layer; no
+    rotation is left as traced slices, negations and concats."""
+    from llmc.pipeline import run_pipeline
+
+    graph = run_pipeline(tiny(name), until="fuse", progress=None).graph
+    ropes = [n for n in graph.nodes() if n.op == "rope"]
+    assert len(ropes) == 4 and all(bool(n.attrs.get("interleaved")) == interleaved for n in ropes)
+    assert not any(n.op == "neg" for n in graph.nodes())
+
+
+def test_routed_experts_become_one_moe_op_per_layer():
+    """Mixtral's routing (softmax, top 2, renormalised), traced as batched matmuls over gathered
+    expert weights, is one moe op per layer; the expert weights are stacked 2-D and nothing of the
+    traced routing is left."""
+    from llmc.pipeline import run_pipeline
+
+    graph = run_pipeline(tiny("mixtral"), until="fuse", progress=None).graph
+    blocks = [n for n in graph.nodes() if n.op == "moe"]
+    assert len(blocks) == 2
+    assert blocks[0].attrs == {"experts": 4, "top_k": 2, "normalize": True, "act": "silu", "gated": True}
+    assert blocks[0].inputs[2].type.shape == (4 * 2 * 96, 64) and blocks[0].inputs[3].type.shape == (4 * 64, 96)
+    assert not {n.op for n in graph.nodes()} & {"topk", "index", "matmul", "softmax"}
+
+
 def test_soft_capped_attention_becomes_one_op_with_its_cap():
     """Gemma 2's eager attention (scores * scale, then tanh(s / 50) * 50, then the mask) is placed
     on the KV cache as attention ops carrying the cap, not left as traced."""

@@ -107,6 +107,36 @@ graph @g(%x: f32[1, 2, seq, 8], %cos: f32[1, 1, seq, 8], %sin: f32[1, 1, seq, 8]
 }""", table(rope.RULES))
 
 
+INTERLEAVED = """
+graph @g(%x: f32[1, 2, seq, 8], %cos: f32[1, 1, seq, 8], %sin: f32[1, 1, seq, 8]) {
+  %0 = mul(%x, %cos) : f32[1, 2, seq, 8]
+  %1 = slice(%x) {axis=3, end=8, start=ODD, step=2} : f32[1, 2, seq, 4]
+  %2 = neg(%1) : f32[1, 2, seq, 4]
+  %3 = reshape(%2) {shape=[1, 2, "seq", 4, 1]} : f32[1, 2, seq, 4, 1]
+  %4 = slice(%x) {axis=3, end=7, start=EVEN, step=2} : f32[1, 2, seq, 4]
+  %5 = reshape(%4) {shape=[1, 2, "seq", 4, 1]} : f32[1, 2, seq, 4, 1]
+  %6 = concat(%3, %5) {axis=4} : f32[1, 2, seq, 4, 2]
+  %7 = reshape(%6) {shape=[1, 2, "seq", 8]} : f32[1, 2, seq, 8]
+  %8 = mul(%7, %sin) : f32[1, 2, seq, 8]
+  %9 = add(%0, %8) : f32[1, 2, seq, 8]
+  return %9
+}"""
+
+
+def test_rotate_pairs_becomes_an_interleaved_rope():
+    """stack((-x[..., 1::2], x[..., ::2]), -1).flatten(-2), as Helium, Cohere and GPT-J trace it."""
+    check(INTERLEAVED.replace("ODD", "1").replace("EVEN", "0"), """
+graph @g(%x: f32[1, 2, seq, 8], %cos: f32[1, 1, seq, 8], %sin: f32[1, 1, seq, 8]) {
+  %0 = rope(%x, %cos, %sin) {interleaved=true} : f32[1, 2, seq, 8]
+  return %0
+}""", table(rope.RULES))
+
+
+def test_pairs_rotated_the_other_way_are_not_rope():
+    text = INTERLEAVED.replace("ODD", "0").replace("EVEN", "1").replace("end=7", "end=8")
+    check(text, text, table(rope.RULES))
+
+
 def test_a_rotation_of_other_halves_is_not_rope():
     text = """
 graph @g(%x: f32[seq, 8], %cos: f32[seq, 8], %sin: f32[seq, 8]) {

@@ -264,6 +264,13 @@ def test_rope_rotate_half():
     close(apply("rope", [x, cos, sin]), tx * T(cos) + rotated * T(sin), tol=1e-6)
 
 
+def test_rope_interleaved():
+    x, cos, sin = f32(1, 3, 7, 10), f32(1, 1, 7, 10), f32(1, 1, 7, 10)
+    tx = T(x)
+    rotated = torch.stack((-tx[..., 1::2], tx[..., ::2]), dim=-1).flatten(-2)     # GPT-J's rotate_every_two
+    close(apply("rope", [x, cos, sin], interleaved=True), tx * T(cos) + rotated * T(sin), tol=1e-6)
+
+
 def paged(positions, seq_index, tables):
     return [np.asarray(positions, np.int64), np.asarray(seq_index, np.int64), np.asarray(tables, np.int64)]
 

@@ -483,7 +483,10 @@ class FunctionLowering(GraphLowering):
         out = self.alloc("f32", node.type.shape, node)
 
         def body(load):
-            rotated = f"(i < {half} ? -{load(0, f'i + {half}')} : {load(0, f'i - {half}')})"
+            if node.attrs.get("interleaved"):             # pairs (2i, 2i + 1)
+                rotated = f"(i % 2 == 0 ? -{load(0, 'i + 1')} : {load(0, 'i - 1')})"
+            else:
+                rotated = f"(i < {half} ? -{load(0, f'i + {half}')} : {load(0, f'i - {half}')})"
             return [], f"{load(0, 'i')} * {load(1, 'i')} + {rotated} * {load(2, 'i')}"
 
         self.loop(out, [x, cos, sin], body)

@@ -283,9 +283,11 @@ def norm(x, ldx, r, ldr, w, b, total, normed, N, eps, KIND: tl.constexpr, ADD: t
 
 
 @triton.jit
-def rope(x, xs0, xs1, xs2, c, cs0, cs1, cs2, cs3, s, ss0, ss1, ss2, ss3, out, D1, D2, D, BLOCK: tl.constexpr):
-    """out[row, :] = x*cos + rotate_half(x)*sin for each row of a rank-4 x (last axis contiguous);
-    cos and sin are strided views broadcast to x's shape (stride 0 where they repeat)."""
+def rope(x, xs0, xs1, xs2, c, cs0, cs1, cs2, cs3, s, ss0, ss1, ss2, ss3, out, D1, D2, D, BLOCK: tl.constexpr,
+         INTERLEAVED: tl.constexpr):
+    """out[row, :] = x*cos + rotate_half(x)*sin for each row of a rank-4 x (last axis contiguous),
+    or with INTERLEAVED the pairs (2i, 2i + 1) rotated; cos and sin are strided views broadcast to
+    x's shape (stride 0 where they repeat)."""
     row = tl.program_id(0)
     i2 = row % D2
     i1 = (row // D2) % D1
@@ -295,8 +297,12 @@ def rope(x, xs0, xs1, xs2, c, cs0, cs1, cs2, cs3, s, ss0, ss1, ss2, ss3, out, D1
     half = D // 2
     base = x + i0.to(tl.int64) * xs0 + i1 * xs1 + i2 * xs2
     v = tl.load(base + offs, mask=ok, other=0.0).to(tl.float32)
-    partner = tl.load(base + tl.where(offs < half, offs + half, offs - half), mask=ok, other=0.0).to(tl.float32)
-    rotated = tl.where(offs < half, -partner, partner)
+    if INTERLEAVED:
+        partner = tl.load(base + (offs ^ 1), mask=ok, other=0.0).to(tl.float32)
+        rotated = tl.where(offs % 2 == 0, -partner, partner)
+    else:
+        partner = tl.load(base + tl.where(offs < half, offs + half, offs - half), mask=ok, other=0.0).to(tl.float32)
+        rotated = tl.where(offs < half, -partner, partner)
     cv = tl.load(c + i0 * cs0 + i1 * cs1 + i2 * cs2 + offs * cs3, mask=ok, other=0.0).to(tl.float32)
     sv = tl.load(s + i0 * ss0 + i1 * ss1 + i2 * ss2 + offs * ss3, mask=ok, other=0.0).to(tl.float32)
     tl.store(out + row.to(tl.int64) * D + offs, (v * cv + rotated * sv).to(out.dtype.element_ty), mask=ok)

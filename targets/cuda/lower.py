@@ -446,7 +446,8 @@ class PlanLowering(GraphLowering):
                                      ("c", cos), ("cs0", cs[0]), ("cs1", cs[1]), ("cs2", cs[2]), ("cs3", cs[3]),
                                      ("s", sin), ("ss0", ss[0]), ("ss1", ss[1]), ("ss2", ss[2]), ("ss3", ss[3]),
                                      ("out", out), ("D1", full[1]), ("D2", full[2]), ("D", full[3])],
-                    {"BLOCK": _pow2(full[3])}, {"num_warps": 1, "num_stages": 1})
+                    {"BLOCK": _pow2(full[3]), "INTERLEAVED": bool(node.attrs.get("interleaved"))},
+                    {"num_warps": 1, "num_stages": 1})
         return out
 
     # -- attention ---------------------------------------------------------------------------
