@@ -4,7 +4,8 @@ What the trace holds (transformers' "batched_mm" experts, see llmc.frontend.trac
 x, E experts, top k, P = T * k (token, choice) pairs:
 
     probs   = softmax(linear(x, router))                    [T, E]
-    w, ids  = topk(probs, k)                                [T, k]   (w / sum(w) when normalised)
+    w, ids  = topk(probs, k)                                [T, k]   (w / sum(w) when normalised;
+                                                                      or softmax(topk(logits)): the same)
     h       = matmul(index(gate_up, ids), x repeated k)     [P, G]   each pair's expert weights
     a       = swiglu(h[:, :I], h[:, I:])  or  act(h)         [P, I]
     y       = matmul(index(down, ids), a) * w               [P, H]
@@ -71,7 +72,8 @@ def _activation(a: Node, h: Node) -> tuple[str, bool] | None:
 
 def _route(ids: Node, weights: Node, tokens, top_k) -> tuple[Node, Node, bool] | None:
     """(x, router, normalize) if the pairs' ids and weights are one router's top-k choices:
-    ids = reshape(topk(softmax(linear(x, router)))[1]), weights its values (over their sum)."""
+    ids = reshape(topk(softmax(linear(x, router)))[1]), weights its values (over their sum), or
+    ids = topk(linear(x, router))[1] and weights the softmax of its values (Granite MoE)."""
     chosen = _through_reshapes(ids)
     if chosen.op != "get" or chosen.attrs["index"] != 1 or chosen.inputs[0].op != "topk":
         return None
@@ -79,18 +81,21 @@ def _route(ids: Node, weights: Node, tokens, top_k) -> tuple[Node, Node, bool] |
     if topk.attrs["k"] != top_k or topk.attrs["axis"] != topk.type.types[0].rank - 1 or topk.type.types[0].rank != 2:
         return None
     values = _through_reshapes(weights)
-    normalize = False
-    if values.op == "div":
-        top, total = values.inputs
-        if not (total.op == "sum" and total.inputs[0] is top and total.attrs["axes"] == [1] and total.attrs["keepdim"]):
-            return None
-        values, normalize = top, True
+    scores = topk.inputs[0]
+    if scores.op == "softmax" and scores.attrs["axis"] == 1:       # softmax, top k (then over their sum)
+        logits, normalize = scores.inputs[0], False
+        if values.op == "div":
+            top, total = values.inputs
+            if not (total.op == "sum" and total.inputs[0] is top and total.attrs["axes"] == [1]
+                    and total.attrs["keepdim"]):
+                return None
+            values, normalize = top, True
+    elif values.op == "softmax" and values.attrs["axis"] == 1:    # top k of the logits, then their softmax:
+        logits, values, normalize = scores, values.inputs[0], True   # the same weights, renormalised
+    else:
+        return None
     if not (values.op == "get" and values.attrs["index"] == 0 and values.inputs[0] is topk):
         return None
-    probs = topk.inputs[0]
-    if probs.op != "softmax" or probs.attrs["axis"] != 1:
-        return None
-    logits = probs.inputs[0]
     if logits.op != "linear" or len(logits.inputs) != 2 or logits.inputs[1].op != "weight":
         return None
     x, router = logits.inputs

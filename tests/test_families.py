@@ -58,6 +58,8 @@ def _config(name: str):
         "qwen2_moe": lambda: T.Qwen2MoeConfig(**COMMON, num_experts=4, num_experts_per_tok=2,
                                               moe_intermediate_size=32, shared_expert_intermediate_size=64),
         "olmoe": lambda: T.OlmoeConfig(**COMMON, num_experts=4, num_experts_per_tok=2),
+        "granitemoe": lambda: T.GraniteMoeConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2),  # top k
+                                                                             # of the logits, then their softmax
         # Not yet (issue 16): rotary scaling chosen by the longest position of the batch (dynamic
         # NTK, LongRoPE), a branch on the data.
         "llama-dynamic": lambda: T.LlamaConfig(**LONG, rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
@@ -70,7 +72,7 @@ def _config(name: str):
 
 CHECKED = ["olmo", "olmo2", "stablelm", "gpt_neox", "phi", "starcoder2", "granite", "qwen3", "gemma3", "helium",
            "cohere", "gptj", "nemotron", "falcon", "gemma2", "llama-linear", "llama-yarn", "llama-llama3", "mixtral",
-           "qwen2_moe", "olmoe"]
+           "qwen2_moe", "olmoe", "granitemoe"]
 # family -> what its error must name: the op (or the attention it could not place) and the source file
 NOT_YET = {"llama-dynamic": ("torch.export could not trace", None),
            "phi3-longrope": ("aten.max.default", "modeling_phi3.py:")}
