@@ -397,7 +397,7 @@ def run_moe(lib, x, ldx, router, experts, top_k, normalize, act, gated, inner, w
 @pytest.mark.parametrize("storage,hidden,inner", [("f32", 67, 37), ("f16", 40, 9), ("q4g32", 96, 64),
                                                   ("q8", 64, 96), ("q4g128", 128, 128), ("q4g32-panels", 96, 64),
                                                   ("q8-panels", 64, 32), ("q4g32-exact", 96, 64)])
-@pytest.mark.parametrize("tokens", [1, 3, 19])
+@pytest.mark.parametrize("tokens", [1, 19])
 def test_moe_matches_the_reference_and_each_token_alone(lib, storage, hidden, inner, tokens):
     """The routed block against ops.moe_reference over the weights as stored (int8-rounded
     activations within a few percent, float storage and exact reading within f32 rounding), and
