@@ -22,7 +22,8 @@ read every selected expert's whole weight per token pair: correct, slow, and lef
 
 from __future__ import annotations
 
-from llmc.ir import Graph, Node
+from llmc.ir import Graph, Node, Type
+from llmc.ops import OpError, infer
 from llmc.passes.rewrite import add_weight, commuted, emit, rebuild
 
 GATED = {"swiglu": lambda n: "silu",
@@ -128,6 +129,8 @@ def recognise_moe(graph: Graph) -> Graph:
             if down is None or w.type.shape != (y.type.shape[0], 1):
                 continue
             down_weight, ids, a = down
+            if not a.inputs or (a.op in GATED and not a.inputs[0].inputs):
+                continue
             h = a.inputs[0].inputs[0] if a.op in GATED and a.inputs[0].op == "slice" else a.inputs[0]
             up = _expert_matmul(h)
             act = _activation(a, h) if up is not None and up[1] is ids else None
@@ -147,9 +150,14 @@ def recognise_moe(graph: Graph) -> Graph:
             if router.type.shape[0] != experts or down_weight.type.shape[0] != experts \
                     or down_weight.type.shape[1] != hidden:
                 continue
-            return emit("moe", [rebuilt(x), rebuilt(router), _stacked(weights, up_weight),
-                                _stacked(weights, down_weight)],
-                        experts=experts, top_k=top_k, normalize=normalize, act=act[0], gated=act[1])
+            attrs = dict(experts=experts, top_k=top_k, normalize=normalize, act=act[0], gated=act[1])
+            operands = [rebuilt(x), rebuilt(router)]
+            stacked = [Type("f32", (experts * w.type.shape[1], w.type.shape[2])) for w in (up_weight, down_weight)]
+            try:
+                infer("moe", [o.type for o in operands] + stacked, attrs)
+            except OpError:          # e.g. activations in another dtype: left as traced
+                continue
+            return emit("moe", operands + [_stacked(weights, up_weight), _stacked(weights, down_weight)], **attrs)
         return None
 
     return rebuild(graph, replace)

@@ -40,6 +40,8 @@ MAX_SPLITS = 16            # flash-decoding spans of one token's keys (kernels.c
 SPLIT_TOKENS = 4           # steps of at most this many tokens run spans as tasks (LLMC_SPLIT_TOKENS)
 DEFAULT_TILES = {"gemv": 16, "gemm": 32}
 KV_KINDS = {"f32": 0, "i8": 1, "f16": 2}        # the attention kernel's pool formats (kernels.c's LLMC_KV_*)
+MOE_ACTS = {"silu": "LLMC_ACT_SILU", "gelu": "LLMC_ACT_GELU", "gelu_tanh": "LLMC_ACT_GELU_TANH",
+            "relu": "LLMC_ACT_RELU"}                # llmc_moe's activations (kernels.c's LLMC_ACT_*)
 
 
 class LoweringError(LlmcError):
@@ -371,53 +373,52 @@ class FunctionLowering(GraphLowering):
         experts, hidden = router.shape
         count = len(scheme.parts) if scheme else 1
         stacks = [node.inputs[2:2 + count], node.inputs[2 + count:]]
-        inner = node.inputs[-count].type.shape[1] if scheme is None else scheme.cols(node.inputs[-count].type.shape[1])
-        rows = [experts * inner * (2 if a["gated"] else 1), experts * hidden]
+        inner = node.inputs[-count].type.shape[1]
+        inner = scheme.cols(inner) if scheme else inner
+        shapes = [(inner * (2 if a["gated"] else 1), hidden), (hidden, inner)]     # one expert's (N, K) of each
         if scheme is None:
-            f16 = [f16_weight(s[0]) for s in stacks]
-            if any(f is not None for f in f16) and not all(f is not None for f in f16):
-                raise LoweringError("moe expert weights stored one f16, one f32")
-            kind, bits, group = ("LLMC_W_F16", 16, 0) if f16[0] is not None else ("LLMC_W_F32", 32, 0)
-            parts = [[self.read(f16[i]) if f16[i] is not None else self.contiguous(self.read(s[0])), None, None]
-                     for i, s in enumerate(stacks)]
-            kernel = f"llmc_moe_{'f16' if f16[0] is not None else 'f32'}"
+            kind, bits, group, linear, parts = self._float_experts(stacks)
         else:
-            bits, group = scheme.bits, scheme.group
-            per_expert = [rows[0] // experts, hidden]
-            # panels only where each expert's rows are whole panels of both weights
-            panels = not self.exact and all(
-                n % 8 == 0 and panels_fit(bits, group, n * experts, k) and all(i.op == "weight" for i in s)
-                for s, n, k in zip(stacks, per_expert, (hidden, inner)))
-            for s, n, k in zip(stacks, per_expert, (hidden, inner)):
-                if panels:
-                    self._panels(scheme, s, n * experts, k)
-            kind = "LLMC_W_Q_EXACT" if self.exact else "LLMC_W_PANELS" if panels else "LLMC_W_Q"
-            parts = []
-            for s in stacks:
-                views = [self.contiguous(self.read(i)) for i in s]
-                parts.append([views[0], views[1], views[scheme.parts.index("mins")] if "mins" in scheme.parts else None])
-            kernel = f"llmc_moe_{scheme.name}{'_exact' if self.exact else 'p' if panels else ''}"
-        tile_kernel = {"LLMC_W_F32": "llmc_linear_f32", "LLMC_W_F16": "llmc_linear_f16",
-                       "LLMC_W_PANELS": f"llmc_linear_q{bits}p"}.get(kind, f"llmc_linear_{scheme.name if scheme else ''}"
-                                                                        f"{'_exact' if self.exact else ''}")
-        tiles = [self.tiles("llmc_linear_f32", experts, hidden)] + \
-                [self.tiles(tile_kernel, n // experts, k) for n, k in zip(rows, (hidden, inner))]
+            kind, bits, group, linear, parts = self._quantized_experts(stacks, scheme, experts, shapes)
+        tiles = [self.tiles("llmc_linear_f32", experts, hidden)] + [self.tiles(linear, n, k) for n, k in shapes]
         table = ", ".join(str(t[key]) for t in tiles for key in ("gemv", "gemm"))
         scratch = self.scratch(moe_scratch(tokens, hidden, experts, a["top_k"], inner, a["gated"]))
         out = self.alloc("f32", node.type.shape, node)
-
-        def pointers(views):
-            codes, scales, mins = views
-            return [codes.pointer("void"), scales.pointer("f16") if scales else "0", mins.pointer("f16") if mins else "0"]
-
-        acts = {"silu": "LLMC_ACT_SILU", "gelu": "LLMC_ACT_GELU", "gelu_tanh": "LLMC_ACT_GELU_TANH",
-                "relu": "LLMC_ACT_RELU"}
+        pointers = [view.pointer(c) if view is not None else "0"
+                    for part in parts for view, c in zip(part, ("void", "f16", "f16"))]
         self.lines.append(f"{{ static const int64_t tiles[6] = {{{table}}};")
         self._call("llmc_moe", x.pointer("float"), c_dim(ldx), c_dim(tokens), hidden, router.pointer("float"),
-                   experts, a["top_k"], int(a["normalize"]), acts[a["act"]], int(a["gated"]), inner, kind, bits, group,
-                   *pointers(parts[0]), *pointers(parts[1]), "tiles", out.pointer("float"), scratch, kernel=kernel)
+                   experts, a["top_k"], int(a["normalize"]), MOE_ACTS[a["act"]], int(a["gated"]), inner, kind, bits,
+                   group, *pointers, "tiles", out.pointer("float"), scratch,
+                   kernel=linear.replace("llmc_linear_", "llmc_moe_"))
         self.lines.append("}")
         return out
+
+    def _float_experts(self, stacks):
+        """(kind, bits, group, the linear kernel it runs, [codes, scales, mins] views) of f32 or f16 experts."""
+        halves = [f16_weight(s[0]) for s in stacks]
+        if (halves[0] is None) != (halves[1] is None):
+            raise LoweringError("moe expert weights stored one in f16, the other in f32")
+        if halves[0] is not None:
+            return "LLMC_W_F16", 16, 0, "llmc_linear_f16", [[self.read(h), None, None] for h in halves]
+        return "LLMC_W_F32", 32, 0, "llmc_linear_f32", [[self.contiguous(self.read(s[0])), None, None] for s in stacks]
+
+    def _quantized_experts(self, stacks, scheme, experts: int, shapes):
+        """The same for quantized experts: read exactly, in panels (where each expert's rows of both
+        weights are whole panels), or plain."""
+        panels = not self.exact and all(
+            n % 8 == 0 and panels_fit(scheme.bits, scheme.group, n * experts, k) and all(i.op == "weight" for i in s)
+            for s, (n, k) in zip(stacks, shapes))
+        if panels:
+            for s, (n, k) in zip(stacks, shapes):
+                self._panels(scheme, s, n * experts, k)
+        kind, linear = ("LLMC_W_Q_EXACT", f"llmc_linear_{scheme.name}_exact") if self.exact else \
+            ("LLMC_W_PANELS", f"llmc_linear_q{scheme.bits}p") if panels else ("LLMC_W_Q", f"llmc_linear_{scheme.name}")
+        parts = []
+        for s in stacks:
+            views = [self.contiguous(self.read(i)) for i in s]
+            parts.append([views[0], views[1], views[scheme.parts.index("mins")] if "mins" in scheme.parts else None])
+        return kind, scheme.bits, scheme.group, linear, parts
 
     def _embedding(self, node: Node) -> View:
         table = self.contiguous(self.read(node.inputs[0]))

@@ -318,7 +318,8 @@ class PlanLowering(GraphLowering):
 
     def _moe(self, node: Node) -> View:
         f16 = [f16_weight(i) for i in node.inputs[2:]]
-        stacks = [[self.read(f) if f is not None else self.contiguous(self.read(i))] for f, i in zip(f16, node.inputs[2:])]
+        stacks = [[self.read(f) if f is not None else self.contiguous(self.read(i))]
+                  for f, i in zip(f16, node.inputs[2:])]
         return self._experts(node, stacks, 0, 1, node.inputs[3].type.shape[1])
 
     def _qmoe(self, node: Node) -> View:
@@ -345,7 +346,8 @@ class PlanLowering(GraphLowering):
         self.launch("moe_route", [tokens], [("x", x), ("ldx", ldx), ("router", router), ("ids", ids),
                                             ("weights", weights), ("H", hidden), ("E", experts)],
                     {"TOP_K": top_k, "NORMALIZE": bool(a["normalize"]), "BLOCK_E": _pow2(experts),
-                     "BLOCK_H": min(256, _pow2(hidden))}, {"num_warps": 4, "num_stages": 1})
+                     "BLOCK_H": min(_pow2(hidden), max(16, 4096 // _pow2(experts)))},   # a tile of 4096 at most
+                    {"num_warps": 4, "num_stages": 1})
         self.launch("moe_sort", [1], [("ids", ids), ("slots", slots), ("rows", rows), ("block_experts", block_experts),
                                       ("P", pairs), ("E", experts), ("SLOTS", slots_bound), ("BLOCKS", blocks_bound)],
                     {"BLOCK_M": block_m, "BLOCK_P": 1024}, {"num_warps": 4, "num_stages": 1})
