@@ -1061,6 +1061,19 @@ static void expert_linear(int64_t kind, int64_t bits, int64_t G, const void* cod
     else llmc_linear_q_exact(x, K, q, s, m, 0, y, M, N, K, bits, G, tile);
 }
 
+/* Each expert's rows offsets[e] .. offsets[e + 1] - 1 of x (K each) through its N rows of a stacked
+ * weight, into the same rows of y (N each); every thread runs the same loop, each linear's omp for
+ * splits it. */
+static void each_expert(int64_t E, const int64_t* offsets, int64_t kind, int64_t bits, int64_t G, const void* codes,
+                        const f16* scales, const f16* mins, const float* x, int64_t N, int64_t K, float* y,
+                        int64_t gemv, int64_t gemm, void* scratch) {
+    for (int64_t e = 0; e < E; e++) {
+        int64_t r0 = offsets[e], n = offsets[e + 1] - r0;
+        if (n) expert_linear(kind, bits, G, codes, scales, mins, e * N, x + r0 * K, n, N, K, y + r0 * N, gemv, gemm,
+                             scratch);
+    }
+}
+
 static inline char* moe_take(char** at, int64_t bytes) {
     char* p = (char*)(((uintptr_t)*at + 63) & ~(uintptr_t)63);
     *at = p + bytes;
@@ -1115,22 +1128,14 @@ LLMC_KERNEL void llmc_moe(const float* x, int64_t ldx, int64_t T, int64_t H, con
     }
     #pragma omp for schedule(static)
     for (int64_t p = 0; p < P; p++) memcpy(xs + slot[p] * H, x + (p / k) * ldx, (size_t)H * sizeof(float));
-    for (int64_t e = 0; e < E; e++) {
-        int64_t r0 = offsets[e], n = offsets[e + 1] - r0;
-        if (n) expert_linear(kind, bits, G, up, up_scales, up_mins, e * U, xs + r0 * H, n, U, H, h + r0 * U,
-                             tiles[2], tiles[3], qscratch);
-    }
+    each_expert(E, offsets, kind, bits, G, up, up_scales, up_mins, xs, U, H, h, tiles[2], tiles[3], qscratch);
     #pragma omp for schedule(static)
     for (int64_t r = 0; r < P; r++) {
         const float* hr = h + r * U;
         float* ar = a + r * I;
         for (int64_t i = 0; i < I; i++) ar[i] = gated ? moe_act(act, hr[i]) * hr[I + i] : moe_act(act, hr[i]);
     }
-    for (int64_t e = 0; e < E; e++) {
-        int64_t r0 = offsets[e], n = offsets[e + 1] - r0;
-        if (n) expert_linear(kind, bits, G, down, down_scales, down_mins, e * H, a + r0 * I, n, H, I, o + r0 * H,
-                             tiles[4], tiles[5], qscratch);
-    }
+    each_expert(E, offsets, kind, bits, G, down, down_scales, down_mins, a, H, I, o, tiles[4], tiles[5], qscratch);
     #pragma omp for schedule(static)
     for (int64_t t = 0; t < T; t++) {
         float* y = out + t * H;
