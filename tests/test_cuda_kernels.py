@@ -383,7 +383,7 @@ def run_moe(x, router, up_parts, down_parts, mode, group, inner, attrs, block_m=
     return out, ids.numpy().reshape(tokens, top_k)
 
 
-@pytest.mark.parametrize("scheme", ["f32", "f16", "q8", "q4g32"])
+@pytest.mark.parametrize("scheme", ["f32", "q8", "q4g32"])      # (f16 reads as f32 does: test_linear's _weight_tile)
 @pytest.mark.parametrize("tokens,act,gated,normalize", [(1, "silu", True, True), (5, "gelu_tanh", True, False),
                                                          (19, "relu", False, True)])
 def test_moe_matches_the_reference(scheme, tokens, act, gated, normalize):
