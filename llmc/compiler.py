@@ -55,12 +55,12 @@ def decode_weight_bytes(graph) -> int:
     total = 0
     for name in names:
         array = graph.weights[name]
-        if name in only_looked_up - set(routed):
-            total += array[0].nbytes
-        elif name in routed and name in only_looked_up:
-            total += int(array.nbytes * routed[name])
-        else:
+        if name not in only_looked_up:              # read whole by some op
             total += array.nbytes
+        elif name in routed:                        # read by moe blocks only: top_k of E experts
+            total += int(array.nbytes * routed[name])
+        else:                                       # read by embedding lookups only: a row
+            total += array[0].nbytes
     return total
 
 

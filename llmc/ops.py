@@ -865,6 +865,8 @@ define("qembedding", "shape", "rows of a quantized table picked by ids, dequanti
 
 MOE_ACTS = {"silu": lambda x: x / (1 + np.exp(-x)), "gelu": lambda x: _gelu(x, "none"),
             "gelu_tanh": lambda x: _gelu(x, "tanh"), "relu": lambda x: np.maximum(x, 0)}
+# The number each target's moe kernel knows an activation by (kernels.c's LLMC_ACT_*, kernels.py's ACT)
+MOE_ACT_CODES = {act: code for code, act in enumerate(MOE_ACTS)}
 
 
 def _moe_shapes(x: Type, router: Type, up: tuple[int, int], down: tuple[int, int], a) -> Type:

@@ -10,7 +10,7 @@ import numpy as np
 from llmc import ops
 from llmc.interpret import evaluate_node
 from llmc.ir import Graph, Node, format_attrs, numpy_dtype
-from llmc.passes.rewrite import P, rewrite
+from llmc.passes.rewrite import P, emit, rewrite
 
 
 def _same_type_as_input(node: Node) -> bool:
@@ -78,6 +78,8 @@ def fold_constants(root):
 
 
 X = P(name="x")
+
+
 def _rows_of_a_table(node: Node) -> bool:
     return list(node.attrs["axes"]) == [0] and len(node.inputs) == 2 and node.inputs[0].op == "weight" \
         and node.inputs[0].type.rank == 2
@@ -86,8 +88,6 @@ def _rows_of_a_table(node: Node) -> bool:
 def rows_as_embedding(root):
     """``table[ids]`` of a [rows, dim] weight is an embedding lookup (GPT-J's sin/cos table by
     position), which every target has a kernel for."""
-    from llmc.passes.rewrite import emit
-
     return emit("embedding", list(root.inputs))
 
 

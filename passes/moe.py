@@ -16,8 +16,8 @@ the ids, the weights and both expert matmuls come from the same router's top-k, 
 sum with ``moe(x, router, gate_up, down)`` over the expert weights stacked as 2-D [E * rows,
 cols] (a quantized scheme then stores them as it stores any linear weight). Shared experts are
 ordinary dense MLPs in the trace and stay so. A block it cannot match keeps the traced ops, which
-read every selected expert's whole weight per token pair: correct, slow, and left to the targets
-(the cpu and cuda targets refuse it by name).
+read every selected expert's whole weight per token pair: correct in the reference, and refused by
+name by a target without kernels for those ops.
 """
 
 from __future__ import annotations

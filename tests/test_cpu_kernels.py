@@ -360,7 +360,6 @@ def check_attention(lib, kv, hq, hk, d, bs, window, sequences, softcap=0.0):
 # -- mixture of experts ------------------------------------------------------------------------
 
 MOE_KINDS = {"f32": 0, "f16": 1, "q": 2, "panels": 3, "exact": 4}     # kernels.c's LLMC_W_*
-MOE_ACTS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 
 
 def moe_weights(rng, storage: str, experts: int, hidden: int, inner: int, gated: bool):
@@ -389,7 +388,7 @@ def run_moe(lib, x, ldx, router, experts, top_k, normalize, act, gated, inner, w
     out = np.full((tokens, hidden), np.nan, np.float32)
     scratch = np.empty(moe_scratch(tokens, hidden, experts, top_k, inner, gated), np.uint8)
     tiles = np.array([16, 32, 3, 16, 5, 64], np.int64)
-    lib.h_moe(p(x), ldx, tokens, hidden, p(router), experts, top_k, int(normalize), MOE_ACTS[act], int(gated), inner,
+    lib.h_moe(p(x), ldx, tokens, hidden, p(router), experts, top_k, int(normalize), ops.MOE_ACT_CODES[act], int(gated), inner,
               kind, bits, group, *(p(a) for a in up), *(p(a) for a in down), p(tiles), p(out), p(scratch))
     return out
 

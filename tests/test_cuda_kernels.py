@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from llmc.ops import OPS
+from llmc.ops import MOE_ACT_CODES, OPS
 from llmc.quant import dequantize, parse_scheme, quantize
 from llmc.targets.cuda import kernels as K
 from llmc.targets.cuda.elementwise import body, kernel_source
@@ -351,8 +351,6 @@ def test_where_and_comparisons_in_a_fused_body():
 
 # -- mixture of experts -----------------------------------------------------------------------
 
-MOE_ACTS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
-
 
 def run_moe(x, router, up_parts, down_parts, mode, group, inner, attrs, block_m=16):
     """The five launches of targets/cuda/lower.py's moe, at the grids it gives them: (out, ids)."""
@@ -376,7 +374,7 @@ def run_moe(x, router, up_parts, down_parts, mode, group, inner, attrs, block_m=
         mins, dmins = scales, dscales
     K.moe_up[(-(-inner // 16), max_blocks)](xs, hidden, rows, block_experts, w, scales, mins, a, hidden, inner,
                                             TOP_K=top_k, MODE=mode, GROUP=group, GATED=gated,
-                                            ACT=MOE_ACTS[attrs["act"]], BLOCK_M=block_m, BLOCK_N=16, BLOCK_K=32)
+                                            ACT=MOE_ACT_CODES[attrs["act"]], BLOCK_M=block_m, BLOCK_N=16, BLOCK_K=32)
     K.moe_down[(-(-hidden // 16), max_blocks)](a, rows, block_experts, dw, dscales, dmins, o, hidden, inner,
                                                MODE=mode, GROUP=group, BLOCK_M=block_m, BLOCK_N=16, BLOCK_K=32)
     K.moe_combine[(tokens, -(-hidden // 32))](o, slots, weights, out, hidden, TOP_K=top_k, BLOCK=32)

@@ -26,7 +26,7 @@ import numpy as np
 from llmc import dims
 from llmc.errors import LlmcError
 from llmc.ir import Graph, Node, Type, numpy_dtype
-from llmc.ops import OPS
+from llmc.ops import MOE_ACT_CODES, OPS
 from llmc.quant import parse_scheme
 
 from .layout import LAYOUTS, panels_fit
@@ -40,8 +40,6 @@ MAX_SPLITS = 16            # flash-decoding spans of one token's keys (kernels.c
 SPLIT_TOKENS = 4           # steps of at most this many tokens run spans as tasks (LLMC_SPLIT_TOKENS)
 DEFAULT_TILES = {"gemv": 16, "gemm": 32}
 KV_KINDS = {"f32": 0, "i8": 1, "f16": 2}        # the attention kernel's pool formats (kernels.c's LLMC_KV_*)
-MOE_ACTS = {"silu": "LLMC_ACT_SILU", "gelu": "LLMC_ACT_GELU", "gelu_tanh": "LLMC_ACT_GELU_TANH",
-            "relu": "LLMC_ACT_RELU"}                # llmc_moe's activations (kernels.c's LLMC_ACT_*)
 
 
 class LoweringError(LlmcError):
@@ -388,7 +386,7 @@ class FunctionLowering(GraphLowering):
                     for part in parts for view, c in zip(part, ("void", "f16", "f16"))]
         self.lines.append(f"{{ static const int64_t tiles[6] = {{{table}}};")
         self._call("llmc_moe", x.pointer("float"), c_dim(ldx), c_dim(tokens), hidden, router.pointer("float"),
-                   experts, a["top_k"], int(a["normalize"]), MOE_ACTS[a["act"]], int(a["gated"]), inner, kind, bits,
+                   experts, a["top_k"], int(a["normalize"]), MOE_ACT_CODES[a["act"]], int(a["gated"]), inner, kind, bits,
                    group, *pointers, "tiles", out.pointer("float"), scratch,
                    kernel=linear.replace("llmc_linear_", "llmc_moe_"))
         self.lines.append("}")

@@ -33,7 +33,7 @@ import numpy as np
 from llmc import dims
 from llmc.errors import LlmcError
 from llmc.ir import Graph, Node, numpy_dtype
-from llmc.ops import OPS
+from llmc.ops import MOE_ACT_CODES, OPS
 from llmc.quant import parse_scheme
 
 from ..arena import plan_arena
@@ -357,11 +357,10 @@ class PlanLowering(GraphLowering):
             mins, dmins = scales, dscales
         shared = {"MODE": mode, "GROUP": group, "BLOCK_M": block_m, "BLOCK_N": tune["BLOCK_N"],
                   "BLOCK_K": tune["BLOCK_K"]}
-        acts = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
         self.launch("moe_up", [(inner, tune["BLOCK_N"]), (used_slots, block_m)],
                     [("x", x), ("ldx", ldx), ("rows", rows), ("block_experts", block_experts), ("w", w),
                      ("scales", scales), ("mins", mins), ("out", act_rows), ("H", hidden), ("I", inner)],
-                    {"TOP_K": top_k, "GATED": bool(a["gated"]), "ACT": acts[a["act"]], **shared}, options)
+                    {"TOP_K": top_k, "GATED": bool(a["gated"]), "ACT": MOE_ACT_CODES[a["act"]], **shared}, options)
         self.launch("moe_down", [(hidden, tune["BLOCK_N"]), (used_slots, block_m)],
                     [("a", act_rows), ("rows", rows), ("block_experts", block_experts), ("w", dw),
                      ("scales", dscales), ("mins", dmins), ("out", out_rows), ("H", hidden), ("I", inner)],
