@@ -104,6 +104,7 @@ def run_phases(imported: Any, *, until: str | None = None, dump_ir: str | Path |
                import_seconds: float = 0.0, then: tuple[str, ...] = ()) -> PipelineResult:
     """Run the phases after import on an already imported model (``llmc.frontend.Imported``).
     ``then`` names the phases the caller runs afterwards (a target's lower), counted in the progress."""
+    from llmc.frontend import rotary_note
     from llmc.passes.context import PassContext
 
     until = _check_phase(until)
@@ -133,6 +134,9 @@ def run_phases(imported: Any, *, until: str | None = None, dump_ir: str | Path |
     graph = imported.graph
     ctx = PassContext(imported.config, imported.max_seq, block_size, result.notes, verify, quant, imported.source, kv,
                       calibration)
+    rotary = rotary_note(imported.config, imported.max_seq)
+    if rotary:
+        result.notes.append(rotary)
     for index, phase in enumerate(PHASES[: total - 1], start=2):
         start = time.perf_counter()
         graph = phase.run(graph, ctx)

@@ -205,16 +205,26 @@ def test_rope_scaling_variants_follow_the_positions(rope_parameters):
     check_prefill_then_decode(graph, want, ids[0].numpy(), prompt=70, capacity=128)  # past the original 64
 
 
-def test_dynamic_rope_scaling_is_reported_as_untraceable():
+@pytest.mark.parametrize("context", [None, 512])
+def test_dynamic_rope_scaling_is_fixed_for_the_context(context):
+    """Dynamic NTK rescales the frequencies by each call's longest position (a branch on the data);
+    the import fixes them for its context: the trained ones within the trained 256 positions, the
+    ones transformers computes for a sequence of the whole context past them."""
     import transformers
 
     from conftest import COMMON
-    from llmc.errors import TraceError
 
+    torch.manual_seed(0)
     config = transformers.LlamaConfig(**COMMON, rope_parameters={"rope_type": "dynamic", "factor": 2.0,
                                                                   "rope_theta": 10000.0})
-    with pytest.raises(TraceError, match="modeling_rope_utils.py:[0-9]+"):
-        import_model(transformers.LlamaForCausalLM(config).eval())
+    model = transformers.LlamaForCausalLM(config).eval()
+    graph = run_phases(import_model(model, max_seq=context), progress=None).graph
+    assert graph.op_histogram()["rope"] == 4
+    length = context or 90
+    ids = torch.randint(0, 128, (1, length), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits[0].numpy()
+    check_prefill_then_decode(graph, want, ids[0].numpy(), prompt=length - 20, capacity=length)
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "gpt2"])

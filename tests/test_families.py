@@ -60,34 +60,37 @@ def _config(name: str):
         "olmoe": lambda: T.OlmoeConfig(**COMMON, num_experts=4, num_experts_per_tok=2),
         "granitemoe": lambda: T.GraniteMoeConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2),  # top k
                                                                              # of the logits, then their softmax
-        # Not yet (issue 16): rotary scaling chosen by the longest position of the batch (dynamic
-        # NTK, LongRoPE), a branch on the data.
+        # Rotary scaling transformers chooses by the sequence's length, fixed for the artifact's
+        # context (llmc.frontend.trace): dynamic NTK built for its trained 64 positions; LongRoPE
+        # built for 128 > 32 trained, so its long factors (checked from a prompt past 32)
         "llama-dynamic": lambda: T.LlamaConfig(**LONG, rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
         "phi3-longrope": lambda: T.Phi3Config(**dict(LONG, max_position_embeddings=128), pad_token_id=0,
                                               original_max_position_embeddings=32, rope_scaling={
                                                   "type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(8)],
                                                   "long_factor": [2.0 + 0.1 * i for i in range(8)]}),
+        # Not yet: Phi-MoE's own rotary picks its scale with a Python branch on the longest position
+        "phimoe": lambda: T.PhimoeConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2),
     }[name]()
 
 
 CHECKED = ["olmo", "olmo2", "stablelm", "gpt_neox", "phi", "starcoder2", "granite", "qwen3", "gemma3", "helium",
            "cohere", "gptj", "nemotron", "falcon", "gemma2", "llama-linear", "llama-yarn", "llama-llama3", "mixtral",
-           "qwen2_moe", "olmoe", "granitemoe"]
+           "qwen2_moe", "olmoe", "granitemoe", "llama-dynamic", "phi3-longrope"]
 # family -> what its error must name: the op (or the attention it could not place) and the source file
-NOT_YET = {"llama-dynamic": ("torch.export could not trace", None),
-           "phi3-longrope": ("aten.max.default", "modeling_phi3.py:")}
+NOT_YET = {"phimoe": ("aten.max.default", "modeling_phimoe.py:")}
 PROMPT = [3, 17, 42, 99, 5, 64, 120, 7]
+PROMPTS = {"phi3-longrope": PROMPT * 5}   # past its 32 trained positions, where transformers uses the long factors
 
 
 def tiny(name: str):
     return tiny_model(name, config=_config(name))
 
 
-def greedy(model, n: int) -> list[int]:
+def greedy(model, prompt: list[int], n: int) -> list[int]:
     with torch.no_grad():
-        out = model.generate(torch.tensor([PROMPT]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
                              eos_token_id=None, pad_token_id=0)
-    return out[0, len(PROMPT):].tolist()
+    return out[0, len(prompt):].tolist()
 
 
 def perplexity(model, ids: list[int]) -> float:
@@ -103,16 +106,48 @@ def test_a_family_compiles_and_decodes_like_transformers(name, tmp_path):
     imported = import_model(model)
     f32, q4 = tmp_path / "f32.llmc", tmp_path / "q4.llmc"
     compile_model(imported, f32, target="cpu", quant="f32", kv="f32", progress=None)
-    loaded = llmc.load(f32, max_context=64)
-    want = greedy(model, 32)
+    prompt = PROMPTS.get(name, PROMPT)
+    context = max(64, len(prompt) + 32)
+    loaded = llmc.load(f32, max_context=context)
+    want = greedy(model, prompt, 32)
     eos = sorted(loaded.eos_token_ids & set(want))
     if eos:                                   # generation stops at the first end token
         want = want[:want.index(eos[0])]
-    assert loaded.generate(PROMPT, max_new_tokens=32) == want
+    assert loaded.generate(prompt, max_new_tokens=32) == want
     compile_model(imported, q4, target="cpu", quant="q4g32", kv="f32", progress=None)
     text = np.random.default_rng(0).integers(0, 128, 48).tolist()
-    base, quantized = perplexity(loaded, text), perplexity(llmc.load(q4, max_context=64), text)
+    base, quantized = perplexity(loaded, text), perplexity(llmc.load(q4, max_context=context), text)
     assert abs(quantized / base - 1) < 0.05, (base, quantized)
+
+
+@pytest.mark.parametrize("name,context,length,note", [("phi3-longrope", 32, 24, None),
+                                                       ("llama-dynamic", 128, 128, "dynamic NTK rotary")])
+def test_rotary_chosen_by_length_is_fixed_for_the_artifacts_context(name, context, length, note, tmp_path):
+    """transformers picks LongRoPE's factors and dynamic NTK's base by each call's longest position;
+    an artifact fixes them for its context, as vLLM does for max_model_len. LongRoPE built for its
+    trained 32 positions has the short factors; dynamic NTK built for twice its 64 trained positions
+    has the base transformers computes for 128 tokens, and says so. (The builds for the default
+    context are CHECKED above.)"""
+    model = tiny(name)
+    ids = np.random.default_rng(2).integers(0, 128, length).tolist()
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].numpy()
+    report = compile_model(model, tmp_path / "m.llmc", target="cpu", quant="f32", kv="f32", max_seq=context,
+                           progress=None)
+    said = [n for n in report.notes if "rotary" in n or "LongRoPE" in n]
+    assert len(said) == (1 if note else 0) and all(note in n for n in said)
+    got = llmc.load(tmp_path / "m.llmc").logits(ids)
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def test_dynamic_ntk_contexts_reach_factor_times_the_trained_positions():
+    from llmc.errors import UsageError
+    from llmc.frontend import check_context
+
+    config = tiny("llama-dynamic").config.to_dict()
+    check_context(128, config, "llama")
+    with pytest.raises(UsageError, match="give at most 128"):
+        check_context(129, config, "llama")
 
 
 @pytest.mark.parametrize("name", list(NOT_YET))

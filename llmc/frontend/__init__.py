@@ -35,13 +35,47 @@ class Imported:
 
 
 def check_context(max_seq: int | None, config: dict, spec: Any) -> None:
-    """Refuse a context (``--context``) longer than the positions the model was made for."""
+    """Refuse a context (``--context``) longer than the positions the model was made for (for dynamic
+    NTK rotary, which stretches the trained positions, up to ``factor`` times them)."""
     from llmc.errors import UsageError
 
     positions = config.get("max_position_embeddings") or config.get("n_positions")
+    kind, params = rotary_scaling(config)
+    if positions and kind == "dynamic":
+        positions = int(positions * params.get("factor", 1.0))
     if max_seq is not None and positions and max_seq > positions:
         raise UsageError(f"--context {max_seq} is beyond the {positions} positions {spec} was made for; "
                          f"give at most {positions}")
+
+
+def rotary_scaling(config: dict) -> tuple[str, dict]:
+    """The rotary scaling a Hugging Face config names (its ``rope_parameters`` or older
+    ``rope_scaling``): ("dynamic", params), ("longrope", params), ... or ("default", {})."""
+    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if not isinstance(params, dict):
+        return "default", {}
+    kind = params.get("rope_type") or params.get("type") or "default"
+    return ("dynamic" if "dynamic" in str(kind) else str(kind)), params
+
+
+def rotary_note(config: dict, max_seq: int) -> str | None:
+    """What a build says of rotary frequencies that transformers chooses by the sequence's length
+    (LongRoPE, dynamic NTK): an artifact fixes them for its context, as vLLM does for its
+    ``max_model_len`` (llmc.frontend.trace fixes them while tracing)."""
+    kind, params = rotary_scaling(config)
+    if kind == "longrope":
+        trained = params.get("original_max_position_embeddings") or config.get("original_max_position_embeddings")
+        if trained and max_seq > trained:
+            return (f"LongRoPE: the context of {max_seq} is past the trained {trained} positions, so every "
+                    f"sequence uses the long factors (transformers uses the short ones for sequences of up to "
+                    f"{trained}); build with --context {trained} for those")
+    if kind == "dynamic":
+        trained = config.get("max_position_embeddings")
+        if trained and max_seq > trained:
+            return (f"dynamic NTK rotary: every sequence uses the frequencies for the context of {max_seq} "
+                    f"(transformers rescales them by each sequence's length, and not at all up to {trained}); "
+                    f"build with --context {trained} for the trained ones")
+    return None
 
 
 def import_model(spec: Any, *, attn_implementation: str | None = None, max_seq: int | None = None) -> Imported:

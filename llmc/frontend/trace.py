@@ -39,7 +39,7 @@ def export(model: torch.nn.Module, max_seq: int, name: str) -> torch.export.Expo
     seq = torch.export.Dim(SEQ, min=1, max=max_seq) if max_seq > 1 else None
     wrapper = LogitsOnly(model).eval()
     try:
-        with torch.no_grad(), _quiet_torch_logs(), _traceable_experts(model):
+        with torch.no_grad(), _quiet_torch_logs(), _traceable_experts(model), _rotary_for_context(model, max_seq):
             return torch.export.export(wrapper, (ids,), dynamic_shapes={"input_ids": {1: seq}} if seq else None,
                                        strict=False)
     except Exception as exc:  # torch raises many unrelated types; all mean "could not trace"
@@ -63,6 +63,43 @@ def _traceable_experts(model: torch.nn.Module):
     finally:
         for key, c in configs.items():
             c._experts_implementation = before[key]
+
+
+@contextlib.contextmanager
+def _rotary_for_context(model: torch.nn.Module, max_seq: int):
+    """transformers chooses LongRoPE's factors and dynamic NTK's base by the longest position of each
+    call (a data-dependent branch, and state in the module). An artifact fixes them for its context,
+    as vLLM does for ``max_model_len``: the frequencies transformers uses for a sequence of
+    ``max_seq`` tokens. They equal transformers' for every sequence when ``max_seq`` is within the
+    trained positions, and for the sequences past them otherwise (llmc.frontend.rotary_note says
+    which). Each rotary module of such a type traces as a plain one over those frequencies."""
+    try:
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    except ImportError:
+        ROPE_INIT_FUNCTIONS = {}
+    fixed = []
+    try:
+        for module in model.modules():
+            kind = getattr(module, "rope_type", None)
+            buffer = getattr(module, "inv_freq", None)
+            if not (isinstance(kind, str) and ("dynamic" in kind or kind == "longrope") and kind in ROPE_INIT_FUNCTIONS
+                    and isinstance(buffer, torch.Tensor) and hasattr(module, "config")):
+                continue
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[kind](module.config, buffer.device, seq_len=max_seq)
+            fixed.append((module, kind, buffer, module.__dict__.get("attention_scaling", fixed)))
+            # a new tensor, not a copy into the buffer: the exported program keeps the buffer it saw
+            module.inv_freq = inv_freq.to(buffer.dtype)
+            module.attention_scaling = scaling
+            module.rope_type = "default"       # transformers' update decorator leaves a default rope alone
+        yield
+    finally:
+        for module, kind, buffer, scaling in fixed:
+            module.inv_freq = buffer
+            module.rope_type = kind
+            if scaling is fixed:               # it had none
+                del module.attention_scaling
+            else:
+                module.attention_scaling = scaling
 
 
 @contextlib.contextmanager
