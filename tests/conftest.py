@@ -16,6 +16,10 @@ os.environ["TRITON_INTERPRET"] = "1"
 # The build cache of a test session is its own, never the user's (~/.cache/llmc).
 _CACHE = tempfile.TemporaryDirectory(prefix="llmc-test-cache-")
 os.environ["LLMC_CACHE_DIR"] = _CACHE.name
+# Under pytest-xdist two workers share two cores: OpenMP threads that spin at a barrier would wait on
+# a partner the other worker has descheduled, so they sleep instead (read when libgomp loads).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
