@@ -171,6 +171,7 @@ DEFAULT = "cpu"             # what ``llmc compile`` builds for unless told
 register(Target("cpu", "generated C built into a shared library (AVX2 or portable kernels)", "llmc.targets.cpu"))
 register(Target("cuda", "Triton kernels cross-compiled to cubins (no GPU needed to build)", "llmc.targets.cuda"))
 register(Target("ref", "the reference interpreter (numpy; portable, slow, the oracle)", "llmc.targets.ref"))
+register(Target("onnx", "an ONNX model that ONNX Runtime runs (CPU, or CUDA with onnxruntime-gpu)", "llmc.targets.onnx"))
 
 
 # ---------------------------------------------------------------------------------------------

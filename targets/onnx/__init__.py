@@ -1,0 +1,128 @@
+"""Target ``onnx``: the optimised step graph as an ONNX model that ONNX Runtime runs (CPU, or CUDA
+with ``onnxruntime-gpu``), for deployments built on ORT.
+
+- lower.py    graph -> ONNX (standard opset ops; ORT's contrib MatMulNBits for q8/q4 linears and
+              Skip/SimplifiedLayerNormalization for norms); weights are external initializers
+- weights.py  the initializers made at load from the artifact's tensors (MatMulNBits's parts)
+- session.py  the runtime side: an InferenceSession over the artifact's weights and a host KV pool
+
+The model section holds no weight bytes: the artifact's weights (one copy) are handed to ORT when
+the artifact is loaded. Building needs ``onnx`` (the ``onnx`` extra); running, ``onnxruntime``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from llmc.errors import UsageError
+
+from .. import DEFAULT_MAX_TOKENS, Build, check_chunk, chunk_option
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+KV_FORMATS = ("f16", "f32")     # the pool in f32 or f16; no int8 pool
+DEFAULT_KV = "f32"
+OPSETS = range(17, 24)
+
+
+@dataclass(frozen=True)
+class Options:
+    provider: str = field(default="cpu", metadata={
+        "help": "the ONNX Runtime execution provider an onnx build runs on: cpu, or cuda (onnxruntime-gpu)",
+        "choices": list(PROVIDERS)})
+    opset: int = field(default=21, metadata={
+        "help": f"the ONNX opset of an onnx build ({OPSETS.start} to {OPSETS.stop - 1})", "metavar": "N"})
+    accuracy_level: int = field(default=4, metadata={
+        "help": "MatMulNBits's accuracy level for q8/q4 linears of an onnx build: 4 multiplies int8-rounded "
+                "activations (as the cpu target does), 0 the exact product with the dequantized weight",
+        "choices": [0, 1, 2, 3, 4]})
+    chunk: int | None = chunk_option()
+
+
+def check(options: Options) -> None:
+    if options.provider not in PROVIDERS:
+        raise UsageError(f"unknown provider {options.provider!r} for target onnx; choose {', '.join(PROVIDERS)}")
+    if not isinstance(options.opset, int) or options.opset not in OPSETS:
+        raise UsageError(f"the onnx target writes opsets {OPSETS.start} to {OPSETS.stop - 1}, not {options.opset!r}")
+    if options.accuracy_level not in range(5):
+        raise UsageError(f"MatMulNBits's accuracy level is 0 to 4, not {options.accuracy_level!r}")
+    check_chunk(options.chunk)
+
+
+def emit(graph, options: Options, progress=None) -> Build:
+    """The lower phase for target onnx: the ONNX model (without weight bytes) and its initializers."""
+    try:
+        import onnx  # noqa: F401  (lower.py writes with it)
+    except ImportError:
+        raise UsageError("building for target onnx needs the onnx package: pip install 'llmc-compiler[onnx]'") from None
+    from .lower import lower
+
+    model, initializers, pool_dtype = lower(graph, options.opset, options.accuracy_level)
+    data = model.SerializeToString()
+    nodes = {}
+    for node in model.graph.node:
+        nodes[node.op_type] = nodes.get(node.op_type, 0) + 1
+    chunk = options.chunk or DEFAULT_MAX_TOKENS
+    manifest = {"name": "onnx", "provider": options.provider, "opset": options.opset,
+                "accuracy_level": options.accuracy_level, "chunk": chunk, "max_tokens": chunk,
+                "initializers": [i.record() for i in initializers], "nodes": nodes}
+    contrib = sum(n for op, n in nodes.items() if op in ("MatMulNBits", "SkipSimplifiedLayerNormalization",
+                                                          "SkipLayerNormalization", "SimplifiedLayerNormalization"))
+    summary = (f"{len(model.graph.node)} ONNX nodes ({contrib} of ORT's fused and quantized ops), opset "
+               f"{options.opset}, model {len(data) / 1e3:.0f} kB without weights, provider {options.provider}")
+    return Build({"onnx": data}, manifest, chunk, {}, pool_dtype=pool_dtype, summary=summary,
+                 report={"nodes": nodes, "model_bytes": len(data)})
+
+
+def describe(artifact) -> list[str]:
+    target = artifact.manifest["target"]
+    top = ", ".join(f"{op} x{n}" for op, n in sorted(target["nodes"].items(), key=lambda kv: -kv[1])[:8])
+    return [f"onnx      opset {target['opset']}, provider {target['provider']}, up to {target['chunk']} tokens a "
+            f"call, {sum(target['nodes'].values())} nodes: {top}, ..."]
+
+
+def runs_here(manifest) -> tuple[bool, str | None]:
+    try:
+        import onnxruntime
+    except ImportError:
+        return False, "needs onnxruntime (pip install 'llmc-compiler[onnx]')"
+    provider = PROVIDERS.get(manifest["target"].get("provider"), "?")
+    if provider not in onnxruntime.get_available_providers():
+        return False, f"this onnxruntime lacks {provider} (onnxruntime-gpu has CUDA)"
+    return True, None
+
+
+def check_artifact(artifact) -> None:
+    """The manifest's onnx entry for its types, and its initializers against the artifact's tensors."""
+    from llmc.artifact import ArtifactError
+    from llmc.manifest import ManifestError, check_dict, check_int, check_list, check_str
+
+    target = artifact.manifest["target"]
+    tensors = artifact.manifest.get("tensors", {})
+    try:
+        check_dict(target, "target", ("provider", "opset", "accuracy_level", "chunk", "max_tokens", "initializers",
+                                      "nodes"))
+        check_str(target["provider"], "target.provider")
+        check_int(target["chunk"], "target.chunk", 1, 1 << 20)
+        check_list(target["initializers"], "target.initializers")
+        for record in target["initializers"]:
+            if not (isinstance(record, list) and len(record) == 5 and isinstance(record[0], str)
+                    and record[1] in ("weight", "nibbles", "bytes", "scales", "zero_points")
+                    and isinstance(record[2], list) and all(isinstance(s, str) for s in record[2])):
+                raise ManifestError(f"target.initializers holds {json.dumps(record)[:80]}, not "
+                                    "[name, kind, [tensors], dtype, shape]")
+            missing = [s for s in record[2] if s not in tensors]
+            if missing:
+                raise ManifestError(f"target.initializers names tensor {missing[0]!r}, which the artifact lacks")
+    except ManifestError as exc:
+        raise ArtifactError(f"{artifact.path}: {exc}; rebuild the artifact") from None
+    if target["provider"] not in PROVIDERS:
+        raise ArtifactError(f"{artifact.path}: provider {target['provider']!r} is not one of {', '.join(PROVIDERS)}; "
+                            "rebuild the artifact")
+
+
+def executor(artifact, threads: int | None = None):
+    check_artifact(artifact)
+    from .session import OnnxExecutor
+
+    return OnnxExecutor(artifact, threads)

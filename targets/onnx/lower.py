@@ -1,0 +1,476 @@
+"""The optimised step graph as an ONNX model: one ONNX node (or a few) per llmc op, over the step's
+inputs; weights are initializers declared as external data that the executor hands ONNX Runtime
+from the artifact (``Initializer`` says how each is made from the artifact's tensors).
+
+The KV pool is a read-only input. Each attention gathers its sequences' blocks from it
+(``Gather`` over the block tables), lays the step's own keys and values over them at their
+positions (``ScatterND``), and attends every token over every gathered position behind one mask
+(same sequence, position at most the token's, inside the window): one MatMul pair a layer whatever
+the mix of prefills and decodes. The step's new keys and values are outputs (``new_k``, ``new_v``:
+[seq, layers, kv_heads, head_dim]) that the executor writes into the pool's slots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from llmc import dims
+from llmc.errors import LlmcError
+from llmc.ir import Graph, Node
+from llmc.ops import fused_body
+from llmc.quant import parse_scheme
+
+CONTRIB = "com.microsoft"
+DTYPES = {"f32": TensorProto.FLOAT, "f16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16,
+          "i64": TensorProto.INT64, "i32": TensorProto.INT32, "i8": TensorProto.INT8, "u8": TensorProto.UINT8,
+          "bool": TensorProto.BOOL}
+UNARY = {"neg": "Neg", "exp": "Exp", "log": "Log", "sqrt": "Sqrt", "reciprocal": "Reciprocal", "abs": "Abs",
+         "sin": "Sin", "cos": "Cos", "tanh": "Tanh", "erf": "Erf", "sigmoid": "Sigmoid", "relu": "Relu", "not": "Not"}
+BINARY = {"add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div", "pow": "Pow", "maximum": "Max", "minimum": "Min",
+          "eq": "Equal", "lt": "Less", "le": "LessOrEqual", "gt": "Greater", "ge": "GreaterOrEqual", "and": "And",
+          "or": "Or"}
+REDUCE = {"sum": "ReduceSum", "mean": "ReduceMean", "max": "ReduceMax", "min": "ReduceMin"}
+
+
+class OnnxLoweringError(LlmcError):
+    """A graph the onnx target cannot express."""
+
+
+@dataclass(frozen=True)
+class Initializer:
+    """An ONNX initializer the executor makes from the artifact's tensors at load: ``kind`` is
+    "weight" (the tensor as it is) or a MatMulNBits part of a quantized weight ("nibbles",
+    "bytes", "scales", "zero_points"; targets/onnx/weights.py)."""
+
+    name: str
+    kind: str
+    sources: tuple[str, ...]
+    dtype: str
+    shape: tuple[int, ...]
+
+    def record(self) -> list:
+        return [self.name, self.kind, list(self.sources), self.dtype, list(self.shape)]
+
+
+class OnnxLowering:
+    def __init__(self, graph: Graph, opset: int, accuracy_level: int):
+        self.graph = graph
+        self.opset = opset
+        self.accuracy_level = accuracy_level
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: dict[str, Initializer] = {}
+        self.values: dict[int, object] = {}
+        self.count = 0
+        self.dim_names: dict[object, str] = {}
+        self.masks: dict[int, str] = {}
+        self.new_kv: dict[int, tuple[str, str]] = {}
+        self.pool_dtype = "f32"
+        self.block_size = 0
+        self.slots = ""                     # i64[1]: seqs * max_blocks * block_size, once a mask is made
+
+    # -- building blocks -------------------------------------------------------------------------
+
+    def fresh(self, hint: str = "t") -> str:
+        self.count += 1
+        return f"{hint}{self.count}"
+
+    def add(self, op: str, inputs: list[str], outputs: int = 1, domain: str | None = None, **attrs):
+        names = [self.fresh(op.lower()[:12] + "_") for _ in range(outputs)]
+        self.nodes.append(helper.make_node(op, inputs, names, domain=domain, **attrs))
+        return names[0] if outputs == 1 else names
+
+    def const(self, value, dtype: str = "i64") -> str:
+        array = np.asarray(value, dtype={"i64": np.int64, "f32": np.float32, "f16": np.float16,
+                                         "i32": np.int32, "bool": np.bool_, "u8": np.uint8}[dtype])
+        key = ("const", dtype, array.shape, array.tobytes())
+        if key not in self.dim_names:
+            name = self.fresh("c")
+            self.nodes.append(helper.make_node("Constant", [], [name],
+                                               value=onnx.numpy_helper.from_array(array, name)))
+            self.dim_names[key] = name
+        return self.dim_names[key]
+
+    def symbol(self, name: str) -> str:
+        """A symbol of the step's shapes as an i64[1] tensor, read from an input's shape."""
+        key = ("symbol", name)
+        if key not in self.dim_names:
+            source, axis = {"seq": ("tokens", 0), "rows": ("logit_rows", 0), "seqs": ("block_tables", 0),
+                            "max_blocks": ("block_tables", 1), "blocks": ("k_cache", 1)}[name]
+            self.dim_names[key] = self.add("Shape", [source], start=axis, end=axis + 1)
+        return self.dim_names[key]
+
+    def dim(self, d) -> str:
+        """A dimension (an int or a polynomial over the step's symbols) as an i64[1] tensor."""
+        if isinstance(d, int):
+            return self.const([d])
+        key = ("dim", d)
+        if key not in self.dim_names:
+            total = None
+            for mono, coeff in dims._poly(d).items():
+                term = self.const([coeff])
+                for symbol in mono:
+                    term = self.add("Mul", [term, self.symbol(symbol)])
+                total = term if total is None else self.add("Add", [total, term])
+            self.dim_names[key] = total if total is not None else self.const([0])
+        return self.dim_names[key]
+
+    def shape(self, shape) -> str:
+        """A shape as an i64[rank] tensor (a constant when every dimension is an int)."""
+        if all(isinstance(d, int) for d in shape):
+            return self.const(list(shape))
+        return self.add("Concat", [self.dim(d) for d in shape], axis=0)
+
+    def reshape(self, x: str, shape) -> str:
+        """Reshape with 0 (keep) and -1 (infer) allowed in a constant shape."""
+        return self.add("Reshape", [x, self.const(list(shape))])
+
+    def weight(self, node: Node) -> str:
+        name = node.attrs["name"]
+        if name not in self.initializers:
+            self.initializers[name] = Initializer(name, "weight", (name,), node.type.dtype, tuple(node.type.shape))
+        return name
+
+    def read(self, node: Node) -> str:
+        value = self.values[id(node)]
+        if isinstance(value, tuple):
+            raise OnnxLoweringError(f"{node.op} has several results; read them with get")
+        return value
+
+    # -- the walk --------------------------------------------------------------------------------
+
+    def run(self) -> onnx.ModelProto:
+        graph = self.graph
+        if len(graph.outputs) != 1 or graph.outputs[0].type.dtype != "f32":
+            raise OnnxLoweringError("the onnx target lowers graphs with one f32 output")
+        inputs = []
+        for node in graph.inputs:
+            name = node.attrs["name"]
+            if name in ("k_scale", "v_scale"):
+                raise OnnxLoweringError("the onnx target keeps its KV pool in f32 or f16, not int8; "
+                                        "build with --kv f16 or --kv f32")
+            if name == "k_cache":
+                self.pool_dtype = node.type.dtype
+            inputs.append(helper.make_tensor_value_info(name, DTYPES[node.type.dtype],
+                                                        [d if isinstance(d, int) else str(d) for d in node.type.shape]))
+            self.values[id(node)] = name
+        needed = {id(graph.outputs[0])}
+        order = graph.nodes()
+        for node in reversed(order):
+            if id(node) in needed:
+                needed.update(id(i) for i in node.inputs)
+        for node in order:
+            if id(node) in needed and node.op != "input":
+                self.values[id(node)] = self.lower(node)
+        logits = self.add("Identity", [self.read(graph.outputs[0])])
+        self.nodes[-1].output[0] = "logits"
+        layers = sorted(self.new_kv)
+        if layers != list(range(len(layers))):
+            raise OnnxLoweringError(f"the attention layers {layers} are not 0..{len(layers) - 1}")
+        outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["rows", graph.outputs[0].type.shape[-1]])]
+        for which, index in (("new_k", 0), ("new_v", 1)):
+            parts = [self.add("Unsqueeze", [self.new_kv[layer][index], self.const([1])]) for layer in layers]
+            joined = self.add("Concat", parts, axis=1) if len(parts) > 1 else parts[0]
+            self.nodes.append(helper.make_node("Identity", [joined], [which]))
+            outputs.append(helper.make_tensor_value_info(which, DTYPES[self.pool_dtype], ["seq", len(layers), None, None]))
+        initializers = [self._declare(i) for i in self.initializers.values()]
+        onnx_graph = helper.make_graph(self.nodes, "llmc_step", inputs, outputs, initializers)
+        model = helper.make_model(onnx_graph, producer_name="llmc",
+                                  opset_imports=[helper.make_opsetid("", self.opset), helper.make_opsetid(CONTRIB, 1)])
+        model.ir_version = min(model.ir_version, 10)
+        return model
+
+    @staticmethod
+    def _declare(init: Initializer) -> onnx.TensorProto:
+        """An initializer whose data the executor provides (external data the file does not hold)."""
+        tensor = onnx.TensorProto()
+        tensor.name = init.name
+        tensor.data_type = DTYPES[init.dtype]
+        tensor.dims.extend(init.shape)
+        tensor.data_location = TensorProto.EXTERNAL
+        nbytes = int(np.prod(init.shape, dtype=np.int64)) * np.dtype(_numpy(init.dtype)).itemsize
+        for key, value in (("location", "weights.bin"), ("offset", "0"), ("length", str(nbytes))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        return tensor
+
+    def lower(self, node: Node):
+        op, a = node.op, node.attrs
+        xs = [self.values[id(i)] for i in node.inputs]
+        if op == "weight":            # an initializer once an ONNX node reads it (MatMulNBits reads derived ones)
+            return node.attrs["name"]
+        skip = len(parse_scheme(a["scheme"]).parts) if op in ("qlinear", "qembedding") else 0
+        for index, i in enumerate(node.inputs):
+            if i.op == "weight" and not (op == "qlinear" and 1 <= index <= skip or op == "qembedding" and index < skip):
+                self.weight(i)
+        if op == "get":
+            return self.values[id(node.inputs[0])][a["index"]]
+        if op in UNARY or op in BINARY or op in ("rsqrt", "silu", "gelu", "cast", "ne", "where", "fused"):
+            return self.elementwise(op, xs, a)
+        handler = getattr(self, "_" + op, None)
+        if handler is None:
+            raise OnnxLoweringError(f"the onnx target has no lowering for op {op!r}; build with --target cpu or ref")
+        return handler(node, xs, a)
+
+    def elementwise(self, op: str, xs: list[str], a: dict) -> str:
+        if op == "fused":
+            temps: list[str] = []
+            for step, args, attrs in fused_body(a["body"]):
+                refs = [xs[int(r[2:])] if r.startswith("in") else temps[int(r[1:])] for r in args]
+                temps.append(self.elementwise(step, refs, attrs))
+            return temps[-1]
+        if op in UNARY:
+            return self.add(UNARY[op], xs)
+        if op in BINARY:
+            return self.add(BINARY[op], xs)
+        if op == "ne":
+            return self.add("Not", [self.add("Equal", xs)])
+        if op == "rsqrt":
+            return self.add("Reciprocal", [self.add("Sqrt", xs)])
+        if op == "silu":
+            return self.add("Mul", [xs[0], self.add("Sigmoid", xs)])
+        if op == "gelu":
+            return self.add("Gelu", xs, approximate="tanh" if a["approximate"] == "tanh" else "none")
+        if op == "cast":
+            return self.add("Cast", xs, to=DTYPES[a["dtype"]])
+        return self.add("Where", xs)
+
+    # -- sources and shapes ----------------------------------------------------------------------
+
+    def _const(self, node, xs, a):
+        return self.const(a["value"], a["dtype"])
+
+    def _full(self, node, xs, a):
+        scalar = onnx.numpy_helper.from_array(np.asarray([a["value"]], dtype=_numpy(a["dtype"])))
+        return self.add("ConstantOfShape", [self.shape(a["shape"])], value=scalar)
+
+    def _arange(self, node, xs, a):
+        start, end = (self.add("Squeeze", [self.dim(d), self.const([0])]) for d in (a["start"], a["end"]))
+        out = self.add("Range", [start, end, self.const(a["step"])])
+        return out if a["dtype"] == "i64" else self.add("Cast", [out], to=DTYPES[a["dtype"]])
+
+    def _reshape(self, node, xs, a):
+        return self.add("Reshape", [xs[0], self.shape(a["shape"])])
+
+    def _permute(self, node, xs, a):
+        return self.add("Transpose", xs, perm=list(a["perm"]))
+
+    def _expand(self, node, xs, a):
+        return self.add("Expand", [xs[0], self.shape(a["shape"])])
+
+    def _slice(self, node, xs, a):
+        return self.add("Slice", [xs[0], self.dim(a["start"]), self.dim(a["end"]), self.const([a["axis"]]),
+                                  self.const([a["step"]])])
+
+    def _concat(self, node, xs, a):
+        return self.add("Concat", xs, axis=a["axis"])
+
+    def _index(self, node, xs, a):
+        if len(xs) != 2:
+            raise OnnxLoweringError("the onnx target indexes one axis at a time; build with --target cpu or ref")
+        return self.add("Gather", xs, axis=a["axes"][0])
+
+    def _embedding(self, node, xs, a):
+        return self.add("Gather", xs, axis=0)
+
+    # -- reductions ------------------------------------------------------------------------------
+
+    def _reduce(self, node, xs, a):
+        return self.add(REDUCE[node.op], [xs[0], self.const(list(a["axes"]))], keepdims=int(a["keepdim"]))
+
+    _sum = _mean = _max = _min = _reduce
+
+    def _softmax(self, node, xs, a):
+        return self.add("Softmax", xs, axis=a["axis"])
+
+    def _log_softmax(self, node, xs, a):
+        return self.add("LogSoftmax", xs, axis=a["axis"])
+
+    def _argmax(self, node, xs, a):
+        return self.add("ArgMax", xs, axis=a["axis"], keepdims=int(a["keepdim"]))
+
+    def _cumsum(self, node, xs, a):
+        return self.add("CumSum", [xs[0], self.const(a["axis"])])
+
+    # -- linear algebra and norms ----------------------------------------------------------------
+
+    def _matmul(self, node, xs, a):
+        return self.add("MatMul", xs)
+
+    def _linear(self, node, xs, a):
+        y = self.add("MatMul", [xs[0], self.add("Transpose", [xs[1]], perm=[1, 0])])
+        return self.add("Add", [y, xs[2]]) if len(xs) > 2 else y
+
+    def _qlinear(self, node, xs, a):
+        """MatMulNBits over the parts re-laid out at load (weights.py): 4-bit codes two a byte in
+        element order, or 8-bit codes offset by 128; f32 scales; float zero points for a min."""
+        scheme = parse_scheme(a["scheme"])
+        count = len(scheme.parts)
+        parts = node.inputs[1:1 + count]
+        rows, cols = parts[0].type.shape[0], scheme.cols(parts[0].type.shape[1])
+        group, bits = scheme.group, scheme.bits
+        blocks = cols // group
+        names = [p.attrs["name"] for p in parts]
+        codes = self.derived(f"{names[0]}#codes", "nibbles" if bits == 4 else "bytes", names, "u8",
+                             (rows, blocks, group * bits // 8))
+        scales = self.derived(f"{names[1]}#scales", "scales", names, "f32", (rows * blocks,))
+        inputs = [xs[0], codes, scales]
+        if "mins" in scheme.parts:
+            inputs.append(self.derived(f"{names[2]}#zero_points", "zero_points", names, "f32", (rows * blocks,)))
+        y = self.add("MatMulNBits", inputs, domain=CONTRIB, K=cols, N=rows, bits=bits, block_size=group,
+                     accuracy_level=self.accuracy_level)
+        return self.add("Add", [y, xs[1 + count]]) if len(xs) > 1 + count else y
+
+    def derived(self, name: str, kind: str, sources: list[str], dtype: str, shape) -> str:
+        self.initializers.setdefault(name, Initializer(name, kind, tuple(sources), dtype, tuple(shape)))
+        return name
+
+    def _qembedding(self, node, xs, a):
+        """The looked-up rows' parts gathered, then dequantized in the graph (a few rows a step)."""
+        scheme = parse_scheme(a["scheme"])
+        count = len(scheme.parts)
+        parts, ids = [self.weight(p) for p in node.inputs[:count]], xs[count]
+        cols = scheme.cols(node.inputs[0].type.shape[1])
+        group = scheme.group
+        rows = [self.add("Gather", [p, ids], axis=0) for p in parts]          # [..ids, K/G or packed]
+        codes = self.add("Reshape", [rows[0], self.const([0] * len(node.inputs[count].type.shape) + [cols // group, -1])])
+        if scheme.bits == 4:
+            low = self.add("BitwiseAnd", [codes, self.const(15, "u8")])
+            high = self.add("BitShift", [codes, self.const(4, "u8")], direction="RIGHT")
+            codes = self.add("Concat", [low, high], axis=-1)
+        values = self.add("Mul", [self.add("Cast", [codes], to=TensorProto.FLOAT),
+                                  self.add("Unsqueeze", [self.add("Cast", [rows[1]], to=TensorProto.FLOAT),
+                                                         self.const([-1])])])
+        if "mins" in scheme.parts:
+            values = self.add("Add", [values, self.add("Unsqueeze", [self.add("Cast", [rows[2]], to=TensorProto.FLOAT),
+                                                                     self.const([-1])])])
+        return self.add("Reshape", [values, self.const([0] * len(node.inputs[count].type.shape) + [cols])])
+
+    def _rms_norm(self, node, xs, a):
+        return self.add("SimplifiedLayerNormalization", xs, axis=-1, epsilon=float(a["eps"]))
+
+    def _layer_norm(self, node, xs, a):
+        width = node.inputs[0].type.shape[-1]
+        scale = xs[1] if len(xs) > 1 else self.const(np.ones(width), "f32")
+        bias = xs[2] if len(xs) > 2 else self.const(np.zeros(width), "f32")
+        return self.add("LayerNormalization", [xs[0], scale, bias], axis=-1, epsilon=float(a["eps"]))
+
+    def _add_norm(self, node, xs, a):
+        """(x + residual, its norm): Skip(Simplified)LayerNormalization, whose fourth output is the sum."""
+        if a["norm"] == "rms":
+            out = self.add("SkipSimplifiedLayerNormalization", xs, outputs=4, domain=CONTRIB, epsilon=float(a["eps"]))
+            return out[3], out[0]
+        width = node.inputs[0].type.shape[-1]
+        scale = xs[2] if len(xs) > 2 else self.const(np.ones(width), "f32")
+        bias = xs[3] if len(xs) > 3 else self.const(np.zeros(width), "f32")
+        out = self.add("SkipLayerNormalization", [xs[0], xs[1], scale, bias], outputs=4, domain=CONTRIB,
+                       epsilon=float(a["eps"]))
+        return out[3], out[0]
+
+    def _swiglu(self, node, xs, a):
+        return self.add("Mul", [self.elementwise("silu", xs[:1], {}), xs[1]])
+
+    def _geglu(self, node, xs, a):
+        return self.add("Mul", [self.elementwise("gelu", xs[:1], a), xs[1]])
+
+    def _rope(self, node, xs, a):
+        x, cos, sin = xs
+        width = node.inputs[0].type.shape[-1]
+        if a.get("interleaved"):
+            pairs = self.reshape(x, [0] * (node.inputs[0].type.rank - 1) + [width // 2, 2])
+            even, odd = self.add("Split", [pairs, self.const([1, 1])], outputs=2, axis=-1)
+            rotated = self.reshape(self.add("Concat", [self.add("Neg", [odd]), even], axis=-1),
+                                   [0] * (node.inputs[0].type.rank - 1) + [width])
+        else:
+            first, second = self.add("Split", [x, self.const([width // 2, width // 2])], outputs=2, axis=-1)
+            rotated = self.add("Concat", [self.add("Neg", [second]), first], axis=-1)
+        return self.add("Add", [self.add("Mul", [x, cos]), self.add("Mul", [rotated, sin])])
+
+    # -- attention over the paged pool -----------------------------------------------------------
+
+    def mask(self, window: int) -> str:
+        """An additive f32[seq, seqs * max_blocks * block_size] mask: 0 where the token may attend to
+        the gathered slot (its own sequence, a position at most its own, inside the window)."""
+        if window not in self.masks:
+            block = self.block_size
+            span = self.add("Mul", [self.symbol("max_blocks"), self.const([block])])          # P
+            total = self.add("Mul", [span, self.symbol("seqs")])
+            self.slots = total
+            slot = self.add("Range", [self.const(0), self.add("Squeeze", [total, self.const([0])]), self.const(1)])
+            seq_of = self.add("Div", [slot, span])
+            pos_of = self.add("Mod", [slot, span])
+            token_seq = self.add("Unsqueeze", ["seq_index", self.const([1])])
+            token_pos = self.add("Unsqueeze", ["positions", self.const([1])])
+            allowed = self.add("And", [self.add("Equal", [token_seq, seq_of]),
+                                       self.add("LessOrEqual", [pos_of, token_pos])])
+            if window:
+                near = self.add("Less", [self.add("Sub", [token_pos, pos_of]), self.const(window)])
+                allowed = self.add("And", [allowed, near])
+            self.masks[window] = self.add("Where", [allowed, self.const(0.0, "f32"), self.const(-np.inf, "f32")])
+        return self.masks[window]
+
+    def gathered(self, pool: str, layer: int, new: str, heads: int, width: int) -> str:
+        """The pool's slots of every sequence in the step, with the step's own keys (or values)
+        laid over them: [seqs * max_blocks * block_size, kv_heads, head_dim] of the activations' dtype."""
+        blocks = self.symbol("blocks")
+        flat = self.reshape(pool, [-1, heads, self.block_size, width])                    # [layers*blocks, ...]
+        tables = self.add("Clip", ["block_tables", self.const(0), self.add("Squeeze", [
+            self.add("Sub", [blocks, self.const([1])]), self.const([0])])])
+        offset = self.add("Mul", [blocks, self.const([layer])])
+        picked = self.add("Gather", [flat, self.add("Add", [tables, offset])], axis=0)   # [S, MB, Hk, B, D]
+        slots = self.reshape(self.add("Transpose", [picked], perm=[0, 1, 3, 2, 4]), [0, -1, heads, width])
+        if self.pool_dtype != "f32":
+            slots = self.add("Cast", [slots], to=TensorProto.FLOAT)
+        where = self.add("Concat", [self.add("Unsqueeze", ["seq_index", self.const([1])]),
+                                    self.add("Unsqueeze", ["positions", self.const([1])])], axis=1)
+        laid = self.add("ScatterND", [slots, where, new])
+        return self.reshape(laid, [-1, heads, width])
+
+    def _attention(self, node, xs, a):
+        q, k, v = xs[:3]
+        qt, kt = node.inputs[0].type, node.inputs[1].type
+        heads, kv_heads, width = qt.shape[1], kt.shape[1], qt.shape[3]
+        groups = heads // kv_heads
+        self.block_size = node.inputs[3].type.shape[3]
+        layer = a["layer"]
+        # the step's own keys and values [seq, kv_heads, head_dim], rounded as the pool stores them
+        own = []
+        for value in (k, v):
+            tokens = self.add("Transpose", [self.add("Squeeze", [value, self.const([0])])], perm=[1, 0, 2])
+            if self.pool_dtype != "f32":
+                stored = self.add("Cast", [tokens], to=DTYPES[self.pool_dtype])
+                own.append((stored, self.add("Cast", [stored], to=TensorProto.FLOAT)))
+            else:
+                own.append((tokens, tokens))
+        self.new_kv[layer] = (own[0][0], own[1][0])
+        keys = self.gathered(xs[3], layer, own[0][1], kv_heads, width)                 # [S*P, Hk, D]
+        values = self.gathered(xs[4], layer, own[1][1], kv_heads, width)
+        queries = self.reshape(q, [kv_heads, -1, width])                               # [Hk, G*T, D]
+        scores = self.add("MatMul", [queries, self.add("Transpose", [keys], perm=[1, 2, 0])])
+        scores = self.add("Mul", [scores, self.const(a["scale"], "f32")])
+        cap = a.get("softcap", 0.0)
+        if cap:
+            scores = self.add("Mul", [self.add("Tanh", [self.add("Div", [scores, self.const(cap, "f32")])]),
+                                      self.const(cap, "f32")])
+        mask = self.mask(a["window"])
+        scores = self.add("Reshape", [scores, self.add("Concat", [self.const([kv_heads, groups, -1]), self.slots], axis=0)])
+        scores = self.add("Add", [scores, mask])
+        weights = self.add("Reshape", [self.add("Softmax", [scores], axis=-1),
+                                       self.add("Concat", [self.const([kv_heads, -1]), self.slots], axis=0)])
+        out = self.add("MatMul", [weights, self.add("Transpose", [values], perm=[1, 0, 2])])   # [Hk, G*T, D]
+        return self.reshape(out, [1, heads, -1, width])
+
+
+def _numpy(dtype: str):
+    return {"f32": np.float32, "f16": np.float16, "i64": np.int64, "i32": np.int32, "bool": np.bool_,
+            "u8": np.uint8, "i8": np.int8, "bf16": np.uint16}[dtype]
+
+
+def lower(graph: Graph, opset: int, accuracy_level: int) -> tuple[onnx.ModelProto, list[Initializer], str]:
+    """(the ONNX model, the initializers the executor makes at load, the pool's dtype)."""
+    lowering = OnnxLowering(graph, opset, accuracy_level)
+    model = lowering.run()
+    return model, list(lowering.initializers.values()), lowering.pool_dtype
