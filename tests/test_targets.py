@@ -109,7 +109,7 @@ def test_a_registered_target_compiles_inspects_verifies_and_runs(dummy, tmp_path
 def test_an_unknown_target_is_named_with_the_ones_there_are(tmp_path):
     from llmc.compiler import compile_model
 
-    with pytest.raises(llmc.UsageError, match="unknown target 'tpu'; this llmc builds: cpu, cuda, ref"):
+    with pytest.raises(llmc.UsageError, match="unknown target 'tpu'; this llmc builds: cpu, cuda, ref, onnx"):
         compile_model("smollm2", tmp_path / "x.llmc", target="tpu", progress=None)
 
 

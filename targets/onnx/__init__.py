@@ -109,11 +109,11 @@ def check_artifact(artifact) -> None:
             if not (isinstance(record, list) and len(record) == 5 and isinstance(record[0], str)
                     and record[1] in ("weight", "nibbles", "bytes", "scales", "zero_points")
                     and isinstance(record[2], list) and all(isinstance(s, str) for s in record[2])):
-                raise ManifestError(f"target.initializers holds {json.dumps(record)[:80]}, not "
+                raise ManifestError("target.initializers", f"holds {json.dumps(record)[:80]}, not "
                                     "[name, kind, [tensors], dtype, shape]")
             missing = [s for s in record[2] if s not in tensors]
             if missing:
-                raise ManifestError(f"target.initializers names tensor {missing[0]!r}, which the artifact lacks")
+                raise ManifestError("target.initializers", f"names tensor {missing[0]!r}, which the artifact lacks")
     except ManifestError as exc:
         raise ArtifactError(f"{artifact.path}: {exc}; rebuild the artifact") from None
     if target["provider"] not in PROVIDERS:

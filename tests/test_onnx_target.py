@@ -1,0 +1,136 @@
+"""Target onnx: the step graph as an ONNX model run by ONNX Runtime (CPU), against the cpu target
+and the reference; MatMulNBits's parts made from llmc's quantized weights; what it refuses. The
+batched-step test against single-sequence runs is test_abi's."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import FAMILIES, relative_error, tiny_model
+from llmc.compiler import compile_model
+from llmc.artifact import ArtifactError
+from llmc.errors import LlmcError
+from llmc.quant import SCHEMES, dequantize, quantize
+
+import llmc
+
+PROMPT = [3, 17, 42, 99, 5, 64, 120, 7]
+
+
+class Imports(dict):
+    """Each family traced once, when a test first asks for it."""
+
+    def __missing__(self, name):
+        from llmc.frontend import import_model
+
+        self[name] = import_model(tiny_model(name))
+        return self[name]
+
+
+@pytest.fixture(scope="module")
+def families():
+    return Imports()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_family_decodes_like_the_cpu_artifact(families, family, tmp_path):
+    """Greedy decoding of 64 tokens equals the cpu target's, and a 40-token prefill's logits agree
+    within 1e-4 (the f16 KV pool, sliding windows, tied heads, GeGLU, biases, learned positions)."""
+    onnx, cpu = tmp_path / "onnx.llmc", tmp_path / "cpu.llmc"
+    compile_model(families[family].copy(), onnx, target="onnx", kv="f16", progress=None)
+    compile_model(families[family].copy(), cpu, target="cpu", kv="f16", progress=None)
+    got, want = llmc.load(onnx, max_context=128), llmc.load(cpu, max_context=128)
+    ids = np.random.default_rng(3).integers(0, 128, 40).tolist()
+    assert relative_error(got.logits(ids), want.logits(ids)) < 1e-4      # a key rounded to f16 may differ by a unit
+    assert got.generate(PROMPT, max_new_tokens=64) == want.generate(PROMPT, max_new_tokens=64)
+
+
+@pytest.mark.parametrize("scheme", ["q4g32", "q8"])
+def test_quantized_linears_run_as_matmulnbits_with_the_same_weights(families, scheme, tmp_path):
+    """At accuracy level 0 (the exact product) a q8 or q4g32 build's logits are the reference's to
+    f32 rounding: the codes, scales and mins re-laid out as MatMulNBits's parts stand for the same
+    weights. At level 4 (int8-rounded activations, the default) they stay within 2% of it."""
+    path, ref = tmp_path / "onnx.llmc", tmp_path / "ref.llmc"
+    compile_model(families["llama"].copy(), ref, target="ref", quant=scheme, kv="f32", progress=None)
+    want = llmc.load(ref).logits(PROMPT * 3)
+    for level, bound in ((0, 1e-5), (4, 2e-2)):
+        compile_model(families["llama"].copy(), path, target="onnx", quant=scheme, kv="f32", accuracy_level=level,
+                      progress=None)
+        assert relative_error(llmc.load(path).logits(PROMPT * 3), want) < bound, level
+
+
+@pytest.mark.parametrize("scheme", ["q4g32", "q4g128", "q8"])
+def test_matmulnbits_parts_dequantize_to_llmc_s_weights(scheme):
+    """weights.make's parts, dequantized by MatMulNBits's rule ((code - zero point) * scale, 4-bit
+    codes two a byte in element order, 8-bit codes around 128), give the weight llmc's parts stand
+    for, a group of a single value (scale 0) included."""
+    from llmc.targets.onnx.weights import make
+
+    s = SCHEMES[scheme]
+    rng = np.random.default_rng(5)
+    weight = rng.standard_normal((6, 256)).astype(np.float32)
+    weight[2, :s.group] = 0.75                                   # one group of one value
+    parts = quantize(weight, s)
+    sources = [parts[name] for name in s.parts]
+    blocks = 256 // s.group
+    codes = make("nibbles" if s.bits == 4 else "bytes", sources, (6, blocks, s.group * s.bits // 8))
+    if s.bits == 4:
+        codes = np.stack([codes & 0x0F, codes >> 4], axis=-1).reshape(6, blocks, s.group)
+    scales = make("scales", sources, (6 * blocks,)).reshape(6, blocks, 1)
+    zero = make("zero_points", sources, (6 * blocks,)).reshape(6, blocks, 1) if "mins" in s.parts else 128.0
+    got = ((codes.astype(np.float32) - zero) * scales).reshape(6, 256)
+    np.testing.assert_allclose(got, dequantize(parts, s, 256), rtol=1e-6, atol=1e-6)
+    assert np.all(got[2, :s.group] == got[2, 0])
+
+
+def test_what_the_onnx_target_refuses_is_one_clear_error(families, tmp_path):
+    with pytest.raises(llmc.UsageError, match="target onnx has no int8 KV cache; build it with --kv f16 or f32"):
+        compile_model(families["llama"].copy(), tmp_path / "a.llmc", target="onnx", kv="int8", progress=None)
+    with pytest.raises(llmc.UsageError, match="opsets 17 to 23, not 12"):
+        compile_model(families["llama"].copy(), tmp_path / "a.llmc", target="onnx", opset=12, progress=None)
+    with pytest.raises(llmc.UsageError, match="unknown provider 'tpu'"):
+        compile_model(families["llama"].copy(), tmp_path / "a.llmc", target="onnx", provider="tpu", progress=None)
+
+
+@pytest.mark.slow
+def test_a_mixture_of_experts_is_refused_by_op(tmp_path):
+    import transformers
+
+    mixtral = tiny_model("mixtral", config=transformers.MixtralConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2))
+    with pytest.raises(LlmcError, match="the onnx target has no lowering for op 'moe'; build with --target cpu"):
+        compile_model(mixtral, tmp_path / "m.llmc", target="onnx", progress=None)
+
+
+def test_inspect_verify_and_a_run_without_the_onnx_package(families, tmp_path):
+    """``llmc inspect`` and ``llmc verify`` describe an onnx build; running it imports onnxruntime
+    and numpy, not the onnx package (the builder's) nor torch."""
+    path = tmp_path / "m.llmc"
+    compile_model(families["qwen2"].copy(), path, target="onnx", progress=None)
+    shown = subprocess.run([sys.executable, "-m", "llmc", "inspect", str(path)], capture_output=True, text=True)
+    assert shown.returncode == 0 and "onnx      opset 21, provider cpu, up to 512 tokens a call" in shown.stdout
+    checked = subprocess.run([sys.executable, "-m", "llmc", "verify", str(path)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr
+    script = (f"import sys, llmc\nm = llmc.load({str(path)!r})\nm.generate([1, 2, 3], max_new_tokens=3)\n"
+              "print(' '.join(sorted(sys.modules)))")
+    ran = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr
+    loaded = {m.split(".")[0] for m in ran.stdout.split()}
+    assert "onnxruntime" in loaded and not loaded & {"onnx", "torch", "transformers"}
+
+
+def test_a_damaged_initializer_record_is_refused_before_onnx_runtime_runs(families, tmp_path):
+    from test_abi import rewritten
+
+    path = tmp_path / "m.llmc"
+    compile_model(families["llama"].copy(), path, target="onnx", progress=None)
+
+    def rename(manifest):
+        manifest["target"]["initializers"][0][2] = ["no.such.tensor"]
+
+    with pytest.raises(ArtifactError, match="names tensor 'no.such.tensor', which the artifact lacks"):
+        llmc.load(rewritten(path, tmp_path, rename))
