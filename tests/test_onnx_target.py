@@ -64,9 +64,9 @@ def test_quantized_linears_run_as_matmulnbits_with_the_same_weights(families, sc
 
 @pytest.mark.parametrize("scheme", ["q4g32", "q4g128", "q8"])
 def test_matmulnbits_parts_dequantize_to_llmc_s_weights(scheme):
-    """weights.make's parts, dequantized by MatMulNBits's rule ((code - zero point) * scale, 4-bit
-    codes two a byte in element order, 8-bit codes around 128), give the weight llmc's parts stand
-    for, a group of a single value (scale 0) included."""
+    """weights.make's parts, dequantized by MatMulNBits's rule ((code - 8 or 128) * scale, 4-bit
+    codes two a byte in element order), plus a q4 group's offset, give the weight llmc's parts
+    stand for, a group of a single value (scale 0) included."""
     from llmc.targets.onnx.weights import make
 
     s = SCHEMES[scheme]
@@ -80,8 +80,10 @@ def test_matmulnbits_parts_dequantize_to_llmc_s_weights(scheme):
     if s.bits == 4:
         codes = np.stack([codes & 0x0F, codes >> 4], axis=-1).reshape(6, blocks, s.group)
     scales = make("scales", sources, (6 * blocks,)).reshape(6, blocks, 1)
-    zero = make("zero_points", sources, (6 * blocks,)).reshape(6, blocks, 1) if "mins" in s.parts else 128.0
-    got = ((codes.astype(np.float32) - zero) * scales).reshape(6, 256)
+    got = (codes.astype(np.float32) - 2 ** (s.bits - 1)) * scales
+    if "mins" in s.parts:
+        got = got + make("offsets", sources, (blocks, 6)).T[..., None]
+    got = got.reshape(6, 256)
     np.testing.assert_allclose(got, dequantize(parts, s, 256), rtol=1e-6, atol=1e-6)
     assert np.all(got[2, :s.group] == got[2, 0])
 

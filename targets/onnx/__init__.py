@@ -107,7 +107,7 @@ def check_artifact(artifact) -> None:
         check_list(target["initializers"], "target.initializers")
         for record in target["initializers"]:
             if not (isinstance(record, list) and len(record) == 5 and isinstance(record[0], str)
-                    and record[1] in ("weight", "nibbles", "bytes", "scales", "zero_points")
+                    and record[1] in ("weight", "nibbles", "bytes", "scales", "offsets")
                     and isinstance(record[2], list) and all(isinstance(s, str) for s in record[2])):
                 raise ManifestError("target.initializers", f"holds {json.dumps(record)[:80]}, not "
                                     "[name, kind, [tensors], dtype, shape]")

@@ -44,7 +44,7 @@ class OnnxLoweringError(LlmcError):
 class Initializer:
     """An ONNX initializer the executor makes from the artifact's tensors at load: ``kind`` is
     "weight" (the tensor as it is) or a MatMulNBits part of a quantized weight ("nibbles",
-    "bytes", "scales", "zero_points"; targets/onnx/weights.py)."""
+    "bytes", "scales") or a q4 weight's per-group offsets ("offsets"; targets/onnx/weights.py)."""
 
     name: str
     kind: str
@@ -306,7 +306,10 @@ class OnnxLowering:
 
     def _qlinear(self, node, xs, a):
         """MatMulNBits over the parts re-laid out at load (weights.py): 4-bit codes two a byte in
-        element order, or 8-bit codes offset by 128; f32 scales; float zero points for a min."""
+        element order, or 8-bit codes offset by 128, with f32 scales and its default zero point
+        (8 or 128: its fast kernels; a float zero point is 30x slower). A q4 group's min enters as
+        w = (q - 8) * s + (min + 8 s): the group sums of x times the [K/G, N] offsets, one small
+        MatMul beside it."""
         scheme = parse_scheme(a["scheme"])
         count = len(scheme.parts)
         parts = node.inputs[1:1 + count]
@@ -317,11 +320,14 @@ class OnnxLowering:
         codes = self.derived(f"{names[0]}#codes", "nibbles" if bits == 4 else "bytes", names, "u8",
                              (rows, blocks, group * bits // 8))
         scales = self.derived(f"{names[1]}#scales", "scales", names, "f32", (rows * blocks,))
-        inputs = [xs[0], codes, scales]
+        y = self.add("MatMulNBits", [xs[0], codes, scales], domain=CONTRIB, K=cols, N=rows, bits=bits,
+                     block_size=group, accuracy_level=self.accuracy_level)
         if "mins" in scheme.parts:
-            inputs.append(self.derived(f"{names[2]}#zero_points", "zero_points", names, "f32", (rows * blocks,)))
-        y = self.add("MatMulNBits", inputs, domain=CONTRIB, K=cols, N=rows, bits=bits, block_size=group,
-                     accuracy_level=self.accuracy_level)
+            offsets = self.derived(f"{names[2]}#offsets", "offsets", names, "f32", (blocks, rows))
+            rank = node.inputs[0].type.rank
+            sums = self.add("ReduceSum", [self.reshape(xs[0], [0] * (rank - 1) + [blocks, group]), self.const([-1])],
+                            keepdims=0)
+            y = self.add("Add", [y, self.add("MatMul", [sums, offsets])])
         return self.add("Add", [y, xs[1 + count]]) if len(xs) > 1 + count else y
 
     def derived(self, name: str, kind: str, sources: list[str], dtype: str, shape) -> str:
