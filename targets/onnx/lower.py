@@ -418,20 +418,27 @@ class OnnxLowering:
             self.masks[window] = self.add("Where", [allowed, self.const(0.0, "f32"), self.const(-np.inf, "f32")])
         return self.masks[window]
 
+    def shared(self, key, make) -> str:
+        """A value every layer uses (the pool's flat view, the slots' indices), made once."""
+        if key not in self.dim_names:
+            self.dim_names[key] = make()
+        return self.dim_names[key]
+
     def gathered(self, pool: str, layer: int, new: str, heads: int, width: int) -> str:
         """The pool's slots of every sequence in the step, with the step's own keys (or values)
         laid over them: [seqs * max_blocks * block_size, kv_heads, head_dim] of the activations' dtype."""
         blocks = self.symbol("blocks")
-        flat = self.reshape(pool, [-1, heads, self.block_size, width])                    # [layers*blocks, ...]
-        tables = self.add("Clip", ["block_tables", self.const(0), self.add("Squeeze", [
-            self.add("Sub", [blocks, self.const([1])]), self.const([0])])])
-        offset = self.add("Mul", [blocks, self.const([layer])])
-        picked = self.add("Gather", [flat, self.add("Add", [tables, offset])], axis=0)   # [S, MB, Hk, B, D]
+        flat = self.shared(("flat", pool), lambda: self.reshape(pool, [-1, heads, self.block_size, width]))
+        tables = self.shared("tables", lambda: self.add("Clip", ["block_tables", self.const(0), self.add(
+            "Squeeze", [self.add("Sub", [blocks, self.const([1])]), self.const([0])])]))
+        rows = self.shared(("rows", layer), lambda: self.add("Add", [tables, self.add("Mul", [blocks, self.const([layer])])]))
+        picked = self.add("Gather", [flat, rows], axis=0)                               # [S, MB, Hk, B, D]
         slots = self.reshape(self.add("Transpose", [picked], perm=[0, 1, 3, 2, 4]), [0, -1, heads, width])
         if self.pool_dtype != "f32":
             slots = self.add("Cast", [slots], to=TensorProto.FLOAT)
-        where = self.add("Concat", [self.add("Unsqueeze", ["seq_index", self.const([1])]),
-                                    self.add("Unsqueeze", ["positions", self.const([1])])], axis=1)
+        where = self.shared("where", lambda: self.add("Concat", [self.add("Unsqueeze", ["seq_index", self.const([1])]),
+                                                                 self.add("Unsqueeze", ["positions", self.const([1])])],
+                                                      axis=1))
         laid = self.add("ScatterND", [slots, where, new])
         return self.reshape(laid, [-1, heads, width])
 
