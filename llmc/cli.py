@@ -130,6 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     verify.set_defaults(run=run_verify)
 
+    export = commands.add_parser("export", help="write an artifact in its target's standalone format",
+                                 description="Write an artifact in its target's own standard format into a new "
+                                             "folder (an onnx build: model.onnx, its weights, tokenizer.json, "
+                                             "step.json), for tools that take that format without llmc.")
+    export.add_argument("file", metavar="FILE", help="a .llmc artifact")
+    export.add_argument("directory", metavar="DIR", help="a folder to create (or an empty one)")
+    export.set_defaults(run=run_export)
+
     cache = commands.add_parser("cache", help="show or clear the build cache",
                                 description="Show where the build cache is ($LLMC_CACHE_DIR, else "
                                             "$XDG_CACHE_HOME/llmc, else ~/.cache/llmc) and what it holds.")
@@ -298,6 +306,38 @@ def run_verify(args) -> int:
     if args.json:
         print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
     return 0 if all(r["ok"] for r in results) else 1
+
+
+def run_export(args) -> int:
+    """The artifact's target writes its files into a fresh folder beside DIR, renamed to DIR when
+    all are written: an interrupted export leaves no half-written folder."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from llmc.artifact import read_artifact
+
+    out = Path(args.directory)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"{out} already exists and is not an empty folder; name a new one")
+    artifact = read_artifact(args.file)
+    target = targets.target_of(artifact.manifest, args.file)
+    target.check_artifact(artifact)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        written = target.export(artifact, scratch)
+        umask = os.umask(0)
+        os.umask(umask)
+        scratch.chmod(0o777 & ~umask)          # mkdtemp's folder is private; the export is not
+        if out.exists():
+            out.rmdir()
+        scratch.rename(out)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    size = sum((out / name).stat().st_size for name in written)
+    print(f"wrote {out}: {', '.join(written)} ({size / 1e6:.1f} MB)")
+    return 0
 
 
 def run_cache(args) -> int:

@@ -20,6 +20,8 @@ A target package provides (the protocol every ``Target`` entry is a name for):
 - ``executor(artifact, threads)``: the runtime's side, with ``allocate_pool(blocks) -> bytes``
   and ``run(entry, inputs) -> logits`` (optionally ``sample``, ``stream_bandwidth``, and
   ``start_profile`` / ``profile`` for ``LLMC_PROFILE``).
+- optionally ``export(artifact, directory) -> [file names]``: the artifact in a standard format of
+  the target's own, for ``llmc export`` (the onnx target's model folder).
 - optionally ``KV_FORMATS`` (the ``--kv`` formats it builds; default: all), ``DEFAULT_KV`` (the
   one it builds unless told; default: f16 where it builds f16, else its first) and ``CACHE_PARTS``
   ((what, folder) it keeps in the build cache, for ``llmc cache``).
@@ -123,6 +125,16 @@ class Target:
 
     def executor(self, artifact, threads: int | None):
         return self.package.executor(artifact, threads)
+
+    def export(self, artifact, directory) -> list[str]:
+        """Write the artifact in the target's own standalone format into ``directory`` (empty);
+        a UsageError for a target without one."""
+        export = getattr(self.package, "export", None)
+        if export is None:
+            exporters = [t.name for t in REGISTRY.values() if hasattr(t.package, "export")]
+            raise UsageError(f"a {self.name} artifact has no standalone form to export; "
+                             f"{' and '.join(exporters) or 'no target'} artifacts do")
+        return export(artifact, directory)
 
 
 REGISTRY: dict[str, Target] = {}

@@ -136,3 +136,48 @@ def test_a_damaged_initializer_record_is_refused_before_onnx_runtime_runs(famili
 
     with pytest.raises(ArtifactError, match="names tensor 'no.such.tensor', which the artifact lacks"):
         llmc.load(rewritten(path, tmp_path, rename))
+
+
+def test_export_writes_a_model_folder_onnx_runtime_runs_alone(families, tmp_path):
+    """``llmc export`` writes model.onnx with its weights beside it and step.json; ONNX Runtime runs
+    a prefill and a decode step from those files alone (the pool written as step.json says) with
+    the artifact's logits. A cpu artifact, or a folder that is not empty, is one clear line."""
+    import json
+
+    import onnxruntime as ort
+
+    path = tmp_path / "m.llmc"
+    compile_model(families["gemma"].copy(), path, target="onnx", quant="q4g32", kv="f16", progress=None)
+    out = tmp_path / "exported"
+    done = subprocess.run([sys.executable, "-m", "llmc", "export", str(path), str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.onnx.data", "step.json"]
+    step = json.loads((out / "step.json").read_text())
+    pool = step["kv_pool"]
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    shape = (pool["layers"], 4, pool["kv_heads"], pool["block_size"], pool["head_dim"])
+    k, v = np.zeros(shape, np.float16), np.zeros(shape, np.float16)
+    tables = np.array([[2, 0, 3, 1]], np.int64)
+    ids = PROMPT * 3 + [11]
+    got = []
+    for start, end in ((0, len(ids) - 1), (len(ids) - 1, len(ids))):
+        positions = np.arange(start, end, dtype=np.int64)
+        feed = {"tokens": np.array(ids[start:end], np.int64), "positions": positions,
+                "seq_index": np.zeros(end - start, np.int64), "block_tables": tables,
+                "logit_rows": np.arange(end - start, dtype=np.int64), "k_cache": k, "v_cache": v}
+        logits, new_k, new_v = session.run(None, feed)
+        blocks, offsets = tables[0, positions // pool["block_size"]], positions % pool["block_size"]
+        k[:, blocks, :, offsets], v[:, blocks, :, offsets] = new_k, new_v
+        got.append(logits)
+    want = llmc.load(path).logits(ids)
+    assert relative_error(np.concatenate(got), want) < 1e-5
+    refused = subprocess.run([sys.executable, "-m", "llmc", "export", str(path), str(out)], capture_output=True,
+                             text=True)
+    assert refused.returncode == 2 and refused.stderr.strip().endswith("is not an empty folder; name a new one")
+    ref = tmp_path / "ref.llmc"
+    compile_model(families["gemma"].copy(), ref, target="ref", progress=None)
+    refused = subprocess.run([sys.executable, "-m", "llmc", "export", str(ref), str(tmp_path / "x")],
+                             capture_output=True, text=True)
+    assert refused.returncode == 2 and refused.stderr.strip() == (
+        "error: a ref artifact has no standalone form to export; onnx artifacts do")
+    assert not (tmp_path / "x").exists()

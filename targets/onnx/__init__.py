@@ -126,3 +126,58 @@ def executor(artifact, threads: int | None = None):
     from .session import OnnxExecutor
 
     return OnnxExecutor(artifact, threads)
+
+
+def export(artifact, directory) -> list[str]:
+    """The artifact as a standalone ONNX model folder (``llmc export``): model.onnx with its weights
+    in model.onnx.data (the initializers made as the executor makes them), tokenizer.json when the
+    artifact has a tokenizer, and step.json: the step's inputs and outputs, the KV pool's layout and
+    how the new keys and values are written into it. Needs the onnx package."""
+    from pathlib import Path
+
+    import numpy as np
+
+    try:
+        import onnx
+    except ImportError:
+        raise UsageError("exporting an onnx artifact needs the onnx package: pip install 'llmc-compiler[onnx]'") from None
+    from .weights import make
+
+    directory = Path(directory)
+    manifest = artifact.manifest
+    model = onnx.load_from_string(bytes(artifact.section("onnx")))
+    tensors = artifact.weights()
+    declared = {t.name: t for t in model.graph.initializer}
+    offset = 0
+    with open(directory / "model.onnx.data", "wb") as data:
+        for name, kind, sources, dtype, shape in manifest["target"]["initializers"]:
+            array = np.ascontiguousarray(make(kind, [tensors[s] for s in sources], tuple(shape)))
+            pad = -offset % 64
+            data.write(b"\0" * pad)
+            offset += pad
+            data.write(array.tobytes())
+            entry = declared[name]
+            del entry.external_data[:]
+            for key, value in (("location", "model.onnx.data"), ("offset", str(offset)), ("length", str(array.nbytes))):
+                item = entry.external_data.add()
+                item.key, item.value = key, value
+            offset += array.nbytes
+    (directory / "model.onnx").write_bytes(model.SerializeToString())
+    written = ["model.onnx", "model.onnx.data"]
+    if manifest.get("tokenizer"):
+        (directory / "tokenizer.json").write_bytes(bytes(artifact.section("tokenizer")))
+        written.append("tokenizer.json")
+    pool = manifest["kv_pool"]
+    step = {
+        "inputs": manifest["entry_points"]["step"]["inputs"],
+        "outputs": {"logits": "f32[rows, vocab]: the rows logit_rows names",
+                    "new_k": f"{pool['dtype']}[seq, layers, kv_heads, head_dim]: each token's key, to be written "
+                             "into k_cache[:, block_tables[seq_index, positions // block_size], :, positions % "
+                             "block_size] before the next step",
+                    "new_v": "as new_k, for v_cache"},
+        "kv_pool": pool, "vocab_size": manifest["vocab_size"], "max_tokens": manifest["target"]["max_tokens"],
+        "eos_token_ids": manifest.get("eos_token_ids"), "provider": manifest["target"]["provider"],
+        "opset": manifest["target"]["opset"],
+    }
+    (directory / "step.json").write_text(json.dumps(step, indent=2) + "\n")
+    return written + ["step.json"]
