@@ -70,7 +70,6 @@ class OnnxLowering:
         self.new_kv: dict[int, tuple[str, str]] = {}
         self.pool_dtype = "f32"
         self.block_size = 0
-        self.slots = ""                     # i64[1]: seqs * max_blocks * block_size, once a mask is made
 
     # -- building blocks -------------------------------------------------------------------------
 
@@ -397,60 +396,72 @@ class OnnxLowering:
 
     # -- attention over the paged pool -----------------------------------------------------------
 
-    def mask(self, window: int) -> str:
-        """An additive f32[seq, seqs * max_blocks * block_size] mask: 0 where the token may attend to
-        the gathered slot (its own sequence, a position at most its own, inside the window)."""
-        if window not in self.masks:
-            block = self.block_size
-            span = self.add("Mul", [self.symbol("max_blocks"), self.const([block])])          # P
-            total = self.add("Mul", [span, self.symbol("seqs")])
-            self.slots = total
-            slot = self.add("Range", [self.const(0), self.add("Squeeze", [total, self.const([0])]), self.const(1)])
-            seq_of = self.add("Div", [slot, span])
-            pos_of = self.add("Mod", [slot, span])
-            token_seq = self.add("Unsqueeze", ["seq_index", self.const([1])])
-            token_pos = self.add("Unsqueeze", ["positions", self.const([1])])
-            allowed = self.add("And", [self.add("Equal", [token_seq, seq_of]),
-                                       self.add("LessOrEqual", [pos_of, token_pos])])
-            if window:
-                near = self.add("Less", [self.add("Sub", [token_pos, pos_of]), self.const(window)])
-                allowed = self.add("And", [allowed, near])
-            self.masks[window] = self.add("Where", [allowed, self.const(0.0, "f32"), self.const(-np.inf, "f32")])
-        return self.masks[window]
-
     def shared(self, key, make) -> str:
-        """A value every layer uses (the pool's flat view, the slots' indices), made once."""
+        """A value every layer uses (the pool's flat view, the block rows, the masks), made once."""
         if key not in self.dim_names:
             self.dim_names[key] = make()
         return self.dim_names[key]
 
-    def gathered(self, pool: str, layer: int, new: str, heads: int, width: int) -> str:
-        """The pool's slots of every sequence in the step, with the step's own keys (or values)
-        laid over them: [seqs * max_blocks * block_size, kv_heads, head_dim] of the activations' dtype."""
+    def column(self, name: str) -> str:
+        return self.shared(("column", name), lambda: self.add("Unsqueeze", [name, self.const([1])]))
+
+    def mask(self, window: int) -> str:
+        """The additive f32[seq, seqs * max_blocks * block_size] mask over the gathered slots of the
+        step's sequences: 0 where the token may attend (its own sequence, a position at most its
+        own, inside the window)."""
+        def make() -> str:
+            span = self.add("Mul", [self.symbol("max_blocks"), self.const([self.block_size])])     # P
+            total = self.add("Mul", [span, self.symbol("seqs")])
+            slot = self.add("Range", [self.const(0), self.add("Squeeze", [total, self.const([0])]), self.const(1)])
+            slot_seq, slot_pos = self.add("Div", [slot, span]), self.add("Mod", [slot, span])
+            seq, pos = self.column("seq_index"), self.column("positions")
+            allowed = self.add("And", [self.add("Equal", [seq, slot_seq]), self.add("LessOrEqual", [slot_pos, pos])])
+            if window:
+                near = self.add("Less", [self.add("Sub", [pos, slot_pos]), self.const(window)])
+                allowed = self.add("And", [allowed, near])
+            return self.add("Where", [allowed, self.const(0.0, "f32"), self.const(-np.inf, "f32")])
+        return self.shared(("mask", window), make)
+
+    def slots(self, heads: int) -> str:
+        """Where each token's key (or value) goes among the gathered blocks [seqs, max_blocks,
+        kv_heads, block_size, head_dim]: i64[seq, kv_heads, 4] of (sequence, block, head, offset)."""
+        def make() -> str:
+            block = self.const(self.block_size)
+            parts = [self.column("seq_index"), self.add("Div", [self.column("positions"), block]),
+                     self.add("Unsqueeze", [self.add("Range", [self.const(0), self.const(heads), self.const(1)]),
+                                            self.const([0])]),
+                     self.add("Mod", [self.column("positions"), block])]
+            shape = self.add("Concat", [self.symbol("seq"), self.const([heads])], axis=0)
+            return self.add("Concat", [self.add("Unsqueeze", [self.add("Expand", [part, shape]), self.const([2])])
+                                       for part in parts], axis=2)
+        return self.shared(("slots", heads), make)
+
+    def blocks(self, pool: str, layer: int, own: str, heads: int, width: int) -> str:
+        """The pool's blocks of every sequence in the step as they lie, [seqs, max_blocks, kv_heads,
+        block_size, head_dim] in f32, with the step's own keys (or values) written into their slots."""
         blocks = self.symbol("blocks")
         flat = self.shared(("flat", pool), lambda: self.reshape(pool, [-1, heads, self.block_size, width]))
         tables = self.shared("tables", lambda: self.add("Clip", ["block_tables", self.const(0), self.add(
             "Squeeze", [self.add("Sub", [blocks, self.const([1])]), self.const([0])])]))
         rows = self.shared(("rows", layer), lambda: self.add("Add", [tables, self.add("Mul", [blocks, self.const([layer])])]))
-        picked = self.add("Gather", [flat, rows], axis=0)                               # [S, MB, Hk, B, D]
-        slots = self.reshape(self.add("Transpose", [picked], perm=[0, 1, 3, 2, 4]), [0, -1, heads, width])
+        picked = self.add("Gather", [flat, rows], axis=0)
         if self.pool_dtype != "f32":
-            slots = self.add("Cast", [slots], to=TensorProto.FLOAT)
-        where = self.shared("where", lambda: self.add("Concat", [self.add("Unsqueeze", ["seq_index", self.const([1])]),
-                                                                 self.add("Unsqueeze", ["positions", self.const([1])])],
-                                                      axis=1))
-        laid = self.add("ScatterND", [slots, where, new])
-        return self.reshape(laid, [-1, heads, width])
+            picked = self.add("Cast", [picked], to=TensorProto.FLOAT)
+        return self.add("ScatterND", [picked, self.slots(heads), own])
 
     def _attention(self, node, xs, a):
+        """Each query against the gathered blocks, batched block by block ([seqs, max_blocks,
+        kv_heads, G*T, block] from q and the keys as they lie: at one token a step, moving the
+        scores costs less than moving the keys); one softmax over the slots behind the mask; the
+        values as [kv_heads, slots, head_dim] (one transpose: a prefill's products block by block
+        would be ten times the values' bytes)."""
         q, k, v = xs[:3]
         qt, kt = node.inputs[0].type, node.inputs[1].type
         heads, kv_heads, width = qt.shape[1], kt.shape[1], qt.shape[3]
         groups = heads // kv_heads
         self.block_size = node.inputs[3].type.shape[3]
         layer = a["layer"]
-        # the step's own keys and values [seq, kv_heads, head_dim], rounded as the pool stores them
-        own = []
+        own = []                      # the step's own keys and values [seq, kv_heads, head_dim], as the pool stores them
         for value in (k, v):
             tokens = self.add("Transpose", [self.add("Squeeze", [value, self.const([0])])], perm=[1, 0, 2])
             if self.pool_dtype != "f32":
@@ -459,21 +470,22 @@ class OnnxLowering:
             else:
                 own.append((tokens, tokens))
         self.new_kv[layer] = (own[0][0], own[1][0])
-        keys = self.gathered(xs[3], layer, own[0][1], kv_heads, width)                 # [S*P, Hk, D]
-        values = self.gathered(xs[4], layer, own[1][1], kv_heads, width)
-        queries = self.reshape(q, [kv_heads, -1, width])                               # [Hk, G*T, D]
-        scores = self.add("MatMul", [queries, self.add("Transpose", [keys], perm=[1, 2, 0])])
-        scores = self.add("Mul", [scores, self.const(a["scale"], "f32")])
+        keys = self.blocks(xs[3], layer, own[0][1], kv_heads, width)
+        scores = self.add("MatMul", [self.reshape(q, [1, 1, kv_heads, -1, width]),
+                                     self.add("Transpose", [keys], perm=[0, 1, 2, 4, 3])])    # [S, MB, Hk, GT, B]
+        slots = self.dim(dims.mul(dims.mul("seqs", "max_blocks"), self.block_size))          # S*P
+        scores = self.add("Reshape", [self.add("Transpose", [scores], perm=[2, 3, 0, 1, 4]),
+                                      self.add("Concat", [self.const([kv_heads, groups, -1]), slots], axis=0)])
+        scores = self.add("Mul", [scores, self.const(a["scale"], "f32")])                    # [Hk, G, T, S*P]
         cap = a.get("softcap", 0.0)
         if cap:
             scores = self.add("Mul", [self.add("Tanh", [self.add("Div", [scores, self.const(cap, "f32")])]),
                                       self.const(cap, "f32")])
-        mask = self.mask(a["window"])
-        scores = self.add("Reshape", [scores, self.add("Concat", [self.const([kv_heads, groups, -1]), self.slots], axis=0)])
-        scores = self.add("Add", [scores, mask])
-        weights = self.add("Reshape", [self.add("Softmax", [scores], axis=-1),
-                                       self.add("Concat", [self.const([kv_heads, -1]), self.slots], axis=0)])
-        out = self.add("MatMul", [weights, self.add("Transpose", [values], perm=[1, 0, 2])])   # [Hk, G*T, D]
+        weights = self.add("Softmax", [self.add("Add", [scores, self.mask(a["window"])])], axis=-1)
+        values = self.add("Transpose", [self.blocks(xs[4], layer, own[1][1], kv_heads, width)], perm=[2, 0, 1, 3, 4])
+        out = self.add("MatMul", [self.add("Reshape", [weights, self.add("Concat", [self.const([kv_heads, -1]), slots],
+                                                                         axis=0)]),
+                                  self.reshape(values, [kv_heads, -1, width])])               # [Hk, GT, D]
         return self.reshape(out, [1, heads, -1, width])
 
 
