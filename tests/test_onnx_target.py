@@ -181,3 +181,17 @@ def test_export_writes_a_model_folder_onnx_runtime_runs_alone(families, tmp_path
     assert refused.returncode == 2 and refused.stderr.strip() == (
         "error: a ref artifact has no standalone form to export; onnx artifacts do")
     assert not (tmp_path / "x").exists()
+
+
+def test_the_engine_serves_an_onnx_build_like_solo_generation(families, tmp_path):
+    """Continuous batching on the onnx target: four requests decoding in one step each time give
+    each request its solo greedy tokens."""
+    path = tmp_path / "m.llmc"
+    compile_model(families["qwen2"].copy(), path, target="onnx", progress=None)
+    model = llmc.load(path, max_context=128)
+    prompts = [[3, 4, 5 + i] * (i + 1) for i in range(4)]
+    solo = [model.generate(p, max_new_tokens=20) for p in prompts]
+    with llmc.Engine(model, max_running=4) as engine:
+        handles = [engine.submit(p, max_tokens=20) for p in prompts]
+        got = [h.result().completions[0].token_ids for h in handles]
+    assert got == solo
