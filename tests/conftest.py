@@ -55,6 +55,24 @@ def tiny_model(name: str, seed: int = 0, config=None):
     return model
 
 
+class Families(dict):
+    """name -> (transformers model, its imported form), each built the first time it is asked for
+    (the fast tier asks for a few of them)."""
+
+    def __missing__(self, name):
+        from llmc.frontend import import_model
+
+        model = tiny_model(name)
+        self[name] = (model, import_model(model))
+        return self[name]
+
+
+@pytest.fixture(scope="module")
+def families():
+    """Families() for the module (test_cuda_target's own fixture of this name imports them all)."""
+    return Families()
+
+
 @pytest.fixture(scope="session")
 def family_dirs(tmp_path_factory):
     """name -> directory holding config.json + model.safetensors (no tokenizer files)."""

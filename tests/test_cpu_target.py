@@ -5,29 +5,12 @@ errors a build or a load can meet."""
 import numpy as np
 import pytest
 
-from conftest import FAMILIES, relative_error, tiny_model
+from conftest import FAMILIES, relative_error
 from llmc.compiler import compile_model
 from llmc.errors import LlmcError
 from test_runtime import greedy_reference
 
 import llmc
-
-
-class Families(dict):
-    """name -> (transformers model, its imported form), each built the first time it is asked for
-    (the fast tier asks for a few of them)."""
-
-    def __missing__(self, name):
-        from llmc.frontend import import_model
-
-        model = tiny_model(name)
-        self[name] = (model, import_model(model))
-        return self[name]
-
-
-@pytest.fixture(scope="module")
-def families():
-    return Families()
 
 
 @pytest.mark.slow

@@ -19,29 +19,14 @@ import llmc
 PROMPT = [3, 17, 42, 99, 5, 64, 120, 7]
 
 
-class Imports(dict):
-    """Each family traced once, when a test first asks for it."""
-
-    def __missing__(self, name):
-        from llmc.frontend import import_model
-
-        self[name] = import_model(tiny_model(name))
-        return self[name]
-
-
-@pytest.fixture(scope="module")
-def families():
-    return Imports()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_each_family_decodes_like_the_cpu_artifact(families, family, tmp_path):
     """Greedy decoding of 64 tokens equals the cpu target's, and a 40-token prefill's logits agree
     within 1e-4 (the f16 KV pool, sliding windows, tied heads, GeGLU, biases, learned positions)."""
     onnx, cpu = tmp_path / "onnx.llmc", tmp_path / "cpu.llmc"
-    compile_model(families[family].copy(), onnx, target="onnx", kv="f16", progress=None)
-    compile_model(families[family].copy(), cpu, target="cpu", kv="f16", progress=None)
+    compile_model(families[family][1].copy(), onnx, target="onnx", kv="f16", progress=None)
+    compile_model(families[family][1].copy(), cpu, target="cpu", kv="f16", progress=None)
     got, want = llmc.load(onnx, max_context=128), llmc.load(cpu, max_context=128)
     ids = np.random.default_rng(3).integers(0, 128, 40).tolist()
     assert relative_error(got.logits(ids), want.logits(ids)) < 1e-4      # a key rounded to f16 may differ by a unit
@@ -54,10 +39,10 @@ def test_quantized_linears_run_as_matmulnbits_with_the_same_weights(families, sc
     f32 rounding: the codes, scales and mins re-laid out as MatMulNBits's parts stand for the same
     weights. At level 4 (int8-rounded activations, the default) they stay within 2% of it."""
     path, ref = tmp_path / "onnx.llmc", tmp_path / "ref.llmc"
-    compile_model(families["llama"].copy(), ref, target="ref", quant=scheme, kv="f32", progress=None)
+    compile_model(families["llama"][1].copy(), ref, target="ref", quant=scheme, kv="f32", progress=None)
     want = llmc.load(ref).logits(PROMPT * 3)
     for level, bound in ((0, 1e-5), (4, 2e-2)):
-        compile_model(families["llama"].copy(), path, target="onnx", quant=scheme, kv="f32", accuracy_level=level,
+        compile_model(families["llama"][1].copy(), path, target="onnx", quant=scheme, kv="f32", accuracy_level=level,
                       progress=None)
         assert relative_error(llmc.load(path).logits(PROMPT * 3), want) < bound, level
 
@@ -90,11 +75,11 @@ def test_matmulnbits_parts_dequantize_to_llmc_s_weights(scheme):
 
 def test_what_the_onnx_target_refuses_is_one_clear_error(families, tmp_path):
     with pytest.raises(llmc.UsageError, match="target onnx has no int8 KV cache; build it with --kv f16 or f32"):
-        compile_model(families["llama"].copy(), tmp_path / "a.llmc", target="onnx", kv="int8", progress=None)
+        compile_model(families["llama"][1].copy(), tmp_path / "a.llmc", target="onnx", kv="int8", progress=None)
     with pytest.raises(llmc.UsageError, match="opsets 17 to 23, not 12"):
-        compile_model(families["llama"].copy(), tmp_path / "a.llmc", target="onnx", opset=12, progress=None)
+        compile_model(families["llama"][1].copy(), tmp_path / "a.llmc", target="onnx", opset=12, progress=None)
     with pytest.raises(llmc.UsageError, match="unknown provider 'tpu'"):
-        compile_model(families["llama"].copy(), tmp_path / "a.llmc", target="onnx", provider="tpu", progress=None)
+        compile_model(families["llama"][1].copy(), tmp_path / "a.llmc", target="onnx", provider="tpu", progress=None)
 
 
 @pytest.mark.slow
@@ -112,7 +97,7 @@ def test_inspect_verify_and_a_run_without_the_onnx_package(families, tmp_path):
     """``llmc inspect`` and ``llmc verify`` describe an onnx build; running it imports onnxruntime
     and numpy, not the onnx package (the builder's) nor torch."""
     path = tmp_path / "m.llmc"
-    compile_model(families["qwen2"].copy(), path, target="onnx", progress=None)
+    compile_model(families["qwen2"][1].copy(), path, target="onnx", progress=None)
     shown = subprocess.run([sys.executable, "-m", "llmc", "inspect", str(path)], capture_output=True, text=True)
     assert shown.returncode == 0 and "onnx      opset 21, provider cpu, up to 512 tokens a call" in shown.stdout
     checked = subprocess.run([sys.executable, "-m", "llmc", "verify", str(path)], capture_output=True, text=True)
@@ -129,7 +114,7 @@ def test_a_damaged_initializer_record_is_refused_before_onnx_runtime_runs(famili
     from test_abi import rewritten
 
     path = tmp_path / "m.llmc"
-    compile_model(families["llama"].copy(), path, target="onnx", progress=None)
+    compile_model(families["llama"][1].copy(), path, target="onnx", progress=None)
 
     def rename(manifest):
         manifest["target"]["initializers"][0][2] = ["no.such.tensor"]
@@ -147,7 +132,7 @@ def test_export_writes_a_model_folder_onnx_runtime_runs_alone(families, tmp_path
     import onnxruntime as ort
 
     path = tmp_path / "m.llmc"
-    compile_model(families["gemma"].copy(), path, target="onnx", quant="q4g32", kv="f16", progress=None)
+    compile_model(families["gemma"][1].copy(), path, target="onnx", quant="q4g32", kv="f16", progress=None)
     out = tmp_path / "exported"
     done = subprocess.run([sys.executable, "-m", "llmc", "export", str(path), str(out)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -175,7 +160,7 @@ def test_export_writes_a_model_folder_onnx_runtime_runs_alone(families, tmp_path
                              text=True)
     assert refused.returncode == 2 and refused.stderr.strip().endswith("is not an empty folder; name a new one")
     ref = tmp_path / "ref.llmc"
-    compile_model(families["gemma"].copy(), ref, target="ref", progress=None)
+    compile_model(families["gemma"][1].copy(), ref, target="ref", progress=None)
     refused = subprocess.run([sys.executable, "-m", "llmc", "export", str(ref), str(tmp_path / "x")],
                              capture_output=True, text=True)
     assert refused.returncode == 2 and refused.stderr.strip() == (
@@ -187,7 +172,7 @@ def test_the_engine_serves_an_onnx_build_like_solo_generation(families, tmp_path
     """Continuous batching on the onnx target: four requests decoding in one step each time give
     each request its solo greedy tokens."""
     path = tmp_path / "m.llmc"
-    compile_model(families["qwen2"].copy(), path, target="onnx", progress=None)
+    compile_model(families["qwen2"][1].copy(), path, target="onnx", progress=None)
     model = llmc.load(path, max_context=128)
     prompts = [[3, 4, 5 + i] * (i + 1) for i in range(4)]
     solo = [model.generate(p, max_new_tokens=20) for p in prompts]

@@ -51,10 +51,10 @@ def check(options: Options) -> None:
 
 def emit(graph, options: Options, progress=None) -> Build:
     """The lower phase for target onnx: the ONNX model (without weight bytes) and its initializers."""
-    try:
-        import onnx  # noqa: F401  (lower.py writes with it)
-    except ImportError:
-        raise UsageError("building for target onnx needs the onnx package: pip install 'llmc-compiler[onnx]'") from None
+    import importlib.util
+
+    if importlib.util.find_spec("onnx") is None:
+        raise UsageError("building for target onnx needs the onnx package: pip install 'llmc-compiler[onnx]'")
     from .lower import lower
 
     model, initializers, pool_dtype = lower(graph, options.opset, options.accuracy_level)

@@ -164,8 +164,7 @@ class OnnxLowering:
         for node in order:
             if id(node) in needed and node.op != "input":
                 self.values[id(node)] = self.lower(node)
-        logits = self.add("Identity", [self.read(graph.outputs[0])])
-        self.nodes[-1].output[0] = "logits"
+        self.nodes.append(helper.make_node("Identity", [self.read(graph.outputs[0])], ["logits"]))
         layers = sorted(self.new_kv)
         if layers != list(range(len(layers))):
             raise OnnxLoweringError(f"the attention layers {layers} are not 0..{len(layers) - 1}")
