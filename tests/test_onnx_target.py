@@ -100,6 +100,7 @@ def test_inspect_verify_and_a_run_without_the_onnx_package(families, tmp_path):
     compile_model(families["qwen2"][1].copy(), path, target="onnx", progress=None)
     shown = subprocess.run([sys.executable, "-m", "llmc", "inspect", str(path)], capture_output=True, text=True)
     assert shown.returncode == 0 and "onnx      opset 21, provider cpu, up to 512 tokens a call" in shown.stdout
+    assert "target    onnx: ONNX Runtime, CPUExecutionProvider" in shown.stdout
     checked = subprocess.run([sys.executable, "-m", "llmc", "verify", str(path)], capture_output=True, text=True)
     assert checked.returncode == 0, checked.stderr
     script = (f"import sys, llmc\nm = llmc.load({str(path)!r})\nm.generate([1, 2, 3], max_new_tokens=3)\n"

@@ -63,7 +63,8 @@ def emit(graph, options: Options, progress=None) -> Build:
     for node in model.graph.node:
         nodes[node.op_type] = nodes.get(node.op_type, 0) + 1
     chunk = options.chunk or DEFAULT_MAX_TOKENS
-    manifest = {"name": "onnx", "provider": options.provider, "opset": options.opset,
+    manifest = {"name": "onnx", "executor": f"ONNX Runtime, {PROVIDERS[options.provider]}",
+                "provider": options.provider, "opset": options.opset,
                 "accuracy_level": options.accuracy_level, "chunk": chunk, "max_tokens": chunk,
                 "initializers": [i.record() for i in initializers], "nodes": nodes}
     contrib = sum(n for op, n in nodes.items() if op in ("MatMulNBits", "SkipSimplifiedLayerNormalization",
