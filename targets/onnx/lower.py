@@ -65,8 +65,7 @@ class OnnxLowering:
         self.initializers: dict[str, Initializer] = {}
         self.values: dict[int, object] = {}
         self.count = 0
-        self.dim_names: dict[object, str] = {}
-        self.masks: dict[int, str] = {}
+        self.cache: dict[object, str] = {}      # constants, shapes and per-step values, made once
         self.new_kv: dict[int, tuple[str, str]] = {}
         self.pool_dtype = "f32"
         self.block_size = 0
@@ -83,39 +82,38 @@ class OnnxLowering:
         return names[0] if outputs == 1 else names
 
     def const(self, value, dtype: str = "i64") -> str:
-        array = np.asarray(value, dtype={"i64": np.int64, "f32": np.float32, "f16": np.float16,
-                                         "i32": np.int32, "bool": np.bool_, "u8": np.uint8}[dtype])
+        array = np.asarray(value, dtype=_numpy(dtype))
         key = ("const", dtype, array.shape, array.tobytes())
-        if key not in self.dim_names:
+        if key not in self.cache:
             name = self.fresh("c")
             self.nodes.append(helper.make_node("Constant", [], [name],
                                                value=onnx.numpy_helper.from_array(array, name)))
-            self.dim_names[key] = name
-        return self.dim_names[key]
+            self.cache[key] = name
+        return self.cache[key]
 
     def symbol(self, name: str) -> str:
         """A symbol of the step's shapes as an i64[1] tensor, read from an input's shape."""
         key = ("symbol", name)
-        if key not in self.dim_names:
+        if key not in self.cache:
             source, axis = {"seq": ("tokens", 0), "rows": ("logit_rows", 0), "seqs": ("block_tables", 0),
                             "max_blocks": ("block_tables", 1), "blocks": ("k_cache", 1)}[name]
-            self.dim_names[key] = self.add("Shape", [source], start=axis, end=axis + 1)
-        return self.dim_names[key]
+            self.cache[key] = self.add("Shape", [source], start=axis, end=axis + 1)
+        return self.cache[key]
 
     def dim(self, d) -> str:
         """A dimension (an int or a polynomial over the step's symbols) as an i64[1] tensor."""
         if isinstance(d, int):
             return self.const([d])
         key = ("dim", d)
-        if key not in self.dim_names:
+        if key not in self.cache:
             total = None
             for mono, coeff in dims._poly(d).items():
                 term = self.const([coeff])
                 for symbol in mono:
                     term = self.add("Mul", [term, self.symbol(symbol)])
                 total = term if total is None else self.add("Add", [total, term])
-            self.dim_names[key] = total if total is not None else self.const([0])
-        return self.dim_names[key]
+            self.cache[key] = total if total is not None else self.const([0])
+        return self.cache[key]
 
     def shape(self, shape) -> str:
         """A shape as an i64[rank] tensor (a constant when every dimension is an int)."""
@@ -397,9 +395,9 @@ class OnnxLowering:
 
     def shared(self, key, make) -> str:
         """A value every layer uses (the pool's flat view, the block rows, the masks), made once."""
-        if key not in self.dim_names:
-            self.dim_names[key] = make()
-        return self.dim_names[key]
+        if key not in self.cache:
+            self.cache[key] = make()
+        return self.cache[key]
 
     def column(self, name: str) -> str:
         return self.shared(("column", name), lambda: self.add("Unsqueeze", [name, self.const([1])]))
