@@ -98,6 +98,8 @@ def check_artifact(artifact) -> None:
     from llmc.artifact import ArtifactError
     from llmc.manifest import ManifestError, check_dict, check_int, check_list, check_str
 
+    from .weights import KINDS
+
     target = artifact.manifest["target"]
     tensors = artifact.manifest.get("tensors", {})
     try:
@@ -108,7 +110,7 @@ def check_artifact(artifact) -> None:
         check_list(target["initializers"], "target.initializers")
         for record in target["initializers"]:
             if not (isinstance(record, list) and len(record) == 5 and isinstance(record[0], str)
-                    and record[1] in ("weight", "nibbles", "bytes", "scales", "offsets")
+                    and record[1] in KINDS
                     and isinstance(record[2], list) and all(isinstance(s, str) for s in record[2])):
                 raise ManifestError("target.initializers", f"holds {json.dumps(record)[:80]}, not "
                                     "[name, kind, [tensors], dtype, shape]")
@@ -136,23 +138,19 @@ def export(artifact, directory) -> list[str]:
     how the new keys and values are written into it. Needs the onnx package."""
     from pathlib import Path
 
-    import numpy as np
-
     try:
         import onnx
     except ImportError:
         raise UsageError("exporting an onnx artifact needs the onnx package: pip install 'llmc-compiler[onnx]'") from None
-    from .weights import make
+    from .weights import initializers
 
     directory = Path(directory)
     manifest = artifact.manifest
     model = onnx.load_from_string(bytes(artifact.section("onnx")))
-    tensors = artifact.weights()
     declared = {t.name: t for t in model.graph.initializer}
     offset = 0
     with open(directory / "model.onnx.data", "wb") as data:
-        for name, kind, sources, dtype, shape in manifest["target"]["initializers"]:
-            array = np.ascontiguousarray(make(kind, [tensors[s] for s in sources], tuple(shape)))
+        for name, array in initializers(artifact):
             pad = -offset % 64
             data.write(b"\0" * pad)
             offset += pad

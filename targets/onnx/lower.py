@@ -21,6 +21,7 @@ from onnx import TensorProto, helper
 from llmc import dims
 from llmc.errors import LlmcError
 from llmc.ir import Graph, Node
+from llmc.types import DTYPE_BYTES, numpy_dtype
 from llmc.ops import fused_body
 from llmc.quant import parse_scheme
 
@@ -69,6 +70,13 @@ class OnnxLowering:
         self.new_kv: dict[int, tuple[str, str]] = {}
         self.pool_dtype = "f32"
         self.block_size = 0
+        # each symbol of the step's shapes, read from the first input that has it as a dimension
+        self.sources: dict[str, tuple[str, int]] = {}
+        for node in graph.inputs:
+            for axis, d in enumerate(node.type.shape):
+                if isinstance(d, str) and d.isidentifier():
+                    self.sources.setdefault(d, (node.attrs["name"], axis))
+        self.weight_types = {n.attrs["name"]: n.type for n in graph.nodes() if n.op == "weight"}
 
     # -- building blocks -------------------------------------------------------------------------
 
@@ -77,12 +85,16 @@ class OnnxLowering:
         return f"{hint}{self.count}"
 
     def add(self, op: str, inputs: list[str], outputs: int = 1, domain: str | None = None, **attrs):
+        for name in inputs:          # a graph weight is an initializer once an ONNX node reads it
+            if name in self.weight_types and name not in self.initializers:
+                t = self.weight_types[name]
+                self.initializers[name] = Initializer(name, "weight", (name,), t.dtype, tuple(t.shape))
         names = [self.fresh(op.lower()[:12] + "_") for _ in range(outputs)]
         self.nodes.append(helper.make_node(op, inputs, names, domain=domain, **attrs))
         return names[0] if outputs == 1 else names
 
     def const(self, value, dtype: str = "i64") -> str:
-        array = np.asarray(value, dtype=_numpy(dtype))
+        array = np.asarray(value, dtype=numpy_dtype(dtype))
         key = ("const", dtype, array.shape, array.tobytes())
         if key not in self.cache:
             name = self.fresh("c")
@@ -95,8 +107,7 @@ class OnnxLowering:
         """A symbol of the step's shapes as an i64[1] tensor, read from an input's shape."""
         key = ("symbol", name)
         if key not in self.cache:
-            source, axis = {"seq": ("tokens", 0), "rows": ("logit_rows", 0), "seqs": ("block_tables", 0),
-                            "max_blocks": ("block_tables", 1), "blocks": ("k_cache", 1)}[name]
+            source, axis = self.sources[name]
             self.cache[key] = self.add("Shape", [source], start=axis, end=axis + 1)
         return self.cache[key]
 
@@ -125,12 +136,6 @@ class OnnxLowering:
         """Reshape with 0 (keep) and -1 (infer) allowed in a constant shape."""
         return self.add("Reshape", [x, self.const(list(shape))])
 
-    def weight(self, node: Node) -> str:
-        name = node.attrs["name"]
-        if name not in self.initializers:
-            self.initializers[name] = Initializer(name, "weight", (name,), node.type.dtype, tuple(node.type.shape))
-        return name
-
     def read(self, node: Node) -> str:
         value = self.values[id(node)]
         if isinstance(value, tuple):
@@ -154,13 +159,8 @@ class OnnxLowering:
             inputs.append(helper.make_tensor_value_info(name, DTYPES[node.type.dtype],
                                                         [d if isinstance(d, int) else str(d) for d in node.type.shape]))
             self.values[id(node)] = name
-        needed = {id(graph.outputs[0])}
-        order = graph.nodes()
-        for node in reversed(order):
-            if id(node) in needed:
-                needed.update(id(i) for i in node.inputs)
-        for node in order:
-            if id(node) in needed and node.op != "input":
+        for node in graph.nodes():                 # the nodes the output needs, in order
+            if node.op != "input":
                 self.values[id(node)] = self.lower(node)
         self.nodes.append(helper.make_node("Identity", [self.read(graph.outputs[0])], ["logits"]))
         layers = sorted(self.new_kv)
@@ -187,7 +187,7 @@ class OnnxLowering:
         tensor.data_type = DTYPES[init.dtype]
         tensor.dims.extend(init.shape)
         tensor.data_location = TensorProto.EXTERNAL
-        nbytes = int(np.prod(init.shape, dtype=np.int64)) * np.dtype(_numpy(init.dtype)).itemsize
+        nbytes = int(np.prod(init.shape, dtype=np.int64)) * DTYPE_BYTES[init.dtype]
         for key, value in (("location", "weights.bin"), ("offset", "0"), ("length", str(nbytes))):
             entry = tensor.external_data.add()
             entry.key, entry.value = key, value
@@ -196,12 +196,8 @@ class OnnxLowering:
     def lower(self, node: Node):
         op, a = node.op, node.attrs
         xs = [self.values[id(i)] for i in node.inputs]
-        if op == "weight":            # an initializer once an ONNX node reads it (MatMulNBits reads derived ones)
+        if op == "weight":            # its name; add() declares it when a node reads it (MatMulNBits reads derived ones)
             return node.attrs["name"]
-        skip = len(parse_scheme(a["scheme"]).parts) if op in ("qlinear", "qembedding") else 0
-        for index, i in enumerate(node.inputs):
-            if i.op == "weight" and not (op == "qlinear" and 1 <= index <= skip or op == "qembedding" and index < skip):
-                self.weight(i)
         if op == "get":
             return self.values[id(node.inputs[0])][a["index"]]
         if op in UNARY or op in BINARY or op in ("rsqrt", "silu", "gelu", "cast", "ne", "where", "fused"):
@@ -240,7 +236,7 @@ class OnnxLowering:
         return self.const(a["value"], a["dtype"])
 
     def _full(self, node, xs, a):
-        scalar = onnx.numpy_helper.from_array(np.asarray([a["value"]], dtype=_numpy(a["dtype"])))
+        scalar = onnx.numpy_helper.from_array(np.asarray([a["value"]], dtype=numpy_dtype(a["dtype"])))
         return self.add("ConstantOfShape", [self.shape(a["shape"])], value=scalar)
 
     def _arange(self, node, xs, a):
@@ -334,7 +330,7 @@ class OnnxLowering:
         """The looked-up rows' parts gathered, then dequantized in the graph (a few rows a step)."""
         scheme = parse_scheme(a["scheme"])
         count = len(scheme.parts)
-        parts, ids = [self.weight(p) for p in node.inputs[:count]], xs[count]
+        parts, ids = xs[:count], xs[count]
         cols = scheme.cols(node.inputs[0].type.shape[1])
         group = scheme.group
         rows = [self.add("Gather", [p, ids], axis=0) for p in parts]          # [..ids, K/G or packed]
@@ -484,11 +480,6 @@ class OnnxLowering:
                                                                          axis=0)]),
                                   self.reshape(values, [kv_heads, -1, width])])               # [Hk, GT, D]
         return self.reshape(out, [1, heads, -1, width])
-
-
-def _numpy(dtype: str):
-    return {"f32": np.float32, "f16": np.float16, "i64": np.int64, "i32": np.int32, "bool": np.bool_,
-            "u8": np.uint8, "i8": np.int8, "bf16": np.uint16}[dtype]
 
 
 def lower(graph: Graph, opset: int, accuracy_level: int) -> tuple[onnx.ModelProto, list[Initializer], str]:

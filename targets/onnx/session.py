@@ -11,13 +11,11 @@ import numpy as np
 
 from llmc.artifact import ArtifactError
 from llmc.errors import LlmcError
+from llmc.ops import kv_slots
 
 from .. import pool_arrays
 from . import PROVIDERS
-from .weights import make
-
-NUMPY = {"f32": np.float32, "f16": np.float16, "u8": np.uint8, "i8": np.int8, "i64": np.int64, "i32": np.int32}
-
+from .weights import initializers
 
 class OnnxExecutor:
     def __init__(self, artifact, threads: int | None = None):
@@ -37,19 +35,9 @@ class OnnxExecutor:
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
-        tensors = artifact.weights()
-        self._initializers = []                  # the arrays ORT reads: kept alive with the session
-        names, values = [], []
-        for name, kind, sources, dtype, shape in target["initializers"]:
-            array = np.ascontiguousarray(make(kind, [tensors[s] for s in sources], tuple(shape)))
-            if array.dtype != NUMPY[dtype] or array.size != int(np.prod(shape, dtype=np.int64)):
-                raise ArtifactError(f"{artifact.path}: initializer {name} is not {dtype}{list(shape)}; "
-                                    "rebuild the artifact")
-            array = array.reshape(shape)
-            self._initializers.append(array)
-            names.append(name)
-            values.append(ort.OrtValue.ortvalue_from_numpy(array))
-        options.add_external_initializers(names, values)
+        made = dict(initializers(artifact))
+        self._initializers = list(made.values())        # the arrays ORT reads: kept alive with the session
+        options.add_external_initializers(list(made), [ort.OrtValue.ortvalue_from_numpy(a) for a in made.values()])
         try:
             self.session = ort.InferenceSession(bytes(artifact.section("onnx")), options, providers=[provider])
         except Exception as exc:    # ORT raises its own types for a model it cannot run
@@ -66,9 +54,8 @@ class OnnxExecutor:
         k_cache, v_cache = self.pool
         feed = {name: np.ascontiguousarray(value, dtype=np.int64) for name, value in inputs.items()}
         logits, new_k, new_v = self.session.run(None, {**feed, "k_cache": k_cache, "v_cache": v_cache})
-        positions, seq_index, tables = feed["positions"], feed["seq_index"], feed["block_tables"]
-        blocks = tables[seq_index, positions // self.block_size]
-        offsets = positions % self.block_size
+        blocks, offsets = kv_slots(feed["positions"], feed["seq_index"], feed["block_tables"], k_cache.shape[1],
+                                   self.block_size)
         k_cache[:, blocks, :, offsets] = new_k          # [seq, layers, kv_heads, head_dim]
         v_cache[:, blocks, :, offsets] = new_v
         return logits

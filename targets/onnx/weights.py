@@ -12,7 +12,14 @@ quantized linear's parts become MatMulNBits's, with its default zero point (8 fo
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import numpy as np
+
+from llmc.artifact import ArtifactError
+from llmc.types import numpy_dtype
+
+KINDS = ("weight", "nibbles", "bytes", "scales", "offsets")
 
 
 def make(kind: str, sources: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
@@ -32,3 +39,14 @@ def make(kind: str, sources: list[np.ndarray], shape: tuple[int, ...]) -> np.nda
     if kind == "offsets":
         return np.ascontiguousarray((sources[2].astype(np.float32) + 8 * scales).T)
     raise ValueError(f"unknown initializer kind {kind!r}")
+
+
+def initializers(artifact) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, contiguous array of its declared dtype and shape) of each initializer the artifact's
+    onnx entry records, made from its tensors; an ArtifactError for one that comes out otherwise."""
+    tensors = artifact.weights()
+    for name, kind, sources, dtype, shape in artifact.manifest["target"]["initializers"]:
+        array = np.ascontiguousarray(make(kind, [tensors[s] for s in sources], tuple(shape)))
+        if array.dtype != numpy_dtype(dtype) or array.size != int(np.prod(shape, dtype=np.int64)):
+            raise ArtifactError(f"{artifact.path}: initializer {name} is not {dtype}{list(shape)}; rebuild the artifact")
+        yield name, array.reshape(shape)
