@@ -132,8 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="write an artifact in its target's standalone format",
                                  description="Write an artifact in its target's own standard format into a new "
-                                             "folder (an onnx build: model.onnx, its weights, tokenizer.json, "
-                                             "step.json), for tools that take that format without llmc.")
+                                             "folder, for tools that take that format without llmc (the files "
+                                             "are the target's: docs/abi.md lists the targets that export).")
     export.add_argument("file", metavar="FILE", help="a .llmc artifact")
     export.add_argument("directory", metavar="DIR", help="a folder to create (or an empty one)")
     export.set_defaults(run=run_export)
