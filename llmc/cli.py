@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     compile_ = commands.add_parser("compile", help="build a .llmc artifact from a model source",
                                    description="Trace, optimise and package a model for one target.")
-    compile_.add_argument("source", help="Hugging Face model directory, .gguf file, built-in name or module:factory")
+    compile_.add_argument("source", help="Hugging Face model directory, .gguf file, .onnx decoder, built-in name or module:factory")
     compile_.add_argument("-o", "--output", required=True, help="the .llmc file to write")
     compile_.add_argument("--target", default=targets.DEFAULT, choices=list(targets.REGISTRY),
                           help="; ".join(f"{t.name}: {t.summary}" for t in targets.REGISTRY.values())

@@ -125,7 +125,17 @@ def _rewrite(graph: Graph, ctx: PassContext) -> Graph:
 def _is_attention(node: Node) -> bool:
     if node.op == "sdpa":
         return True
-    return node.op == "matmul" and node.inputs[0].op == "softmax"
+    return node.op == "matmul" and _unguarded(node.inputs[0]).op == "softmax"
+
+
+def _unguarded(node: Node) -> Node:
+    """p for ``where(p != p, 0, p)``: a softmax whose NaN rows (all keys masked) become zeros, as
+    torch.onnx writes SDPA (its IsNaN arrives as ``p != p``)."""
+    if node.op == "where":
+        cond, zero, p = node.inputs
+        if cond.op == "ne" and cond.inputs[0] is p and cond.inputs[1] is p and _constant_value(zero, 1.0) == 0.0:
+            return p
+    return node
 
 
 def _site(graph: Graph, node: Node, ctx: PassContext) -> Site:
@@ -149,6 +159,7 @@ def _site(graph: Graph, node: Node, ctx: PassContext) -> Site:
 
 def _eager_parts(node: Node):
     probs, v = node.inputs
+    probs = _unguarded(probs)
     scores = probs.inputs[0]
     if probs.attrs["axis"] != scores.type.rank - 1:
         raise Decline("a softmax over another axis than the keys")
@@ -165,13 +176,28 @@ def _eager_parts(node: Node):
     raw, scale = _unscaled(capped)
     if not _is_qk(raw):
         raise Decline(f"attention scores computed by {raw.op}, not q @ k.T")
-    q, kt = raw.inputs
+    (q, q_scale), (kt, k_scale) = _unscaled(raw.inputs[0]), _unscaled(raw.inputs[1])
+    return q, _key(kt), v, scale * q_scale * k_scale, mask, softcap
+
+
+def _key(kt: Node) -> Node:
+    """k of the scores' k.T operand: a permute that puts the key axis last, or (torch.onnx's form)
+    ``reshape(permute(y))`` transposing y's last two axes with only the leading axes reshaped."""
+    if kt.op == "reshape":
+        transposed, shape = kt.inputs[0], kt.type.shape
+        y = transposed.inputs[0]
+        rank = y.type.rank
+        if transposed.attrs["perm"] != list(range(rank - 2)) + [rank - 1, rank - 2] or \
+                shape[-2:] != transposed.type.shape[-2:]:
+            raise Decline(f"attention keys transposed by a reshape {kt.type} of {transposed.type}")
+        base = y.inputs[0] if y.op == "reshape" else y
+        return emit("reshape", [base], shape=list(shape[:-2]) + [shape[-1], shape[-2]])
     perm = kt.attrs["perm"]
     k = kt.inputs[0]
     if perm != list(range(len(perm) - 2)) + [len(perm) - 1, len(perm) - 2]:
         # The transpose merged with a head permute: k itself is x permuted by perm with its last two swapped.
         k = emit("permute", [k], perm=perm[:-2] + [perm[-1], perm[-2]])
-    return q, k, v, scale, mask, softcap
+    return k
 
 
 def _uncapped(node: Node) -> tuple[Node, float]:
@@ -198,8 +224,14 @@ def _unscaled(node: Node) -> tuple[Node, float]:
 
 
 def _is_qk(node: Node) -> bool:
-    """matmul(q, permute(x)) where the permute puts the key axis last (k.T, possibly merged)."""
-    return node.op == "matmul" and node.inputs[1].op == "permute" and node.inputs[1].type.rank >= 2
+    """matmul(q, permute(x)) where the permute puts the key axis last (k.T, possibly merged); either
+    operand may be scaled by a constant first (torch.onnx scales q and k.T by sqrt(scale) each)."""
+    if node.op != "matmul":
+        return False
+    kt = _unscaled(node.inputs[1])[0]
+    if kt.op == "reshape" and kt.inputs[0].op == "permute":
+        kt = kt.inputs[0]
+    return kt.op == "permute" and kt.type.rank >= 2
 
 
 def _constant_value(node: Node, default: float) -> float:

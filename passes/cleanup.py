@@ -1,4 +1,4 @@
-"""Cleanup: no-op casts and shape ops removed, reshape/permute chains collapsed, constant
+"""Cleanup: no-op casts and shape ops removed, reshape/permute chains collapsed, ``1/sqrt`` made ``rsqrt``, constant
 arithmetic folded, common subexpressions shared, a weight's rows picked by index made an
 embedding lookup. Dead code needs no pass: a graph is what its
 outputs reach."""
@@ -32,6 +32,11 @@ def merge_permutes(inner, root):
     if perm == list(range(len(perm))):
         return x
     return Node("permute", [x], {"perm": perm}, root.type)
+
+
+def rsqrt_of_sqrt(sqrt, root):
+    """``1 / sqrt(x)`` is ``rsqrt(x)`` (ONNX has no rsqrt: RMSNorm arrives as Sqrt, Reciprocal)."""
+    return Node("rsqrt", [sqrt.inputs[0]], {}, root.type)
 
 
 def drop_empty_operands(root):
@@ -102,6 +107,7 @@ NOOP_RULES = [
     (P("concat", name="root"), drop_empty_operands),
     (P("reshape", P("reshape", name="inner"), name="root"), merge_reshapes),
     (P("permute", P("permute", name="inner"), name="root"), merge_permutes),
+    (P("reciprocal", P("sqrt", name="sqrt"), name="root"), rsqrt_of_sqrt),
     (P("mul", X, P(where=_scalar(1.0)), name="root", where=_broadcast_free), drop_noop),
     (P("add", X, P(where=_scalar(0.0)), name="root", where=_broadcast_free), drop_noop),
     (P(name="root", where=_elementwise_of_constants), fold_constants),

@@ -1,4 +1,5 @@
-"""The front end: a model source -> its own PyTorch code traced by torch.export -> llmc IR."""
+"""The front end: a model source -> its own PyTorch code traced by torch.export -> llmc IR (or an
+ONNX decoder -> llmc IR, by llmc.frontend.onnx_model)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llmc.errors import UnsupportedModelError
-from llmc.frontend.sources import ModelSource, resolve
+from llmc.frontend.sources import ONNX, ModelSource, resolve
 from llmc.ir import Graph, verify
 
 DEFAULT_MAX_SEQ = 4096
@@ -88,6 +89,8 @@ def import_model(spec: Any, *, attn_implementation: str | None = None, max_seq: 
     timings = {}
     start = time.perf_counter()
     source = resolve(spec, attn_implementation)
+    if source.kind == ONNX:
+        return _import_onnx(source, max_seq)
     model = source.load()
     timings["load"] = time.perf_counter() - start
 
@@ -109,6 +112,38 @@ def import_model(spec: Any, *, attn_implementation: str | None = None, max_seq: 
     graph = Importer(program, symbols, weight_prefix="model.").run()
     graph.name = "forward"
     verify(graph)
+    timings["import"] = time.perf_counter() - start
+    return Imported(graph, source, config, int(max_seq), timings)
+
+
+def _import_onnx(source: ModelSource, max_seq: int | None) -> Imported:
+    """An ONNX decoder's graph (llmc.frontend.onnx_model), with the Hugging Face config.json beside
+    it when there is one (the context and the special tokens come from it)."""
+    import json
+
+    from llmc.frontend.onnx_model import check_causal, import_onnx, load_onnx, position_rows
+
+    timings = {}
+    start = time.perf_counter()
+    model = load_onnx(source.path, source.spec)
+    config_path = source.path.parent / "config.json"
+    try:
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UnsupportedModelError(f"cannot read {config_path} beside {source.spec}: {exc}") from None
+    config = config if isinstance(config, dict) else {}
+    timings["load"] = time.perf_counter() - start
+    start = time.perf_counter()
+    graph = import_onnx(model, source.spec)
+    graph.name = "forward"
+    verify(graph)
+    check_causal(graph, source.spec)
+    rows = position_rows(graph)
+    if rows and not (config.get("max_position_embeddings") or config.get("n_positions")):
+        config = {**config, "max_position_embeddings": rows}     # what the position table admits
+    check_context(max_seq, config, source.spec)
+    if max_seq is None:
+        max_seq = config.get("max_position_embeddings") or config.get("n_positions") or DEFAULT_MAX_SEQ
     timings["import"] = time.perf_counter() - start
     return Imported(graph, source, config, int(max_seq), timings)
 

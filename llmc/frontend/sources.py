@@ -1,7 +1,8 @@
 """Model sources: where a model comes from and how to get it as an ``nn.Module``.
 
 A source spec is one of: a Hugging Face model directory (config.json + safetensors), a ``.gguf``
-file (or a directory holding exactly one), a built-in name (``smollm2``), ``file.py:name`` or
+file (or a directory holding exactly one), an ``.onnx`` decoder (or a directory holding exactly
+one and no safetensors), a built-in name (``smollm2``), ``file.py:name`` or
 ``package.module:name`` naming an ``nn.Module`` or a function returning one, or an ``nn.Module``
 given from Python. Nothing here downloads anything.
 """
@@ -24,12 +25,13 @@ BUILTINS = {
 }
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+ONNX = "onnx-graph"                   # the kind of an ONNX decoder source (a file format, not the target)
 
 
 @dataclass
 class ModelSource:
     spec: str                         # what the user gave, for messages
-    kind: str                         # "hf" | "gguf" | "module"
+    kind: str                         # "hf" | "gguf" | "onnx-graph" | "module"
     path: Path | None
     load: Callable[[], Any]           # -> nn.Module in eval mode, fp32
     has_tokenizer: bool = False
@@ -48,6 +50,8 @@ class ModelSource:
     def _files(self) -> list[Path]:
         if self.path is None:
             return []
+        if self.kind == ONNX:
+            return _onnx_files(self.path)
         if self.path.is_file():
             return [self.path]
         return sorted(p for p in self.path.iterdir() if p.is_file() and p.suffix in INPUT_SUFFIXES)
@@ -67,6 +71,10 @@ def resolve(spec: Any, attn_implementation: str | None = None) -> ModelSource:
         return _builtin(text, attn_implementation)
     path = Path(text).expanduser()
     if path.is_dir():
+        onnx_files = sorted(path.glob("*.onnx"))
+        weighted = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
+        if len(onnx_files) == 1 and not weighted:
+            return _onnx(onnx_files[0], text)
         if (path / "config.json").is_file():
             return _hf_dir(path, attn_implementation)
         ggufs = sorted(path.glob("*.gguf"))
@@ -78,9 +86,11 @@ def resolve(spec: Any, attn_implementation: str | None = None) -> ModelSource:
     if path.is_file():
         if path.suffix == ".gguf":
             return _gguf(path, text, attn_implementation)
+        if path.suffix == ".onnx":
+            return _onnx(path, text)
         if path.suffix != ".py":
             raise SourceError(f"{text} is not a model llmc can read: give a Hugging Face model directory, "
-                              "a .gguf file, a built-in name (" + ", ".join(BUILTINS) + ") or module:factory")
+                              "a .gguf file, an .onnx file, a built-in name (" + ", ".join(BUILTINS) + ") or module:factory")
     if ":" in text and not path.exists():
         return _factory(text)
     raise SourceError(f"no such file or directory: {text} (give a Hugging Face model directory, a .gguf file, "
@@ -191,6 +201,37 @@ def _gguf_via_transformers(path: Path, spec: str, attn_implementation: str | Non
     except Exception as exc:
         raise SourceError(f"cannot load the weights of the GGUF file {path}: {_first_line(exc)}") from None
     return model.eval()
+
+
+def _onnx(path: Path, spec: str) -> ModelSource:
+    """An ONNX decoder (llmc.frontend.onnx_model imports it: there is no nn.Module to load). Its
+    folder may hold a Hugging Face config.json and tokenizer files, as exported folders do."""
+    folder = path.parent
+    has_tokenizer = any((folder / f).is_file() for f in TOKENIZER_FILES)
+
+    def load():
+        raise SourceError(f"{spec} is an ONNX model: llmc imports it directly, without torch")
+
+    return ModelSource(spec, ONNX, path, load, has_tokenizer)
+
+
+def _onnx_files(path: Path) -> list[Path]:
+    """The ONNX file, the external data files it names, and its folder's config and tokenizer."""
+    files = {path}
+    try:
+        import onnx
+
+        model = onnx.load(str(path), load_external_data=False)
+        for tensor in model.graph.initializer:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    files.add(path.parent / entry.value)
+    except Exception:   # unreadable: the import reports it; the file's own hash still keys it
+        pass
+    folder = path.parent
+    files.update(folder / f for f in ("config.json", "generation_config.json", "tokenizer_config.json",
+                                      "special_tokens_map.json") + TOKENIZER_FILES if (folder / f).is_file())
+    return sorted(f for f in files if f.is_file())
 
 
 def _module_source(module: Any, spec: str) -> ModelSource:

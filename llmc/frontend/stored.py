@@ -28,6 +28,7 @@ from llmc.artifact import ArtifactError, read_artifact, write_artifact
 from llmc.cache import active
 from llmc.errors import LlmcWarning
 from llmc.frontend import Imported, check_context, import_model
+from llmc.frontend.onnx_model import reader_version
 from llmc.frontend.sources import ModelSource, resolve
 from llmc.frontend.tokenizer import TokenizerInfo, tokenizer_info
 from llmc.ir import dtype_of_array, parse_graph
@@ -59,6 +60,7 @@ def _versions() -> dict[str, str | None]:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             out[name] = None
+    out["onnx reader"] = reader_version()          # what parses an ONNX source (llmc.frontend.onnx_model)
     return out
 
 

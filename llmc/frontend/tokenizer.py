@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from llmc.errors import SourceError
-from llmc.frontend.sources import ModelSource
+from llmc.frontend.sources import ONNX, ModelSource
 
 
 @dataclass
@@ -30,7 +30,9 @@ class TokenizerInfo:
 
 def tokenizer_info(source: ModelSource, config: dict) -> TokenizerInfo:
     if source.kind == "hf" and source.has_tokenizer:
-        return _from_directory(source)
+        return _from_directory(source.path)
+    if source.kind == ONNX and source.has_tokenizer:
+        return _from_directory(source.path.parent)
     if source.kind == "gguf" and source.has_tokenizer:
         return _from_gguf(source)
     eos = config.get("eos_token_id")
@@ -58,10 +60,9 @@ def _token_text(token) -> str | None:
     return token if isinstance(token, str) or token is None else getattr(token, "content", str(token))
 
 
-def _from_directory(source: ModelSource) -> TokenizerInfo:
+def _from_directory(path) -> TokenizerInfo:
     from transformers import AutoTokenizer
 
-    path = source.path
     tokenizer, text = _fast_tokenizer(lambda: AutoTokenizer.from_pretrained(path, local_files_only=True))
     config_path = path / "config.json"
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
