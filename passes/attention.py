@@ -23,6 +23,7 @@ If any site does not fit, the graph is returned unchanged and the context's note
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -177,7 +178,17 @@ def _eager_parts(node: Node):
     if not _is_qk(raw):
         raise Decline(f"attention scores computed by {raw.op}, not q @ k.T")
     (q, q_scale), (kt, k_scale) = _unscaled(raw.inputs[0]), _unscaled(raw.inputs[1])
-    return q, _key(kt), v, scale * q_scale * k_scale, mask, softcap
+    if q_scale * k_scale != 1:
+        scale *= _square_root_scales(q_scale * k_scale, q.type.shape[-1])
+    return q, _key(kt), v, scale, mask, softcap
+
+
+def _square_root_scales(product: float, head_dim) -> float:
+    """The scale of q and k.T scaled each by an f32 sqrt(scale) (torch.onnx's SDPA): the default
+    1/sqrt(head_dim) when the product is that within the f32 roundings, else the product."""
+    if isinstance(head_dim, int) and head_dim > 0 and abs(product * math.sqrt(head_dim) - 1) < 1e-6:
+        return 1.0 / math.sqrt(head_dim)
+    return product
 
 
 def _key(kt: Node) -> Node:

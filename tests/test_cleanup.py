@@ -67,6 +67,23 @@ graph @g(%x: f32[seq, 2, 4]) {
 }""")
 
 
+def test_the_reciprocal_of_a_square_root_is_rsqrt():
+    """ONNX has no rsqrt: RMSNorm arrives as Sqrt then Reciprocal, and the norm pass reads rsqrt."""
+    before = """
+graph @g(%x: f32[seq, 4]) {
+  %0 = sqrt(%x) : f32[seq, 4]
+  %1 = reciprocal(%0) : f32[seq, 4]
+  return %1
+}"""
+    assert_rewrites(before, """
+graph @g(%x: f32[seq, 4]) {
+  %0 = rsqrt(%x) : f32[seq, 4]
+  return %0
+}""")
+    x = np.random.default_rng(3).uniform(0.01, 9.0, (7, 4)).astype(np.float32)
+    np.testing.assert_allclose(run(simplify(parse_graph(before)), [x])[0], run(parse_graph(before), [x])[0], rtol=1e-6)
+
+
 def test_multiplying_by_one_and_adding_zero_only_when_nothing_broadcasts():
     assert_rewrites("""
 graph @g(%x: f32[3, 4]) {
