@@ -110,6 +110,38 @@ def test_a_folder_with_config_and_tokenizer_speaks_text(exported, tmp_path):
 
 
 @pytest.mark.slow
+def test_an_export_that_takes_a_mask_and_positions_decodes_like_transformers(tmp_path):
+    """model(input_ids, attention_mask, position_ids) exported: the two bound to one unpadded
+    sequence's, and the step's attention and positions take their place."""
+    import torch
+
+    model = tiny_model("qwen2")
+
+    class Forward(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, position_ids):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False).logits
+
+    ids = torch.zeros((1, 8), dtype=torch.long)
+    seq = torch.export.Dim("seq", min=1, max=256)
+    path = tmp_path / "masked.onnx"
+    torch.onnx.export(Forward().eval(), (ids, torch.ones_like(ids), torch.arange(8)[None]), str(path),
+                      input_names=["input_ids", "attention_mask", "position_ids"], output_names=["logits"],
+                      dynamic_shapes={"input_ids": {1: seq}, "attention_mask": {1: seq}, "position_ids": {1: seq}},
+                      dynamo=True, verbose=False)
+    artifact = tmp_path / "masked.llmc"
+    report = compile_model(path, artifact, target="cpu", progress=None)
+    assert not [n for n in report.notes if n.startswith("attention")], report.notes
+    prompt = [5, 77, 3, 101, 64, 9, 12, 1, 33]
+    assert llmc.load(artifact, max_context=128).generate(prompt, max_new_tokens=64) == \
+        greedy_reference(model, prompt, 64)
+
+
+@pytest.mark.slow
 def test_a_fixed_length_export_is_refused(tmp_path):
     path = export(tiny_model("qwen2"), tmp_path / "fixed.onnx", dynamic=False)
     with pytest.raises(UnsupportedModelError, match="fixed length of 8.*dynamic"):
@@ -180,16 +212,44 @@ def test_an_op_of_another_domain_is_named(tmp_path):
         import_model(path)
 
 
-def test_a_model_with_a_cache_or_a_mask_input_is_not_a_decoders_forward(tmp_path):
+def test_a_model_with_a_cache_input_is_not_a_decoders_forward(tmp_path):
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
-              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"])]
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"]),
+              helper.make_tensor_value_info("past_key_values.0.key", TensorProto.FLOAT, ["batch", 2, "past", 4])]
     path = _save(_model([helper.make_node("Gather", ["embed", "input_ids"], ["h"]),
                          helper.make_node("MatMul", ["h", "head"], ["logits"])], inputs=inputs,
-                        initializers=_weights()), tmp_path / "masked.onnx")
-    with pytest.raises(UnsupportedModelError, match=r"not a decoder's full forward: it takes 2 inputs "
-                                                    r"\(input_ids, attention_mask\)"):
+                        initializers=_weights()), tmp_path / "cached.onnx")
+    with pytest.raises(UnsupportedModelError, match=r"not a decoder's full forward: it takes 3 inputs "
+                                                    r"\(input_ids, attention_mask, past_key_values.0.key\)"):
         import_model(path)
     assert_one_line_error(llmc_cli("compile", path, "-o", tmp_path / "x.llmc"), "not a decoder's full forward")
+
+
+def test_a_mask_or_positions_input_is_bound_to_one_unpadded_sequence(tmp_path):
+    """attention_mask reads as ones and position_ids as 0..seq-1 (here the positions pick rows of a
+    table, as a learned position embedding does; the mask multiplies the hidden states)."""
+    from onnx.reference import ReferenceEvaluator
+
+    inputs = [helper.make_tensor_value_info(name, TensorProto.INT64, [1, "seq"])
+              for name in ("input_ids", "attention_mask", "position_ids")]
+    rng = np.random.default_rng(1)
+    table = numpy_helper.from_array(rng.standard_normal((32, WIDTH)).astype(np.float32), "positions_table")
+    model = _model([helper.make_node("Gather", ["embed", "input_ids"], ["h"]),
+                    helper.make_node("Gather", ["positions_table", "position_ids"], ["p"]),
+                    helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT),
+                    helper.make_node("Unsqueeze", ["m", "last"], ["m3"]),
+                    helper.make_node("Add", ["h", "p"], ["hp"]),
+                    helper.make_node("Mul", ["hp", "m3"], ["x"]),
+                    helper.make_node("MatMul", ["x", "head"], ["logits"])], inputs=inputs,
+                   initializers=_weights() + [table, numpy_helper.from_array(np.array([-1], np.int64), "last")])
+    imported = import_model(_save(model, tmp_path / "positions.onnx"))
+    ids = np.array([[3, 1, 4, 1, 5, 9]], np.int64)
+    want = ReferenceEvaluator(model).run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids),
+                                                "position_ids": np.arange(6)[None]})[0]
+    from llmc.interpret import run
+
+    np.testing.assert_allclose(run(imported.graph, [ids])[0], want, rtol=1e-6)
+    assert imported.max_seq == 32                    # the position table's rows bound the context
 
 
 def test_an_output_that_is_not_logits_is_refused(tmp_path):

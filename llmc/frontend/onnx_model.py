@@ -1,6 +1,7 @@
 """Import an ONNX decoder into llmc IR: the full causal forward ``input_ids[batch, seq] ->
-logits[batch, seq, vocab]`` in standard opset ops, as ``torch.onnx.export`` writes it (no KV cache,
-no attention mask input).
+logits[batch, seq, vocab]`` in standard opset ops, as ``torch.onnx.export`` writes it (no KV cache;
+an ``attention_mask`` and ``position_ids`` input, if it takes them, are bound to one unpadded
+sequence's: ones and 0..seq-1).
 
 Each ONNX op maps through one handler in ``HANDLERS`` onto the same IR the torch.export importer
 (``llmc.frontend.aten``) builds, so the same passes and every target apply. Two kinds of values flow:
@@ -260,13 +261,13 @@ class OnnxImporter:
             if opset.domain in ("", "ai.onnx") and opset.version < 13:
                 raise UnsupportedModelError(f"{self.spec} uses ONNX opset {opset.version}; llmc imports opset 13 "
                                             "and later (re-export it, or convert it with onnx.version_converter)")
-        input_ids = self.signature(graph)
+        given = self.signature(graph)
         for info in list(graph.value_info) + list(graph.output):
             self.declared[info.name] = self.onnx_type(info.type)
         for name, tensor in self.initializers.items():
             self.values[name] = self.initializer(name, self.to_array(tensor))
         self.values[""] = None
-        self.values[graph.input[0].name] = input_ids
+        self.values.update(given)
         for node in graph.node:
             self.current = node
             if node.domain not in ("", "ai.onnx"):
@@ -297,14 +298,18 @@ class OnnxImporter:
     def missing(self, name: str):
         raise self.unsupported(f"this node: its input {name!r} is produced by no earlier node")
 
-    def signature(self, graph) -> Node:
-        """The IR input for the model's one input, input_ids[batch, seq] (batch fixed to 1)."""
+    def signature(self, graph) -> dict[str, Node]:
+        """The IR values of the model's inputs: input_ids[batch, seq] (batch fixed to 1) and, where
+        the export takes them, an all-ones ``attention_mask`` and ``position_ids`` 0..seq-1 (one
+        unpadded sequence: what the step's attention and positions then replace)."""
         inputs = [i for i in graph.input if i.name not in self.initializers]
-        if len(inputs) != 1 or len(graph.output) != 1:
-            names = ", ".join(i.name for i in inputs)
-            raise _decoder_shape_error(self.spec, f"it takes {len(inputs)} inputs ({names}) and gives "
+        names = [i.name for i in inputs]
+        ids = [i for i in inputs if i.name == "input_ids"] or inputs[:1]
+        others = [i for i in inputs if i not in ids]
+        if len(ids) != 1 or any(i.name not in DEFAULTED for i in others) or len(graph.output) != 1:
+            raise _decoder_shape_error(self.spec, f"it takes {len(inputs)} inputs ({', '.join(names)}) and gives "
                                                   f"{len(graph.output)} outputs")
-        (given,), (out,) = inputs, graph.output
+        given = ids[0]
         t = given.type.tensor_type
         if ONNX_DTYPES.get(t.elem_type) not in ("i64", "i32") or len(t.shape.dim) != 2:
             raise _decoder_shape_error(self.spec, f"its input {given.name} is not token ids [batch, seq]")
@@ -318,9 +323,15 @@ class OnnxImporter:
             raise _decoder_shape_error(self.spec, f"its input {given.name} has a batch of {batch.dim_value}")
         self.symbols[seq.dim_param] = SEQ
         self.input_node = Node("input", (), {"name": given.name}, Type("i64", (1, SEQ)))
+        values = {given.name: self.input_node}
         if ONNX_DTYPES[t.elem_type] != "i64":
-            return Node("cast", [self.input_node], {"dtype": "i32"}, Type("i32", (1, SEQ)))
-        return self.input_node
+            values[given.name] = Node("cast", [self.input_node], {"dtype": "i32"}, Type("i32", (1, SEQ)))
+        for other in others:
+            declared = self.onnx_type(other.type)
+            if declared is None or declared[1] != (1, SEQ) or declared[0][0] not in "iub":
+                raise _decoder_shape_error(self.spec, f"its input {other.name} is not [batch, seq] integers")
+            values[other.name] = DEFAULTED[other.name](self, declared[0])
+        return values
 
     def initializer(self, name: str, array: np.ndarray) -> Any:
         dtype = ONNX_DTYPES.get(_onnx_elem(self.initializers[name]))
@@ -346,6 +357,15 @@ class OnnxImporter:
         if dtype != got_dtype or bad_shape:
             raise self.unsupported(f"this node as declared: llmc built {got_dtype}{list(got_shape)} for {name}, "
                                    f"the file says {dtype}{list(shape) if shape is not None else '[?]'}")
+
+
+# Inputs besides the ids that an export may take, and the value each has for one unpadded sequence.
+DEFAULTED = {
+    "attention_mask": lambda imp, dtype: imp.emit("full", [], shape=[1, SEQ], value=True if dtype == "bool" else 1,
+                                                  dtype=dtype),
+    "position_ids": lambda imp, dtype: imp.reshape(imp.emit("arange", [], start=0, end=SEQ, step=1, dtype=dtype),
+                                                   (1, SEQ)),
+}
 
 
 def _replace_word(text: str, word: str, by: str) -> str:
