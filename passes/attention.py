@@ -202,7 +202,8 @@ def _key(kt: Node) -> Node:
                 shape[-2:] != transposed.type.shape[-2:]:
             raise Decline(f"attention keys transposed by a reshape {kt.type} of {transposed.type}")
         base = y.inputs[0] if y.op == "reshape" else y
-        return emit("reshape", [base], shape=list(shape[:-2]) + [shape[-1], shape[-2]])
+        want = list(shape[:-2]) + [shape[-1], shape[-2]]
+        return base if list(base.type.shape) == want else emit("reshape", [base], shape=want)
     perm = kt.attrs["perm"]
     k = kt.inputs[0]
     if perm != list(range(len(perm) - 2)) + [len(perm) - 1, len(perm) - 2]:

@@ -96,6 +96,33 @@ def test_sliding_window_mask_is_measured():
     assert print_graph(out) == print_graph(parse_graph(EXPECTED.replace("WINDOW", "5")))
 
 
+# torch.onnx's SDPA written out, as simplify leaves it: q and k.T each scaled by an f32 sqrt(0.5),
+# k.T as reshape(permute(reshape(repeated k))), an additive mask, the softmax's NaN rows made zero.
+ONNX_SDPA = """%40 = const() {dtype="f32", value=0.7071067690849304} : f32[]
+  %41 = mul(%5, %40) : f32[1, 2, seq, 4]
+  %42 = reshape(%11) {shape=[2, "seq", 4]} : f32[2, seq, 4]
+  %43 = permute(%42) {perm=[0, 2, 1]} : f32[2, 4, seq]
+  %44 = reshape(%43) {shape=[1, 2, 4, "seq"]} : f32[1, 2, 4, seq]
+  %45 = mul(%44, %40) : f32[1, 2, 4, seq]
+  %46 = matmul(%41, %45) : f32[1, 2, seq, seq]
+  %47 = const() {dtype="f32", value=0.0} : f32[]
+  %48 = const() {dtype="f32", value=-3.4028234663852886e+38} : f32[]
+  %49 = where(%15, %47, %48) : f32[seq, seq]
+  %50 = add(%46, %49) : f32[1, 2, seq, seq]
+  %51 = softmax(%50) {axis=3} : f32[1, 2, seq, seq]
+  %52 = ne(%51, %51) : bool[1, 2, seq, seq]
+  %53 = where(%52, %47, %51) : f32[1, 2, seq, seq]
+  %16 = matmul(%53, %12) : f32[1, 2, seq, 4]"""
+
+
+def test_torch_onnx_written_out_sdpa_is_one_attention_with_the_default_scale():
+    before = BEFORE.replace("MASK\n", "").replace(
+        '  %16 = sdpa(%5, %12, %12, %15) {causal=false, scale=0.5} : f32[1, 2, seq, 4]', "  " + ONNX_SDPA)
+    graph, out, ctx = attention_pass(before)
+    assert print_graph(out) == print_graph(parse_graph(EXPECTED.replace("WINDOW", "0")))
+    assert ctx.notes == []
+
+
 @pytest.mark.parametrize("mask, reason", [
     ("%40 = full() {dtype=\"bool\", shape=[\"seq\", \"seq\"], value=true} : bool[seq, seq]",
      "neither causal nor a causal sliding window"),
