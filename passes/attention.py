@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from llmc import ops
 from llmc.interpret import run
 from llmc.ir import Graph, Node, Type
 from llmc.passes.context import PassContext
@@ -117,7 +118,22 @@ def _rewrite(graph: Graph, ctx: PassContext) -> Graph:
     leftover = [n.op for n in out.nodes() if _is_attention(n)]
     if leftover:
         raise Decline(f"{len(leftover)} attention sites remain after the rewrite")
+    across = next((n for n in out.nodes() if _reduces_tokens(n)), None)
+    if across is not None:
+        raise Decline(f"the model reduces over all of a call's tokens ({across.op} over seq), which one step of "
+                      "several sequences cannot do (transformers' LongRoPE and dynamic NTK rotary pick their "
+                      "frequencies by a call's longest position: compile the Hugging Face model instead, which "
+                      "fixes them for the context)")
     return out
+
+
+def _reduces_tokens(node: Node) -> bool:
+    """A reduction whose axes include the step's token axis (``seq``): in a step it would mix the
+    tokens of different sequences."""
+    if ops.OPS[node.op].kind != "reduce":
+        return False
+    axes = node.attrs["axes"] if "axes" in node.attrs else [node.attrs["axis"]]
+    return any(node.inputs[0].type.shape[a] == SEQ for a in axes)
 
 
 # ---------------------------------------------------------------------------------------------

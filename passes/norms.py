@@ -1,4 +1,5 @@
-"""RMSNorm as one op: ``w * (x * rsqrt(mean(x**2, last axis) + eps))`` in any operand order; and
+"""RMSNorm as one op: ``w * (x * rsqrt(mean(x**2, last axis) + eps))`` in any operand order (eps may
+be absent: 0); and
 LayerNorm without a bias written out the same way around ``x - mean(x)`` (Cohere's). (LayerNorm
 called as ``F.layer_norm`` arrives as one op from the importer already.)"""
 
@@ -20,14 +21,22 @@ def rms_norm(root: Node) -> Node | None:
         if weight.op != "weight" or weight.type.rank != 1 or normed.op != "mul":
             continue
         for x, scale in commuted(normed):
-            if scale.op != "rsqrt" or scale.inputs[0].op != "add":
+            if scale.op != "rsqrt":
                 continue
-            for mean, eps in commuted(scale.inputs[0]):
-                if (mean.op == "mean" and eps.op == "const" and mean.attrs["keepdim"]
+            for mean, eps in _mean_plus_eps(scale.inputs[0]):
+                if (mean.op == "mean" and mean.attrs["keepdim"]
                         and mean.attrs["axes"] == [x.type.rank - 1] and _square_of(mean.inputs[0], x)
                         and root.type == x.type):
-                    return emit("rms_norm", [x, weight], eps=float(eps.attrs["value"]))
+                    return emit("rms_norm", [x, weight], eps=eps)
     return None
+
+
+def _mean_plus_eps(node: Node):
+    """(mean, eps) candidates of ``mean + eps``; a bare mean is eps 0 (an exporter may fold a tiny
+    eps away: torch.onnx drops Helium's 1e-8)."""
+    if node.op == "add":
+        return [(mean, float(eps.attrs["value"])) for mean, eps in commuted(node) if eps.op == "const"]
+    return [(node, 0.0)]
 
 
 def _mean_last(node: Node, rank: int) -> bool:

@@ -123,6 +123,17 @@ def test_torch_onnx_written_out_sdpa_is_one_attention_with_the_default_scale():
     assert ctx.notes == []
 
 
+def test_a_reduction_over_the_calls_tokens_declines():
+    """After the rewrite a step holds tokens of several sequences: a max over the sequence (how an
+    ONNX export keeps LongRoPE's choice by the longest position) cannot be computed per sequence."""
+    before = BEFORE.replace("MASK\n", "").replace("  %21 = add(%18, %20) : f32[1, seq, 8]", """  %60 = max(%18) {axes=[1], keepdim=true} : f32[1, 1, 8]
+  %61 = add(%18, %60) : f32[1, seq, 8]
+  %21 = add(%61, %20) : f32[1, seq, 8]""")
+    graph, out, ctx = attention_pass(before)
+    assert out is graph
+    assert len(ctx.notes) == 1 and "reduces over all of a call's tokens (max over seq)" in ctx.notes[0]
+
+
 @pytest.mark.parametrize("mask, reason", [
     ("%40 = full() {dtype=\"bool\", shape=[\"seq\", \"seq\"], value=true} : bool[seq, seq]",
      "neither causal nor a causal sliding window"),

@@ -84,6 +84,27 @@ def test_an_exported_family_builds_for_cpu_and_decodes_like_transformers(exporte
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", ["helium", "gemma2", "mixtral"])
+def test_more_exported_families_decode_like_transformers(name, tmp_path):
+    """Helium (interleaved rotary; its RMSNorm's eps of 1e-8 folded away by the exporter), Gemma 2
+    (soft-capped attention and logits, sliding and global layers) and Mixtral (TopK routing to
+    experts, one moe op a block). transformers' default experts code is an op torch.onnx cannot
+    convert: an MoE model exports with its "batched_mm" form, as llmc traces it. Of
+    test_families' CHECKED list, dynamic NTK does not export (torch.export fails on its branch) and
+    LongRoPE is refused (test below); the other 19 were checked by hand as these are."""
+    from test_families import PROMPT, greedy, tiny
+
+    model = tiny(name)
+    for config in {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}.values():
+        if getattr(config, "_experts_implementation", None) is not None:
+            config._experts_implementation = "batched_mm"
+    path = export(model, tmp_path / "model.onnx")
+    artifact = tmp_path / f"{name}.llmc"
+    compile_model(path, artifact, target="cpu", progress=None, max_seq=256)
+    assert llmc.load(artifact, max_context=64).generate(PROMPT, max_new_tokens=32) == greedy(model, PROMPT, 32)
+
+
+@pytest.mark.slow
 def test_learned_positions_bound_the_context_without_a_config(exported):
     """GPT-2's table of 256 positions is the longest context, as n_positions is for its HF folder."""
     _, path = exported("gpt2")
@@ -139,6 +160,18 @@ def test_an_export_that_takes_a_mask_and_positions_decodes_like_transformers(tmp
     prompt = [5, 77, 3, 101, 64, 9, 12, 1, 33]
     assert llmc.load(artifact, max_context=128).generate(prompt, max_new_tokens=64) == \
         greedy_reference(model, prompt, 64)
+
+
+@pytest.mark.slow
+def test_rotary_chosen_by_each_calls_length_is_refused_with_what_to_do(tmp_path):
+    """LongRoPE exported keeps transformers' choice by the call's longest position (a ReduceMax over
+    the positions): no step of several sequences computes that, so the build says what to do."""
+    from test_families import tiny
+
+    path = export(tiny("phi3-longrope"), tmp_path / "longrope.onnx")
+    with pytest.raises(LlmcError, match=r"reduces over all of a call's tokens \(max over seq\).*compile the "
+                                        r"Hugging Face model instead"):
+        compile_model(path, tmp_path / "x.llmc", target="cpu", progress=None)
 
 
 @pytest.mark.slow

@@ -826,6 +826,19 @@ def _softmax(imp, x, axis=-1):
     return imp.emit(op, [node], axis=_axis(axis, node.type.rank))
 
 
+@handles("TopK")
+def _topk(imp, x, k, axis=-1, largest=1, sorted=1):
+    """The k largest along axis, largest first (an MoE router's choice of experts)."""
+    if not largest:
+        raise imp.unsupported("a TopK of the smallest values")
+    node = imp.tensor(x)
+    count = imp.ints(k, "k")[0]
+    if not isinstance(count, int):
+        raise imp.unsupported("a TopK of a symbolic k")
+    both = imp.emit("topk", [node], k=count, axis=_axis(axis, node.type.rank))
+    return [imp.emit("get", [both], index=i) for i in range(2)]
+
+
 @handles("CumSum")
 def _cumsum(imp, x, axis, exclusive=0, reverse=0):
     if exclusive or reverse:
