@@ -225,6 +225,56 @@ def test_a_token_wise_model_imports_and_matches_onnxs_reference(tmp_path):
     assert imported.max_seq == 4096 and imported.source.kind == "onnx-graph"
 
 
+def _int64(name, values):
+    return numpy_helper.from_array(np.array(values, np.int64), name)
+
+
+# (nodes from h [1, seq, 8] to y [1, seq, 8], their extra initializers): each handler against onnx's own
+# reference evaluator
+OPS = {
+    "clip": ([helper.make_node("Clip", ["h", "lo", "hi"], ["y"])],
+             [numpy_helper.from_array(np.float32(-0.3), "lo"), numpy_helper.from_array(np.float32(0.5), "hi")]),
+    "trilu-upper": ([helper.make_node("Trilu", ["h", "k"], ["y"], upper=1)], [_int64("k", 2)]),
+    "trilu-lower": ([helper.make_node("Trilu", ["h"], ["y"], upper=0)], []),
+    "layer-norm": ([helper.make_node("LayerNormalization", ["h", "scale", "bias"], ["y"], epsilon=1e-3)],
+                   [numpy_helper.from_array(np.linspace(0.5, 1.5, WIDTH, dtype=np.float32), "scale"),
+                    numpy_helper.from_array(np.linspace(-1, 1, WIDTH, dtype=np.float32), "bias")]),
+    "split-concat": ([helper.make_node("Split", ["h", "parts"], ["a", "b"], axis=-1),
+                      helper.make_node("Neg", ["b"], ["nb"]),
+                      helper.make_node("Concat", ["nb", "a"], ["y"], axis=-1)], [_int64("parts", [3, 5])]),
+    "softmax-where": ([helper.make_node("Softmax", ["h"], ["p"], axis=-1),
+                       helper.make_node("Greater", ["p", "cut"], ["big"]),
+                       helper.make_node("Where", ["big", "p", "h"], ["y"])],
+                      [numpy_helper.from_array(np.float32(0.2), "cut")]),
+    "gemm": ([helper.make_node("Reshape", ["h", "flat"], ["h2"]),
+              helper.make_node("Gemm", ["h2", "w", "c"], ["g"], alpha=0.5, beta=2.0, transB=1),
+              helper.make_node("Reshape", ["g", "back"], ["y"])],
+             [_int64("flat", [-1, WIDTH]), _int64("back", [1, -1, WIDTH]),
+              numpy_helper.from_array(np.random.default_rng(2).standard_normal((WIDTH, WIDTH)).astype(np.float32), "w"),
+              numpy_helper.from_array(np.arange(WIDTH, dtype=np.float32) / 10, "c")]),
+    "cumsum-slice": ([helper.make_node("CumSum", ["h", "axis"], ["c"]),
+                      helper.make_node("Slice", ["c", "starts", "ends", "axes", "steps"], ["s"]),
+                      helper.make_node("Concat", ["s", "s"], ["y"], axis=-1)],
+                     [_int64("axis", 2), _int64("starts", [1]), _int64("ends", [2 ** 63 - 1]), _int64("axes", [-1]),
+                      _int64("steps", [2])]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_a_handler_computes_what_onnxs_reference_does(name, tmp_path):
+    from onnx.reference import ReferenceEvaluator
+
+    from llmc.interpret import run
+
+    nodes, extra = OPS[name]
+    model = _model([helper.make_node("Gather", ["embed", "input_ids"], ["h"])] + nodes
+                   + [helper.make_node("MatMul", ["y", "head"], ["logits"])], initializers=_weights() + extra)
+    imported = import_model(_save(model, tmp_path / f"{name}.onnx"))
+    ids = np.random.default_rng(7).integers(0, VOCAB, (1, 11))
+    want = ReferenceEvaluator(model).run(None, {"input_ids": ids})[0]
+    np.testing.assert_allclose(run(imported.graph, [ids])[0], want, rtol=1e-5, atol=1e-5)
+
+
 def test_an_unknown_op_is_named_with_its_node(tmp_path):
     path = _save(_model([helper.make_node("Gather", ["embed", "input_ids"], ["h"]),
                          helper.make_node("Hardmax", ["h"], ["m"], name="mystery"),

@@ -32,6 +32,7 @@ import numpy as np
 from llmc import dims, ops
 from llmc.errors import SourceError, UnsupportedModelError, UnsupportedOpError
 from llmc.ir import Graph, Node, Type
+from llmc.types import dtype_of_array, numpy_dtype
 
 SEQ = "seq"
 INT64_BIG = 2 ** 62          # ONNX Slice's "to the end" is INT64_MAX; anything past this means it
@@ -101,28 +102,17 @@ def position_rows(graph: Graph) -> int | None:
     rows = []
     for node in graph.nodes():
         if node.op == "embedding" and node.inputs[0].op == "weight":
-            ancestors = _ancestors(node.inputs[1])
+            ancestors = Graph([], [node.inputs[1]]).nodes()
             if any(n.op == "arange" for n in ancestors) and not any(n.op == "input" for n in ancestors):
                 rows.append(node.inputs[0].type.shape[0])
     return min(rows) if rows else None
-
-
-def _ancestors(node: Node) -> list[Node]:
-    seen, stack, out = set(), [node], []
-    while stack:
-        n = stack.pop()
-        if id(n) not in seen:
-            seen.add(id(n))
-            out.append(n)
-            stack.extend(n.inputs)
-    return out
 
 
 def _decoder_shape_error(spec: str, what: str) -> UnsupportedModelError:
     return UnsupportedModelError(
         f"{spec} is not a decoder's full forward: {what}; llmc imports input_ids[batch, seq] -> "
         "logits[batch, seq, vocab] with a dynamic seq, as torch.onnx.export writes it "
-        "(export the model without past key values or an attention mask)")
+        "(export the model without past key values)")
 
 
 class OnnxImporter:
@@ -196,8 +186,6 @@ class OnnxImporter:
 
     def weight(self, name: str, array: np.ndarray) -> Node:
         """A weight node for ``array``, stored once: an array equal to an earlier one is that one."""
-        from llmc.types import dtype_of_array
-
         array = np.ascontiguousarray(array)
         key = (array.dtype.str, array.shape, hashlib.sha1(array.view(np.uint8).reshape(-1)).hexdigest())
         stored = self.by_content.get(key)
@@ -216,7 +204,7 @@ class OnnxImporter:
         if isinstance(value, Known):
             if not value.concrete:
                 raise self.unsupported(f"this node: it reads a size ({value.values.tolist()}) as data")
-            array = value.values.astype(_numpy(value.dtype))
+            array = value.values.astype(numpy_dtype(value.dtype))
             if array.ndim == 0:
                 node = self.const(array.item(), value.dtype)
             elif array.size and np.all(array == array.flat[0]):
@@ -334,7 +322,7 @@ class OnnxImporter:
         return values
 
     def initializer(self, name: str, array: np.ndarray) -> Any:
-        dtype = ONNX_DTYPES.get(_onnx_elem(self.initializers[name]))
+        dtype = ONNX_DTYPES.get(self.initializers[name].data_type)
         if dtype is None:
             raise UnsupportedModelError(f"{self.spec}: the initializer {name} has a data type llmc does not know")
         if (dtype[0] in "iu" or dtype == "bool") and array.size <= KNOWN_LIMIT:
@@ -372,16 +360,6 @@ def _replace_word(text: str, word: str, by: str) -> str:
     import re
 
     return re.sub(rf"(?<![A-Za-z0-9_]){re.escape(word)}(?![A-Za-z0-9_])", by, text)
-
-
-def _onnx_elem(tensor) -> int:
-    return tensor.data_type
-
-
-def _numpy(dtype: str):
-    from llmc.types import numpy_dtype
-
-    return numpy_dtype(dtype)
 
 
 def _attribute(attr) -> Any:
@@ -479,6 +457,31 @@ for _name, _op in {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Equa
     HANDLERS[_name] = _binary(_op)
 
 
+@handles("Clip")
+def _clip(imp, x, low=None, high=None, **attrs):
+    node = imp.tensor(x)
+    for bound, op in ((low if low is not None else attrs.get("min"), "maximum"),
+                      (high if high is not None else attrs.get("max"), "minimum")):
+        if bound is not None:
+            node = imp.emit(op, [node, imp.tensor(bound, node.type.dtype) if not isinstance(bound, float)
+                                 else imp.const(bound, node.type.dtype)])
+    return node
+
+
+@handles("Trilu")
+def _trilu(imp, x, k=None, upper=1):
+    """The upper (or lower) triangle of the last two axes from diagonal k, zeros elsewhere (how
+    older exports build a causal mask)."""
+    node = imp.tensor(x)
+    rows, cols = node.type.shape[-2:]
+    offset = imp.ints(k, "k")[0] if k is not None else 0
+    i = imp.reshape(imp.emit("arange", [], start=0, end=rows, step=1, dtype="i64"), (rows, 1))
+    j = imp.emit("arange", [], start=0, end=cols, step=1, dtype="i64")
+    diagonal = imp.emit("sub", [j, i])
+    keep = imp.emit("ge" if upper else "le", [diagonal, imp.const(offset, "i64")])
+    return imp.emit("where", [keep, node, imp.const(0, node.type.dtype)])
+
+
 @handles("Pow")
 def _pow(imp, x, exponent):
     base = imp.tensor(x)
@@ -544,8 +547,6 @@ def _constant(imp, **attrs):
         array = np.asarray(attrs.get("value_floats", attrs.get("value_ints")))
     else:
         raise imp.unsupported(f"a Constant given as {', '.join(attrs)}")
-    from llmc.types import dtype_of_array
-
     dtype = dtype_of_array(array)
     if (dtype[0] in "iu" or dtype == "bool") and array.size <= KNOWN_LIMIT:
         return Known(np.array(array.tolist(), dtype=object).reshape(array.shape), dtype)
@@ -569,8 +570,6 @@ def _size(imp, x):
 def _constant_of_shape(imp, shape, value=None):
     sizes = imp.ints(shape, "shape")
     array = np.zeros(1, np.float32) if value is None else np.asarray(value).reshape(-1)
-    from llmc.types import dtype_of_array
-
     dtype = dtype_of_array(array)
     if (dtype[0] in "iu" or dtype == "bool") and all(isinstance(s, int) for s in sizes) \
             and int(np.prod(sizes)) <= KNOWN_LIMIT:
