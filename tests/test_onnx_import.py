@@ -105,6 +105,23 @@ def test_more_exported_families_decode_like_transformers(name, tmp_path):
 
 
 @pytest.mark.slow
+def test_an_onnx_source_builds_without_torch(exported, tmp_path):
+    """Compiling from ONNX needs onnx, not torch (nor transformers, without tokenizer files)."""
+    import subprocess
+    import sys
+
+    _, path = exported("llama")
+    artifact = tmp_path / "no-torch.llmc"
+    script = (f"import sys; sys.modules['torch'] = None\n"
+              f"from llmc.compiler import compile_model\n"
+              f"compile_model({str(path)!r}, {str(artifact)!r}, target='cpu', progress=None)\n"
+              f"assert 'transformers' not in sys.modules\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert llmc.load(artifact, max_context=32).generate([5, 77, 3], max_new_tokens=4)
+
+
+@pytest.mark.slow
 def test_learned_positions_bound_the_context_without_a_config(exported):
     """GPT-2's table of 256 positions is the longest context, as n_positions is for its HF folder."""
     _, path = exported("gpt2")

@@ -80,17 +80,19 @@ def rotary_note(config: dict, max_seq: int) -> str | None:
 
 
 def import_model(spec: Any, *, attn_implementation: str | None = None, max_seq: int | None = None) -> Imported:
-    """Resolve ``spec``, load the model, check it is causal, trace it and import it as a verified graph."""
-    import torch
-
-    from llmc.frontend.aten import Importer
-    from llmc.frontend.trace import SEQ, export
-
+    """Resolve ``spec``, load the model, check it is causal, trace it and import it as a verified graph
+    (an ONNX source is imported as it is written, without torch)."""
     timings = {}
     start = time.perf_counter()
     source = resolve(spec, attn_implementation)
     if source.kind == ONNX:
         return _import_onnx(source, max_seq)
+
+    import torch
+
+    from llmc.frontend.aten import Importer
+    from llmc.frontend.trace import SEQ, export
+
     model = source.load()
     timings["load"] = time.perf_counter() - start
 
