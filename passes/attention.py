@@ -1,8 +1,8 @@
 """The attention phase: a full-sequence forward becomes one batched, paged generation step.
 
 Before: ``forward(input_ids[1, seq]) -> logits[1, seq, vocab]`` with attention as traced (the SDPA op,
-or eager matmul-softmax-matmul), K/V repeated for GQA, a mask built from positions, positions from
-``arange(seq)``. After: the step of ``llmc.abi``::
+or eager matmul-softmax-matmul, or SDPA as torch.onnx writes it out), K/V repeated for GQA, a mask
+built from positions, positions from ``arange(seq)``. After: the step of ``llmc.abi``::
 
     step(tokens[seq], positions[seq], seq_index[seq], block_tables[seqs, max_blocks], logit_rows[rows],
          k_cache, v_cache[, k_scale, v_scale]) -> logits[rows, vocab]

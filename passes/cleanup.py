@@ -1,7 +1,6 @@
-"""Cleanup: no-op casts and shape ops removed, reshape/permute chains collapsed, ``1/sqrt`` made ``rsqrt``, constant
-arithmetic folded, common subexpressions shared, a weight's rows picked by index made an
-embedding lookup. Dead code needs no pass: a graph is what its
-outputs reach."""
+"""Cleanup: no-op casts and shape ops removed, reshape/permute chains collapsed, ``1/sqrt`` made
+``rsqrt``, constant arithmetic folded, common subexpressions shared, a weight's rows picked by
+index made an embedding lookup. Dead code needs no pass: a graph is what its outputs reach."""
 
 from __future__ import annotations
 

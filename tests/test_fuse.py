@@ -66,6 +66,25 @@ graph @g(%x: f32[1, seq, 8]) {
 }""", table(norms.RULES))
 
 
+def test_rms_norm_without_eps_is_eps_zero():
+    """An exporter may fold a tiny eps away (torch.onnx drops Helium's 1e-8): rsqrt(mean(x*x))."""
+    check("""
+graph @g(%x: f32[1, seq, 8]) {
+  %1 = mul(%x, %x) : f32[1, seq, 8]
+  %2 = mean(%1) {axes=[2], keepdim=true} : f32[1, seq, 1]
+  %5 = rsqrt(%2) : f32[1, seq, 1]
+  %6 = mul(%x, %5) : f32[1, seq, 8]
+  %7 = weight() {name="w"} : f32[8]
+  %8 = mul(%7, %6) : f32[1, seq, 8]
+  return %8
+}""", """
+graph @g(%x: f32[1, seq, 8]) {
+  %0 = weight() {name="w"} : f32[8]
+  %1 = rms_norm(%x, %0) {eps=0.0} : f32[1, seq, 8]
+  return %1
+}""", table(norms.RULES))
+
+
 def test_gemma_norm_weight_is_folded_first():
     after = check("""
 graph @g(%x: f32[seq, 8]) {
