@@ -192,6 +192,21 @@ def test_rotary_chosen_by_each_calls_length_is_refused_with_what_to_do(tmp_path)
 
 
 @pytest.mark.slow
+def test_an_unknown_op_in_an_export_names_the_models_source_line(exported, tmp_path):
+    """torch.onnx records each node's stack: the error says which line of the model made it, and
+    the weights are named after the modules they came from."""
+    _, path = exported("llama")
+    model = onnx.load(str(path))
+    node = next(n for n in model.graph.node if n.op_type == "Sigmoid")
+    node.op_type = "HardSigmoid"
+    onnx.save(model, str(tmp_path / "edited.onnx"), save_as_external_data=True, location="edited.onnx.data")
+    with pytest.raises(UnsupportedOpError, match=r"the ONNX op HardSigmoid .*, from .*\.py:\d+\)"):
+        import_model(tmp_path / "edited.onnx")
+    names = set(import_model(path).graph.weights)
+    assert "model.model.layers.0.self_attn.q_proj.weight" in names and "model.model.layers.1.mlp.down_proj.weight" in names
+
+
+@pytest.mark.slow
 def test_a_fixed_length_export_is_refused(tmp_path):
     path = export(tiny_model("qwen2"), tmp_path / "fixed.onnx", dynamic=False)
     with pytest.raises(UnsupportedModelError, match="fixed length of 8.*dynamic"):

@@ -22,7 +22,9 @@ refused with its name and the node's.
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -138,7 +140,19 @@ class OnnxImporter:
         if node is None:
             return ""
         name = f"node {node.name!r}: " if node.name else ""
-        return f" ({name}{node.op_type} -> {', '.join(node.output)})"
+        frames = re.findall(r'File "([^"]+)", line (\d+)', _metadata(node, "pkg.torch.onnx.stack_trace"))
+        at = f", from {frames[-1][0]}:{frames[-1][1]}" if frames else ""
+        return f" ({name}{node.op_type} -> {', '.join(node.output)}{at})"
+
+    def scope(self) -> str | None:
+        """The module the current node was exported from (torch.onnx records its name scopes):
+        ``model.layers.0.self_attn.q_proj`` for a linear's MatMul."""
+        try:
+            scopes = ast.literal_eval(_metadata(self.current, "pkg.torch.onnx.name_scopes") or "[]")
+        except (ValueError, SyntaxError):
+            return None
+        named = [s for s in scopes[:-1] if isinstance(s, str) and s]
+        return named[-1] if named else None
 
     def unsupported(self, what: str) -> UnsupportedOpError:
         return UnsupportedOpError(f"llmc cannot import {what} in {self.spec}{self.where()}")
@@ -356,9 +370,11 @@ DEFAULTED = {
 }
 
 
-def _replace_word(text: str, word: str, by: str) -> str:
-    import re
+def _metadata(node, key: str) -> str:
+    return next((p.value for p in node.metadata_props if p.key == key), "")
 
+
+def _replace_word(text: str, word: str, by: str) -> str:
     return re.sub(rf"(?<![A-Za-z0-9_]){re.escape(word)}(?![A-Za-z0-9_])", by, text)
 
 
@@ -858,10 +874,12 @@ def _layer_norm(imp, x, scale, bias=None, axis=-1, epsilon=1e-5, stash_type=1):
 # -- linear algebra ---------------------------------------------------------------------------
 
 def _transposed(imp, weight: Node) -> Node:
-    """The weight [in, out] a MatMul reads as a linear's [out, in] (made once per weight)."""
+    """The weight [in, out] a MatMul reads as a linear's [out, in] (made once per weight), named
+    after the module it was exported from where the file says (``...q_proj.weight``)."""
     name = weight.attrs["name"]
     if name not in imp.transposed:
-        imp.transposed[name] = imp.weight(name + ".T", imp.weights[name].T)
+        scope = imp.scope()
+        imp.transposed[name] = imp.weight(f"{scope}.weight" if scope else f"{name}.T", imp.weights[name].T)
     return imp.transposed[name]
 
 
