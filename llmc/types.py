@@ -35,6 +35,15 @@ def numpy_dtype(dtype: str) -> type:
     return _NUMPY_DTYPES[dtype]
 
 
+def coerce(value: Any, dtype: str) -> bool | int | float:
+    """A Python number as the attribute value of a tensor of ``dtype``."""
+    if dtype == "bool":
+        return bool(value)
+    if dtype.startswith(("i", "u")):
+        return int(value)
+    return float(value)
+
+
 def dtype_of_array(array: np.ndarray) -> str:
     for name, np_type in _NUMPY_DTYPES.items():
         if name != "bf16" and array.dtype == np_type:

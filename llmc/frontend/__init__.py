@@ -3,9 +3,12 @@ ONNX decoder -> llmc IR, by llmc.frontend.onnx_model)."""
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from llmc.errors import UnsupportedModelError
 from llmc.frontend.sources import ONNX, ModelSource, resolve
@@ -33,6 +36,16 @@ class Imported:
         graph = parse_graph(str(self.graph), dict(self.graph.weights))
         return Imported(graph, self.source, self.config, self.max_seq, dict(self.timings), self.cached, self.tokenizer,
                         copied=True)
+
+
+def last_frame(stack_trace: str) -> str | None:
+    """'file:line: code' of the innermost frame of a Python stack trace as torch records one for
+    a traced node (torch.export's fx nodes, torch.onnx's node metadata); None without one."""
+    frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)', stack_trace)
+    if not frames:
+        return None
+    path, line, _, code = frames[-1]
+    return f"{path}:{line}: {code.strip()}"
 
 
 def check_context(max_seq: int | None, config: dict, spec: Any) -> None:
@@ -123,7 +136,8 @@ def _import_onnx(source: ModelSource, max_seq: int | None) -> Imported:
     it when there is one (the context and the special tokens come from it)."""
     import json
 
-    from llmc.frontend.onnx_model import check_causal, import_onnx, load_onnx, position_rows
+    from llmc.frontend.onnx_model import import_onnx, load_onnx, position_rows
+    from llmc.interpret import run
 
     timings = {}
     start = time.perf_counter()
@@ -139,7 +153,10 @@ def _import_onnx(source: ModelSource, max_seq: int | None) -> Imported:
     graph = import_onnx(model, source.spec)
     graph.name = "forward"
     verify(graph)
-    check_causal(graph, source.spec)
+    vocab = graph.outputs[0].type.shape[-1]
+    if vocab >= 2:
+        ids, changed = probe_ids(vocab)
+        refuse_unless_causal(run(graph, [ids])[0], run(graph, [changed])[0], source.spec)
     rows = position_rows(graph)
     if rows and not (config.get("max_position_embeddings") or config.get("n_positions")):
         config = {**config, "max_position_embeddings": rows}     # what the position table admits
@@ -159,7 +176,7 @@ def _vocab_size(model, config: dict) -> int | None:
     return embedding.num_embeddings if embedding is not None else None
 
 
-def check_causal(model, spec: str, vocab: int | None, length: int = 6) -> None:
+def check_causal(model, spec: str, vocab: int | None) -> None:
     """Refuse a model whose earlier outputs change when a later token does (not a causal LM)."""
     import torch
 
@@ -167,20 +184,29 @@ def check_causal(model, spec: str, vocab: int | None, length: int = 6) -> None:
 
     if not vocab or vocab < 2:
         return
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, min(vocab, 1000), (1, length), generator=generator)
-    changed = ids.clone()
-    changed[0, -1] = (ids[0, -1] + 1) % min(vocab, 1000)
+    ids, changed = probe_ids(vocab)
     wrapper = LogitsOnly(model)
     try:
         with torch.no_grad():
-            a, b = wrapper(ids), wrapper(changed)
+            a, b = wrapper(torch.from_numpy(ids)), wrapper(torch.from_numpy(changed))
     except Exception:
         return  # the trace will report what is wrong with the model's forward
-    if not isinstance(a, torch.Tensor) or a.dim() != 3 or a.shape[:2] != (1, length):
+    if not isinstance(a, torch.Tensor) or a.dim() != 3 or a.shape[:2] != ids.shape:
         raise UnsupportedModelError(f"{spec} does not return logits of shape [batch, seq, vocab] "
                                     f"(got {tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__})")
-    earlier = (a[:, :-1] - b[:, :-1]).abs().max().item()
-    if earlier > 1e-5 * max(a.abs().max().item(), 1.0):
+    refuse_unless_causal(a.float().numpy(), b.float().numpy(), spec)
+
+
+def probe_ids(vocab: int, length: int = 6) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids [1, length] (seeded) and the same with the last one changed: the causality probe's."""
+    ids = np.random.default_rng(0).integers(0, min(vocab, 1000), (1, length), dtype=np.int64)
+    changed = ids.copy()
+    changed[0, -1] = (ids[0, -1] + 1) % min(vocab, 1000)
+    return ids, changed
+
+
+def refuse_unless_causal(a: np.ndarray, b: np.ndarray, spec: str) -> None:
+    """UnsupportedModelError when the logits of the probe's two inputs differ before the last token."""
+    if np.abs(a[:, :-1] - b[:, :-1]).max() > 1e-5 * max(float(np.abs(a).max()), 1.0):
         raise UnsupportedModelError(f"{spec} is not a causal language model: its outputs at earlier positions "
                                     "change when a later token changes (encoder-only models are not supported)")

@@ -20,7 +20,9 @@ from torch.export.graph_signature import InputKind
 
 from llmc import dims, ops
 from llmc.errors import UnsupportedOpError
+from llmc.frontend import last_frame
 from llmc.ir import Graph, Node, Type
+from llmc.types import coerce
 
 aten = torch.ops.aten
 
@@ -37,21 +39,7 @@ class ImporterBug(AssertionError):
 
 def source_location(fx_node: torch.fx.Node) -> str:
     """'file:line: code' of the model source line that produced an fx node, if torch recorded it."""
-    trace = fx_node.meta.get("stack_trace") or ""
-    frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)', trace)
-    if not frames:
-        return "unknown location"
-    path, line, _, code = frames[-1]
-    return f"{path}:{line}: {code.strip()}"
-
-
-def coerce(value: Any, dtype: str) -> bool | int | float:
-    """A Python number as the attribute value of a tensor of ``dtype``."""
-    if dtype == "bool":
-        return bool(value)
-    if dtype.startswith(("i", "u")):
-        return int(value)
-    return float(value)
+    return last_frame(fx_node.meta.get("stack_trace") or "") or "unknown location"
 
 
 class Importer:

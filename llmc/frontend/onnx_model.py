@@ -33,8 +33,9 @@ import numpy as np
 
 from llmc import dims, ops
 from llmc.errors import SourceError, UnsupportedModelError, UnsupportedOpError
+from llmc.frontend import last_frame
 from llmc.ir import Graph, Node, Type
-from llmc.types import dtype_of_array, numpy_dtype
+from llmc.types import coerce, dtype_of_array, numpy_dtype
 
 SEQ = "seq"
 INT64_BIG = 2 ** 62          # ONNX Slice's "to the end" is INT64_MAX; anything past this means it
@@ -68,7 +69,7 @@ def load_onnx(path: Path, spec: str):
     try:
         import onnx
     except ImportError:
-        raise SourceError(f"reading {spec} needs the onnx package: pip install 'llmc[onnx]'") from None
+        raise SourceError(f"reading {spec} needs the onnx package: pip install 'llmc-compiler[onnx]'") from None
     try:
         return onnx.load(str(path), load_external_data=True)
     except Exception as exc:  # onnx raises DecodeError, OSError, ValidationError...
@@ -80,22 +81,6 @@ def load_onnx(path: Path, spec: str):
 def import_onnx(model, spec: str) -> Graph:
     """The IR graph ``input_ids[1, seq] -> logits[1, seq, vocab]`` of an ONNX decoder."""
     return OnnxImporter(model, spec).run()
-
-
-def check_causal(graph: Graph, spec: str, length: int = 6) -> None:
-    """Refuse a graph whose earlier logits change when a later token does (not a causal LM)."""
-    from llmc.interpret import run
-
-    vocab = graph.outputs[0].type.shape[-1]
-    if not isinstance(vocab, int) or vocab < 2:
-        return
-    ids = np.random.default_rng(0).integers(0, min(vocab, 1000), (1, length), dtype=np.int64)
-    changed = ids.copy()
-    changed[0, -1] = (ids[0, -1] + 1) % min(vocab, 1000)
-    a, b = run(graph, [ids])[0], run(graph, [changed])[0]
-    if np.abs(a[:, :-1] - b[:, :-1]).max() > 1e-5 * max(float(np.abs(a).max()), 1.0):
-        raise UnsupportedModelError(f"{spec} is not a causal language model: its outputs at earlier positions "
-                                    "change when a later token changes (encoder-only models are not supported)")
 
 
 def position_rows(graph: Graph) -> int | None:
@@ -140,8 +125,8 @@ class OnnxImporter:
         if node is None:
             return ""
         name = f"node {node.name!r}: " if node.name else ""
-        frames = re.findall(r'File "([^"]+)", line (\d+)', _metadata(node, "pkg.torch.onnx.stack_trace"))
-        at = f", from {frames[-1][0]}:{frames[-1][1]}" if frames else ""
+        frame = last_frame(_metadata(node, "pkg.torch.onnx.stack_trace"))
+        at = f", from {frame}" if frame else ""
         return f" ({name}{node.op_type} -> {', '.join(node.output)}{at})"
 
     def scope(self) -> str | None:
@@ -195,8 +180,17 @@ class OnnxImporter:
         return Node(op, inputs, attrs, type)
 
     def const(self, value: Any, dtype: str) -> Node:
-        value = bool(value) if dtype == "bool" else int(value) if dtype[0] in "iu" else float(value)
-        return Node("const", (), {"value": value, "dtype": dtype}, Type(dtype, ()))
+        return Node("const", (), {"value": coerce(value, dtype), "dtype": dtype}, Type(dtype, ()))
+
+    def literal(self, name: str, array: np.ndarray) -> Any:
+        """An initializer's or a Constant's value: a small integer tensor is known (folded at
+        import), a scalar a const, anything else a weight."""
+        dtype = dtype_of_array(array)
+        if (dtype[0] in "iu" or dtype == "bool") and array.size <= KNOWN_LIMIT:
+            return Known(np.array(array.tolist(), dtype=object).reshape(array.shape), dtype)
+        if array.ndim == 0:
+            return self.const(array.item(), dtype)
+        return self.weight(name, array)
 
     def weight(self, name: str, array: np.ndarray) -> Node:
         """A weight node for ``array``, stored once: an array equal to an earlier one is that one."""
@@ -231,15 +225,11 @@ class OnnxImporter:
             node = self.emit("cast", [node], dtype=dtype)
         return node
 
-    def known(self, value: Any) -> Known | None:
-        return value if isinstance(value, Known) else None
-
     def ints(self, value: Any, what: str) -> list:
         """The entries of a known integer operand (a shape, axes, starts)."""
-        known = self.known(value)
-        if known is None:
+        if not isinstance(value, Known):
             raise self.unsupported(f"this node: its {what} is computed from the data, not known at import")
-        return [int(v) if isinstance(v, (np.integer, bool)) else v for v in known.values.reshape(-1).tolist()]
+        return [int(v) if isinstance(v, (np.integer, bool)) else v for v in value.values.reshape(-1).tolist()]
 
     def shape_of(self, value: Any) -> tuple:
         return value.values.shape if isinstance(value, Known) else value.type.shape
@@ -267,7 +257,10 @@ class OnnxImporter:
         for info in list(graph.value_info) + list(graph.output):
             self.declared[info.name] = self.onnx_type(info.type)
         for name, tensor in self.initializers.items():
-            self.values[name] = self.initializer(name, self.to_array(tensor))
+            if tensor.data_type not in ONNX_DTYPES:
+                raise UnsupportedModelError(f"{self.spec}: the initializer {name} has a data type llmc does not know")
+            array = self.to_array(tensor)
+            self.values[name] = self.literal(name, array.astype(np.float32) if array.dtype.kind == "V" else array)
         self.values[""] = None
         self.values.update(given)
         for node in graph.node:
@@ -334,18 +327,6 @@ class OnnxImporter:
                 raise _decoder_shape_error(self.spec, f"its input {other.name} is not [batch, seq] integers")
             values[other.name] = DEFAULTED[other.name](self, declared[0])
         return values
-
-    def initializer(self, name: str, array: np.ndarray) -> Any:
-        dtype = ONNX_DTYPES.get(self.initializers[name].data_type)
-        if dtype is None:
-            raise UnsupportedModelError(f"{self.spec}: the initializer {name} has a data type llmc does not know")
-        if (dtype[0] in "iu" or dtype == "bool") and array.size <= KNOWN_LIMIT:
-            return Known(np.array(array.tolist(), dtype=object).reshape(array.shape), dtype)
-        if array.ndim == 0:
-            return self.const(array.item(), dtype)
-        if dtype == "bf16":
-            array = array.astype(np.float32)
-        return self.weight(name, array)
 
     def check(self, name: str, value: Any) -> None:
         declared = self.declared.get(name)
@@ -563,12 +544,7 @@ def _constant(imp, **attrs):
         array = np.asarray(attrs.get("value_floats", attrs.get("value_ints")))
     else:
         raise imp.unsupported(f"a Constant given as {', '.join(attrs)}")
-    dtype = dtype_of_array(array)
-    if (dtype[0] in "iu" or dtype == "bool") and array.size <= KNOWN_LIMIT:
-        return Known(np.array(array.tolist(), dtype=object).reshape(array.shape), dtype)
-    if array.ndim == 0:
-        return imp.const(array.item(), dtype)
-    return imp.weight(imp.current.output[0], array)
+    return imp.literal(imp.current.output[0], array)
 
 
 @handles("Shape")
@@ -718,8 +694,6 @@ def _slice_bounds(size, start, end, step):
     if isinstance(size, int):
         start = min(max(start, 0), size) if isinstance(start, int) else start
         end = min(max(end, 0), size) if isinstance(end, int) else end
-    elif isinstance(end, int) and end >= INT64_BIG:
-        end = size
     return start, end
 
 

@@ -17,6 +17,7 @@ from .. import pool_arrays
 from . import PROVIDERS
 from .weights import initializers
 
+
 class OnnxExecutor:
     def __init__(self, artifact, threads: int | None = None):
         try:
