@@ -232,8 +232,11 @@ def _target_options(parser) -> None:
         kind = targets.option_type(owners[0][1])
         said = "; ".join(f"{t}: {f.metadata.get('help', '')}" for t, f in owners) if len(owners) > 1 \
             else f"{metadata.get('help', '')} (target {owners[0][0]})"
+        choices = None          # each target checks its own; the flag takes any owner's
+        if all("choices" in f.metadata for _, f in owners):
+            choices = list(dict.fromkeys(c for _, f in owners for c in f.metadata["choices"]))
         parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=said,
-                            choices=metadata.get("choices"), metavar=metadata.get("metavar"))
+                            choices=choices, metavar=metadata.get("metavar"))
 
 
 def _cache_option(parser, default: str | None = "on") -> None:

@@ -73,6 +73,49 @@ def test_matmulnbits_parts_dequantize_to_llmc_s_weights(scheme):
     assert np.all(got[2, :s.group] == got[2, 0])
 
 
+def test_f16_activations_keep_the_rope_angles_in_f32(tmp_path):
+    """--act-dtype f16: the activations are f16 from the embedding to the logits (which leave as
+    f32), the weights f16 initializers, while the angles positions * inv_freq and their cos and sin
+    stay f32 and are cast where they meet the queries and keys: at positions past 2048, where f16
+    steps by 2 and a rounded angle is off by up to a radian, the logits still agree with the f32
+    build's to f16 rounding. With q4g32, MatMulNBits takes f16 activations and scales."""
+    import onnx
+    import transformers
+
+    from conftest import COMMON
+    from llmc.artifact import read_artifact
+
+    source = tmp_path / "hf"
+    model = tiny_model("llama", config=transformers.LlamaConfig(**{**COMMON, "max_position_embeddings": 4096}))
+    for layer in model.model.layers:          # sharp attention, so the logits depend on the angles
+        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+            proj.weight.data *= 6
+    model.save_pretrained(source)
+    ids = np.random.default_rng(8).integers(0, 128, 2300).tolist()
+    for quant, bound in (("f32", 3e-3), ("q4g32", 3e-2)):
+        f32, f16 = tmp_path / "f32.llmc", tmp_path / "f16.llmc"
+        compile_model(str(source), f32, target="onnx", quant=quant, kv="f16", progress=None)
+        compile_model(str(source), f16, target="onnx", quant=quant, kv="f16", act_dtype="f16", progress=None)
+        want = llmc.load(f32, max_context=4096).logits(ids)[-300:]
+        got = llmc.load(f16, max_context=4096).logits(ids)[-300:]
+        assert relative_error(got, want) < bound, quant
+        artifact = read_artifact(f16)
+        assert artifact.manifest["target"]["act_dtype"] == "f16"
+        graph = onnx.shape_inference.infer_shapes(onnx.load_from_string(bytes(artifact.section("onnx")))).graph
+        types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.output]}
+        by_op = {}
+        for node in graph.node:
+            by_op.setdefault(node.op_type, []).append(node)
+        assert {types[n.output[0]] for n in by_op["Cos"] + by_op["Sin"]} == {onnx.TensorProto.FLOAT}
+        assert {types[n.output[0]] for n in by_op["Gather"][:1]} == {onnx.TensorProto.FLOAT16}     # the embedding
+        assert types["logits"] == onnx.TensorProto.FLOAT
+        floats = {i[0]: i[3] for i in artifact.manifest["target"]["initializers"] if i[1] != "nibbles"}
+        assert floats.pop("model.rotary_emb.inv_freq") == "f32" and set(floats.values()) == {"f16"}
+        assert len(by_op.get("MatMulNBits", [])) == (9 if quant == "q4g32" else 0)      # q/k/v, o, gate/up, down; the head
+    with pytest.raises(LlmcError, match="an onnx build's activations are f32 or f16, not 'bf16'"):
+        compile_model(str(source), tmp_path / "x.llmc", target="onnx", act_dtype="bf16", progress=None)
+
+
 def test_what_the_onnx_target_refuses_is_one_clear_error(families, tmp_path):
     with pytest.raises(llmc.UsageError, match="target onnx has no int8 KV cache; build it with --kv f16 or f32"):
         compile_model(families["llama"][1].copy(), tmp_path / "a.llmc", target="onnx", kv="int8", progress=None)
@@ -99,7 +142,7 @@ def test_inspect_verify_and_a_run_without_the_onnx_package(families, tmp_path):
     path = tmp_path / "m.llmc"
     compile_model(families["qwen2"][1].copy(), path, target="onnx", progress=None)
     shown = subprocess.run([sys.executable, "-m", "llmc", "inspect", str(path)], capture_output=True, text=True)
-    assert shown.returncode == 0 and "onnx      opset 21, provider cpu, up to 512 tokens a call" in shown.stdout
+    assert shown.returncode == 0 and "onnx      opset 21, provider cpu, f32 activations, up to 512 tokens a call" in shown.stdout
     assert "target    onnx: ONNX Runtime, CPUExecutionProvider" in shown.stdout
     checked = subprocess.run([sys.executable, "-m", "llmc", "verify", str(path)], capture_output=True, text=True)
     assert checked.returncode == 0, checked.stderr

@@ -23,6 +23,13 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 KV_FORMATS = ("f16", "f32")     # the pool in f32 or f16; no int8 pool
 DEFAULT_KV = "f32"
 OPSETS = range(17, 24)
+ACT_DTYPES = ("f32", "f16")
+
+
+def act_dtype(options) -> str:
+    """The build's activation dtype: as asked, else f16 on CUDA (as ORT GenAI's CUDA builds) and f32
+    on the CPU provider (whose f16 kernels are few: ORT casts around the rest)."""
+    return options.act_dtype or ("f16" if options.provider == "cuda" else "f32")
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,10 @@ class Options:
         "help": "MatMulNBits's accuracy level for q8/q4 linears of an onnx build: 4 multiplies int8-rounded "
                 "activations (as the cpu target does), 0 the exact product with the dequantized weight",
         "choices": [0, 1, 2, 3, 4]})
+    act_dtype: str | None = field(default=None, metadata={
+        "help": "activation dtype of an onnx build: f32, or f16 (the rope's angles stay f32, attention "
+                "accumulates in f32); default f16 with --provider cuda, else f32",
+        "choices": list(ACT_DTYPES)})
     chunk: int | None = chunk_option()
 
 
@@ -46,6 +57,8 @@ def check(options: Options) -> None:
         raise UsageError(f"the onnx target writes opsets {OPSETS.start} to {OPSETS.stop - 1}, not {options.opset!r}")
     if options.accuracy_level not in range(5):
         raise UsageError(f"MatMulNBits's accuracy level is 0 to 4, not {options.accuracy_level!r}")
+    if options.act_dtype is not None and options.act_dtype not in ACT_DTYPES:
+        raise UsageError(f"an onnx build's activations are {' or '.join(ACT_DTYPES)}, not {options.act_dtype!r}")
     check_chunk(options.chunk)
 
 
@@ -57,7 +70,8 @@ def emit(graph, options: Options, progress=None) -> Build:
         raise UsageError("building for target onnx needs the onnx package: pip install 'llmc-compiler[onnx]'")
     from .lower import lower
 
-    model, initializers, pool_dtype = lower(graph, options.opset, options.accuracy_level)
+    act = act_dtype(options)
+    model, initializers, pool_dtype = lower(graph, options.opset, options.accuracy_level, act)
     data = model.SerializeToString()
     nodes = {}
     for node in model.graph.node:
@@ -65,12 +79,13 @@ def emit(graph, options: Options, progress=None) -> Build:
     chunk = options.chunk or DEFAULT_MAX_TOKENS
     manifest = {"name": "onnx", "executor": f"ONNX Runtime, {PROVIDERS[options.provider]}",
                 "provider": options.provider, "opset": options.opset,
-                "accuracy_level": options.accuracy_level, "chunk": chunk, "max_tokens": chunk,
+                "accuracy_level": options.accuracy_level, "act_dtype": act, "chunk": chunk, "max_tokens": chunk,
                 "initializers": [i.record() for i in initializers], "nodes": nodes}
     contrib = sum(n for op, n in nodes.items() if op in ("MatMulNBits", "SkipSimplifiedLayerNormalization",
                                                           "SkipLayerNormalization", "SimplifiedLayerNormalization"))
     summary = (f"{len(model.graph.node)} ONNX nodes ({contrib} of ORT's fused and quantized ops), opset "
-               f"{options.opset}, model {len(data) / 1e3:.0f} kB without weights, provider {options.provider}")
+               f"{options.opset}, {act} activations, model {len(data) / 1e3:.0f} kB without weights, provider "
+               f"{options.provider}")
     return Build({"onnx": data}, manifest, chunk, {}, pool_dtype=pool_dtype, summary=summary,
                  report={"nodes": nodes, "model_bytes": len(data)})
 
@@ -78,7 +93,8 @@ def emit(graph, options: Options, progress=None) -> Build:
 def describe(artifact) -> list[str]:
     target = artifact.manifest["target"]
     top = ", ".join(f"{op} x{n}" for op, n in sorted(target["nodes"].items(), key=lambda kv: -kv[1])[:8])
-    return [f"onnx      opset {target['opset']}, provider {target['provider']}, up to {target['chunk']} tokens a "
+    return [f"onnx      opset {target['opset']}, provider {target['provider']}, {target.get('act_dtype', 'f32')} activations, "
+            f"up to {target['chunk']} tokens a "
             f"call, {sum(target['nodes'].values())} nodes: {top}, ..."]
 
 
@@ -106,6 +122,9 @@ def check_artifact(artifact) -> None:
         check_dict(target, "target", ("provider", "opset", "accuracy_level", "chunk", "max_tokens", "initializers",
                                       "nodes"))
         check_str(target["provider"], "target.provider")
+        if target.get("act_dtype", "f32") not in ACT_DTYPES:        # builds before the option are f32
+            raise ManifestError("target.act_dtype", f"is {json.dumps(target['act_dtype'])[:40]}, not one of "
+                                f"{', '.join(ACT_DTYPES)}")
         check_int(target["chunk"], "target.chunk", 1, 1 << 20)
         check_list(target["initializers"], "target.initializers")
         for record in target["initializers"]:

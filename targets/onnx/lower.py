@@ -21,7 +21,7 @@ from onnx import TensorProto, helper
 from llmc import dims
 from llmc.errors import LlmcError
 from llmc.ir import Graph, Node
-from llmc.types import DTYPE_BYTES, numpy_dtype
+from llmc.types import DTYPE_BYTES, FLOAT_DTYPES, numpy_dtype, result_types
 from llmc.ops import fused_body
 from llmc.quant import parse_scheme
 
@@ -35,6 +35,11 @@ BINARY = {"add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div", "pow": "Pow", 
           "eq": "Equal", "lt": "Less", "le": "LessOrEqual", "gt": "Greater", "ge": "GreaterOrEqual", "and": "And",
           "or": "Or"}
 REDUCE = {"sum": "ReduceSum", "mean": "ReduceMean", "max": "ReduceMax", "min": "ReduceMin"}
+# With f16 activations: the ops whose handlers compute in f32 (attention over the pool, a q4/q8
+# row's dequantization), their float inputs cast to f32 and their result back to f16; and the
+# inputs of an op that are a quantized weight's parts (made by weights.py, never cast).
+F32_INSIDE = ("attention", "qembedding")
+SOURCES = ("embedding", "qembedding")       # where the activations begin
 
 
 class OnnxLoweringError(LlmcError):
@@ -58,10 +63,13 @@ class Initializer:
 
 
 class OnnxLowering:
-    def __init__(self, graph: Graph, opset: int, accuracy_level: int):
+    def __init__(self, graph: Graph, opset: int, accuracy_level: int, act: str = "f32"):
         self.graph = graph
         self.opset = opset
         self.accuracy_level = accuracy_level
+        self.act = act
+        self.half: set[str] = set()     # with act f16: the values that are activations, in f16
+        self.float = "f32"              # the float dtype the node being lowered computes in
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: dict[str, Initializer] = {}
         self.values: dict[int, object] = {}
@@ -162,7 +170,10 @@ class OnnxLowering:
         for node in graph.nodes():                 # the nodes the output needs, in order
             if node.op != "input":
                 self.values[id(node)] = self.lower(node)
-        self.nodes.append(helper.make_node("Identity", [self.read(graph.outputs[0])], ["logits"]))
+        logits = self.read(graph.outputs[0])
+        if logits in self.half:
+            logits = self.add("Cast", [logits], to=TensorProto.FLOAT)
+        self.nodes.append(helper.make_node("Identity", [logits], ["logits"]))
         layers = sorted(self.new_kv)
         if layers != list(range(len(layers))):
             raise OnnxLoweringError(f"the attention layers {layers} are not 0..{len(layers) - 1}")
@@ -200,6 +211,61 @@ class OnnxLowering:
             return node.attrs["name"]
         if op == "get":
             return self.values[id(node.inputs[0])][a["index"]]
+        if self.act == "f32":
+            return self.dispatch(node, xs, a)
+        # f16 activations: they begin at the embedding and spread to every node that reads one; the
+        # rest (the rope's angles from the positions, masks, constants) stays f32 and is cast where
+        # it meets an activation, so a long position keeps its angle's precision.
+        half = op in SOURCES or any(x in self.half for x in xs if isinstance(x, str))
+        self.float = "f32" if op in F32_INSIDE or not half else "f16"
+        parts = self.parts(node)
+        xs = [x if i in parts else self.harmonised(source, x) for i, (source, x) in enumerate(zip(node.inputs, xs))]
+        out = self.dispatch(node, xs, a)
+        self.float = "f32"
+        if not half:
+            return out
+        floats = [t.dtype in FLOAT_DTYPES for t in result_types(node.type)]
+        outs = list(out) if isinstance(out, tuple) else [out]
+        if op in F32_INSIDE:
+            outs = [self.add("Cast", [o], to=TensorProto.FLOAT16) if f else o for o, f in zip(outs, floats)]
+        self.half.update(o for o, f in zip(outs, floats) if f)
+        return tuple(outs) if isinstance(out, tuple) else outs[0]
+
+    @staticmethod
+    def parts(node: Node) -> range:
+        """The inputs of ``node`` that are a quantized weight's parts (their initializers are made
+        by weights.py in the dtype the handler asks for)."""
+        if node.op not in ("qlinear", "qembedding"):
+            return range(0)
+        count = len(parse_scheme(node.attrs["scheme"]).parts)
+        return range(1, 1 + count) if node.op == "qlinear" else range(count)
+
+    def harmonised(self, source: Node, x: str) -> str:
+        """``x`` (the value of ``source``) in the float dtype the node being lowered computes in
+        (``self.float``): an activation cast to f32 for an op that computes in f32, any other float
+        value cast to f16 where it meets an activation, a float weight as an initializer of that
+        dtype. The pool (a graph input) and non-float values stay as they are."""
+        want = self.float
+        if source.type.dtype not in FLOAT_DTYPES or source.op == "input" or not isinstance(x, str):
+            return x
+        if source.op == "weight":
+            return self.weight_as(x, want)
+        if (x in self.half) == (want == "f16"):
+            return x
+        key = ("cast", x, want)
+        if key not in self.cache:
+            self.cache[key] = self.add("Cast", [x], to=DTYPES[want])
+        return self.cache[key]
+
+    def weight_as(self, name: str, dtype: str) -> str:
+        """A float weight as an initializer of ``dtype``: itself, or a copy converted at load."""
+        t = self.weight_types[name]
+        if t.dtype == dtype:
+            return name
+        return self.derived(f"{name}#{dtype}", "weight", [name], dtype, tuple(t.shape))
+
+    def dispatch(self, node: Node, xs: list, a: dict):
+        op = node.op
         if op in UNARY or op in BINARY or op in ("rsqrt", "silu", "gelu", "cast", "ne", "where", "fused"):
             return self.elementwise(op, xs, a)
         handler = getattr(self, "_" + op, None)
@@ -227,6 +293,8 @@ class OnnxLowering:
         if op == "gelu":
             return self.add("Gelu", xs, approximate="tanh" if a["approximate"] == "tanh" else "none")
         if op == "cast":
+            if self.float == "f16" and a["dtype"] in FLOAT_DTYPES:     # an activation stays in the activation dtype
+                return xs[0]
             return self.add("Cast", xs, to=DTYPES[a["dtype"]])
         return self.add("Where", xs)
 
@@ -311,11 +379,11 @@ class OnnxLowering:
         names = [p.attrs["name"] for p in parts]
         codes = self.derived(f"{names[0]}#codes", "nibbles" if bits == 4 else "bytes", names, "u8",
                              (rows, blocks, group * bits // 8))
-        scales = self.derived(f"{names[1]}#scales", "scales", names, "f32", (rows * blocks,))
+        scales = self.derived(f"{names[1]}#scales", "scales", names, self.float, (rows * blocks,))
         y = self.add("MatMulNBits", [xs[0], codes, scales], domain=CONTRIB, K=cols, N=rows, bits=bits,
                      block_size=group, accuracy_level=self.accuracy_level)
         if "mins" in scheme.parts:
-            offsets = self.derived(f"{names[2]}#offsets", "offsets", names, "f32", (blocks, rows))
+            offsets = self.derived(f"{names[2]}#offsets", "offsets", names, self.float, (blocks, rows))
             rank = node.inputs[0].type.rank
             sums = self.add("ReduceSum", [self.reshape(xs[0], [0] * (rank - 1) + [blocks, group]), self.const([-1])],
                             keepdims=0)
@@ -352,8 +420,8 @@ class OnnxLowering:
 
     def _layer_norm(self, node, xs, a):
         width = node.inputs[0].type.shape[-1]
-        scale = xs[1] if len(xs) > 1 else self.const(np.ones(width), "f32")
-        bias = xs[2] if len(xs) > 2 else self.const(np.zeros(width), "f32")
+        scale = xs[1] if len(xs) > 1 else self.const(np.ones(width), self.float)
+        bias = xs[2] if len(xs) > 2 else self.const(np.zeros(width), self.float)
         return self.add("LayerNormalization", [xs[0], scale, bias], axis=-1, epsilon=float(a["eps"]))
 
     def _add_norm(self, node, xs, a):
@@ -362,8 +430,8 @@ class OnnxLowering:
             out = self.add("SkipSimplifiedLayerNormalization", xs, outputs=4, domain=CONTRIB, epsilon=float(a["eps"]))
             return out[3], out[0]
         width = node.inputs[0].type.shape[-1]
-        scale = xs[2] if len(xs) > 2 else self.const(np.ones(width), "f32")
-        bias = xs[3] if len(xs) > 3 else self.const(np.zeros(width), "f32")
+        scale = xs[2] if len(xs) > 2 else self.const(np.ones(width), self.float)
+        bias = xs[3] if len(xs) > 3 else self.const(np.zeros(width), self.float)
         out = self.add("SkipLayerNormalization", [xs[0], xs[1], scale, bias], outputs=4, domain=CONTRIB,
                        epsilon=float(a["eps"]))
         return out[3], out[0]
@@ -482,8 +550,8 @@ class OnnxLowering:
         return self.reshape(out, [1, heads, -1, width])
 
 
-def lower(graph: Graph, opset: int, accuracy_level: int) -> tuple[onnx.ModelProto, list[Initializer], str]:
+def lower(graph: Graph, opset: int, accuracy_level: int, act: str = "f32") -> tuple[onnx.ModelProto, list[Initializer], str]:
     """(the ONNX model, the initializers the executor makes at load, the pool's dtype)."""
-    lowering = OnnxLowering(graph, opset, accuracy_level)
+    lowering = OnnxLowering(graph, opset, accuracy_level, act)
     model = lowering.run()
     return model, list(lowering.initializers.values()), lowering.pool_dtype

@@ -5,9 +5,12 @@ quantized linear's parts become MatMulNBits's, with its default zero point (8 fo
 
 - "nibbles": q4 codes, two a byte in element order (llmc keeps element j with j + G/2, GGUF's order)
 - "bytes":   q8 codes offset by 128
-- "scales":  the f16 scales as f32, one per group
-- "offsets": a q4 group's min plus 8 scales, [K/G, N] f32: w = q s + min = (q - 8) s + (min + 8 s),
-  the second term added as the group sums of x times these
+- "scales":  the f16 scales, one per group, in the activations' dtype (MatMulNBits's T)
+- "offsets": a q4 group's min plus 8 scales, [K/G, N]: w = q s + min = (q - 8) s + (min + 8 s), the
+  second term added as the group sums of x times these
+
+A float initializer is converted at load to the dtype its record declares (f16 in a build with f16
+activations; the artifact keeps the weights as every target reads them).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Iterator
 import numpy as np
 
 from llmc.artifact import ArtifactError
-from llmc.types import numpy_dtype
+from llmc.types import FLOAT_DTYPES, numpy_dtype
 
 KINDS = ("weight", "nibbles", "bytes", "scales", "offsets")
 
@@ -46,7 +49,10 @@ def initializers(artifact) -> Iterator[tuple[str, np.ndarray]]:
     onnx entry records, made from its tensors; an ArtifactError for one that comes out otherwise."""
     tensors = artifact.weights()
     for name, kind, sources, dtype, shape in artifact.manifest["target"]["initializers"]:
-        array = np.ascontiguousarray(make(kind, [tensors[s] for s in sources], tuple(shape)))
+        array = make(kind, [tensors[s] for s in sources], tuple(shape))
+        if dtype in FLOAT_DTYPES and array.dtype.kind == "f":     # a build with f16 activations: f16 weights
+            array = array.astype(numpy_dtype(dtype), copy=False)
+        array = np.ascontiguousarray(array)
         if array.dtype != numpy_dtype(dtype) or array.size != int(np.prod(shape, dtype=np.int64)):
             raise ArtifactError(f"{artifact.path}: initializer {name} is not {dtype}{list(shape)}; rebuild the artifact")
         yield name, array.reshape(shape)
