@@ -47,6 +47,30 @@ def test_quantized_linears_run_as_matmulnbits_with_the_same_weights(families, sc
         assert relative_error(llmc.load(path).logits(PROMPT * 3), want) < bound, level
 
 
+def test_a_gguf_q4_0_weight_is_matmulnbits_alone(tmp_path):
+    """GGUF's Q4_0 blocks (kept as q4g32 with min = -8 scale by --quant gguf) are MatMulNBits with
+    its default zero point and nothing beside it, as ORT GenAI's symmetric int4; Q4_1's mins keep
+    their group sums. Both equal the reference at accuracy level 0."""
+    import gguf
+    import onnx
+
+    from llmc.artifact import read_artifact
+    from test_gguf import write_gguf
+
+    model = tiny_model("llama")
+    for qtype, sums in ((gguf.GGMLQuantizationType.Q4_0, 0), (gguf.GGMLQuantizationType.Q4_1, 9)):
+        source, path, ref = tmp_path / f"{qtype.name}.gguf", tmp_path / "onnx.llmc", tmp_path / "ref.llmc"
+        write_gguf(model, "llama", source, True, qtype=qtype)
+        compile_model(str(source), ref, target="ref", kv="f32", progress=None)
+        compile_model(str(source), path, target="onnx", kv="f32", accuracy_level=0, progress=None)
+        assert relative_error(llmc.load(path).logits(PROMPT * 3), llmc.load(ref).logits(PROMPT * 3)) < 1e-5
+        artifact = read_artifact(path)
+        ops = [n.op_type for n in onnx.load_from_string(bytes(artifact.section("onnx"))).graph.node]
+        assert ops.count("MatMulNBits") == 9 and ops.count("ReduceSum") == sums, qtype.name
+        kinds = [record[1] for record in artifact.manifest["target"]["initializers"]]
+        assert kinds.count("offsets") == sums
+
+
 @pytest.mark.parametrize("scheme", ["q4g32", "q4g128", "q8"])
 def test_matmulnbits_parts_dequantize_to_llmc_s_weights(scheme):
     """weights.make's parts, dequantized by MatMulNBits's rule ((code - 8 or 128) * scale, 4-bit

@@ -369,7 +369,7 @@ class OnnxLowering:
         element order, or 8-bit codes offset by 128, with f32 scales and its default zero point
         (8 or 128: its fast kernels; a float zero point is 30x slower). A q4 group's min enters as
         w = (q - 8) * s + (min + 8 s): the group sums of x times the [K/G, N] offsets, one small
-        MatMul beside it."""
+        MatMul beside it, left out when every offset is 0 (GGUF's Q4_0: min = -8 s)."""
         scheme = parse_scheme(a["scheme"])
         count = len(scheme.parts)
         parts = node.inputs[1:1 + count]
@@ -382,13 +382,22 @@ class OnnxLowering:
         scales = self.derived(f"{names[1]}#scales", "scales", names, self.float, (rows * blocks,))
         y = self.add("MatMulNBits", [xs[0], codes, scales], domain=CONTRIB, K=cols, N=rows, bits=bits,
                      block_size=group, accuracy_level=self.accuracy_level)
-        if "mins" in scheme.parts:
+        if "mins" in scheme.parts and not self.symmetric(names[1], names[2]):
             offsets = self.derived(f"{names[2]}#offsets", "offsets", names, self.float, (blocks, rows))
             rank = node.inputs[0].type.rank
             sums = self.add("ReduceSum", [self.reshape(xs[0], [0] * (rank - 1) + [blocks, group]), self.const([-1])],
                             keepdims=0)
             y = self.add("Add", [y, self.add("MatMul", [sums, offsets])])
         return self.add("Add", [y, xs[1 + count]]) if len(xs) > 1 + count else y
+
+    def symmetric(self, scales: str, mins: str) -> bool:
+        """Whether every group's min is -8 times its scale (a GGUF Q4_0 weight, or a symmetric one):
+        then the offsets min + 8 s are all 0 and MatMulNBits's default zero point alone gives the
+        weight, with no group sums beside it."""
+        weights = self.graph.weights
+        if scales not in weights or mins not in weights:
+            return False
+        return not (weights[mins].astype(np.float32) + 8 * weights[scales].astype(np.float32)).any()
 
     def derived(self, name: str, kind: str, sources: list[str], dtype: str, shape) -> str:
         self.initializers.setdefault(name, Initializer(name, kind, tuple(sources), dtype, tuple(shape)))
