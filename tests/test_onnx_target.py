@@ -140,6 +140,45 @@ def test_f16_activations_keep_the_rope_angles_in_f32(tmp_path):
         compile_model(str(source), tmp_path / "x.llmc", target="onnx", act_dtype="bf16", progress=None)
 
 
+def test_the_contiguous_rows_follow_the_pool(families, tmp_path):
+    """GroupQueryAttention reads each sequence's keys and values from a contiguous row the executor
+    keeps beside the pool. A row serves a later step only while it agrees with the pool: a
+    sequence that takes over another's blocks (here B, in A's freed blocks) gets a row of its own,
+    and a prefix-cache hit on B's blocks (C) continues B's row, not A's stale one of the same
+    blocks and length; a hit on one block only (D, beside C's decode in one step) is filled from
+    the pool. Every token's logits are those of its sequence run alone."""
+    from llmc import abi
+
+    path = tmp_path / "m.llmc"
+    compile_model(families["qwen2"][1].copy(), path, target="onnx", block_size=4, progress=None)
+    model, alone = llmc.load(path, max_context=64, kv_blocks=24), llmc.load(path, max_context=64)
+    rng = np.random.default_rng(12)
+    a, b, c, d = (rng.integers(0, 128, n) for n in (8, 8, 5, 6))
+
+    def step(*parts):
+        """parts: (tokens, first position, table) per sequence; the logits of each part's tokens."""
+        tables = np.full((len(parts), max(len(t) for _, _, t in parts)), 0, np.int64)
+        for s, (_, _, table) in enumerate(parts):
+            tables[s, :len(table)] = table
+        batch = abi.Batch(np.concatenate([t for t, _, _ in parts]),
+                          np.concatenate([np.arange(f, f + len(t)) for t, f, _ in parts]),
+                          np.concatenate([np.full(len(t), s) for s, (t, _, _) in enumerate(parts)]).astype(np.int64),
+                          tables, np.arange(sum(len(t) for t, _, _ in parts), dtype=np.int64))
+        logits = model.run_batch(batch)
+        return np.split(logits, np.cumsum([len(t) for t, _, _ in parts])[:-1])
+
+    def close(got, whole, first):
+        np.testing.assert_allclose(got, alone.logits(list(whole))[first:first + len(got)], rtol=1e-5, atol=1e-5)
+
+    close(step((a, 0, [3, 7]))[0], a, 0)
+    close(step((b, 0, [3, 7]))[0], b, 0)                        # A's blocks, now B's
+    got_c, got_d = step((c, 8, [3, 7, 9, 10]), (d, 4, [3, 11, 12]))
+    close(got_c, np.concatenate([b, c]), 8)
+    close(got_d, np.concatenate([b[:4], d]), 4)
+    got = step((c[:1], 13, [3, 7, 9, 10, 13]))[0]                # C decodes on
+    close(got, np.concatenate([b, c, c[:1]]), 13)
+
+
 def test_what_the_onnx_target_refuses_is_one_clear_error(families, tmp_path):
     with pytest.raises(llmc.UsageError, match="target onnx has no int8 KV cache; build it with --kv f16 or f32"):
         compile_model(families["llama"][1].copy(), tmp_path / "a.llmc", target="onnx", kv="int8", progress=None)
@@ -193,8 +232,8 @@ def test_a_damaged_initializer_record_is_refused_before_onnx_runtime_runs(famili
 
 def test_export_writes_a_model_folder_onnx_runtime_runs_alone(families, tmp_path):
     """``llmc export`` writes model.onnx with its weights beside it and step.json; ONNX Runtime runs
-    a prefill and a decode step from those files alone (the pool written as step.json says) with
-    the artifact's logits. A cpu artifact, or a folder that is not empty, is one clear line."""
+    a prefill and a decode step from those files alone (one sequence's caches bound as step.json
+    says, appended to in place) with the artifact's logits. A cpu artifact, or a folder that is not empty, is one clear line."""
     import json
 
     import onnxruntime as ort
@@ -206,22 +245,27 @@ def test_export_writes_a_model_folder_onnx_runtime_runs_alone(families, tmp_path
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.onnx.data", "step.json"]
     step = json.loads((out / "step.json").read_text())
-    pool = step["kv_pool"]
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    shape = (pool["layers"], 4, pool["kv_heads"], pool["block_size"], pool["head_dim"])
-    k, v = np.zeros(shape, np.float16), np.zeros(shape, np.float16)
-    tables = np.array([[2, 0, 3, 1]], np.int64)
+    shape = (1, step["kv_pool"]["kv_heads"], 64, step["kv_pool"]["head_dim"])
+    caches = {f"{w}.{layer}": ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32))
+              for layer in range(step["layers"]) for w in "kv"}
     ids = PROMPT * 3 + [11]
     got = []
-    for start, end in ((0, len(ids) - 1), (len(ids) - 1, len(ids))):
-        positions = np.arange(start, end, dtype=np.int64)
-        feed = {"tokens": np.array(ids[start:end], np.int64), "positions": positions,
-                "seq_index": np.zeros(end - start, np.int64), "block_tables": tables,
-                "logit_rows": np.arange(end - start, dtype=np.int64), "k_cache": k, "v_cache": v}
-        logits, new_k, new_v = session.run(None, feed)
-        blocks, offsets = tables[0, positions // pool["block_size"]], positions % pool["block_size"]
-        k[:, blocks, :, offsets], v[:, blocks, :, offsets] = new_k, new_v
-        got.append(logits)
+    for start, end in ((0, len(ids) - 1), (len(ids) - 1, len(ids))):        # a prefill, then a decode step
+        n = end - start
+        feed = {"tokens": np.array(ids[start:end], np.int64), "positions": np.arange(start, end, dtype=np.int64),
+                "logit_rows": np.arange(n, dtype=np.int64), "gqa_index": np.arange(n, dtype=np.int64)[None],
+                "gqa_slots": np.arange(n, dtype=np.int64), "seqlens_k": np.array([end - 1], np.int32),
+                "query_seqlens": np.array([n], np.int32), "total_length": np.array(end, np.int32)}
+        binding = session.io_binding()
+        for name, value in feed.items():
+            binding.bind_cpu_input(name, value)
+        binding.bind_output("logits")
+        for name, value in caches.items():
+            binding.bind_ortvalue_input("past_" + name, value)
+            binding.bind_ortvalue_output("present_" + name, value)
+        session.run_with_iobinding(binding)
+        got.append(binding.get_outputs()[0].numpy())
     want = llmc.load(path).logits(ids)
     assert relative_error(np.concatenate(got), want) < 1e-5
     refused = subprocess.run([sys.executable, "-m", "llmc", "export", str(path), str(out)], capture_output=True,

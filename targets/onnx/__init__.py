@@ -153,8 +153,8 @@ def executor(artifact, threads: int | None = None):
 def export(artifact, directory) -> list[str]:
     """The artifact as a standalone ONNX model folder (``llmc export``): model.onnx with its weights
     in model.onnx.data (the initializers made as the executor makes them), tokenizer.json when the
-    artifact has a tokenizer, and step.json: the step's inputs and outputs, the KV pool's layout and
-    how the new keys and values are written into it. Needs the onnx package."""
+    artifact has a tokenizer, and step.json: the step's inputs and outputs, and how its caches are
+    laid out and appended to. Needs the onnx package."""
     from pathlib import Path
 
     try:
@@ -186,16 +186,32 @@ def export(artifact, directory) -> list[str]:
         (directory / "tokenizer.json").write_bytes(bytes(artifact.section("tokenizer")))
         written.append("tokenizer.json")
     pool = manifest["kv_pool"]
+    act = manifest["target"].get("act_dtype", "f32")
+    cache = f"{act}[batch, {pool['kv_heads']}, capacity, {pool['head_dim']}]"
     step = {
-        "inputs": manifest["entry_points"]["step"]["inputs"],
+        "inputs": {
+            "tokens": "i64[seq]: the step's tokens, of one or more sequences",
+            "positions": "i64[seq]: each token's position in its sequence",
+            "logit_rows": "i64[rows]: the token rows whose logits are returned",
+            "gqa_index": "i64[batch, chunk]: per batch entry (one a sequence), the rows of its tokens in the step, "
+                         "in position order, right-padded (with any row)",
+            "gqa_slots": "i64[seq]: each token's place in gqa_index, entry * chunk + (position - first position)",
+            "seqlens_k": "i32[batch]: per entry, its length after the step minus 1 (an idle entry's length minus 1)",
+            "query_seqlens": "i32[batch]: per entry, its tokens in the step (0: idle, its cache left as it is)",
+            "total_length": "i32[]: an upper bound of seqlens_k + 1",
+            "past_k.L, past_v.L": f"{cache} per layer L: each entry's keys and values at positions 0..length-1; "
+                                  "bind present_k.L and present_v.L to the same buffers, and GroupQueryAttention "
+                                  "appends the step's in place",
+        },
         "outputs": {"logits": "f32[rows, vocab]: the rows logit_rows names",
-                    "new_k": f"{pool['dtype']}[seq, layers, kv_heads, head_dim]: each token's key, to be written "
-                             "into k_cache[:, block_tables[seq_index, positions // block_size], :, positions % "
-                             "block_size] before the next step",
-                    "new_v": "as new_k, for v_cache"},
-        "kv_pool": pool, "vocab_size": manifest["vocab_size"], "max_tokens": manifest["target"]["max_tokens"],
-        "eos_token_ids": manifest.get("eos_token_ids"), "provider": manifest["target"]["provider"],
-        "opset": manifest["target"]["opset"],
+                    "present_k.L, present_v.L": "the caches, appended to (the past buffers when bound to them)",
+                    "new_k": f"{pool['dtype']}[seq, layers, kv_heads, head_dim]: each token's key, for a paged pool "
+                             "(llmc keeps one: k_cache[:, block_tables[s, position // block_size], :, position % "
+                             "block_size]); a caller with only the caches above can ignore it",
+                    "new_v": "as new_k, for the values"},
+        "layers": pool["layers"], "kv_pool": pool, "vocab_size": manifest["vocab_size"],
+        "max_tokens": manifest["target"]["max_tokens"], "eos_token_ids": manifest.get("eos_token_ids"),
+        "provider": manifest["target"]["provider"], "opset": manifest["target"]["opset"], "act_dtype": act,
     }
     (directory / "step.json").write_text(json.dumps(step, indent=2) + "\n")
     return written + ["step.json"]

@@ -35,10 +35,9 @@ BINARY = {"add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div", "pow": "Pow", 
           "eq": "Equal", "lt": "Less", "le": "LessOrEqual", "gt": "Greater", "ge": "GreaterOrEqual", "and": "And",
           "or": "Or"}
 REDUCE = {"sum": "ReduceSum", "mean": "ReduceMean", "max": "ReduceMax", "min": "ReduceMin"}
-# With f16 activations: the ops whose handlers compute in f32 (attention over the pool, a q4/q8
-# row's dequantization), their float inputs cast to f32 and their result back to f16; and the
+# With f16 activations: the ops whose handlers compute in f32 (a q4/q8 row's dequantization), their float inputs cast to f32 and their result back to f16; and the
 # inputs of an op that are a quantized weight's parts (made by weights.py, never cast).
-F32_INSIDE = ("attention", "qembedding")
+F32_INSIDE = ("qembedding",)
 SOURCES = ("embedding", "qembedding")       # where the activations begin
 
 
@@ -76,6 +75,8 @@ class OnnxLowering:
         self.count = 0
         self.cache: dict[object, str] = {}      # constants, shapes and per-step values, made once
         self.new_kv: dict[int, tuple[str, str]] = {}
+        self.extra_inputs: dict[str, onnx.ValueInfoProto] = {}
+        self.extra_outputs: list[onnx.ValueInfoProto] = []
         self.pool_dtype = "f32"
         self.block_size = 0
         # each symbol of the step's shapes, read from the first input that has it as a dimension
@@ -183,6 +184,9 @@ class OnnxLowering:
             joined = self.add("Concat", parts, axis=1) if len(parts) > 1 else parts[0]
             self.nodes.append(helper.make_node("Identity", [joined], [which]))
             outputs.append(helper.make_tensor_value_info(which, DTYPES[self.pool_dtype], ["seq", len(layers), None, None]))
+        outputs += self.extra_outputs
+        read = {name for node in self.nodes for name in node.input}
+        inputs = [i for i in inputs if i.name in read] + list(self.extra_inputs.values())    # the pool is the executor's
         initializers = [self._declare(i) for i in self.initializers.values()]
         onnx_graph = helper.make_graph(self.nodes, "llmc_step", inputs, outputs, initializers)
         model = helper.make_model(onnx_graph, producer_name="llmc",
@@ -464,99 +468,60 @@ class OnnxLowering:
             rotated = self.add("Concat", [self.add("Neg", [second]), first], axis=-1)
         return self.add("Add", [self.add("Mul", [x, cos]), self.add("Mul", [rotated, sin])])
 
-    # -- attention over the paged pool -----------------------------------------------------------
+    # -- attention: GroupQueryAttention over each sequence's contiguous cache ------------------
 
-    def shared(self, key, make) -> str:
-        """A value every layer uses (the pool's flat view, the block rows, the masks), made once."""
-        if key not in self.cache:
-            self.cache[key] = make()
-        return self.cache[key]
-
-    def column(self, name: str) -> str:
-        return self.shared(("column", name), lambda: self.add("Unsqueeze", [name, self.const([1])]))
-
-    def mask(self, window: int) -> str:
-        """The additive f32[seq, seqs * max_blocks * block_size] mask over the gathered slots of the
-        step's sequences: 0 where the token may attend (its own sequence, a position at most its
-        own, inside the window)."""
-        def make() -> str:
-            span = self.add("Mul", [self.symbol("max_blocks"), self.const([self.block_size])])     # P
-            total = self.add("Mul", [span, self.symbol("seqs")])
-            slot = self.add("Range", [self.const(0), self.add("Squeeze", [total, self.const([0])]), self.const(1)])
-            slot_seq, slot_pos = self.add("Div", [slot, span]), self.add("Mod", [slot, span])
-            seq, pos = self.column("seq_index"), self.column("positions")
-            allowed = self.add("And", [self.add("Equal", [seq, slot_seq]), self.add("LessOrEqual", [slot_pos, pos])])
-            if window:
-                near = self.add("Less", [self.add("Sub", [pos, slot_pos]), self.const(window)])
-                allowed = self.add("And", [allowed, near])
-            return self.add("Where", [allowed, self.const(0.0, "f32"), self.const(-np.inf, "f32")])
-        return self.shared(("mask", window), make)
-
-    def slots(self, heads: int) -> str:
-        """Where each token's key (or value) goes among the gathered blocks [seqs, max_blocks,
-        kv_heads, block_size, head_dim]: i64[seq, kv_heads, 4] of (sequence, block, head, offset)."""
-        def make() -> str:
-            block = self.const(self.block_size)
-            parts = [self.column("seq_index"), self.add("Div", [self.column("positions"), block]),
-                     self.add("Unsqueeze", [self.add("Range", [self.const(0), self.const(heads), self.const(1)]),
-                                            self.const([0])]),
-                     self.add("Mod", [self.column("positions"), block])]
-            shape = self.add("Concat", [self.symbol("seq"), self.const([heads])], axis=0)
-            return self.add("Concat", [self.add("Unsqueeze", [self.add("Expand", [part, shape]), self.const([2])])
-                                       for part in parts], axis=2)
-        return self.shared(("slots", heads), make)
-
-    def blocks(self, pool: str, layer: int, own: str, heads: int, width: int) -> str:
-        """The pool's blocks of every sequence in the step as they lie, [seqs, max_blocks, kv_heads,
-        block_size, head_dim] in f32, with the step's own keys (or values) written into their slots."""
-        blocks = self.symbol("blocks")
-        flat = self.shared(("flat", pool), lambda: self.reshape(pool, [-1, heads, self.block_size, width]))
-        tables = self.shared("tables", lambda: self.add("Clip", ["block_tables", self.const(0), self.add(
-            "Squeeze", [self.add("Sub", [blocks, self.const([1])]), self.const([0])])]))
-        rows = self.shared(("rows", layer), lambda: self.add("Add", [tables, self.add("Mul", [blocks, self.const([layer])])]))
-        picked = self.add("Gather", [flat, rows], axis=0)
-        if self.pool_dtype != "f32":
-            picked = self.add("Cast", [picked], to=TensorProto.FLOAT)
-        return self.add("ScatterND", [picked, self.slots(heads), own])
+    def step_input(self, name: str, dtype: str, shape: list) -> str:
+        """An input the executor adds to the ABI's (the step's layout, the rows of the caches)."""
+        self.extra_inputs.setdefault(name, helper.make_tensor_value_info(name, DTYPES[dtype], shape))
+        return name
 
     def _attention(self, node, xs, a):
-        """Each query against the gathered blocks, batched block by block ([seqs, max_blocks,
-        kv_heads, G*T, block] from q and the keys as they lie: at one token a step, moving the
-        scores costs less than moving the keys); one softmax over the slots behind the mask; the
-        values as [kv_heads, slots, head_dim] (one transpose: a prefill's products block by block
-        would be ten times the values' bytes)."""
+        """ORT's GroupQueryAttention, which appends each sequence's new keys and values to its
+        contiguous cache in place (past and present are one buffer, session.py's rows) and attends
+        causally, inside the window. The step's flat tokens go to its [batch, chunk] layout by one
+        Gather (``gqa_index``: each row's tokens right-padded, ``query_seqlens`` of them valid)
+        and come back by another (``gqa_slots``). The new keys and values are also outputs
+        (``new_k``, ``new_v``) that the executor writes into the paged pool, rounded to the pool's
+        dtype first; the rows hold the same rounded values."""
         q, k, v = xs[:3]
         qt, kt = node.inputs[0].type, node.inputs[1].type
         heads, kv_heads, width = qt.shape[1], kt.shape[1], qt.shape[3]
-        groups = heads // kv_heads
-        self.block_size = node.inputs[3].type.shape[3]
         layer = a["layer"]
-        own = []                      # the step's own keys and values [seq, kv_heads, head_dim], as the pool stores them
-        for value in (k, v):
+        act = self.float
+        index = self.step_input("gqa_index", "i64", ["batch", "chunk"])
+        slots = self.step_input("gqa_slots", "i64", ["seq"])
+        seqlens = self.step_input("seqlens_k", "i32", ["batch"])
+        fresh = self.step_input("query_seqlens", "i32", ["batch"])
+        total = self.step_input("total_length", "i32", [])
+        gathered, stored = [], []
+        for value in (k, v):      # [1, kv_heads, seq, head_dim] -> [seq, kv_heads, head_dim] as the pool stores it
             tokens = self.add("Transpose", [self.add("Squeeze", [value, self.const([0])])], perm=[1, 0, 2])
-            if self.pool_dtype != "f32":
-                stored = self.add("Cast", [tokens], to=DTYPES[self.pool_dtype])
-                own.append((stored, self.add("Cast", [stored], to=TensorProto.FLOAT)))
+            if self.pool_dtype != act:
+                kept = self.add("Cast", [tokens], to=DTYPES[self.pool_dtype])
+                stored.append(kept)
+                tokens = self.add("Cast", [kept], to=DTYPES[act]) if self.pool_dtype == "f16" else tokens
             else:
-                own.append((tokens, tokens))
-        self.new_kv[layer] = (own[0][0], own[1][0])
-        keys = self.blocks(xs[3], layer, own[0][1], kv_heads, width)
-        scores = self.add("MatMul", [self.reshape(q, [1, 1, kv_heads, -1, width]),
-                                     self.add("Transpose", [keys], perm=[0, 1, 2, 4, 3])])    # [S, MB, Hk, GT, B]
-        slots = self.dim(dims.mul(dims.mul("seqs", "max_blocks"), self.block_size))          # S*P
-        scores = self.add("Reshape", [self.add("Transpose", [scores], perm=[2, 3, 0, 1, 4]),
-                                      self.add("Concat", [self.const([kv_heads, groups, -1]), slots], axis=0)])
-        scores = self.add("Mul", [scores, self.const(a["scale"], "f32")])                    # [Hk, G, T, S*P]
-        cap = a.get("softcap", 0.0)
-        if cap:
-            scores = self.add("Mul", [self.add("Tanh", [self.add("Div", [scores, self.const(cap, "f32")])]),
-                                      self.const(cap, "f32")])
-        weights = self.add("Softmax", [self.add("Add", [scores, self.mask(a["window"])])], axis=-1)
-        values = self.add("Transpose", [self.blocks(xs[4], layer, own[1][1], kv_heads, width)], perm=[2, 0, 1, 3, 4])
-        out = self.add("MatMul", [self.add("Reshape", [weights, self.add("Concat", [self.const([kv_heads, -1]), slots],
-                                                                         axis=0)]),
-                                  self.reshape(values, [kv_heads, -1, width])])               # [Hk, GT, D]
-        return self.reshape(out, [1, heads, -1, width])
+                stored.append(tokens)
+            gathered.append(self.add("Gather", [self.reshape(tokens, [0, kv_heads * width]), index], axis=0))
+        self.new_kv[layer] = tuple(stored)
+        query = self.reshape(self.add("Transpose", [q], perm=[0, 2, 1, 3]), [-1, heads * width])      # [seq, H*D]
+        pasts = [self.step_input(f"past_{w}.{layer}", act, ["batch", kv_heads, "capacity", width]) for w in "kv"]
+        optional = [""] * 9                   # cos/sin caches .. k_norm_weight: unused (rope is the graph's)
+        attrs = {"num_heads": heads, "kv_num_heads": kv_heads, "scale": float(a["scale"]),
+                 "local_window_size": int(a["window"]) if a["window"] else -1}
+        if a.get("softcap"):
+            attrs["softcap"] = float(a["softcap"])
+        out = self.fresh("gqa_")
+        presents = [f"present_{w}.{layer}" for w in "kv"]
+        self.nodes.append(helper.make_node(
+            "GroupQueryAttention", [self.add("Gather", [query, index], axis=0), *gathered, *pasts, seqlens, total,
+                                    *optional, fresh], [out, *presents], domain=CONTRIB, **attrs))
+        for name in presents:
+            self.extra_outputs.append(helper.make_tensor_value_info(name, DTYPES[act], ["batch", kv_heads, "capacity",
+                                                                                       width]))
+        rows = self.add("Gather", [self.reshape(out, [-1, heads * width]), slots], axis=0)             # [seq, H*D]
+        return self.add("Unsqueeze", [self.add("Transpose", [self.reshape(rows, [0, heads, width])], perm=[1, 0, 2]),
+                                      self.const([0])])
 
 
 def lower(graph: Graph, opset: int, accuracy_level: int, act: str = "f32") -> tuple[onnx.ModelProto, list[Initializer], str]:

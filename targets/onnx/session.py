@@ -1,17 +1,26 @@
 """The onnx target's runtime side: an ONNX Runtime InferenceSession over the artifact's model, its
-initializers made from the artifact's tensors (weights.py), and a host KV pool the step reads as an
-input; each step's new keys and values come back as outputs and are written into their slots here.
-Imports numpy and onnxruntime only."""
+initializers made from the artifact's tensors (weights.py), the ABI's host KV pool, and beside it
+each sequence's keys and values laid out contiguously (``Rows``) for GroupQueryAttention, which
+appends to them in place. Imports numpy and onnxruntime only.
+
+A step: the executor finds each sequence's row (its own from the last step, or one filled from the
+pool: after a prefix-cache hit, a preemption, or a prefill another row served), runs the model with
+the rows bound as both GroupQueryAttention's past and present (so ORT writes the new tokens into
+them), and writes the step's keys and values into the pool's slots, which stay the truth every
+row is checked against.
+"""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import numpy as np
 
 from llmc.artifact import ArtifactError
 from llmc.errors import LlmcError
 from llmc.ops import kv_slots
+from llmc.types import numpy_dtype
 
 from .. import pool_arrays
 from . import PROVIDERS
@@ -25,6 +34,7 @@ class OnnxExecutor:
         except ImportError:
             raise LlmcError(f"{artifact.path} is an onnx build: running it needs onnxruntime "
                             "(pip install 'llmc-compiler[onnx]')") from None
+        self.ort = ort
         self.artifact = artifact
         target = artifact.manifest["target"]
         provider = PROVIDERS[target["provider"]]
@@ -44,19 +54,179 @@ class OnnxExecutor:
         except Exception as exc:    # ORT raises its own types for a model it cannot run
             raise ArtifactError(f"{artifact.path}: ONNX Runtime cannot load its model ({str(exc)[:200]}); "
                                 "rebuild the artifact") from None
-        self.block_size = int(artifact.manifest["kv_pool"]["block_size"])
+        self.inputs = {i.name for i in self.session.get_inputs()}
+        pool = artifact.manifest["kv_pool"]
+        self.block_size = int(pool["block_size"])
+        self.rows_dtype = numpy_dtype(target.get("act_dtype", "f32"))
+        self.layers, self.kv_heads, self.head_dim = int(pool["layers"]), int(pool["kv_heads"]), int(pool["head_dim"])
         self.pool: list[np.ndarray] = []
+        self.rows: Rows | None = None
 
     def allocate_pool(self, blocks: int) -> int:
         self.pool = pool_arrays(self.artifact, blocks)
+        self.rows = Rows(self.layers, self.kv_heads, self.head_dim, self.block_size, self.rows_dtype, blocks)
         return sum(a.nbytes for a in self.pool)
 
     def run(self, entry: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
         k_cache, v_cache = self.pool
         feed = {name: np.ascontiguousarray(value, dtype=np.int64) for name, value in inputs.items()}
-        logits, new_k, new_v = self.session.run(None, {**feed, "k_cache": k_cache, "v_cache": v_cache})
-        blocks, offsets = kv_slots(feed["positions"], feed["seq_index"], feed["block_tables"], k_cache.shape[1],
-                                   self.block_size)
+        positions, seq_index, tables = feed["positions"], feed["seq_index"], feed["block_tables"]
+        blocks, offsets = kv_slots(positions, seq_index, tables, k_cache.shape[1], self.block_size)
+        layout = self.rows.place(positions, seq_index, tables, self.pool)
+        feed.update(layout.inputs)
+        binding = self.session.io_binding()
+        for name, value in feed.items():
+            if name in self.inputs:
+                binding.bind_cpu_input(name, value)
+        for name in ("logits", "new_k", "new_v"):
+            binding.bind_output(name)
+        for layer in range(self.layers):
+            for which, cache in (("k", self.rows.k), ("v", self.rows.v)):
+                value = self.ort.OrtValue.ortvalue_from_numpy(cache[layer, :layout.batch])
+                binding.bind_ortvalue_input(f"past_{which}.{layer}", value)
+                binding.bind_ortvalue_output(f"present_{which}.{layer}", value)     # GQA appends in place
+        self.session.run_with_iobinding(binding)
+        logits, new_k, new_v = (value.numpy() for value in binding.get_outputs()[:3])
         k_cache[:, blocks, :, offsets] = new_k          # [seq, layers, kv_heads, head_dim]
         v_cache[:, blocks, :, offsets] = new_v
+        self.rows.written(layout, blocks)
         return logits
+
+
+@dataclass
+class Row:
+    """One row of the contiguous caches: the pool blocks its positions [0, length) hold the keys
+    and values of, and each block's write count when the row last agreed with it."""
+
+    blocks: np.ndarray
+    writes: np.ndarray
+    length: int = 0
+    used: int = 0
+
+
+@dataclass
+class Layout:
+    """A step laid out for GroupQueryAttention: the rows its sequences use (batch entries 0..batch-1,
+    the others idle) and the model's inputs that say where each token goes."""
+
+    batch: int
+    rows: dict[int, tuple[int, int, int]]     # sequence -> (row, first position, tokens)
+    tables: np.ndarray
+    inputs: dict[str, np.ndarray]
+
+
+class Rows:
+    """Each sequence's keys and values, contiguous per head as GroupQueryAttention reads them:
+    [layers, rows, kv_heads, capacity, head_dim] for k and for v, grown (doubled) as sequences
+    and lengths need (untouched pages cost no memory). A row serves the sequence whose block table
+    agrees with its blocks, each block unwritten since the row read it (the pool's blocks are
+    written only by steps, which count every write); where it stops agreeing it is filled from the
+    pool. So a row holds what the pool holds, and is only ever a faster way to read it."""
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, block_size: int, dtype, blocks: int):
+        self.shape = (layers, kv_heads, head_dim)
+        self.block_size = block_size
+        self.dtype = dtype
+        self.writes = np.zeros(blocks, np.int64)        # per pool block: how many steps wrote into it
+        self.rows: list[Row] = []
+        self.most = 4                                   # rows kept: twice the most sequences a step has had
+        self.clock = 0
+        self.k = self.v = np.zeros((layers, 0, kv_heads, 0, head_dim), dtype)
+
+    def place(self, positions: np.ndarray, seq_index: np.ndarray, tables: np.ndarray, pool) -> Layout:
+        """A row for each sequence in the step, holding its positions before the step's: first the
+        sequences that continue the row they left, then the others (a row least recently used,
+        or a new one, filled from the pool)."""
+        self.clock += 1
+        spans = {}
+        for s in np.unique(seq_index).tolist():
+            mine = positions[seq_index == s]
+            first, count = int(mine.min()), mine.size
+            if int(mine.max()) - first + 1 != count or np.unique(mine).size != count:
+                raise LlmcError(f"the onnx target takes a sequence's tokens in one step at consecutive positions; "
+                                f"sequence {s} has positions {sorted(mine.tolist())[:8]}")
+            spans[s] = (first, count)
+        self.most = max(self.most, 2 * len(spans))
+        self._grow(len(self.rows) + len(spans), max(f + n for f, n in spans.values()))
+        placed: dict[int, tuple[int, int, int]] = {}
+        for s, (first, count) in spans.items():
+            for r, row in enumerate(self.rows):
+                if row.used != self.clock and row.length == first and self._agreeing(row, tables[s]) == first:
+                    self._take(r, tables[s], first)
+                    placed[s] = (r, first, count)
+                    break
+        for s, (first, count) in spans.items():
+            if s not in placed:
+                placed[s] = (self._refill(tables[s], first, pool), first, count)
+        batch = max(r for r, _, _ in placed.values()) + 1
+        chunk = max(count for _, _, count in placed.values())
+        index = np.zeros((batch, chunk), np.int64)          # per padded slot, the token it takes (0 for padding)
+        slots = np.empty(positions.size, np.int64)          # per token, its padded slot
+        known = np.array([max(self.rows[r].length, 1) - 1 for r in range(batch)], np.int32)
+        fresh = np.zeros(batch, np.int32)                   # 0: an idle row, nothing appended, its output unread
+        for s, (r, first, count) in placed.items():
+            mine = np.flatnonzero(seq_index == s)
+            offset = positions[mine] - first
+            index[r, offset] = mine
+            slots[mine] = r * chunk + offset
+            known[r], fresh[r] = first + count - 1, count
+        inputs = {"gqa_index": index, "gqa_slots": slots, "seqlens_k": known, "query_seqlens": fresh,
+                  "total_length": np.array(int(known.max()) + 1, np.int32)}
+        return Layout(batch, placed, tables, inputs)
+
+    def written(self, layout: Layout, blocks: np.ndarray) -> None:
+        """After a step: count the pool blocks it wrote; each of its rows now holds its sequence to
+        the step's last position."""
+        self.writes[np.unique(blocks)] += 1
+        for s, (r, first, count) in layout.rows.items():
+            row = self.rows[r]
+            row.length = first + count
+            row.blocks = np.array(layout.tables[s][:-(-row.length // self.block_size)], np.int64)
+            row.writes = self.writes[row.blocks]
+
+    def _refill(self, table: np.ndarray, first: int, pool) -> int:
+        """A row for a sequence no row continues: a new one while fewer than ``most``, else the least
+        recently used; filled from the pool from where it stops agreeing with ``table``."""
+        spare = [r for r, row in enumerate(self.rows) if row.used != self.clock]
+        if len(self.rows) < self.most or not spare:
+            self.rows.append(Row(np.zeros(0, np.int64), np.zeros(0, np.int64)))
+            r = len(self.rows) - 1
+        else:
+            r = min(spare, key=lambda r: self.rows[r].used)
+        valid = min(self._agreeing(self.rows[r], table), first)
+        if valid < first:
+            positions = np.arange(valid, first)
+            blocks, offsets = table[positions // self.block_size], positions % self.block_size
+            for cache, source in ((self.k, pool[0]), (self.v, pool[1])):
+                gathered = source[:, blocks, :, offsets]                  # [positions, layers, kv_heads, head_dim]
+                cache[:, r, :, valid:first] = gathered.transpose(1, 2, 0, 3)
+        self._take(r, table, first)
+        return r
+
+    def _take(self, r: int, table: np.ndarray, first: int) -> None:
+        row = self.rows[r]
+        row.blocks = np.array(table[:-(-first // self.block_size)], np.int64)
+        row.writes = self.writes[row.blocks]
+        row.length, row.used = first, self.clock
+
+    def _agreeing(self, row: Row, table: np.ndarray) -> int:
+        """How many leading positions of ``row`` hold what the pool's blocks in ``table`` hold."""
+        n = min(row.blocks.size, table.size)
+        same = (row.blocks[:n] == table[:n]) & (row.writes[:n] == self.writes[table[:n]])
+        agreeing = n if same.all() else int(np.argmin(same))
+        return min(row.length, agreeing * self.block_size)
+
+    def _grow(self, rows: int, length: int) -> None:
+        """Room for ``rows`` rows of ``length`` positions (doubling, so growth is rare)."""
+        have_rows, capacity = self.k.shape[1], self.k.shape[3]
+        if rows <= have_rows and length <= capacity:
+            return
+        while capacity < length:
+            capacity = max(2 * capacity, 64)
+        rows = max(rows, 2 * have_rows) if rows > have_rows else have_rows
+        layers, kv_heads, head_dim = self.shape
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = np.zeros((layers, rows, kv_heads, capacity, head_dim), self.dtype)
+            new[:, :old.shape[1], :, :old.shape[3]] = old
+            setattr(self, name, new)
