@@ -77,6 +77,7 @@ class OnnxLowering:
         self.new_kv: dict[int, tuple[str, str]] = {}
         self.extra_inputs: dict[str, onnx.ValueInfoProto] = {}
         self.extra_outputs: list[onnx.ValueInfoProto] = []
+        self.tokens_first: dict[int, str] = {}  # an attention's output as [1, seq, heads, head_dim]
         self.pool_dtype = "f32"
         self.block_size = 0
         # each symbol of the step's shapes, read from the first input that has it as a dimension
@@ -185,6 +186,13 @@ class OnnxLowering:
             self.nodes.append(helper.make_node("Identity", [joined], [which]))
             outputs.append(helper.make_tensor_value_info(which, DTYPES[self.pool_dtype], ["seq", len(layers), None, None]))
         outputs += self.extra_outputs
+        live = {o.name for o in outputs}          # the nodes the outputs need (others were read around)
+        kept = []
+        for node in reversed(self.nodes):
+            if any(name in live for name in node.output):
+                kept.append(node)
+                live.update(node.input)
+        self.nodes = kept[::-1]
         read = {name for node in self.nodes for name in node.input}
         inputs = [i for i in inputs if i.name in read] + list(self.extra_inputs.values())    # the pool is the executor's
         initializers = [self._declare(i) for i in self.initializers.values()]
@@ -320,6 +328,8 @@ class OnnxLowering:
         return self.add("Reshape", [xs[0], self.shape(a["shape"])])
 
     def _permute(self, node, xs, a):
+        if list(a["perm"]) == [0, 2, 1, 3] and id(node.inputs[0]) in self.tokens_first:     # attention's output back
+            return self.tokens_first[id(node.inputs[0])]
         return self.add("Transpose", xs, perm=list(a["perm"]))
 
     def _expand(self, node, xs, a):
@@ -457,12 +467,13 @@ class OnnxLowering:
 
     def _rope(self, node, xs, a):
         x, cos, sin = xs
-        width = node.inputs[0].type.shape[-1]
-        if a.get("interleaved"):
-            pairs = self.reshape(x, [0] * (node.inputs[0].type.rank - 1) + [width // 2, 2])
+        return self.rotate(x, cos, sin, node.inputs[0].type.shape[-1], node.inputs[0].type.rank, a.get("interleaved"))
+
+    def rotate(self, x: str, cos: str, sin: str, width: int, rank: int, interleaved) -> str:
+        if interleaved:
+            pairs = self.reshape(x, [0] * (rank - 1) + [width // 2, 2])
             even, odd = self.add("Split", [pairs, self.const([1, 1])], outputs=2, axis=-1)
-            rotated = self.reshape(self.add("Concat", [self.add("Neg", [odd]), even], axis=-1),
-                                   [0] * (node.inputs[0].type.rank - 1) + [width])
+            rotated = self.reshape(self.add("Concat", [self.add("Neg", [odd]), even], axis=-1), [0] * (rank - 1) + [width])
         else:
             first, second = self.add("Split", [x, self.const([width // 2, width // 2])], outputs=2, axis=-1)
             rotated = self.add("Concat", [self.add("Neg", [second]), first], axis=-1)
@@ -494,8 +505,8 @@ class OnnxLowering:
         fresh = self.step_input("query_seqlens", "i32", ["batch"])
         total = self.step_input("total_length", "i32", [])
         gathered, stored = [], []
-        for value in (k, v):      # [1, kv_heads, seq, head_dim] -> [seq, kv_heads, head_dim] as the pool stores it
-            tokens = self.add("Transpose", [self.add("Squeeze", [value, self.const([0])])], perm=[1, 0, 2])
+        for source, value in zip(node.inputs[1:3], (k, v)):     # [seq, kv_heads, head_dim] as the pool stores them
+            tokens = self.reshape(self.token_major(source, value, kv_heads, width), [0, kv_heads, width])
             if self.pool_dtype != act:
                 kept = self.add("Cast", [tokens], to=DTYPES[self.pool_dtype])
                 stored.append(kept)
@@ -504,7 +515,7 @@ class OnnxLowering:
                 stored.append(tokens)
             gathered.append(self.add("Gather", [self.reshape(tokens, [0, kv_heads * width]), index], axis=0))
         self.new_kv[layer] = tuple(stored)
-        query = self.reshape(self.add("Transpose", [q], perm=[0, 2, 1, 3]), [-1, heads * width])      # [seq, H*D]
+        query = self.token_major(node.inputs[0], q, heads, width)                                       # [seq, H*D]
         pasts = [self.step_input(f"past_{w}.{layer}", act, ["batch", kv_heads, "capacity", width]) for w in "kv"]
         optional = [""] * 9                   # cos/sin caches .. k_norm_weight: unused (rope is the graph's)
         attrs = {"num_heads": heads, "kv_num_heads": kv_heads, "scale": float(a["scale"]),
@@ -520,8 +531,28 @@ class OnnxLowering:
             self.extra_outputs.append(helper.make_tensor_value_info(name, DTYPES[act], ["batch", kv_heads, "capacity",
                                                                                        width]))
         rows = self.add("Gather", [self.reshape(out, [-1, heads * width]), slots], axis=0)             # [seq, H*D]
+        self.tokens_first[id(node)] = self.reshape(rows, [1, -1, heads, width])     # what the model permutes it to
         return self.add("Unsqueeze", [self.add("Transpose", [self.reshape(rows, [0, heads, width])], perm=[1, 0, 2]),
                                       self.const([0])])
+
+    def token_major(self, node: Node, value: str, heads: int, width: int) -> str:
+        """Attention's input ``node`` (``value``, [1, heads, seq, width]) as [seq, heads * width], as
+        GroupQueryAttention reads it. Models make it by permuting [1, seq, heads, width] (and
+        rotating it after); reading the value before the permute, with the rotation done there,
+        spends no transposes (the permute and the head-major rotation are then unread and pruned)."""
+        def before_permute(n: Node) -> Node | None:
+            return n.inputs[0] if n.op == "permute" and list(n.attrs["perm"]) == [0, 2, 1, 3] else None
+
+        inner = before_permute(node)
+        if inner is not None:
+            return self.reshape(self.values[id(inner)], [-1, heads * width])
+        inner = before_permute(node.inputs[0]) if node.op == "rope" else None
+        if inner is not None and all(list(t.shape[:2]) == [1, 1] and t.rank == 4 for t in (i.type for i in node.inputs[1:3])):
+            cos, sin = (self.reshape(self.harmonised(i, self.values[id(i)]), [1, -1, 1, width])  # [1, seq, 1, width]
+                        for i in node.inputs[1:3])
+            rotated = self.rotate(self.values[id(inner)], cos, sin, width, 4, node.attrs.get("interleaved"))
+            return self.reshape(rotated, [-1, heads * width])
+        return self.reshape(self.add("Transpose", [value], perm=[0, 2, 1, 3]), [-1, heads * width])
 
 
 def lower(graph: Graph, opset: int, accuracy_level: int, act: str = "f32") -> tuple[onnx.ModelProto, list[Initializer], str]:

@@ -61,6 +61,9 @@ class OnnxExecutor:
         self.layers, self.kv_heads, self.head_dim = int(pool["layers"]), int(pool["kv_heads"]), int(pool["head_dim"])
         self.pool: list[np.ndarray] = []
         self.rows: Rows | None = None
+        self.binding = self.session.io_binding()
+        self.bound: tuple | None = None         # the cache buffers and batch the binding holds
+        self.cache_values: list = []            # their OrtValues, kept alive while bound
 
     def allocate_pool(self, blocks: int) -> int:
         self.pool = pool_arrays(self.artifact, blocks)
@@ -74,17 +77,22 @@ class OnnxExecutor:
         blocks, offsets = kv_slots(positions, seq_index, tables, k_cache.shape[1], self.block_size)
         layout = self.rows.place(positions, seq_index, tables, self.pool)
         feed.update(layout.inputs)
-        binding = self.session.io_binding()
+        binding = self.binding
         for name, value in feed.items():
             if name in self.inputs:
                 binding.bind_cpu_input(name, value)
-        for name in ("logits", "new_k", "new_v"):
+        caches = (self.rows.k.ctypes.data, self.rows.v.ctypes.data, layout.batch)
+        for name in ("logits", "new_k", "new_v"):     # unallocated: ORT makes them in this step's shapes
             binding.bind_output(name)
-        for layer in range(self.layers):
-            for which, cache in (("k", self.rows.k), ("v", self.rows.v)):
-                value = self.ort.OrtValue.ortvalue_from_numpy(cache[layer, :layout.batch])
-                binding.bind_ortvalue_input(f"past_{which}.{layer}", value)
-                binding.bind_ortvalue_output(f"present_{which}.{layer}", value)     # GQA appends in place
+        if caches != self.bound:          # the rows' buffers, bound as they were unless grown or the batch changed
+            self.cache_values = []
+            for layer in range(self.layers):
+                for which, cache in (("k", self.rows.k), ("v", self.rows.v)):
+                    value = self.ort.OrtValue.ortvalue_from_numpy(cache[layer, :layout.batch])
+                    binding.bind_ortvalue_input(f"past_{which}.{layer}", value)
+                    binding.bind_ortvalue_output(f"present_{which}.{layer}", value)     # GQA appends in place
+                    self.cache_values.append(value)
+            self.bound = caches
         self.session.run_with_iobinding(binding)
         logits, new_k, new_v = (value.numpy() for value in binding.get_outputs()[:3])
         k_cache[:, blocks, :, offsets] = new_k          # [seq, layers, kv_heads, head_dim]
@@ -147,7 +155,8 @@ class Rows:
                                 f"sequence {s} has positions {sorted(mine.tolist())[:8]}")
             spans[s] = (first, count)
         self.most = max(self.most, 2 * len(spans))
-        self._grow(len(self.rows) + len(spans), max(f + n for f, n in spans.values()))
+        # GroupQueryAttention wants room for every entry's cached tokens plus the padded chunk
+        self._grow(len(self.rows), max(f for f, _ in spans.values()) + max(n for _, n in spans.values()) + 1)
         placed: dict[int, tuple[int, int, int]] = {}
         for s, (first, count) in spans.items():
             for r, row in enumerate(self.rows):
@@ -162,8 +171,8 @@ class Rows:
         chunk = max(count for _, _, count in placed.values())
         index = np.zeros((batch, chunk), np.int64)          # per padded slot, the token it takes (0 for padding)
         slots = np.empty(positions.size, np.int64)          # per token, its padded slot
-        known = np.array([max(self.rows[r].length, 1) - 1 for r in range(batch)], np.int32)
-        fresh = np.zeros(batch, np.int32)                   # 0: an idle row, nothing appended, its output unread
+        known = np.zeros(batch, np.int32)                   # an idle row: 1 token, none new, nothing appended or read
+        fresh = np.zeros(batch, np.int32)
         for s, (r, first, count) in placed.items():
             mine = np.flatnonzero(seq_index == s)
             offset = positions[mine] - first
@@ -185,14 +194,19 @@ class Rows:
             row.writes = self.writes[row.blocks]
 
     def _refill(self, table: np.ndarray, first: int, pool) -> int:
-        """A row for a sequence no row continues: a new one while fewer than ``most``, else the least
-        recently used; filled from the pool from where it stops agreeing with ``table``."""
-        spare = [r for r, row in enumerate(self.rows) if row.used != self.clock]
-        if len(self.rows) < self.most or not spare:
+        """A row for a sequence no row continues, filled from the pool from where it stops agreeing
+        with ``table``: the first row that neither this step nor the last used (its sequence has
+        likely ended; low rows keep the batch short), else a new one while fewer than ``most``,
+        else the least recently used."""
+        idle = [r for r, row in enumerate(self.rows) if row.used < self.clock - 1]
+        if idle:
+            r = idle[0]
+        elif len(self.rows) < self.most or all(row.used == self.clock for row in self.rows):
             self.rows.append(Row(np.zeros(0, np.int64), np.zeros(0, np.int64)))
             r = len(self.rows) - 1
+            self._grow(len(self.rows), self.k.shape[3])
         else:
-            r = min(spare, key=lambda r: self.rows[r].used)
+            r = min((r for r, row in enumerate(self.rows) if row.used != self.clock), key=lambda r: self.rows[r].used)
         valid = min(self._agreeing(self.rows[r], table), first)
         if valid < first:
             positions = np.arange(valid, first)
