@@ -246,7 +246,7 @@ def test_export_writes_a_model_folder_onnx_runtime_runs_alone(families, tmp_path
     assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.onnx.data", "step.json"]
     step = json.loads((out / "step.json").read_text())
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    shape = (1, step["kv_pool"]["kv_heads"], 64, step["kv_pool"]["head_dim"])
+    shape = (1, step["kv_heads"], 64, step["head_dim"])
     caches = {f"{w}.{layer}": ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32))
               for layer in range(step["layers"]) for w in "kv"}
     ids = PROMPT * 3 + [11]

@@ -196,7 +196,7 @@ def export(artifact, directory) -> list[str]:
             "gqa_index": "i64[batch, chunk]: per batch entry (one a sequence), the rows of its tokens in the step, "
                          "in position order, right-padded (with any row)",
             "gqa_slots": "i64[seq]: each token's place in gqa_index, entry * chunk + (position - first position)",
-            "seqlens_k": "i32[batch]: per entry, its length after the step minus 1 (an idle entry's length minus 1)",
+            "seqlens_k": "i32[batch]: per entry, its length after the step minus 1 (0 for an idle entry)",
             "query_seqlens": "i32[batch]: per entry, its tokens in the step (0: idle, its cache left as it is)",
             "total_length": "i32[]: an upper bound of seqlens_k + 1",
             "past_k.L, past_v.L": f"{cache} per layer L: each entry's keys and values at positions 0..length-1; "
@@ -204,12 +204,9 @@ def export(artifact, directory) -> list[str]:
                                   "appends the step's in place",
         },
         "outputs": {"logits": "f32[rows, vocab]: the rows logit_rows names",
-                    "present_k.L, present_v.L": "the caches, appended to (the past buffers when bound to them)",
-                    "new_k": f"{pool['dtype']}[seq, layers, kv_heads, head_dim]: each token's key, for a paged pool "
-                             "(llmc keeps one: k_cache[:, block_tables[s, position // block_size], :, position % "
-                             "block_size]); a caller with only the caches above can ignore it",
-                    "new_v": "as new_k, for the values"},
-        "layers": pool["layers"], "kv_pool": pool, "vocab_size": manifest["vocab_size"],
+                    "present_k.L, present_v.L": "the caches, appended to (the past buffers when bound to them)"},
+        "layers": pool["layers"], "kv_heads": pool["kv_heads"], "head_dim": pool["head_dim"],
+        "vocab_size": manifest["vocab_size"],
         "max_tokens": manifest["target"]["max_tokens"], "eos_token_ids": manifest.get("eos_token_ids"),
         "provider": manifest["target"]["provider"], "opset": manifest["target"]["opset"], "act_dtype": act,
     }

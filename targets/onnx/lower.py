@@ -2,12 +2,12 @@
 inputs; weights are initializers declared as external data that the executor hands ONNX Runtime
 from the artifact (``Initializer`` says how each is made from the artifact's tensors).
 
-The KV pool is a read-only input. Each attention gathers its sequences' blocks from it
-(``Gather`` over the block tables), lays the step's own keys and values over them at their
-positions (``ScatterND``), and attends every token over every gathered position behind one mask
-(same sequence, position at most the token's, inside the window): one MatMul pair a layer whatever
-the mix of prefills and decodes. The step's new keys and values are outputs (``new_k``, ``new_v``:
-[seq, layers, kv_heads, head_dim]) that the executor writes into the pool's slots.
+Attention is ORT's GroupQueryAttention over each sequence's keys and values laid out contiguously
+(inputs ``past_k.L`` / ``past_v.L`` [batch, kv_heads, capacity, head_dim], the same buffers bound as
+the outputs ``present_k.L`` / ``present_v.L``, so the step's tokens are appended in place); the
+executor keeps those rows beside the ABI's paged pool and copies each step's new keys and values
+from them into the pool (session.py). Inputs ``gqa_index``, ``gqa_slots``, ``seqlens_k``,
+``query_seqlens`` and ``total_length`` lay the flat batch out as GQA's right-padded [batch, chunk].
 """
 
 from __future__ import annotations
@@ -74,10 +74,11 @@ class OnnxLowering:
         self.values: dict[int, object] = {}
         self.count = 0
         self.cache: dict[object, str] = {}      # constants, shapes and per-step values, made once
-        self.new_kv: dict[int, tuple[str, str]] = {}
+        self.layers: list[int] = []           # the attention layers lowered
         self.extra_inputs: dict[str, onnx.ValueInfoProto] = {}
         self.extra_outputs: list[onnx.ValueInfoProto] = []
         self.tokens_first: dict[int, str] = {}  # an attention's output as [1, seq, heads, head_dim]
+        self.origins: dict[str, str] = {}       # a Reshape's output -> its input
         self.pool_dtype = "f32"
         self.block_size = 0
         # each symbol of the step's shapes, read from the first input that has it as a dimension
@@ -140,11 +141,26 @@ class OnnxLowering:
         """A shape as an i64[rank] tensor (a constant when every dimension is an int)."""
         if all(isinstance(d, int) for d in shape):
             return self.const(list(shape))
-        return self.add("Concat", [self.dim(d) for d in shape], axis=0)
+        key = ("shape", tuple(shape))
+        if key not in self.cache:
+            self.cache[key] = self.add("Concat", [self.dim(d) for d in shape], axis=0)
+        return self.cache[key]
 
     def reshape(self, x: str, shape) -> str:
         """Reshape with 0 (keep) and -1 (infer) allowed in a constant shape."""
-        return self.add("Reshape", [x, self.const(list(shape))])
+        return self.reshaped_to(x, self.const(list(shape)), keeps=0 in list(shape))
+
+    def reshaped_to(self, x: str, shape: str, keeps: bool = False) -> str:
+        """``x`` reshaped to the shape tensor ``shape``, made once. A reshape of a reshape reads the
+        first one's input (unless ``shape`` keeps a dimension of its input by a 0), so chains of
+        them (the model's and the lowering's) are one node."""
+        if not keeps:
+            x = self.origins.get(x, x)
+        key = ("reshape", x, shape)
+        if key not in self.cache:
+            self.cache[key] = self.add("Reshape", [x, shape])
+            self.origins[self.cache[key]] = x
+        return self.cache[key]
 
     def read(self, node: Node) -> str:
         value = self.values[id(node)]
@@ -176,15 +192,9 @@ class OnnxLowering:
         if logits in self.half:
             logits = self.add("Cast", [logits], to=TensorProto.FLOAT)
         self.nodes.append(helper.make_node("Identity", [logits], ["logits"]))
-        layers = sorted(self.new_kv)
-        if layers != list(range(len(layers))):
-            raise OnnxLoweringError(f"the attention layers {layers} are not 0..{len(layers) - 1}")
+        if sorted(self.layers) != list(range(len(self.layers))):
+            raise OnnxLoweringError(f"the attention layers {sorted(self.layers)} are not 0..{len(self.layers) - 1}")
         outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["rows", graph.outputs[0].type.shape[-1]])]
-        for which, index in (("new_k", 0), ("new_v", 1)):
-            parts = [self.add("Unsqueeze", [self.new_kv[layer][index], self.const([1])]) for layer in layers]
-            joined = self.add("Concat", parts, axis=1) if len(parts) > 1 else parts[0]
-            self.nodes.append(helper.make_node("Identity", [joined], [which]))
-            outputs.append(helper.make_tensor_value_info(which, DTYPES[self.pool_dtype], ["seq", len(layers), None, None]))
         outputs += self.extra_outputs
         live = {o.name for o in outputs}          # the nodes the outputs need (others were read around)
         kept = []
@@ -325,7 +335,7 @@ class OnnxLowering:
         return out if a["dtype"] == "i64" else self.add("Cast", [out], to=DTYPES[a["dtype"]])
 
     def _reshape(self, node, xs, a):
-        return self.add("Reshape", [xs[0], self.shape(a["shape"])])
+        return self.reshaped_to(xs[0], self.shape(a["shape"]))
 
     def _permute(self, node, xs, a):
         if list(a["perm"]) == [0, 2, 1, 3] and id(node.inputs[0]) in self.tokens_first:     # attention's output back
@@ -470,13 +480,17 @@ class OnnxLowering:
         return self.rotate(x, cos, sin, node.inputs[0].type.shape[-1], node.inputs[0].type.rank, a.get("interleaved"))
 
     def rotate(self, x: str, cos: str, sin: str, width: int, rank: int, interleaved) -> str:
-        if interleaved:
-            pairs = self.reshape(x, [0] * (rank - 1) + [width // 2, 2])
-            even, odd = self.add("Split", [pairs, self.const([1, 1])], outputs=2, axis=-1)
-            rotated = self.reshape(self.add("Concat", [self.add("Neg", [odd]), even], axis=-1), [0] * (rank - 1) + [width])
-        else:
-            first, second = self.add("Split", [x, self.const([width // 2, width // 2])], outputs=2, axis=-1)
-            rotated = self.add("Concat", [self.add("Neg", [second]), first], axis=-1)
+        """x cos + rotate(x) sin, rotate(x) as a product with a signed permutation (exact: each
+        output is one input, the other terms zero): (-x2, x1) of x's halves, or (-x[2i+1], x[2i])
+        of its pairs when interleaved."""
+        turn = np.zeros((width, width), np.float32)
+        half = width // 2
+        for i in range(half):
+            if interleaved:
+                turn[2 * i + 1, 2 * i], turn[2 * i, 2 * i + 1] = -1, 1
+            else:
+                turn[i + half, i], turn[i, i + half] = -1, 1
+        rotated = self.add("MatMul", [x, self.const(turn, self.float)])
         return self.add("Add", [self.add("Mul", [x, cos]), self.add("Mul", [rotated, sin])])
 
     # -- attention: GroupQueryAttention over each sequence's contiguous cache ------------------
@@ -488,34 +502,28 @@ class OnnxLowering:
 
     def _attention(self, node, xs, a):
         """ORT's GroupQueryAttention, which appends each sequence's new keys and values to its
-        contiguous cache in place (past and present are one buffer, session.py's rows) and attends
+        contiguous cache in place (past and present are one buffer: session.py's rows) and attends
         causally, inside the window. The step's flat tokens go to its [batch, chunk] layout by one
         Gather (``gqa_index``: each row's tokens right-padded, ``query_seqlens`` of them valid)
-        and come back by another (``gqa_slots``). The new keys and values are also outputs
-        (``new_k``, ``new_v``) that the executor writes into the paged pool, rounded to the pool's
-        dtype first; the rows hold the same rounded values."""
+        and come back by another (``gqa_slots``). With an f16 pool the keys and values are rounded
+        to f16 first, so the rows hold what the pool will (the executor copies them there)."""
         q, k, v = xs[:3]
         qt, kt = node.inputs[0].type, node.inputs[1].type
         heads, kv_heads, width = qt.shape[1], kt.shape[1], qt.shape[3]
         layer = a["layer"]
         act = self.float
+        self.layers.append(layer)
         index = self.step_input("gqa_index", "i64", ["batch", "chunk"])
         slots = self.step_input("gqa_slots", "i64", ["seq"])
         seqlens = self.step_input("seqlens_k", "i32", ["batch"])
         fresh = self.step_input("query_seqlens", "i32", ["batch"])
         total = self.step_input("total_length", "i32", [])
-        gathered, stored = [], []
-        for source, value in zip(node.inputs[1:3], (k, v)):     # [seq, kv_heads, head_dim] as the pool stores them
-            tokens = self.reshape(self.token_major(source, value, kv_heads, width), [0, kv_heads, width])
-            if self.pool_dtype != act:
-                kept = self.add("Cast", [tokens], to=DTYPES[self.pool_dtype])
-                stored.append(kept)
-                tokens = self.add("Cast", [kept], to=DTYPES[act]) if self.pool_dtype == "f16" else tokens
-            else:
-                stored.append(tokens)
-            gathered.append(self.add("Gather", [self.reshape(tokens, [0, kv_heads * width]), index], axis=0))
-        self.new_kv[layer] = tuple(stored)
-        query = self.token_major(node.inputs[0], q, heads, width)                                       # [seq, H*D]
+        gathered = []
+        for source, value in zip(node.inputs[:3], (q, k, v)):
+            tokens = self.token_major(source, value, source.type.shape[1], width)        # [seq, heads * head_dim]
+            if source is not node.inputs[0] and self.pool_dtype == "f16" and act != "f16":
+                tokens = self.add("Cast", [self.add("Cast", [tokens], to=TensorProto.FLOAT16)], to=DTYPES[act])
+            gathered.append(self.add("Gather", [tokens, index], axis=0))
         pasts = [self.step_input(f"past_{w}.{layer}", act, ["batch", kv_heads, "capacity", width]) for w in "kv"]
         optional = [""] * 9                   # cos/sin caches .. k_norm_weight: unused (rope is the graph's)
         attrs = {"num_heads": heads, "kv_num_heads": kv_heads, "scale": float(a["scale"]),
@@ -524,9 +532,8 @@ class OnnxLowering:
             attrs["softcap"] = float(a["softcap"])
         out = self.fresh("gqa_")
         presents = [f"present_{w}.{layer}" for w in "kv"]
-        self.nodes.append(helper.make_node(
-            "GroupQueryAttention", [self.add("Gather", [query, index], axis=0), *gathered, *pasts, seqlens, total,
-                                    *optional, fresh], [out, *presents], domain=CONTRIB, **attrs))
+        self.nodes.append(helper.make_node("GroupQueryAttention", [*gathered, *pasts, seqlens, total, *optional, fresh],
+                                           [out, *presents], domain=CONTRIB, **attrs))
         for name in presents:
             self.extra_outputs.append(helper.make_tensor_value_info(name, DTYPES[act], ["batch", kv_heads, "capacity",
                                                                                        width]))
@@ -545,6 +552,8 @@ class OnnxLowering:
 
         inner = before_permute(node)
         if inner is not None:
+            if inner.op == "reshape":         # [1, seq, heads * width] split into heads: read it unsplit
+                inner = inner.inputs[0]
             return self.reshape(self.values[id(inner)], [-1, heads * width])
         inner = before_permute(node.inputs[0]) if node.op == "rope" else None
         if inner is not None and all(list(t.shape[:2]) == [1, 1] and t.rank == 4 for t in (i.type for i in node.inputs[1:3])):

@@ -6,8 +6,8 @@ appends to them in place. Imports numpy and onnxruntime only.
 A step: the executor finds each sequence's row (its own from the last step, or one filled from the
 pool: after a prefix-cache hit, a preemption, or a prefill another row served), runs the model with
 the rows bound as both GroupQueryAttention's past and present (so ORT writes the new tokens into
-them), and writes the step's keys and values into the pool's slots, which stay the truth every
-row is checked against.
+them), and copies the step's keys and values from the rows into the pool's slots, which stay the
+truth every row is checked against.
 """
 
 from __future__ import annotations
@@ -82,8 +82,7 @@ class OnnxExecutor:
             if name in self.inputs:
                 binding.bind_cpu_input(name, value)
         caches = (self.rows.k.ctypes.data, self.rows.v.ctypes.data, layout.batch)
-        for name in ("logits", "new_k", "new_v"):     # unallocated: ORT makes them in this step's shapes
-            binding.bind_output(name)
+        binding.bind_output("logits")                 # unallocated: ORT makes it in this step's shape
         if caches != self.bound:          # the rows' buffers, bound as they were unless grown or the batch changed
             self.cache_values = []
             for layer in range(self.layers):
@@ -94,9 +93,10 @@ class OnnxExecutor:
                     self.cache_values.append(value)
             self.bound = caches
         self.session.run_with_iobinding(binding)
-        logits, new_k, new_v = (value.numpy() for value in binding.get_outputs()[:3])
-        k_cache[:, blocks, :, offsets] = new_k          # [seq, layers, kv_heads, head_dim]
-        v_cache[:, blocks, :, offsets] = new_v
+        logits = binding.get_outputs()[0].numpy()
+        rows = layout.inputs["gqa_slots"] // layout.inputs["gqa_index"].shape[1]
+        k_cache[:, blocks, :, offsets] = self.rows.k[:, rows, :, positions]    # [seq, layers, kv_heads, head_dim]
+        v_cache[:, blocks, :, offsets] = self.rows.v[:, rows, :, positions]
         self.rows.written(layout, blocks)
         return logits
 
