@@ -518,16 +518,26 @@ class OnnxLowering:
         seqlens = self.step_input("seqlens_k", "i32", ["batch"])
         fresh = self.step_input("query_seqlens", "i32", ["batch"])
         total = self.step_input("total_length", "i32", [])
-        gathered = []
-        for source, value in zip(node.inputs[:3], (q, k, v)):
-            tokens = self.token_major(source, value, source.type.shape[1], width)        # [seq, heads * head_dim]
-            if source is not node.inputs[0] and self.pool_dtype == "f16" and act != "f16":
-                tokens = self.add("Cast", [self.add("Cast", [tokens], to=TensorProto.FLOAT16)], to=DTYPES[act])
-            gathered.append(self.add("Gather", [tokens, index], axis=0))
-        pasts = [self.step_input(f"past_{w}.{layer}", act, ["batch", kv_heads, "capacity", width]) for w in "kv"]
-        optional = [""] * 9                   # cos/sin caches .. k_norm_weight: unused (rope is the graph's)
         attrs = {"num_heads": heads, "kv_num_heads": kv_heads, "scale": float(a["scale"]),
                  "local_window_size": int(a["window"]) if a["window"] else -1}
+        rotary = self.rotary(node, width) if self.pool_dtype == act and not __import__("os").environ.get("NOROT") else None
+        if rotary is not None:            # GQA rotates q and k itself, from the step's tokens' half tables
+            sources, tables = rotary
+            packed = self.packed(sources, heads, kv_heads, width)
+            flat = [packed] if packed else [self.reshape(self.token_major_value(n), [-1, n.type.shape[1] * width])
+                                            for n in sources]
+            gathered = [self.add("Gather", [x, index], axis=0) for x in flat] + ([""] * 2 if packed else [])
+            optional = [*tables, index] + [""] * 6            # position_ids: each slot's token, its row of the tables
+            attrs["do_rotary"] = 1
+        else:
+            gathered = []
+            for source, value in zip(node.inputs[:3], (q, k, v)):
+                tokens = self.token_major(source, value, source.type.shape[1], width)    # [seq, heads * head_dim]
+                if source is not node.inputs[0] and self.pool_dtype == "f16" and act != "f16":
+                    tokens = self.add("Cast", [self.add("Cast", [tokens], to=TensorProto.FLOAT16)], to=DTYPES[act])
+                gathered.append(self.add("Gather", [tokens, index], axis=0))
+            optional = [""] * 9               # cos/sin caches .. k_norm_weight: unused (rope is the graph's)
+        pasts = [self.step_input(f"past_{w}.{layer}", act, ["batch", kv_heads, "capacity", width]) for w in "kv"]
         if a.get("softcap"):
             attrs["softcap"] = float(a["softcap"])
         out = self.fresh("gqa_")
@@ -542,20 +552,95 @@ class OnnxLowering:
         return self.add("Unsqueeze", [self.add("Transpose", [self.reshape(rows, [0, heads, width])], perm=[1, 0, 2]),
                                       self.const([0])])
 
+    def rotary(self, node: Node, width: int):
+        """For an attention whose q and k are rotated by the same rope (non-interleaved, full
+        width, after the model's head-major permute), with tables cos(concat(F, F)) and
+        sin(concat(F, F)) times one constant: the unrotated q, k, v nodes and GQA's half tables
+        [rows, head_dim / 2] (the step's tokens' rows of F, padded to ``total_length`` rows as GQA
+        asks). None otherwise (the rope is then the graph's own)."""
+        q, k, v = node.inputs[:3]
+        if not (q.op == k.op == "rope" and q.inputs[1:] == k.inputs[1:] and not q.attrs.get("interleaved")
+                and not k.attrs.get("interleaved")):
+            return None
+        sources = [self.before_permute(q.inputs[0]), self.before_permute(k.inputs[0]), self.before_permute(v)]
+        found = [self.table(t) for t in q.inputs[1:3]]
+        if None in sources or None in found or found[0][0] is not found[1][0] or found[0][2] != found[1][2] \
+                or [found[0][1], found[1][1]] != ["cos", "sin"] or found[0][0].type.shape[-1] * 2 != width:
+            return None
+        angles, _, scale = found[0]
+
+        def make() -> list[str]:
+            half = self.reshape(self.values[id(angles)], [-1, width // 2])                  # [seq, head_dim / 2]
+            total = self.add("Cast", [self.add("Reshape", ["total_length", self.const([1])])], to=TensorProto.INT64)
+            short = self.add("Max", [self.add("Sub", [total, self.symbol("seq")]), self.const([0])])
+            pads = self.add("Concat", [self.const([0, 0]), short, self.const([0])], axis=0)
+            tables = []
+            for fn in ("Cos", "Sin"):
+                table = self.add(fn, [half])
+                if scale is not None:
+                    table = self.add("Mul", [table, self.const(scale, "f32")])
+                table = self.add("Pad", [table, pads])
+                tables.append(table if self.float == "f32" else self.add("Cast", [table], to=DTYPES[self.float]))
+            return tables
+        key = ("rotary", id(angles), scale, self.float)
+        if key not in self.cache:
+            self.cache[key] = make()
+        return sources, self.cache[key]
+
+    @staticmethod
+    def table(node: Node):
+        """(F, "cos" or "sin", constant factor or None) for a rope table fn(concat(F, F)) [* c],
+        read through reshapes: its halves are equal, as GQA's half tables assume."""
+        scale = None
+        while True:
+            if node.op == "reshape":
+                node = node.inputs[0]
+            elif node.op == "mul" and node.inputs[1].op == "const" and scale is None:
+                scale, node = float(node.inputs[1].attrs["value"]), node.inputs[0]
+            else:
+                break
+        if node.op not in ("cos", "sin"):
+            return None
+        joined = node.inputs[0]
+        if joined.op != "concat" or len(joined.inputs) != 2 or joined.inputs[0] is not joined.inputs[1] \
+                or joined.attrs["axis"] not in (-1, joined.type.rank - 1):
+            return None
+        return joined.inputs[0], node.op, scale
+
+    def packed(self, sources: list[Node], heads: int, kv_heads: int, width: int) -> str | None:
+        """[seq, (heads + 2 kv_heads) * width] when q, k and v are consecutive slices of one
+        projection's output (a fused q/k/v linear), which GQA then reads packed."""
+        cuts = []
+        for node, count in zip(sources, (heads, kv_heads, kv_heads)):
+            part = node.inputs[0] if node.op == "reshape" else None
+            if part is None or part.op != "slice" or part.attrs["axis"] not in (-1, part.inputs[0].type.rank - 1) \
+                    or part.attrs["step"] != 1 or part.type.shape[-1] != count * width:
+                return None
+            cuts.append((part.inputs[0], part.attrs["start"], part.attrs["end"]))
+        whole = cuts[0][0]
+        edges = [0, heads * width, (heads + kv_heads) * width, (heads + 2 * kv_heads) * width]
+        if any(c[0] is not whole for c in cuts) or [c[1] for c in cuts] != edges[:3] \
+                or [c[2] for c in cuts] != edges[1:] or whole.type.shape[-1] != edges[3]:
+            return None
+        return self.reshape(self.values[id(whole)], [-1, edges[3]])
+
+    @staticmethod
+    def before_permute(n: Node) -> Node | None:
+        return n.inputs[0] if n.op == "permute" and list(n.attrs["perm"]) == [0, 2, 1, 3] else None
+
+    def token_major_value(self, inner: Node) -> str:
+        """The value of ``inner`` ([1, seq, heads, width]), read before its split into heads."""
+        return self.values[id(inner.inputs[0] if inner.op == "reshape" else inner)]
+
     def token_major(self, node: Node, value: str, heads: int, width: int) -> str:
         """Attention's input ``node`` (``value``, [1, heads, seq, width]) as [seq, heads * width], as
         GroupQueryAttention reads it. Models make it by permuting [1, seq, heads, width] (and
         rotating it after); reading the value before the permute, with the rotation done there,
         spends no transposes (the permute and the head-major rotation are then unread and pruned)."""
-        def before_permute(n: Node) -> Node | None:
-            return n.inputs[0] if n.op == "permute" and list(n.attrs["perm"]) == [0, 2, 1, 3] else None
-
-        inner = before_permute(node)
-        if inner is not None:
-            if inner.op == "reshape":         # [1, seq, heads * width] split into heads: read it unsplit
-                inner = inner.inputs[0]
-            return self.reshape(self.values[id(inner)], [-1, heads * width])
-        inner = before_permute(node.inputs[0]) if node.op == "rope" else None
+        inner = self.before_permute(node)
+        if inner is not None:                 # a [1, seq, heads * width] split into heads: read it unsplit
+            return self.reshape(self.token_major_value(inner), [-1, heads * width])
+        inner = self.before_permute(node.inputs[0]) if node.op == "rope" else None
         if inner is not None and all(list(t.shape[:2]) == [1, 1] and t.rank == 4 for t in (i.type for i in node.inputs[1:3])):
             cos, sin = (self.reshape(self.harmonised(i, self.values[id(i)]), [1, -1, 1, width])  # [1, seq, 1, width]
                         for i in node.inputs[1:3])

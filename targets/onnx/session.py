@@ -57,6 +57,7 @@ class OnnxExecutor:
         self.inputs = {i.name for i in self.session.get_inputs()}
         pool = artifact.manifest["kv_pool"]
         self.block_size = int(pool["block_size"])
+        self.vocab = int(artifact.manifest["vocab_size"])
         self.rows_dtype = numpy_dtype(target.get("act_dtype", "f32"))
         self.layers, self.kv_heads, self.head_dim = int(pool["layers"]), int(pool["kv_heads"]), int(pool["head_dim"])
         self.pool: list[np.ndarray] = []
@@ -82,7 +83,8 @@ class OnnxExecutor:
             if name in self.inputs:
                 binding.bind_cpu_input(name, value)
         caches = (self.rows.k.ctypes.data, self.rows.v.ctypes.data, layout.batch)
-        binding.bind_output("logits")                 # unallocated: ORT makes it in this step's shape
+        logits = np.empty((feed["logit_rows"].size, self.vocab), np.float32)     # ORT writes the logits here
+        binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
         if caches != self.bound:          # the rows' buffers, bound as they were unless grown or the batch changed
             self.cache_values = []
             for layer in range(self.layers):
@@ -93,7 +95,6 @@ class OnnxExecutor:
                     self.cache_values.append(value)
             self.bound = caches
         self.session.run_with_iobinding(binding)
-        logits = binding.get_outputs()[0].numpy()
         rows = layout.inputs["gqa_slots"] // layout.inputs["gqa_index"].shape[1]
         k_cache[:, blocks, :, offsets] = self.rows.k[:, rows, :, positions]    # [seq, layers, kv_heads, head_dim]
         v_cache[:, blocks, :, offsets] = self.rows.v[:, rows, :, positions]
@@ -156,7 +157,8 @@ class Rows:
             spans[s] = (first, count)
         self.most = max(self.most, 2 * len(spans))
         # GroupQueryAttention wants room for every entry's cached tokens plus the padded chunk
-        self._grow(len(self.rows), max(f for f, _ in spans.values()) + max(n for _, n in spans.values()) + 1)
+        self._grow(len(self.rows), max(max(f for f, _ in spans.values()) + max(n for _, n in spans.values()) + 1,
+                                       positions.size))
         placed: dict[int, tuple[int, int, int]] = {}
         for s, (first, count) in spans.items():
             for r, row in enumerate(self.rows):
@@ -180,7 +182,7 @@ class Rows:
             slots[mine] = r * chunk + offset
             known[r], fresh[r] = first + count - 1, count
         inputs = {"gqa_index": index, "gqa_slots": slots, "seqlens_k": known, "query_seqlens": fresh,
-                  "total_length": np.array(int(known.max()) + 1, np.int32)}
+                  "total_length": np.array(max(int(known.max()) + 1, positions.size), np.int32)}   # the rope tables' rows too
         return Layout(batch, placed, tables, inputs)
 
     def written(self, layout: Layout, blocks: np.ndarray) -> None:
