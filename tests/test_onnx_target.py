@@ -254,8 +254,8 @@ def test_export_writes_a_model_folder_onnx_runtime_runs_alone(families, tmp_path
     for start, end in ((0, len(ids) - 1), (len(ids) - 1, len(ids))):        # a prefill, then a decode step
         n = end - start
         feed = {"tokens": np.array(ids[start:end], np.int64), "positions": np.arange(start, end, dtype=np.int64),
-                "logit_rows": np.arange(n, dtype=np.int64), "gqa_index": np.arange(n, dtype=np.int64)[None],
-                "gqa_slots": np.arange(n, dtype=np.int64), "seqlens_k": np.array([end - 1], np.int32),
+                "logit_rows": np.arange(n, dtype=np.int64), "gqa_tokens": np.stack([np.zeros(n, np.int64), np.arange(n)], -1)[None],
+                "gqa_slots": np.stack([np.zeros(n, np.int64), np.arange(n)], -1)[None], "seqlens_k": np.array([end - 1], np.int32),
                 "query_seqlens": np.array([n], np.int32), "total_length": np.array(end, np.int32)}
         binding = session.io_binding()
         for name, value in feed.items():

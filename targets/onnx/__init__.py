@@ -193,9 +193,9 @@ def export(artifact, directory) -> list[str]:
             "tokens": "i64[seq]: the step's tokens, of one or more sequences",
             "positions": "i64[seq]: each token's position in its sequence",
             "logit_rows": "i64[rows]: the token rows whose logits are returned",
-            "gqa_index": "i64[batch, chunk]: per batch entry (one a sequence), the rows of its tokens in the step, "
-                         "in position order, right-padded (with any row)",
-            "gqa_slots": "i64[seq]: each token's place in gqa_index, entry * chunk + (position - first position)",
+            "gqa_tokens": "i64[batch, chunk, 2]: per batch entry (one a sequence), (0, the row of each of its tokens "
+                          "in the step) in position order, right-padded with (0, 0)",
+            "gqa_slots": "i64[1, seq, 2]: each token's (entry, position - the entry's first position in the step)",
             "seqlens_k": "i32[batch]: per entry, its length after the step minus 1 (0 for an idle entry)",
             "query_seqlens": "i32[batch]: per entry, its tokens in the step (0: idle, its cache left as it is)",
             "total_length": "i32[]: an upper bound of seqlens_k + 1",

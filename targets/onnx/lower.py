@@ -6,7 +6,7 @@ Attention is ORT's GroupQueryAttention over each sequence's keys and values laid
 (inputs ``past_k.L`` / ``past_v.L`` [batch, kv_heads, capacity, head_dim], the same buffers bound as
 the outputs ``present_k.L`` / ``present_v.L``, so the step's tokens are appended in place); the
 executor keeps those rows beside the ABI's paged pool and copies each step's new keys and values
-from them into the pool (session.py). Inputs ``gqa_index``, ``gqa_slots``, ``seqlens_k``,
+from them into the pool (session.py). Inputs ``gqa_tokens``, ``gqa_slots``, ``seqlens_k``,
 ``query_seqlens`` and ``total_length`` lay the flat batch out as GQA's right-padded [batch, chunk].
 """
 
@@ -79,6 +79,7 @@ class OnnxLowering:
         self.extra_outputs: list[onnx.ValueInfoProto] = []
         self.tokens_first: dict[int, str] = {}  # an attention's output as [1, seq, heads, head_dim]
         self.origins: dict[str, str] = {}       # a Reshape's output -> its input
+        self.dims: dict[str, tuple] = {}        # the IR shape of values the lowering made, where it matters
         self.pool_dtype = "f32"
         self.block_size = 0
         # each symbol of the step's shapes, read from the first input that has it as a dimension
@@ -335,6 +336,9 @@ class OnnxLowering:
         return out if a["dtype"] == "i64" else self.add("Cast", [out], to=DTYPES[a["dtype"]])
 
     def _reshape(self, node, xs, a):
+        origin = self.origins.get(xs[0], xs[0])
+        if self.dims.get(origin) == tuple(a["shape"]):      # back to a shape the value had: no node
+            return origin
         return self.reshaped_to(xs[0], self.shape(a["shape"]))
 
     def _permute(self, node, xs, a):
@@ -495,6 +499,12 @@ class OnnxLowering:
 
     # -- attention: GroupQueryAttention over each sequence's contiguous cache ------------------
 
+    def shared(self, key, make) -> str:
+        """A value every layer uses (the slots' tokens, the rope's half tables), made once."""
+        if key not in self.cache:
+            self.cache[key] = make()
+        return self.cache[key]
+
     def step_input(self, name: str, dtype: str, shape: list) -> str:
         """An input the executor adds to the ABI's (the step's layout, the rows of the caches)."""
         self.extra_inputs.setdefault(name, helper.make_tensor_value_info(name, DTYPES[dtype], shape))
@@ -504,7 +514,7 @@ class OnnxLowering:
         """ORT's GroupQueryAttention, which appends each sequence's new keys and values to its
         contiguous cache in place (past and present are one buffer: session.py's rows) and attends
         causally, inside the window. The step's flat tokens go to its [batch, chunk] layout by one
-        Gather (``gqa_index``: each row's tokens right-padded, ``query_seqlens`` of them valid)
+        GatherND (``gqa_tokens``: each row's tokens right-padded, ``query_seqlens`` of them valid)
         and come back by another (``gqa_slots``). With an f16 pool the keys and values are rounded
         to f16 first, so the rows hold what the pool will (the executor copies them there)."""
         q, k, v = xs[:3]
@@ -513,8 +523,8 @@ class OnnxLowering:
         layer = a["layer"]
         act = self.float
         self.layers.append(layer)
-        index = self.step_input("gqa_index", "i64", ["batch", "chunk"])
-        slots = self.step_input("gqa_slots", "i64", ["seq"])
+        index = self.step_input("gqa_tokens", "i64", ["batch", "chunk", 2])
+        slots = self.step_input("gqa_slots", "i64", [1, "seq", 2])
         seqlens = self.step_input("seqlens_k", "i32", ["batch"])
         fresh = self.step_input("query_seqlens", "i32", ["batch"])
         total = self.step_input("total_length", "i32", [])
@@ -524,18 +534,19 @@ class OnnxLowering:
         if rotary is not None:            # GQA rotates q and k itself, from the step's tokens' half tables
             sources, tables = rotary
             packed = self.packed(sources, heads, kv_heads, width)
-            flat = [packed] if packed else [self.reshape(self.token_major_value(n), [-1, n.type.shape[1] * width])
-                                            for n in sources]
-            gathered = [self.add("Gather", [x, index], axis=0) for x in flat] + ([""] * 2 if packed else [])
-            optional = [*tables, index] + [""] * 6            # position_ids: each slot's token, its row of the tables
+            flat = [packed] if packed else [self.token_major_value(n) for n in sources]       # [1, seq, ...]
+            gathered = [self.add("GatherND", [x, index]) for x in flat] + ([""] * 2 if packed else [])
+            tokens = self.shared("slot tokens", lambda: self.add("Squeeze", [self.add(
+                "Slice", [index, self.const([1]), self.const([2]), self.const([2])]), self.const([2])]))
+            optional = [*tables, tokens] + [""] * 6          # position_ids: each slot's token, its row of the tables
             attrs["do_rotary"] = 1
         else:
             gathered = []
             for source, value in zip(node.inputs[:3], (q, k, v)):
-                tokens = self.token_major(source, value, source.type.shape[1], width)    # [seq, heads * head_dim]
+                tokens = self.token_major(source, value, source.type.shape[1], width)    # [1, seq, heads * head_dim]
                 if source is not node.inputs[0] and self.pool_dtype == "f16" and act != "f16":
                     tokens = self.add("Cast", [self.add("Cast", [tokens], to=TensorProto.FLOAT16)], to=DTYPES[act])
-                gathered.append(self.add("Gather", [tokens, index], axis=0))
+                gathered.append(self.add("GatherND", [tokens, index]))
             optional = [""] * 9               # cos/sin caches .. k_norm_weight: unused (rope is the graph's)
         pasts = [self.step_input(f"past_{w}.{layer}", act, ["batch", kv_heads, "capacity", width]) for w in "kv"]
         if a.get("softcap"):
@@ -547,10 +558,10 @@ class OnnxLowering:
         for name in presents:
             self.extra_outputs.append(helper.make_tensor_value_info(name, DTYPES[act], ["batch", kv_heads, "capacity",
                                                                                        width]))
-        rows = self.add("Gather", [self.reshape(out, [-1, heads * width]), slots], axis=0)             # [seq, H*D]
+        rows = self.add("GatherND", [out, slots])                                                  # [1, seq, H*D]
+        self.dims[rows] = (1, qt.shape[2], heads * width)
         self.tokens_first[id(node)] = self.reshape(rows, [1, -1, heads, width])     # what the model permutes it to
-        return self.add("Unsqueeze", [self.add("Transpose", [self.reshape(rows, [0, heads, width])], perm=[1, 0, 2]),
-                                      self.const([0])])
+        return self.add("Transpose", [self.tokens_first[id(node)]], perm=[0, 2, 1, 3])
 
     def rotary(self, node: Node, width: int):
         """For an attention whose q and k are rotated by the same rope (non-interleaved, full
@@ -608,7 +619,7 @@ class OnnxLowering:
         return joined.inputs[0], node.op, scale
 
     def packed(self, sources: list[Node], heads: int, kv_heads: int, width: int) -> str | None:
-        """[seq, (heads + 2 kv_heads) * width] when q, k and v are consecutive slices of one
+        """[1, seq, (heads + 2 kv_heads) * width] when q, k and v are consecutive slices of one
         projection's output (a fused q/k/v linear), which GQA then reads packed."""
         cuts = []
         for node, count in zip(sources, (heads, kv_heads, kv_heads)):
@@ -622,7 +633,7 @@ class OnnxLowering:
         if any(c[0] is not whole for c in cuts) or [c[1] for c in cuts] != edges[:3] \
                 or [c[2] for c in cuts] != edges[1:] or whole.type.shape[-1] != edges[3]:
             return None
-        return self.reshape(self.values[id(whole)], [-1, edges[3]])
+        return self.values[id(whole)] if whole.type.rank == 3 else self.reshape(self.values[id(whole)], [1, -1, edges[3]])
 
     @staticmethod
     def before_permute(n: Node) -> Node | None:
@@ -639,14 +650,14 @@ class OnnxLowering:
         spends no transposes (the permute and the head-major rotation are then unread and pruned)."""
         inner = self.before_permute(node)
         if inner is not None:                 # a [1, seq, heads * width] split into heads: read it unsplit
-            return self.reshape(self.token_major_value(inner), [-1, heads * width])
+            return self.reshape(self.token_major_value(inner), [1, -1, heads * width])
         inner = self.before_permute(node.inputs[0]) if node.op == "rope" else None
         if inner is not None and all(list(t.shape[:2]) == [1, 1] and t.rank == 4 for t in (i.type for i in node.inputs[1:3])):
             cos, sin = (self.reshape(self.harmonised(i, self.values[id(i)]), [1, -1, 1, width])  # [1, seq, 1, width]
                         for i in node.inputs[1:3])
             rotated = self.rotate(self.values[id(inner)], cos, sin, width, 4, node.attrs.get("interleaved"))
-            return self.reshape(rotated, [-1, heads * width])
-        return self.reshape(self.add("Transpose", [value], perm=[0, 2, 1, 3]), [-1, heads * width])
+            return self.reshape(rotated, [1, -1, heads * width])
+        return self.reshape(self.add("Transpose", [value], perm=[0, 2, 1, 3]), [1, -1, heads * width])
 
 
 def lower(graph: Graph, opset: int, accuracy_level: int, act: str = "f32") -> tuple[onnx.ModelProto, list[Initializer], str]:

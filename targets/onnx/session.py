@@ -95,7 +95,7 @@ class OnnxExecutor:
                     self.cache_values.append(value)
             self.bound = caches
         self.session.run_with_iobinding(binding)
-        rows = layout.inputs["gqa_slots"] // layout.inputs["gqa_index"].shape[1]
+        rows = layout.inputs["gqa_slots"][0, :, 0]
         k_cache[:, blocks, :, offsets] = self.rows.k[:, rows, :, positions]    # [seq, layers, kv_heads, head_dim]
         v_cache[:, blocks, :, offsets] = self.rows.v[:, rows, :, positions]
         self.rows.written(layout, blocks)
@@ -171,17 +171,17 @@ class Rows:
                 placed[s] = (self._refill(tables[s], first, pool), first, count)
         batch = max(r for r, _, _ in placed.values()) + 1
         chunk = max(count for _, _, count in placed.values())
-        index = np.zeros((batch, chunk), np.int64)          # per padded slot, the token it takes (0 for padding)
-        slots = np.empty(positions.size, np.int64)          # per token, its padded slot
+        index = np.zeros((batch, chunk, 2), np.int64)       # per padded slot, (0, the token it takes; 0 for padding)
+        slots = np.empty((1, positions.size, 2), np.int64)  # per token, (its row, its place in the chunk)
         known = np.zeros(batch, np.int32)                   # an idle row: 1 token, none new, nothing appended or read
         fresh = np.zeros(batch, np.int32)
         for s, (r, first, count) in placed.items():
             mine = np.flatnonzero(seq_index == s)
             offset = positions[mine] - first
-            index[r, offset] = mine
-            slots[mine] = r * chunk + offset
+            index[r, offset, 1] = mine
+            slots[0, mine, 0], slots[0, mine, 1] = r, offset
             known[r], fresh[r] = first + count - 1, count
-        inputs = {"gqa_index": index, "gqa_slots": slots, "seqlens_k": known, "query_seqlens": fresh,
+        inputs = {"gqa_tokens": index, "gqa_slots": slots, "seqlens_k": known, "query_seqlens": fresh,
                   "total_length": np.array(max(int(known.max()) + 1, positions.size), np.int32)}   # the rope tables' rows too
         return Layout(batch, placed, tables, inputs)
 
