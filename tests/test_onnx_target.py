@@ -33,6 +33,49 @@ def test_each_family_decodes_like_the_cpu_artifact(families, family, tmp_path):
     assert got.generate(PROMPT, max_new_tokens=64) == want.generate(PROMPT, max_new_tokens=64)
 
 
+GQA_CASES = {
+    # q, k, v slices of one fused projection: GQA reads them packed, rotates q and k itself
+    "gemma2": (lambda T: T.Gemma2Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                        max_position_embeddings=256, sliding_window=8, attn_logit_softcapping=30.0,
+                                        final_logit_softcapping=20.0), True),
+    # per-head norms between the projection and the rope: q, k and v reach GQA apart
+    "qwen3": (lambda T: T.Qwen3Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                      max_position_embeddings=256, tie_word_embeddings=True), False),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(GQA_CASES))
+def test_group_query_attention_forms_decode_like_the_cpu_artifact(name, tmp_path):
+    """GroupQueryAttention's rotary (do_rotary, from the rope's half tables) for packed q/k/v
+    (gemma2: soft-capped scores, a window of 8 on every other layer) and for q, k, v given apart
+    (qwen3: the per-head norms sit between projection and rope); and the graph's own rope where
+    the pool (f16) is not the activations' dtype. Logits within 1e-4 of the cpu target's and 40
+    greedy tokens the same, past the window."""
+    import onnx
+    import transformers
+
+    from llmc.artifact import read_artifact
+
+    make, packed = GQA_CASES[name]
+    tiny_model(name, config=make(transformers)).save_pretrained(tmp_path / "hf")
+    ids = np.random.default_rng(9).integers(0, 128, 30).tolist()
+    for kv, rotary in (("f32", True), ("f16", False)):
+        onnx_path, cpu = tmp_path / f"onnx-{kv}.llmc", tmp_path / f"cpu-{kv}.llmc"
+        compile_model(str(tmp_path / "hf"), onnx_path, target="onnx", kv=kv, progress=None)
+        compile_model(str(tmp_path / "hf"), cpu, target="cpu", kv=kv, progress=None)
+        nodes = onnx.load_from_string(bytes(read_artifact(onnx_path).section("onnx"))).graph.node
+        gqa = [n for n in nodes if n.op_type == "GroupQueryAttention"]
+        attrs = {a.name: a for a in gqa[0].attribute}
+        assert bool(attrs["do_rotary"].i if "do_rotary" in attrs else 0) == rotary, kv
+        assert (gqa[0].input[1] == "") == (packed and rotary), kv
+        got, want = llmc.load(onnx_path, max_context=128), llmc.load(cpu, max_context=128)
+        assert relative_error(got.logits(ids), want.logits(ids)) < 1e-4
+        assert got.generate(ids[:6], max_new_tokens=40) == want.generate(ids[:6], max_new_tokens=40)
+
+
 @pytest.mark.parametrize("scheme", ["q4g32", "q8"])
 def test_quantized_linears_run_as_matmulnbits_with_the_same_weights(families, scheme, tmp_path):
     """At accuracy level 0 (the exact product) a q8 or q4g32 build's logits are the reference's to

@@ -640,8 +640,11 @@ class OnnxLowering:
         return n.inputs[0] if n.op == "permute" and list(n.attrs["perm"]) == [0, 2, 1, 3] else None
 
     def token_major_value(self, inner: Node) -> str:
-        """The value of ``inner`` ([1, seq, heads, width]), read before its split into heads."""
-        return self.values[id(inner.inputs[0] if inner.op == "reshape" else inner)]
+        """The value of ``inner`` ([1, seq, heads, width]) as [1, seq, heads * width]: read before
+        its split into heads where it is one."""
+        if inner.op == "reshape" and inner.inputs[0].type.rank == 3:
+            return self.values[id(inner.inputs[0])]
+        return self.reshape(self.values[id(inner)], [1, -1, inner.type.shape[2] * inner.type.shape[3]])
 
     def token_major(self, node: Node, value: str, heads: int, width: int) -> str:
         """Attention's input ``node`` (``value``, [1, heads, seq, width]) as [seq, heads * width], as
@@ -650,7 +653,7 @@ class OnnxLowering:
         spends no transposes (the permute and the head-major rotation are then unread and pruned)."""
         inner = self.before_permute(node)
         if inner is not None:                 # a [1, seq, heads * width] split into heads: read it unsplit
-            return self.reshape(self.token_major_value(inner), [1, -1, heads * width])
+            return self.token_major_value(inner)
         inner = self.before_permute(node.inputs[0]) if node.op == "rope" else None
         if inner is not None and all(list(t.shape[:2]) == [1, 1] and t.rank == 4 for t in (i.type for i in node.inputs[1:3])):
             cos, sin = (self.reshape(self.harmonised(i, self.values[id(i)]), [1, -1, 1, width])  # [1, seq, 1, width]
