@@ -220,6 +220,16 @@ def test_the_contiguous_rows_follow_the_pool(families, tmp_path):
     close(got_d, np.concatenate([b[:4], d]), 4)
     got = step((c[:1], 13, [3, 7, 9, 10, 13]))[0]                # C decodes on
     close(got, np.concatenate([b, c, c[:1]]), 13)
+    got = step((d[:2], 12, [3, 7, 9, 10, 13]))[0]                # and steps back over its row (a rejected draft)
+    close(got, np.concatenate([b, c[:4], d[:2]]), 12)
+
+
+def test_an_onnxruntime_without_gqa_s_chunks_is_named():
+    from llmc.targets.onnx import ort_too_old
+
+    assert ort_too_old("1.31.1") == ("needs onnxruntime 1.32 or newer (GroupQueryAttention's query_seqlens), not "
+                                     "1.31.1: pip install -U 'llmc-compiler[onnx]'")
+    assert ort_too_old("1.32.0") is None and ort_too_old("2.0.1") is None and ort_too_old("dev") is None
 
 
 def test_what_the_onnx_target_refuses_is_one_clear_error(families, tmp_path):

@@ -98,11 +98,28 @@ def describe(artifact) -> list[str]:
             f"call, {sum(target['nodes'].values())} nodes: {top}, ..."]
 
 
+ORT_AT_LEAST = (1, 32)       # GroupQueryAttention's query_seqlens: a step's chunks of any lengths in one call
+
+
+def ort_too_old(version: str) -> str | None:
+    """Why this onnxruntime cannot run an onnx build, or None."""
+    try:
+        have = tuple(int(part) for part in version.split(".")[:2])
+    except ValueError:
+        return None                 # a development build: let it try
+    if have < ORT_AT_LEAST:
+        return (f"needs onnxruntime {'.'.join(map(str, ORT_AT_LEAST))} or newer (GroupQueryAttention's "
+                f"query_seqlens), not {version}: pip install -U 'llmc-compiler[onnx]'")
+    return None
+
+
 def runs_here(manifest) -> tuple[bool, str | None]:
     try:
         import onnxruntime
     except ImportError:
         return False, "needs onnxruntime (pip install 'llmc-compiler[onnx]')"
+    if ort_too_old(onnxruntime.__version__):
+        return False, ort_too_old(onnxruntime.__version__)
     provider = PROVIDERS.get(manifest["target"].get("provider"), "?")
     if provider not in onnxruntime.get_available_providers():
         return False, f"this onnxruntime lacks {provider} (onnxruntime-gpu has CUDA)"

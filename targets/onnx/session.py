@@ -23,7 +23,7 @@ from llmc.ops import kv_slots
 from llmc.types import numpy_dtype
 
 from .. import pool_arrays
-from . import PROVIDERS
+from . import PROVIDERS, ort_too_old
 from .weights import initializers
 
 
@@ -34,6 +34,9 @@ class OnnxExecutor:
         except ImportError:
             raise LlmcError(f"{artifact.path} is an onnx build: running it needs onnxruntime "
                             "(pip install 'llmc-compiler[onnx]')") from None
+        too_old = ort_too_old(ort.__version__)
+        if too_old:
+            raise LlmcError(f"{artifact.path} is an onnx build: running it {too_old}")
         self.ort = ort
         self.artifact = artifact
         target = artifact.manifest["target"]
