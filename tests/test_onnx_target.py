@@ -258,7 +258,8 @@ def test_inspect_verify_and_a_run_without_the_onnx_package(families, tmp_path):
     path = tmp_path / "m.llmc"
     compile_model(families["qwen2"][1].copy(), path, target="onnx", progress=None)
     shown = subprocess.run([sys.executable, "-m", "llmc", "inspect", str(path)], capture_output=True, text=True)
-    assert shown.returncode == 0 and "onnx      opset 21, provider cpu, f32 activations, up to 512 tokens a call" in shown.stdout
+    assert shown.returncode == 0
+    assert "onnx      opset 21, provider cpu, f32 activations, up to 512 tokens a call" in shown.stdout
     assert "target    onnx: ONNX Runtime, CPUExecutionProvider" in shown.stdout
     checked = subprocess.run([sys.executable, "-m", "llmc", "verify", str(path)], capture_output=True, text=True)
     assert checked.returncode == 0, checked.stderr
@@ -286,7 +287,8 @@ def test_a_damaged_initializer_record_is_refused_before_onnx_runtime_runs(famili
 def test_export_writes_a_model_folder_onnx_runtime_runs_alone(families, tmp_path):
     """``llmc export`` writes model.onnx with its weights beside it and step.json; ONNX Runtime runs
     a prefill and a decode step from those files alone (one sequence's caches bound as step.json
-    says, appended to in place) with the artifact's logits. A cpu artifact, or a folder that is not empty, is one clear line."""
+    says, appended to in place) with the artifact's logits. A cpu artifact, or a folder that is not
+    empty, is one clear line."""
     import json
 
     import onnxruntime as ort
@@ -306,9 +308,10 @@ def test_export_writes_a_model_folder_onnx_runtime_runs_alone(families, tmp_path
     got = []
     for start, end in ((0, len(ids) - 1), (len(ids) - 1, len(ids))):        # a prefill, then a decode step
         n = end - start
+        pairs = np.stack([np.zeros(n, np.int64), np.arange(n)], -1)[None]     # entry 0, row i: token i
         feed = {"tokens": np.array(ids[start:end], np.int64), "positions": np.arange(start, end, dtype=np.int64),
-                "logit_rows": np.arange(n, dtype=np.int64), "gqa_tokens": np.stack([np.zeros(n, np.int64), np.arange(n)], -1)[None],
-                "gqa_slots": np.stack([np.zeros(n, np.int64), np.arange(n)], -1)[None], "seqlens_k": np.array([end - 1], np.int32),
+                "logit_rows": np.arange(n, dtype=np.int64), "gqa_tokens": pairs, "gqa_slots": pairs,
+                "seqlens_k": np.array([end - 1], np.int32),
                 "query_seqlens": np.array([n], np.int32), "total_length": np.array(end, np.int32)}
         binding = session.io_binding()
         for name, value in feed.items():

@@ -93,7 +93,8 @@ def emit(graph, options: Options, progress=None) -> Build:
 def describe(artifact) -> list[str]:
     target = artifact.manifest["target"]
     top = ", ".join(f"{op} x{n}" for op, n in sorted(target["nodes"].items(), key=lambda kv: -kv[1])[:8])
-    return [f"onnx      opset {target['opset']}, provider {target['provider']}, {target.get('act_dtype', 'f32')} activations, "
+    act = target.get("act_dtype", "f32")
+    return [f"onnx      opset {target['opset']}, provider {target['provider']}, {act} activations, "
             f"up to {target['chunk']} tokens a "
             f"call, {sum(target['nodes'].values())} nodes: {top}, ..."]
 
@@ -215,7 +216,7 @@ def export(artifact, directory) -> list[str]:
             "gqa_slots": "i64[1, seq, 2]: each token's (entry, position - the entry's first position in the step)",
             "seqlens_k": "i32[batch]: per entry, its length after the step minus 1 (0 for an idle entry)",
             "query_seqlens": "i32[batch]: per entry, its tokens in the step (0: idle, its cache left as it is)",
-            "total_length": "i32[]: an upper bound of seqlens_k + 1",
+            "total_length": "i32[]: at least seqlens_k + 1 and the step's tokens (the rows of the rope's tables)",
             "past_k.L, past_v.L": f"{cache} per layer L: each entry's keys and values at positions 0..length-1; "
                                   "bind present_k.L and present_v.L to the same buffers, and GroupQueryAttention "
                                   "appends the step's in place",

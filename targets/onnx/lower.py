@@ -35,8 +35,8 @@ BINARY = {"add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div", "pow": "Pow", 
           "eq": "Equal", "lt": "Less", "le": "LessOrEqual", "gt": "Greater", "ge": "GreaterOrEqual", "and": "And",
           "or": "Or"}
 REDUCE = {"sum": "ReduceSum", "mean": "ReduceMean", "max": "ReduceMax", "min": "ReduceMin"}
-# With f16 activations: the ops whose handlers compute in f32 (a q4/q8 row's dequantization), their float inputs cast to f32 and their result back to f16; and the
-# inputs of an op that are a quantized weight's parts (made by weights.py, never cast).
+# With f16 activations: the ops whose handlers compute in f32 (a q4/q8 row's dequantization): their
+# float inputs are cast to f32 and their result back to f16.
 F32_INSIDE = ("qembedding",)
 SOURCES = ("embedding", "qembedding")       # where the activations begin
 
@@ -81,7 +81,6 @@ class OnnxLowering:
         self.origins: dict[str, str] = {}       # a Reshape's output -> its input
         self.dims: dict[str, tuple] = {}        # the IR shape of values the lowering made, where it matters
         self.pool_dtype = "f32"
-        self.block_size = 0
         # each symbol of the step's shapes, read from the first input that has it as a dimension
         self.sources: dict[str, tuple[str, int]] = {}
         for node in graph.inputs:
@@ -655,7 +654,8 @@ class OnnxLowering:
         if inner is not None:                 # a [1, seq, heads * width] split into heads: read it unsplit
             return self.token_major_value(inner)
         inner = self.before_permute(node.inputs[0]) if node.op == "rope" else None
-        if inner is not None and all(list(t.shape[:2]) == [1, 1] and t.rank == 4 for t in (i.type for i in node.inputs[1:3])):
+        tables = [i.type for i in node.inputs[1:3]] if inner is not None else []
+        if inner is not None and all(list(t.shape[:2]) == [1, 1] and t.rank == 4 for t in tables):
             cos, sin = (self.reshape(self.harmonised(i, self.values[id(i)]), [1, -1, 1, width])  # [1, seq, 1, width]
                         for i in node.inputs[1:3])
             rotated = self.rotate(self.values[id(inner)], cos, sin, width, 4, node.attrs.get("interleaved"))
@@ -663,7 +663,8 @@ class OnnxLowering:
         return self.reshape(self.add("Transpose", [value], perm=[0, 2, 1, 3]), [1, -1, heads * width])
 
 
-def lower(graph: Graph, opset: int, accuracy_level: int, act: str = "f32") -> tuple[onnx.ModelProto, list[Initializer], str]:
+def lower(graph: Graph, opset: int, accuracy_level: int,
+          act: str = "f32") -> tuple[onnx.ModelProto, list[Initializer], str]:
     """(the ONNX model, the initializers the executor makes at load, the pool's dtype)."""
     lowering = OnnxLowering(graph, opset, accuracy_level, act)
     model = lowering.run()

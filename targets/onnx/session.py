@@ -85,7 +85,7 @@ class OnnxExecutor:
         for name, value in feed.items():
             if name in self.inputs:
                 binding.bind_cpu_input(name, value)
-        caches = (self.rows.k.ctypes.data, self.rows.v.ctypes.data, layout.batch)
+        caches = (self.rows.k.ctypes.data, self.rows.v.ctypes.data, self.rows.k.shape, layout.batch)
         logits = np.empty((feed["logit_rows"].size, self.vocab), np.float32)     # ORT writes the logits here
         binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
         if caches != self.bound:          # the rows' buffers, bound as they were unless grown or the batch changed
@@ -185,8 +185,9 @@ class Rows:
             index[r, offset, 1] = mine
             slots[0, mine, 0], slots[0, mine, 1] = r, offset
             known[r], fresh[r] = first + count - 1, count
+        total = max(int(known.max()) + 1, positions.size)            # also the rows of the rope's half tables
         inputs = {"gqa_tokens": index, "gqa_slots": slots, "seqlens_k": known, "query_seqlens": fresh,
-                  "total_length": np.array(max(int(known.max()) + 1, positions.size), np.int32)}   # the rope tables' rows too
+                  "total_length": np.array(total, np.int32)}
         return Layout(batch, placed, tables, inputs)
 
     def written(self, layout: Layout, blocks: np.ndarray) -> None:
