@@ -348,3 +348,24 @@ def test_the_engine_serves_an_onnx_build_like_solo_generation(families, tmp_path
         handles = [engine.submit(p, max_tokens=20) for p in prompts]
         got = [h.result().completions[0].token_ids for h in handles]
     assert got == solo
+
+
+def test_the_engine_s_prefix_cache_and_preemption_refill_the_rows(families, tmp_path):
+    """Six requests sharing a 20-token prefix (five full blocks of 4) in a pool of 32 blocks, too
+    small for them together: the engine shares the prefix's blocks (a row filled from the pool
+    for each sharer) and preempts and recomputes sequences (new blocks, a row refilled), and every
+    request still decodes its solo greedy tokens."""
+    path = tmp_path / "m.llmc"
+    compile_model(families["qwen2"][1].copy(), path, target="onnx", block_size=4, progress=None)
+    solo = llmc.load(path, max_context=128)
+    rng = np.random.default_rng(6)
+    shared = rng.integers(0, 128, 20).tolist()
+    prompts = [shared + rng.integers(0, 128, int(rng.integers(3, 20))).tolist() for _ in range(6)]
+    want = [solo.generate(p, max_new_tokens=40) for p in prompts]
+    with llmc.Engine(path, max_context=128, kv_blocks=32, max_running=6, max_step_tokens=32) as engine:
+        first = engine.generate(prompts[0], max_tokens=40, ignore_eos=True)
+        handles = [engine.submit(p, max_tokens=40, ignore_eos=True) for p in prompts[1:]]
+        got = [first] + [h.result(timeout=120) for h in handles]
+        metrics = engine.metrics()
+    assert metrics["preemptions"] > 0 and metrics["prefix_cache_hit_tokens"] >= 20
+    assert [out.token_ids for out in got] == want
