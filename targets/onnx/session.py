@@ -68,6 +68,7 @@ class OnnxExecutor:
         self.binding = self.session.io_binding()
         self.bound: tuple | None = None         # the cache buffers and batch the binding holds
         self.cache_values: list = []            # their OrtValues, kept alive while bound
+        self.buffers: dict[str, np.ndarray] = {}    # the arrays bound as inputs and as the logits
 
     def allocate_pool(self, blocks: int) -> int:
         self.pool = pool_arrays(self.artifact, blocks)
@@ -84,10 +85,16 @@ class OnnxExecutor:
         binding = self.binding
         for name, value in feed.items():
             if name in self.inputs:
-                binding.bind_cpu_input(name, value)
+                self.bind(name, value)
+        wanted = feed["logit_rows"].size
+        logits = self.buffers.get("logits")
+        if logits is None or logits.shape[0] != wanted:       # ORT writes the logits here
+            logits = np.empty((wanted, self.vocab), np.float32)
+            binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+            self.buffers["logits"] = logits
+        if wanted > 8:                # a prefill's every row: its own array, not kept (nor copied)
+            del self.buffers["logits"]
         caches = (self.rows.k.ctypes.data, self.rows.v.ctypes.data, self.rows.k.shape, layout.batch)
-        logits = np.empty((feed["logit_rows"].size, self.vocab), np.float32)     # ORT writes the logits here
-        binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
         if caches != self.bound:          # the rows' buffers, bound as they were unless grown or the batch changed
             self.cache_values = []
             for layer in range(self.layers):
@@ -99,10 +106,24 @@ class OnnxExecutor:
             self.bound = caches
         self.session.run_with_iobinding(binding)
         rows = layout.inputs["gqa_slots"][0, :, 0]
-        k_cache[:, blocks, :, offsets] = self.rows.k[:, rows, :, positions]    # [seq, layers, kv_heads, head_dim]
-        v_cache[:, blocks, :, offsets] = self.rows.v[:, rows, :, positions]
+        if positions.size == 1:           # a lone decode token: plain indexing, no gather
+            b, o, r, p = int(blocks[0]), int(offsets[0]), int(rows[0]), int(positions[0])
+            k_cache[:, b, :, o], v_cache[:, b, :, o] = self.rows.k[:, r, :, p], self.rows.v[:, r, :, p]
+        else:
+            k_cache[:, blocks, :, offsets] = self.rows.k[:, rows, :, positions]    # [seq, layers, kv_heads, head_dim]
+            v_cache[:, blocks, :, offsets] = self.rows.v[:, rows, :, positions]
         self.rows.written(layout, blocks)
-        return logits
+        return logits.copy() if wanted <= 8 else logits       # a kept buffer is the next step's
+
+    def bind(self, name: str, value: np.ndarray) -> None:
+        """An input of the step, copied into the buffer bound to it when the shape is the bound one
+        (a decode's every step), else bound afresh."""
+        held = self.buffers.get(name)
+        if held is not None and held.shape == value.shape and held.dtype == value.dtype:
+            held[...] = value
+            return
+        self.buffers[name] = value = np.array(value)          # its own: the caller's array may change
+        self.binding.bind_cpu_input(name, value)
 
 
 @dataclass
@@ -151,18 +172,24 @@ class Rows:
         also a step back, as a rerun or a rejected draft makes), then the others (a row least
         recently used, or a new one, filled from the pool)."""
         self.clock += 1
-        spans = {}
-        for s in np.unique(seq_index).tolist():
-            mine = positions[seq_index == s]
-            first, count = int(mine.min()), mine.size
-            if int(mine.max()) - first + 1 != count or np.unique(mine).size != count:
-                raise LlmcError(f"the onnx target takes a sequence's tokens in one step at consecutive positions; "
-                                f"sequence {s} has positions {sorted(mine.tolist())[:8]}")
-            spans[s] = (first, count)
+        if seq_index.min() == seq_index.max():            # one sequence (a prefill, a lone decode)
+            sequences, inverse, counts = seq_index[:1], np.zeros(seq_index.size, np.int64), np.array([seq_index.size])
+            firsts, lasts = positions.min(keepdims=True), positions.max(keepdims=True)
+        else:
+            sequences, inverse, counts = np.unique(seq_index, return_inverse=True, return_counts=True)
+            order = np.argsort(inverse, kind="stable")
+            starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+            firsts = np.minimum.reduceat(positions[order], starts)
+            lasts = np.maximum.reduceat(positions[order], starts)
+        if (lasts - firsts + 1 != counts).any():          # positions are distinct (the ABI's check): a run or not
+            s = int(sequences[np.argmax(lasts - firsts + 1 != counts)])
+            raise LlmcError(f"the onnx target takes a sequence's tokens in one step at consecutive positions; "
+                            f"sequence {s} has positions {sorted(positions[seq_index == s].tolist())[:8]}")
+        spans = {s: (f, n) for s, f, n in zip(sequences.tolist(), firsts.tolist(), counts.tolist())}
         self.most = max(self.most, len(spans) + 2)
         # GroupQueryAttention wants room for every entry's cached tokens plus the padded chunk
-        self._grow(len(self.rows), max(max(f for f, _ in spans.values()) + max(n for _, n in spans.values()) + 1,
-                                       positions.size))
+        chunk = int(counts.max())
+        self._grow(len(self.rows), max(int(firsts.max()) + chunk + 1, positions.size))
         placed: dict[int, tuple[int, int, int]] = {}
         for s, (first, count) in spans.items():
             for r, row in enumerate(self.rows):
@@ -173,19 +200,16 @@ class Rows:
         for s, (first, count) in spans.items():
             if s not in placed:
                 placed[s] = (self._refill(tables[s], first, pool), first, count)
-        batch = max(r for r, _, _ in placed.values()) + 1
-        chunk = max(count for _, _, count in placed.values())
+        rows = np.array([placed[s][0] for s in spans], np.int64)     # per sequence of ``sequences``
+        batch = int(rows.max()) + 1
+        token_rows, offsets = rows[inverse], positions - firsts[inverse]
         index = np.zeros((batch, chunk, 2), np.int64)       # per padded slot, (0, the token it takes; 0 for padding)
-        slots = np.empty((1, positions.size, 2), np.int64)  # per token, (its row, its place in the chunk)
+        index[token_rows, offsets, 1] = np.arange(positions.size)
+        slots = np.stack([token_rows, offsets], -1)[None]   # per token, (its row, its place in the chunk)
         known = np.zeros(batch, np.int32)                   # an idle row: 1 token, none new, nothing appended or read
         fresh = np.zeros(batch, np.int32)
-        for s, (r, first, count) in placed.items():
-            mine = np.flatnonzero(seq_index == s)
-            offset = positions[mine] - first
-            index[r, offset, 1] = mine
-            slots[0, mine, 0], slots[0, mine, 1] = r, offset
-            known[r], fresh[r] = first + count - 1, count
-        total = max(int(known.max()) + 1, positions.size)            # also the rows of the rope's half tables
+        known[rows], fresh[rows] = lasts, counts
+        total = max(int(lasts.max()) + 1, positions.size)            # also the rows of the rope's half tables
         inputs = {"gqa_tokens": index, "gqa_slots": slots, "seqlens_k": known, "query_seqlens": fresh,
                   "total_length": np.array(total, np.int32)}
         return Layout(batch, placed, tables, inputs)
@@ -193,7 +217,7 @@ class Rows:
     def written(self, layout: Layout, blocks: np.ndarray) -> None:
         """After a step: count the pool blocks it wrote; each of its rows now holds its sequence to
         the step's last position."""
-        self.writes[np.unique(blocks)] += 1
+        self.writes[blocks] += 1          # (a block written twice counts once: a count only has to change)
         for s, (r, first, count) in layout.rows.items():
             row = self.rows[r]
             row.length = first + count
