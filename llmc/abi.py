@@ -298,14 +298,17 @@ def check_batch(batch: Batch, layout: PoolLayout, blocks: int, max_tokens: int, 
     if logical.max() >= width:
         raise BatchError(f"position {int(batch.positions.max())} needs more than the {width} blocks of a block table")
     # Every block a token reads (its sequence's positions 0..position) must be in the pool.
-    last = np.full(seqs, -1, np.int64)
-    np.maximum.at(last, batch.seq_index, logical)
+    if seqs == 1:                   # one sequence (generation's every step): no scatter
+        last = logical.max(keepdims=True)
+    else:
+        last = np.full(seqs, -1, np.int64)
+        np.maximum.at(last, batch.seq_index, logical)
     read = batch.block_tables[np.arange(width)[None, :] <= last[:, None]]
     if read.min() < 0 or read.max() >= blocks:
         raise BatchError(f"a block table names a block outside the pool of {blocks} blocks")
     # Two tokens writing one slot (a position twice, or two sequences sharing a block they both
     # write) would race: the step's result would depend on which write lands last.
     slots = batch.block_tables[batch.seq_index, logical] * layout.block_size + batch.positions % layout.block_size
-    if np.unique(slots).size != n:
+    if n > 1 and np.unique(slots).size != n:
         raise BatchError("two tokens of the step write the same KV slot (one position twice, or a block two sequences "
                        "share): give each written position its own slot")
