@@ -44,8 +44,8 @@ class Options:
                 "activations (as the cpu target does), 0 the exact product with the dequantized weight",
         "choices": [0, 1, 2, 3, 4]})
     act_dtype: str | None = field(default=None, metadata={
-        "help": "activation dtype of an onnx build: f32, or f16 (the rope's angles stay f32, attention "
-                "accumulates in f32); default f16 with --provider cuda, else f32",
+        "help": "activation dtype of an onnx build: f32, or f16 (the rope's angles stay f32); default f16 "
+                "with --provider cuda, else f32",
         "choices": list(ACT_DTYPES)})
     chunk: int | None = chunk_option()
 
@@ -119,8 +119,9 @@ def runs_here(manifest) -> tuple[bool, str | None]:
         import onnxruntime
     except ImportError:
         return False, "needs onnxruntime (pip install 'llmc-compiler[onnx]')"
-    if ort_too_old(onnxruntime.__version__):
-        return False, ort_too_old(onnxruntime.__version__)
+    too_old = ort_too_old(onnxruntime.__version__)
+    if too_old:
+        return False, too_old
     provider = PROVIDERS.get(manifest["target"].get("provider"), "?")
     if provider not in onnxruntime.get_available_providers():
         return False, f"this onnxruntime lacks {provider} (onnxruntime-gpu has CUDA)"

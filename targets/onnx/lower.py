@@ -393,10 +393,11 @@ class OnnxLowering:
 
     def _qlinear(self, node, xs, a):
         """MatMulNBits over the parts re-laid out at load (weights.py): 4-bit codes two a byte in
-        element order, or 8-bit codes offset by 128, with f32 scales and its default zero point
-        (8 or 128: its fast kernels; a float zero point is 30x slower). A q4 group's min enters as
-        w = (q - 8) * s + (min + 8 s): the group sums of x times the [K/G, N] offsets, one small
-        MatMul beside it, left out when every offset is 0 (GGUF's Q4_0: min = -8 s)."""
+        element order, or 8-bit codes offset by 128, with scales in the activations' dtype and its
+        default zero point (8 or 128: its fast kernels; a float zero point is 30x slower). A q4
+        group's min enters as w = (q - 8) * s + (min + 8 s): the group sums of x times the [K/G, N]
+        offsets, one small MatMul beside it, left out when every offset is 0 (GGUF's Q4_0:
+        min = -8 s)."""
         scheme = parse_scheme(a["scheme"])
         count = len(scheme.parts)
         parts = node.inputs[1:1 + count]
@@ -529,7 +530,7 @@ class OnnxLowering:
         total = self.step_input("total_length", "i32", [])
         attrs = {"num_heads": heads, "kv_num_heads": kv_heads, "scale": float(a["scale"]),
                  "local_window_size": int(a["window"]) if a["window"] else -1}
-        rotary = self.rotary(node, width) if self.pool_dtype == act and not __import__("os").environ.get("NOROT") else None
+        rotary = self.rotary(node, width) if self.pool_dtype == act else None
         if rotary is not None:            # GQA rotates q and k itself, from the step's tokens' half tables
             sources, tables = rotary
             packed = self.packed(sources, heads, kv_heads, width)
@@ -592,10 +593,7 @@ class OnnxLowering:
                 table = self.add("Pad", [table, pads])
                 tables.append(table if self.float == "f32" else self.add("Cast", [table], to=DTYPES[self.float]))
             return tables
-        key = ("rotary", id(angles), scale, self.float)
-        if key not in self.cache:
-            self.cache[key] = make()
-        return sources, self.cache[key]
+        return sources, self.shared(("rotary", id(angles), scale, self.float), make)
 
     @staticmethod
     def table(node: Node):
@@ -646,8 +644,8 @@ class OnnxLowering:
         return self.reshape(self.values[id(inner)], [1, -1, inner.type.shape[2] * inner.type.shape[3]])
 
     def token_major(self, node: Node, value: str, heads: int, width: int) -> str:
-        """Attention's input ``node`` (``value``, [1, heads, seq, width]) as [seq, heads * width], as
-        GroupQueryAttention reads it. Models make it by permuting [1, seq, heads, width] (and
+        """Attention's input ``node`` (``value``, [1, heads, seq, width]) as [1, seq, heads * width],
+        as GroupQueryAttention reads it. Models make it by permuting [1, seq, heads, width] (and
         rotating it after); reading the value before the permute, with the rotation done there,
         spends no transposes (the permute and the head-major rotation are then unread and pruned)."""
         inner = self.before_permute(node)

@@ -13,7 +13,7 @@ truth every row is checked against.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -25,6 +25,8 @@ from llmc.types import numpy_dtype
 from .. import pool_arrays
 from . import PROVIDERS, ort_too_old
 from .weights import initializers
+
+KEPT_LOGITS = 8         # a step's logit rows up to this land in one buffer kept bound (a decode's); more, a fresh array
 
 
 class OnnxExecutor:
@@ -92,7 +94,7 @@ class OnnxExecutor:
             logits = np.empty((wanted, self.vocab), np.float32)
             binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
             self.buffers["logits"] = logits
-        if wanted > 8:                # a prefill's every row: its own array, not kept (nor copied)
+        if wanted > KEPT_LOGITS:      # a prefill's every row: its own array, not kept (nor copied)
             del self.buffers["logits"]
         caches = (self.rows.k.ctypes.data, self.rows.v.ctypes.data, self.rows.k.shape, layout.batch)
         if caches != self.bound:          # the rows' buffers, bound as they were unless grown or the batch changed
@@ -113,7 +115,7 @@ class OnnxExecutor:
             k_cache[:, blocks, :, offsets] = self.rows.k[:, rows, :, positions]    # [seq, layers, kv_heads, head_dim]
             v_cache[:, blocks, :, offsets] = self.rows.v[:, rows, :, positions]
         self.rows.written(layout, blocks)
-        return logits.copy() if wanted <= 8 else logits       # a kept buffer is the next step's
+        return logits.copy() if wanted <= KEPT_LOGITS else logits       # a kept buffer is the next step's
 
     def bind(self, name: str, value: np.ndarray) -> None:
         """An input of the step, copied into the buffer bound to it when the shape is the bound one
@@ -131,8 +133,8 @@ class Row:
     """One row of the contiguous caches: the pool blocks its positions [0, length) hold the keys
     and values of, and each block's write count when the row last agreed with it."""
 
-    blocks: np.ndarray
-    writes: np.ndarray
+    blocks: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    writes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     length: int = 0
     used: int = 0
 
@@ -233,7 +235,7 @@ class Rows:
         if idle:
             r = idle[0]
         elif len(self.rows) < self.most or all(row.used == self.clock for row in self.rows):
-            self.rows.append(Row(np.zeros(0, np.int64), np.zeros(0, np.int64)))
+            self.rows.append(Row())
             r = len(self.rows) - 1
             self._grow(len(self.rows), self.k.shape[3])
         else:
