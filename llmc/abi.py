@@ -265,6 +265,14 @@ class Batch:
                      np.zeros(n, np.int64), np.ascontiguousarray(table, np.int64).reshape(1, -1), logit_rows)
 
 
+def _span(array: np.ndarray) -> tuple[int, int]:
+    """The least and the greatest of a non-empty array, as ints (one element: no reductions)."""
+    if array.size == 1:
+        value = int(array.reshape(-1)[0])
+        return value, value
+    return int(array.min()), int(array.max())
+
+
 def check_batch(batch: Batch, layout: PoolLayout, blocks: int, max_tokens: int, vocab: int,
                 positions: int | None = None) -> None:
     """Refuse (AbiError) a batch whose indices would reach outside the pool, the tables, the
@@ -281,34 +289,43 @@ def check_batch(batch: Batch, layout: PoolLayout, blocks: int, max_tokens: int, 
         raise BatchError(f"a step takes 1 to {max_tokens} tokens, not {n}")
     if batch.positions.size != n or batch.seq_index.size != n:
         raise BatchError("tokens, positions and seq_index must have one entry per token")
-    if not 1 <= batch.logit_rows.size <= n or batch.logit_rows.min() < 0 or batch.logit_rows.max() >= n:
+    if not 1 <= batch.logit_rows.size <= n:
         raise BatchError(f"logit_rows must name 1 to {n} of the step's {n} token rows")
-    if batch.tokens.min() < 0 or batch.tokens.max() >= vocab:
+    low, high = _span(batch.logit_rows)
+    if low < 0 or high >= n:
+        raise BatchError(f"logit_rows must name 1 to {n} of the step's {n} token rows")
+    low, high = _span(batch.tokens)
+    if low < 0 or high >= vocab:
         raise BatchError(f"token ids must be in [0, {vocab})")
     seqs, width = batch.block_tables.shape
     if seqs < 1 or width < 1:
         raise BatchError("block_tables needs at least one sequence and one block")
-    if batch.seq_index.min() < 0 or batch.seq_index.max() >= seqs:
+    low, high = _span(batch.seq_index)
+    if low < 0 or high >= seqs:
         raise BatchError(f"seq_index must name one of the {seqs} block tables")
-    if batch.positions.min() < 0:
+    low, high = _span(batch.positions)
+    if low < 0:
         raise BatchError("positions must be >= 0")
-    if positions is not None and batch.positions.max() >= positions:
-        raise BatchError(f"position {int(batch.positions.max())} is past the model's {positions} positions")
-    logical = batch.positions // layout.block_size
-    if logical.max() >= width:
-        raise BatchError(f"position {int(batch.positions.max())} needs more than the {width} blocks of a block table")
+    if positions is not None and high >= positions:
+        raise BatchError(f"position {high} is past the model's {positions} positions")
+    if high // layout.block_size >= width:
+        raise BatchError(f"position {high} needs more than the {width} blocks of a block table")
     # Every block a token reads (its sequence's positions 0..position) must be in the pool.
+    logical = batch.positions // layout.block_size
     if seqs == 1:                   # one sequence (generation's every step): no scatter
-        last = logical.max(keepdims=True)
+        read = batch.block_tables[0, :high // layout.block_size + 1]
     else:
         last = np.full(seqs, -1, np.int64)
         np.maximum.at(last, batch.seq_index, logical)
-    read = batch.block_tables[np.arange(width)[None, :] <= last[:, None]]
-    if read.min() < 0 or read.max() >= blocks:
+        read = batch.block_tables[np.arange(width)[None, :] <= last[:, None]]
+    low, high = _span(read)
+    if low < 0 or high >= blocks:
         raise BatchError(f"a block table names a block outside the pool of {blocks} blocks")
     # Two tokens writing one slot (a position twice, or two sequences sharing a block they both
     # write) would race: the step's result would depend on which write lands last.
+    if n == 1:
+        return
     slots = batch.block_tables[batch.seq_index, logical] * layout.block_size + batch.positions % layout.block_size
-    if n > 1 and np.unique(slots).size != n:
+    if np.unique(slots).size != n:
         raise BatchError("two tokens of the step write the same KV slot (one position twice, or a block two sequences "
                        "share): give each written position its own slot")

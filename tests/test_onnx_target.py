@@ -92,12 +92,15 @@ def test_quantized_linears_run_as_matmulnbits_with_the_same_weights(families, sc
 
 def test_a_gguf_q4_0_weight_is_matmulnbits_alone(tmp_path):
     """GGUF's Q4_0 blocks (kept as q4g32 with min = -8 scale by --quant gguf) are MatMulNBits with
-    its default zero point and nothing beside it, as ORT GenAI's symmetric int4; Q4_1's mins keep
-    their group sums. Both equal the reference at accuracy level 0."""
+    its default zero point and nothing beside it, as ORT GenAI's symmetric int4, and the tied
+    embedding one GatherBlockQuantized over the lm_head's own arrays; Q4_1's mins keep their group
+    sums and the embedding's dequantization in the graph. Both equal the reference at accuracy
+    level 0."""
     import gguf
     import onnx
 
     from llmc.artifact import read_artifact
+    from llmc.targets.onnx.weights import initializers
     from test_gguf import write_gguf
 
     model = tiny_model("llama")
@@ -110,8 +113,13 @@ def test_a_gguf_q4_0_weight_is_matmulnbits_alone(tmp_path):
         artifact = read_artifact(path)
         ops = [n.op_type for n in onnx.load_from_string(bytes(artifact.section("onnx"))).graph.node]
         assert ops.count("MatMulNBits") == 9 and ops.count("ReduceSum") == sums, qtype.name
+        assert ops.count("GatherBlockQuantized") == (0 if sums else 1), qtype.name
         kinds = [record[1] for record in artifact.manifest["target"]["initializers"]]
         assert kinds.count("offsets") == sums
+        if not sums:                    # the embedding's rows and the lm_head's codes: one array, two shapes
+            made = dict(initializers(artifact))
+            rows, codes = made["model.embed_tokens.weight.gguf.q#rows"], made["model.embed_tokens.weight.gguf.q#codes"]
+            assert rows.ndim == 2 and codes.ndim == 3 and np.shares_memory(rows, codes)
 
 
 @pytest.mark.parametrize("scheme", ["q4g32", "q4g128", "q8"])

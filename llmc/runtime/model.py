@@ -51,6 +51,8 @@ def check_token_ids(ids, vocab: int, what: str = "token ids") -> np.ndarray:
     if isinstance(ids, np.ndarray):
         if ids.ndim != 1 or not (np.issubdtype(ids.dtype, np.integer) or ids.size == 0):
             raise UsageError(f"{what} must be a 1-D array of ints, not {ids.dtype} of shape {ids.shape}")
+        if ids.size == 1 and 0 <= ids[0] < vocab:       # a decode step's one token
+            return ids.astype(np.int64)
         ids = ids.tolist()
     if not isinstance(ids, (list, tuple)):
         raise UsageError(f"{what} must be a list of ints, not {type(ids).__name__}")

@@ -95,12 +95,14 @@ class OnnxLowering:
         self.count += 1
         return f"{hint}{self.count}"
 
-    def add(self, op: str, inputs: list[str], outputs: int = 1, domain: str | None = None, **attrs):
+    def add(self, op: str, inputs: list[str], outputs: int = 1, domain: str | None = None, unread: tuple = (),
+            **attrs):
+        """A node; ``unread`` names optional outputs left unnamed, so ORT neither computes nor keeps them."""
         for name in inputs:          # a graph weight is an initializer once an ONNX node reads it
             if name in self.weight_types and name not in self.initializers:
                 t = self.weight_types[name]
                 self.initializers[name] = Initializer(name, "weight", (name,), t.dtype, tuple(t.shape))
-        names = [self.fresh(op.lower()[:12] + "_") for _ in range(outputs)]
+        names = ["" if i in unread else self.fresh(op.lower()[:12] + "_") for i in range(outputs)]
         self.nodes.append(helper.make_node(op, inputs, names, domain=domain, **attrs))
         return names[0] if outputs == 1 else names
 
@@ -432,12 +434,23 @@ class OnnxLowering:
         return name
 
     def _qembedding(self, node, xs, a):
-        """The looked-up rows' parts gathered, then dequantized in the graph (a few rows a step)."""
+        """The looked-up rows: ORT's GatherBlockQuantized over MatMulNBits's own parts (one node; a
+        tied lm_head's initializers are the same arrays) when its default zero point gives the
+        weight (q8, GGUF's Q4_0), else the rows' parts gathered and dequantized in the graph."""
         scheme = parse_scheme(a["scheme"])
         count = len(scheme.parts)
         parts, ids = xs[:count], xs[count]
         cols = scheme.cols(node.inputs[0].type.shape[1])
         group = scheme.group
+        names = [p.attrs.get("name") for p in node.inputs[:count]]
+        if all(p.op == "weight" for p in node.inputs[:count]) and group >= 16 and group & (group - 1) == 0 and \
+                ("mins" not in scheme.parts or self.symmetric(names[1], names[2])):
+            rows, bits = node.inputs[0].type.shape[0], scheme.bits
+            codes = self.derived(f"{names[0]}#rows", "nibbles" if bits == 4 else "bytes", names, "u8",
+                                 (rows, cols * bits // 8))
+            scales = self.derived(f"{names[1]}#rowscales.{self.float}", "scales", names, self.float, (rows, cols // group))
+            return self.add("GatherBlockQuantized", [codes, ids, scales], domain=CONTRIB, bits=bits, block_size=group,
+                            gather_axis=0, quantize_axis=1)
         rows = [self.add("Gather", [p, ids], axis=0) for p in parts]          # [..ids, K/G or packed]
         codes = self.add("Reshape", [rows[0], self.const([0] * len(node.inputs[count].type.shape) + [cols // group, -1])])
         if scheme.bits == 4:
@@ -464,13 +477,14 @@ class OnnxLowering:
     def _add_norm(self, node, xs, a):
         """(x + residual, its norm): Skip(Simplified)LayerNormalization, whose fourth output is the sum."""
         if a["norm"] == "rms":
-            out = self.add("SkipSimplifiedLayerNormalization", xs, outputs=4, domain=CONTRIB, epsilon=float(a["eps"]))
+            out = self.add("SkipSimplifiedLayerNormalization", xs, outputs=4, domain=CONTRIB, unread=(1, 2),
+                           epsilon=float(a["eps"]))       # (normed, mean, inverse deviation, sum)
             return out[3], out[0]
         width = node.inputs[0].type.shape[-1]
         scale = xs[2] if len(xs) > 2 else self.const(np.ones(width), self.float)
         bias = xs[3] if len(xs) > 3 else self.const(np.zeros(width), self.float)
         out = self.add("SkipLayerNormalization", [xs[0], xs[1], scale, bias], outputs=4, domain=CONTRIB,
-                       epsilon=float(a["eps"]))
+                       unread=(1, 2), epsilon=float(a["eps"]))
         return out[3], out[0]
 
     def _swiglu(self, node, xs, a):

@@ -68,13 +68,14 @@ class OnnxExecutor:
         self.pool: list[np.ndarray] = []
         self.rows: Rows | None = None
         self.binding = self.session.io_binding()
-        self.bound: tuple | None = None         # the cache buffers and batch the binding holds
+        self.bound: tuple | None = None         # the rows' growth and the batch the binding holds
         self.cache_values: list = []            # their OrtValues, kept alive while bound
         self.buffers: dict[str, np.ndarray] = {}    # the arrays bound as inputs and as the logits
 
     def allocate_pool(self, blocks: int) -> int:
         self.pool = pool_arrays(self.artifact, blocks)
         self.rows = Rows(self.layers, self.kv_heads, self.head_dim, self.block_size, self.rows_dtype, blocks)
+        self.bound = None
         return sum(a.nbytes for a in self.pool)
 
     def run(self, entry: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
@@ -96,7 +97,7 @@ class OnnxExecutor:
             self.buffers["logits"] = logits
         if wanted > KEPT_LOGITS:      # a prefill's every row: its own array, not kept (nor copied)
             del self.buffers["logits"]
-        caches = (self.rows.k.ctypes.data, self.rows.v.ctypes.data, self.rows.k.shape, layout.batch)
+        caches = (self.rows.grown, layout.batch)
         if caches != self.bound:          # the rows' buffers, bound as they were unless grown or the batch changed
             self.cache_values = []
             for layer in range(self.layers):
@@ -150,6 +151,28 @@ class Layout:
     inputs: dict[str, np.ndarray]
 
 
+def _spans(positions: np.ndarray, seq_index: np.ndarray) -> tuple[dict[int, tuple[int, int]], np.ndarray | None]:
+    """Each sequence of the step as {sequence: (its first position, its tokens)}, and per token its
+    sequence's place in that order (None when the step is one sequence's); an LlmcError unless each
+    sequence's tokens are consecutive positions."""
+    if positions.size == 1:                             # a lone decode token
+        return {int(seq_index[0]): (int(positions[0]), 1)}, None
+    if seq_index.min() == seq_index.max():              # one sequence (a prefill)
+        sequences, inverse, counts = seq_index[:1], None, np.array([positions.size])
+        firsts, lasts = positions.min(keepdims=True), positions.max(keepdims=True)
+    else:
+        sequences, inverse, counts = np.unique(seq_index, return_inverse=True, return_counts=True)
+        order = np.argsort(inverse, kind="stable")
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        firsts = np.minimum.reduceat(positions[order], starts)
+        lasts = np.maximum.reduceat(positions[order], starts)
+    if (lasts - firsts + 1 != counts).any():          # positions are distinct (the ABI's check): a run or not
+        s = int(sequences[np.argmax(lasts - firsts + 1 != counts)])
+        raise LlmcError(f"the onnx target takes a sequence's tokens in one step at consecutive positions; "
+                        f"sequence {s} has positions {sorted(positions[seq_index == s].tolist())[:8]}")
+    return dict(zip(sequences.tolist(), zip(firsts.tolist(), counts.tolist()))), inverse
+
+
 class Rows:
     """Each sequence's keys and values, contiguous per head as GroupQueryAttention reads them:
     [layers, rows, kv_heads, capacity, head_dim] for k and for v, grown (doubled) as sequences
@@ -167,6 +190,7 @@ class Rows:
         self.most = 4                                   # rows kept: the most sequences a step has had, and 2
         self.clock = 0
         self.k = self.v = np.zeros((layers, 0, kv_heads, 0, head_dim), dtype)
+        self.grown = 0                                  # times k and v were made anew
 
     def place(self, positions: np.ndarray, seq_index: np.ndarray, tables: np.ndarray, pool) -> Layout:
         """A row for each sequence in the step, holding its positions before the step's: first the
@@ -174,24 +198,11 @@ class Rows:
         also a step back, as a rerun or a rejected draft makes), then the others (a row least
         recently used, or a new one, filled from the pool)."""
         self.clock += 1
-        if seq_index.min() == seq_index.max():            # one sequence (a prefill, a lone decode)
-            sequences, inverse, counts = seq_index[:1], np.zeros(seq_index.size, np.int64), np.array([seq_index.size])
-            firsts, lasts = positions.min(keepdims=True), positions.max(keepdims=True)
-        else:
-            sequences, inverse, counts = np.unique(seq_index, return_inverse=True, return_counts=True)
-            order = np.argsort(inverse, kind="stable")
-            starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-            firsts = np.minimum.reduceat(positions[order], starts)
-            lasts = np.maximum.reduceat(positions[order], starts)
-        if (lasts - firsts + 1 != counts).any():          # positions are distinct (the ABI's check): a run or not
-            s = int(sequences[np.argmax(lasts - firsts + 1 != counts)])
-            raise LlmcError(f"the onnx target takes a sequence's tokens in one step at consecutive positions; "
-                            f"sequence {s} has positions {sorted(positions[seq_index == s].tolist())[:8]}")
-        spans = {s: (f, n) for s, f, n in zip(sequences.tolist(), firsts.tolist(), counts.tolist())}
+        spans, inverse = _spans(positions, seq_index)
         self.most = max(self.most, len(spans) + 2)
         # GroupQueryAttention wants room for every entry's cached tokens plus the padded chunk
-        chunk = int(counts.max())
-        self._grow(len(self.rows), max(int(firsts.max()) + chunk + 1, positions.size))
+        chunk = max(count for _, count in spans.values())
+        self._grow(len(self.rows), max(max(first for first, _ in spans.values()) + chunk + 1, positions.size))
         placed: dict[int, tuple[int, int, int]] = {}
         for s, (first, count) in spans.items():
             for r, row in enumerate(self.rows):
@@ -202,16 +213,22 @@ class Rows:
         for s, (first, count) in spans.items():
             if s not in placed:
                 placed[s] = (self._refill(tables[s], first, pool), first, count)
-        rows = np.array([placed[s][0] for s in spans], np.int64)     # per sequence of ``sequences``
-        batch = int(rows.max()) + 1
-        token_rows, offsets = rows[inverse], positions - firsts[inverse]
-        index = np.zeros((batch, chunk, 2), np.int64)       # per padded slot, (0, the token it takes; 0 for padding)
-        index[token_rows, offsets, 1] = np.arange(positions.size)
-        slots = np.stack([token_rows, offsets], -1)[None]   # per token, (its row, its place in the chunk)
+        batch = max(r for r, _, _ in placed.values()) + 1
         known = np.zeros(batch, np.int32)                   # an idle row: 1 token, none new, nothing appended or read
         fresh = np.zeros(batch, np.int32)
-        known[rows], fresh[rows] = lasts, counts
-        total = max(int(lasts.max()) + 1, positions.size)            # also the rows of the rope's half tables
+        for r, first, count in placed.values():
+            known[r], fresh[r] = first + count - 1, count
+        if inverse is None:                                 # one sequence
+            (token_rows, first, _), = placed.values()
+            offsets = positions - first
+        else:
+            token_rows = np.array([placed[s][0] for s in spans], np.int64)[inverse]
+            offsets = positions - np.array([first for first, _ in spans.values()], np.int64)[inverse]
+        index = np.zeros((batch, chunk, 2), np.int64)       # per padded slot, (0, the token it takes; 0 for padding)
+        index[token_rows, offsets, 1] = np.arange(positions.size)
+        slots = np.empty((1, positions.size, 2), np.int64)  # per token, (its row, its place in the chunk)
+        slots[0, :, 0], slots[0, :, 1] = token_rows, offsets
+        total = max(max(first + count for first, count in spans.values()), positions.size)  # also the rope tables' rows
         inputs = {"gqa_tokens": index, "gqa_slots": slots, "seqlens_k": known, "query_seqlens": fresh,
                   "total_length": np.array(total, np.int32)}
         return Layout(batch, placed, tables, inputs)
@@ -277,3 +294,4 @@ class Rows:
             new = np.zeros((layers, rows, kv_heads, capacity, head_dim), self.dtype)
             new[:, :old.shape[1], :, :old.shape[3]] = old
             setattr(self, name, new)
+        self.grown += 1
