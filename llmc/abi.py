@@ -268,7 +268,7 @@ class Batch:
 def _span(array: np.ndarray) -> tuple[int, int]:
     """The least and the greatest of a non-empty array, as ints (one element: no reductions)."""
     if array.size == 1:
-        value = int(array.reshape(-1)[0])
+        value = int(array.item(0))
         return value, value
     return int(array.min()), int(array.max())
 
@@ -311,10 +311,10 @@ def check_batch(batch: Batch, layout: PoolLayout, blocks: int, max_tokens: int, 
     if high // layout.block_size >= width:
         raise BatchError(f"position {high} needs more than the {width} blocks of a block table")
     # Every block a token reads (its sequence's positions 0..position) must be in the pool.
-    logical = batch.positions // layout.block_size
     if seqs == 1:                   # one sequence (generation's every step): no scatter
         read = batch.block_tables[0, :high // layout.block_size + 1]
     else:
+        logical = batch.positions // layout.block_size
         last = np.full(seqs, -1, np.int64)
         np.maximum.at(last, batch.seq_index, logical)
         read = batch.block_tables[np.arange(width)[None, :] <= last[:, None]]
@@ -325,6 +325,7 @@ def check_batch(batch: Batch, layout: PoolLayout, blocks: int, max_tokens: int, 
     # write) would race: the step's result would depend on which write lands last.
     if n == 1:
         return
+    logical = batch.positions // layout.block_size
     slots = batch.block_tables[batch.seq_index, logical] * layout.block_size + batch.positions % layout.block_size
     if np.unique(slots).size != n:
         raise BatchError("two tokens of the step write the same KV slot (one position twice, or a block two sequences "

@@ -232,6 +232,64 @@ def test_the_contiguous_rows_follow_the_pool(families, tmp_path):
     close(got, np.concatenate([b, c[:4], d[:2]]), 12)
 
 
+def test_the_rows_hold_what_the_pool_holds_through_random_steps():
+    """The executor's bookkeeping alone, over many random steps on a small pool: sequences start
+    (some on another's full prefix blocks, as a prefix-cache hit), prefill in chunks, decode, step
+    back over their own positions (a rejected draft), end and leave their blocks to newcomers.
+    After every placement each sequence's row holds, at its positions before the step, what the
+    pool holds there (GroupQueryAttention's appends stood for by fresh values written to the rows,
+    then copied to the pool as the executor copies them)."""
+    from llmc.targets.onnx.session import Rows
+
+    rng = np.random.default_rng(23)
+    size, count = 4, 40
+    pool = [np.zeros((1, count, 1, size, 2), np.float32) for _ in range(2)]
+    rows = Rows(1, 1, 2, size, np.float32, count)
+    free, live = list(range(count)), []          # live: [table, length, shared positions]
+    checked = 0
+    for _ in range(400):
+        if len(live) < 5 and rng.random() < 0.3:
+            donor = live[int(rng.integers(len(live)))] if live and rng.random() < 0.5 else None
+            shared = min(donor[1] // size, donor[2] // size + 1) * size if donor else 0
+            live.append([list(donor[0][:shared // size]) if donor else [], shared, shared])
+        if live and rng.random() < 0.15:                    # one ends: its own blocks go back
+            table, _, shared = live.pop(int(rng.integers(len(live))))
+            free += [b for b in table[shared // size:] if all(b not in t for t, _, _ in live)]
+        steps = []
+        for seq in rng.permutation(len(live))[:int(rng.integers(1, 4))] if live else []:
+            table, length, shared = live[seq]
+            if length > shared and rng.random() < 0.2:      # a step back over its own positions
+                length = live[seq][1] = int(rng.integers(shared, length))
+            take = int(rng.integers(1, 7)) if rng.random() < 0.4 else 1
+            while len(table) * size < length + take and free:
+                table.append(free.pop(int(rng.integers(len(free)))))
+            take = min(take, len(table) * size - length)
+            if take:
+                steps.append((int(seq), length, take))
+        if not steps:
+            continue
+        tables = np.zeros((len(live), max(len(t) for t, _, _ in live) or 1), np.int64)
+        for s, (table, _, _) in enumerate(live):
+            tables[s, :len(table)] = table
+        positions = np.concatenate([np.arange(first, first + n) for _, first, n in steps])
+        seq_index = np.concatenate([np.full(n, s) for s, _, n in steps]).astype(np.int64)
+        layout = rows.place(positions, seq_index, tables, pool)
+        for s, (r, first, _) in layout.rows.items():
+            held = np.arange(first)
+            want = pool[0][0, tables[s, held // size], 0, held % size]
+            np.testing.assert_array_equal(rows.k[0, r, 0, :first], want)
+            checked += first
+        blocks, offsets = tables[seq_index, positions // size], positions % size
+        token_rows = np.array([layout.rows[int(s)][0] for s in seq_index])
+        fresh = rng.standard_normal((positions.size, 2)).astype(np.float32)
+        rows.k[0, token_rows, 0, positions] = rows.v[0, token_rows, 0, positions] = fresh
+        pool[0][0, blocks, 0, offsets] = pool[1][0, blocks, 0, offsets] = fresh
+        rows.written(layout, blocks)
+        for s, first, n in steps:
+            live[s][1] = first + n
+    assert checked > 5000
+
+
 def test_an_onnxruntime_without_gqa_s_chunks_is_named():
     from llmc.targets.onnx import ort_too_old
 

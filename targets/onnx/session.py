@@ -69,13 +69,14 @@ class OnnxExecutor:
         self.rows: Rows | None = None
         self.binding = self.session.io_binding()
         self.bound: tuple | None = None         # the rows' growth and the batch the binding holds
+        self.lone: tuple | None = None          # (row, batch) of the lone token the bound inputs lay out
         self.cache_values: list = []            # their OrtValues, kept alive while bound
         self.buffers: dict[str, np.ndarray] = {}    # the arrays bound as inputs and as the logits
 
     def allocate_pool(self, blocks: int) -> int:
         self.pool = pool_arrays(self.artifact, blocks)
         self.rows = Rows(self.layers, self.kv_heads, self.head_dim, self.block_size, self.rows_dtype, blocks)
-        self.bound = None
+        self.bound = self.lone = None
         return sum(a.nbytes for a in self.pool)
 
     def run(self, entry: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
@@ -84,11 +85,19 @@ class OnnxExecutor:
         positions, seq_index, tables = feed["positions"], feed["seq_index"], feed["block_tables"]
         blocks, offsets = kv_slots(positions, seq_index, tables, k_cache.shape[1], self.block_size)
         layout = self.rows.place(positions, seq_index, tables, self.pool)
-        feed.update(layout.inputs)
         binding = self.binding
-        for name, value in feed.items():
-            if name in self.inputs:
-                self.bind(name, value)
+        if layout.lone is not None and layout.lone == self.lone:
+            # A lone token again on the row and batch of the last step's: of the bound inputs
+            # only the token, its position and its row's length change.
+            (r, first, _), = layout.rows.values()
+            self.buffers["tokens"][0], self.buffers["positions"][0] = feed["tokens"][0], first
+            self.buffers["seqlens_k"][r], self.buffers["total_length"][...] = first, layout.total
+        else:
+            feed.update(self.rows.inputs(layout, positions))
+            for name, value in feed.items():
+                if name in self.inputs:
+                    self.bind(name, value)
+            self.lone = layout.lone
         wanted = feed["logit_rows"].size
         logits = self.buffers.get("logits")
         if logits is None or logits.shape[0] != wanted:       # ORT writes the logits here
@@ -108,11 +117,12 @@ class OnnxExecutor:
                     self.cache_values.append(value)
             self.bound = caches
         self.session.run_with_iobinding(binding)
-        rows = layout.inputs["gqa_slots"][0, :, 0]
-        if positions.size == 1:           # a lone decode token: plain indexing, no gather
-            b, o, r, p = int(blocks[0]), int(offsets[0]), int(rows[0]), int(positions[0])
+        if layout.lone is not None:       # a lone decode token: plain indexing, no gather
+            (r, p, _), = layout.rows.values()
+            b, o = int(blocks[0]), int(offsets[0])
             k_cache[:, b, :, o], v_cache[:, b, :, o] = self.rows.k[:, r, :, p], self.rows.v[:, r, :, p]
         else:
+            rows = layout.token_rows
             k_cache[:, blocks, :, offsets] = self.rows.k[:, rows, :, positions]    # [seq, layers, kv_heads, head_dim]
             v_cache[:, blocks, :, offsets] = self.rows.v[:, rows, :, positions]
         self.rows.written(layout, blocks)
@@ -131,11 +141,11 @@ class OnnxExecutor:
 
 @dataclass
 class Row:
-    """One row of the contiguous caches: the pool blocks its positions [0, length) hold the keys
-    and values of, and each block's write count when the row last agreed with it."""
+    """One row of the contiguous caches: its positions [0, length) hold the keys and values the
+    pool holds in ``blocks`` (one a block_size positions), unless a step has written one of those
+    blocks through another row since (Rows.written then cuts the row short of it)."""
 
-    blocks: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    writes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    blocks: list[int] = field(default_factory=list)
     length: int = 0
     used: int = 0
 
@@ -143,12 +153,18 @@ class Row:
 @dataclass
 class Layout:
     """A step laid out for GroupQueryAttention: the rows its sequences use (batch entries 0..batch-1,
-    the others idle) and the model's inputs that say where each token goes."""
+    the others idle), each sequence's (row, first position, tokens) and its block table's blocks
+    the step reaches, and per token its row (None for a lone token, whose row and batch are
+    ``lone``)."""
 
     batch: int
+    chunk: int
+    total: int                                # GroupQueryAttention's total_length
     rows: dict[int, tuple[int, int, int]]     # sequence -> (row, first position, tokens)
-    tables: np.ndarray
-    inputs: dict[str, np.ndarray]
+    tables: dict[int, list[int]]              # sequence -> its blocks for positions [0, first + tokens)
+    token_rows: np.ndarray | None
+    offsets: np.ndarray | None                # per token, its place in its row's chunk
+    lone: tuple[int, int] | None = None
 
 
 def _spans(positions: np.ndarray, seq_index: np.ndarray) -> tuple[dict[int, tuple[int, int]], np.ndarray | None]:
@@ -176,17 +192,18 @@ def _spans(positions: np.ndarray, seq_index: np.ndarray) -> tuple[dict[int, tupl
 class Rows:
     """Each sequence's keys and values, contiguous per head as GroupQueryAttention reads them:
     [layers, rows, kv_heads, capacity, head_dim] for k and for v, grown (doubled) as sequences
-    and lengths need (untouched pages cost no memory). A row serves the sequence whose block table
-    agrees with its blocks, each block unwritten since the row read it (the pool's blocks are
-    written only by steps, which count every write); where it stops agreeing it is filled from the
-    pool. So a row holds what the pool holds, and is only ever a faster way to read it."""
+    and lengths need (untouched pages cost no memory). A row serves a sequence whose block table
+    starts with the row's blocks: the pool's blocks are written only by steps, and a step that
+    writes a block cuts every other row holding it short of that block, so a row holds what the
+    pool holds. Where a row stops agreeing it is filled from the pool: a row is only ever a faster
+    way to read the pool."""
 
     def __init__(self, layers: int, kv_heads: int, head_dim: int, block_size: int, dtype, blocks: int):
         self.shape = (layers, kv_heads, head_dim)
         self.block_size = block_size
         self.dtype = dtype
-        self.writes = np.zeros(blocks, np.int64)        # per pool block: how many steps wrote into it
         self.rows: list[Row] = []
+        self.holders: dict[int, set[int]] = {}         # pool block -> the rows whose blocks include it
         self.most = 4                                   # rows kept: the most sequences a step has had, and 2
         self.clock = 0
         self.k = self.v = np.zeros((layers, 0, kv_heads, 0, head_dim), dtype)
@@ -194,56 +211,76 @@ class Rows:
 
     def place(self, positions: np.ndarray, seq_index: np.ndarray, tables: np.ndarray, pool) -> Layout:
         """A row for each sequence in the step, holding its positions before the step's: first the
-        sequences that continue the row they left (every block of it theirs and unwritten since:
-        also a step back, as a rerun or a rejected draft makes), then the others (a row least
-        recently used, or a new one, filled from the pool)."""
+        sequences that continue the row they left (every block of it theirs: also a step back, as
+        a rerun or a rejected draft makes), then the others (a row least recently used, or a new
+        one, filled from the pool)."""
         self.clock += 1
         spans, inverse = _spans(positions, seq_index)
         self.most = max(self.most, len(spans) + 2)
         # GroupQueryAttention wants room for every entry's cached tokens plus the padded chunk
         chunk = max(count for _, count in spans.values())
         self._grow(len(self.rows), max(max(first for first, _ in spans.values()) + chunk + 1, positions.size))
+        size = self.block_size
+        reached = {s: tables[s, :-(-(first + count) // size)].tolist() for s, (first, count) in spans.items()}
         placed: dict[int, tuple[int, int, int]] = {}
         for s, (first, count) in spans.items():
             for r, row in enumerate(self.rows):
-                if row.used != self.clock and row.length >= first and self._agreeing(row, tables[s]) == row.length:
-                    self._take(r, tables[s], first)
+                if row.used != self.clock and row.length >= first and self._continued(row, reached[s], tables[s]):
+                    self._take(r, reached[s], first)
                     placed[s] = (r, first, count)
                     break
         for s, (first, count) in spans.items():
             if s not in placed:
-                placed[s] = (self._refill(tables[s], first, pool), first, count)
+                placed[s] = (self._refill(reached[s], first, pool), first, count)
         batch = max(r for r, _, _ in placed.values()) + 1
-        known = np.zeros(batch, np.int32)                   # an idle row: 1 token, none new, nothing appended or read
-        fresh = np.zeros(batch, np.int32)
-        for r, first, count in placed.values():
-            known[r], fresh[r] = first + count - 1, count
+        total = max(max(first + count for first, count in spans.values()), positions.size)  # also the rope tables' rows
         if inverse is None:                                 # one sequence
-            (token_rows, first, _), = placed.values()
-            offsets = positions - first
+            (r, first, _), = placed.values()
+            if positions.size == 1:
+                return Layout(batch, 1, total, placed, reached, None, None, lone=(r, batch))
+            token_rows, offsets = np.full(positions.size, r, np.int64), positions - first
         else:
             token_rows = np.array([placed[s][0] for s in spans], np.int64)[inverse]
             offsets = positions - np.array([first for first, _ in spans.values()], np.int64)[inverse]
-        index = np.zeros((batch, chunk, 2), np.int64)       # per padded slot, (0, the token it takes; 0 for padding)
-        index[token_rows, offsets, 1] = np.arange(positions.size)
-        slots = np.empty((1, positions.size, 2), np.int64)  # per token, (its row, its place in the chunk)
-        slots[0, :, 0], slots[0, :, 1] = token_rows, offsets
-        total = max(max(first + count for first, count in spans.values()), positions.size)  # also the rope tables' rows
-        inputs = {"gqa_tokens": index, "gqa_slots": slots, "seqlens_k": known, "query_seqlens": fresh,
-                  "total_length": np.array(total, np.int32)}
-        return Layout(batch, placed, tables, inputs)
+        return Layout(batch, chunk, total, placed, reached, token_rows, offsets)
+
+    def inputs(self, layout: Layout, positions: np.ndarray) -> dict[str, np.ndarray]:
+        """The model's inputs that say where each of the step's tokens goes (step.json)."""
+        index = np.zeros((layout.batch, layout.chunk, 2), np.int64)     # per padded slot, (0, the token it takes)
+        slots = np.zeros((1, positions.size, 2), np.int64)              # per token, (its row, its place in the chunk)
+        if layout.lone is None:
+            index[layout.token_rows, layout.offsets, 1] = np.arange(positions.size)
+            slots[0, :, 0], slots[0, :, 1] = layout.token_rows, layout.offsets
+        else:
+            slots[0, 0, 0] = layout.lone[0]
+        known = np.zeros(layout.batch, np.int32)            # an idle row: 1 token, none new, nothing appended or read
+        fresh = np.zeros(layout.batch, np.int32)
+        for r, first, count in layout.rows.values():
+            known[r], fresh[r] = first + count - 1, count
+        return {"gqa_tokens": index, "gqa_slots": slots, "seqlens_k": known, "query_seqlens": fresh,
+                "total_length": np.array(layout.total, np.int32)}
 
     def written(self, layout: Layout, blocks: np.ndarray) -> None:
-        """After a step: count the pool blocks it wrote; each of its rows now holds its sequence to
-        the step's last position."""
-        self.writes[blocks] += 1          # (a block written twice counts once: a count only has to change)
+        """After a step: each of its rows holds its sequence to the step's last position, and every
+        other row holding a block the step wrote is cut short of it."""
+        size = self.block_size
         for s, (r, first, count) in layout.rows.items():
             row = self.rows[r]
             row.length = first + count
-            row.blocks = np.array(layout.tables[s][:-(-row.length // self.block_size)], np.int64)
-            row.writes = self.writes[row.blocks]
+            self._hold(r, layout.tables[s][:-(-row.length // size)])
+        if layout.lone is not None:
+            writers = {int(blocks[0]): {layout.lone[0]}}
+        else:
+            writers = {}
+            for block, r in zip(blocks.tolist(), layout.token_rows.tolist()):
+                writers.setdefault(block, set()).add(r)
+        for block, rows in writers.items():
+            for h in self.holders.get(block, set()) - rows:
+                row = self.rows[h]
+                row.length = min(row.length, row.blocks.index(block) * size)
+                self._hold(h, row.blocks[:-(-row.length // size)])
 
-    def _refill(self, table: np.ndarray, first: int, pool) -> int:
+    def _refill(self, table: list[int], first: int, pool) -> int:
         """A row for a sequence no row continues, filled from the pool from where it stops agreeing
         with ``table``: the first row that neither this step nor the last used (its sequence has
         likely ended; low rows keep the batch short), else a new one while fewer than ``most``,
@@ -257,28 +294,49 @@ class Rows:
             self._grow(len(self.rows), self.k.shape[3])
         else:
             r = min((r for r, row in enumerate(self.rows) if row.used != self.clock), key=lambda r: self.rows[r].used)
-        valid = min(self._agreeing(self.rows[r], table), first)
+        valid = self._agreeing(self.rows[r], table, first)
         if valid < first:
             positions = np.arange(valid, first)
-            blocks, offsets = table[positions // self.block_size], positions % self.block_size
+            blocks, offsets = np.array(table, np.int64)[positions // self.block_size], positions % self.block_size
             for cache, source in ((self.k, pool[0]), (self.v, pool[1])):
                 gathered = source[:, blocks, :, offsets]                  # [positions, layers, kv_heads, head_dim]
                 cache[:, r, :, valid:first] = gathered.transpose(1, 2, 0, 3)
         self._take(r, table, first)
         return r
 
-    def _take(self, r: int, table: np.ndarray, first: int) -> None:
+    def _take(self, r: int, table: list[int], first: int) -> None:
+        """Row ``r`` now holds ``table``'s sequence's positions [0, first)."""
         row = self.rows[r]
-        row.blocks = np.array(table[:-(-first // self.block_size)], np.int64)
-        row.writes = self.writes[row.blocks]
         row.length, row.used = first, self.clock
+        self._hold(r, table[:-(-first // self.block_size)])
 
-    def _agreeing(self, row: Row, table: np.ndarray) -> int:
-        """How many leading positions of ``row`` hold what the pool's blocks in ``table`` hold."""
-        n = min(row.blocks.size, table.size)
-        same = (row.blocks[:n] == table[:n]) & (row.writes[:n] == self.writes[table[:n]])
-        agreeing = n if same.all() else int(np.argmin(same))
-        return min(row.length, agreeing * self.block_size)
+    def _hold(self, r: int, blocks: list[int]) -> None:
+        """Row ``r``'s blocks are now ``blocks`` (the pool blocks' holders kept with them)."""
+        row = self.rows[r]
+        if blocks[:len(row.blocks)] != row.blocks:      # not the row's blocks and more: let go of them all
+            for block in row.blocks:
+                self.holders[block].discard(r)
+            row.blocks = []
+        for block in blocks[len(row.blocks):]:
+            self.holders.setdefault(block, set()).add(r)
+        row.blocks = list(blocks)
+
+    @staticmethod
+    def _continued(row: Row, reached: list[int], table: np.ndarray) -> bool:
+        """Whether every block of ``row`` is the sequence's of ``table`` (whose blocks the step
+        reaches are ``reached``): then the row holds that sequence's first positions."""
+        count = len(row.blocks)
+        if count <= len(reached):
+            return row.blocks == reached[:count]
+        return row.blocks[:len(reached)] == reached and row.blocks == table[:count].tolist()     # a step back
+
+    def _agreeing(self, row: Row, table: list[int], upto: int) -> int:
+        """How many of the positions [0, upto) ``row`` holds as the pool's blocks in ``table`` do."""
+        count = min(-(-upto // self.block_size), len(row.blocks))
+        same = count if row.blocks[:count] == table[:count] else 0
+        while same < count and row.blocks[same] == table[same]:
+            same += 1
+        return min(row.length, same * self.block_size, upto)
 
     def _grow(self, rows: int, length: int) -> None:
         """Room for ``rows`` rows of ``length`` positions (doubling, so growth is rare)."""
