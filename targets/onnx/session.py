@@ -60,6 +60,10 @@ class OnnxExecutor:
             raise ArtifactError(f"{artifact.path}: ONNX Runtime cannot load its model ({str(exc)[:200]}); "
                                 "rebuild the artifact") from None
         self.inputs = {i.name for i in self.session.get_inputs()}
+        # A lone token on the last step's row changes four inputs when the graph reads no others
+        # of the batch's (no seq_index, no block_tables): then only those four are written.
+        self.lean = {"tokens", "positions", "seqlens_k", "total_length"} <= self.inputs and \
+            not {"seq_index", "block_tables"} & self.inputs
         pool = artifact.manifest["kv_pool"]
         self.block_size = int(pool["block_size"])
         self.vocab = int(artifact.manifest["vocab_size"])
@@ -86,7 +90,7 @@ class OnnxExecutor:
         blocks, offsets = kv_slots(positions, seq_index, tables, k_cache.shape[1], self.block_size)
         layout = self.rows.place(positions, seq_index, tables, self.pool)
         binding = self.binding
-        if layout.lone is not None and layout.lone == self.lone:
+        if self.lean and layout.lone is not None and layout.lone == self.lone:
             # A lone token again on the row and batch of the last step's: of the bound inputs
             # only the token, its position and its row's length change.
             (r, first, _), = layout.rows.values()
