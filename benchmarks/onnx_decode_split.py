@@ -1,16 +1,19 @@
-"""A decode step split into its graph and the Python around it: llmc's onnx graph and ORT GenAI's,
-each run by one bare loop (IO binding, batch 1, the caches bound as both past and present, a greedy
-token a step; ORT's own time is timed apart), beside llmc's runtime (``Model.step``: the batch
-check, the executor's rows and pool) and ORT GenAI's generator, all four interleaved round by
-round in one process (the order reversed every other round). Each round is ``--decode`` steps
-after a ``--prompt``-token prefill; figures are ms a step (medians) and the median of per-round
-ratios of each engine's speed to the generator's.
+"""A decode step split into its graph and the Python around it. Engines: ``generator`` (ORT
+GenAI's), ``runtime`` (llmc's ``Model.step`` on an onnx artifact: the batch check, the executor's
+rows and pool), and each graph run by one bare loop, ``genai-bare`` and ``llmc-bare`` (IO binding,
+batch 1, the caches bound as both past and present, a greedy token a step, ORT's own time timed
+apart: what a runtime with no Python between steps would cost). ``--engines`` picks two or more,
+interleaved round by round in one process (the order reversed every other round); each round is
+``--decode`` steps after a ``--prompt``-token prefill; figures are ms a step (medians) and the
+median of per-round ratios of each engine's speed to the first's.
 
-    python benchmarks/onnx_decode_split.py ARTIFACT GENAI_FOLDER [--prompt 512] [--decode 64] [--rounds 10]
+    python benchmarks/onnx_decode_split.py ARTIFACT GENAI_FOLDER [--engines generator,runtime]
+        [--prompt 512] [--decode 64] [--rounds 10]
 
-GENAI_FOLDER is ORT GenAI's model builder output (benchmarks/ort_peer.py makes SmolLM2's). The
-bare loops are what a runtime with no Python between steps would cost: the graph's speed alone.
-Not a test: the machine is shared and noisy, so only ratios within one run compare.
+GENAI_FOLDER is ORT GenAI's model builder output (benchmarks/ort_peer.py makes SmolLM2's). Pair
+the engines, a process for each pair: with four ORT sessions in one process they slow each other
+(the generator read 1.15x its own graph run bare beside three others, 1.01x beside it alone). Not
+a test: the machine is shared and noisy, so only ratios within one run compare.
 """
 
 from __future__ import annotations
@@ -86,7 +89,7 @@ def llmc_bare(model, prompt: np.ndarray, steps: int):
     return lambda: bare.decode(len(prompt), steps, set_step)
 
 
-def genai_bare(folder: Path, prompt: np.ndarray, steps: int, layers: int, kv_heads: int, head_dim: int,
+def genai_bare(folder: Path, prompt: np.ndarray, steps: int, *, layers: int, kv_heads: int, head_dim: int,
                vocab: int):
     """ORT GenAI's graph run bare by plain onnxruntime, its caches shared past/present buffers as
     its generator binds them (``past_present_share_buffer``)."""
@@ -116,6 +119,7 @@ def genai_bare(folder: Path, prompt: np.ndarray, steps: int, layers: int, kv_hea
 
 def main() -> None:
     import llmc
+    from llmc.artifact import read_artifact
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("artifact", type=Path)
@@ -123,33 +127,42 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--decode", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--engines", default="generator,runtime",
+                        help="two or more of generator, runtime, genai-bare, llmc-bare, interleaved in this "
+                             "process (the first is the ratios' base): more ORT sessions in one process slow "
+                             "each other, so pair them")
     args = parser.parse_args()
     prompt = np.random.default_rng(0).integers(100, 40000, args.prompt)
     context = args.prompt + args.decode + 8
-    runtime = llmc.load(args.artifact, max_context=context, threads=THREADS)
-    bare_model = llmc.load(args.artifact, max_context=context, threads=THREADS)
-    pool = runtime.manifest["kv_pool"]
-    whole = ort_run(args.genai, prompt.tolist(), args.decode, context)
-    llmc_whole = _llmc_run(runtime, prompt.tolist(), args.decode)
-    engines = {
-        "ORT GenAI's generator": lambda: (whole()[1] / args.decode, None),
-        "llmc's runtime (onnx)": lambda: (llmc_whole()[1] / args.decode, None),
-        "ORT GenAI's graph, bare": genai_bare(args.genai, prompt, args.decode, int(pool["layers"]),
-                                              int(pool["kv_heads"]), int(pool["head_dim"]), runtime.vocab_size),
-        "llmc's graph, bare": llmc_bare(bare_model, prompt, args.decode),
+    makers = {
+        "generator": lambda: (lambda run: lambda: (run()[1] / args.decode, None))(
+            ort_run(args.genai, prompt.tolist(), args.decode, context)),
+        "runtime": lambda: (lambda run: lambda: (run()[1] / args.decode, None))(
+            _llmc_run(llmc.load(args.artifact, max_context=context, threads=THREADS), prompt.tolist(), args.decode)),
+        "genai-bare": lambda: genai_bare(args.genai, prompt, args.decode, **shape),
+        "llmc-bare": lambda: llmc_bare(llmc.load(args.artifact, max_context=context, threads=THREADS), prompt,
+                                       args.decode),
     }
+    names = args.engines.split(",")
+    if not set(names) <= set(makers) or len(names) < 2:
+        parser.error(f"--engines takes two or more of {', '.join(makers)}")
+    manifest = read_artifact(args.artifact).manifest
+    pool = manifest["kv_pool"]
+    shape = {"layers": int(pool["layers"]), "kv_heads": int(pool["kv_heads"]), "head_dim": int(pool["head_dim"]),
+             "vocab": int(manifest["vocab_size"])}
+    engines = {name: makers[name]() for name in names}
     figures: dict[str, list[tuple[float, float | None]]] = {name: [] for name in engines}
     for r in range(args.rounds):
-        for name in (list(engines) if r % 2 == 0 else list(engines)[::-1]):
+        for name in (names if r % 2 == 0 else names[::-1]):
             figures[name].append(engines[name]())
-    base = figures["ORT GenAI's generator"]
+    base = figures[names[0]]
     print(f"{args.decode} decode steps after {args.prompt} tokens, {args.rounds} rounds, {THREADS} threads")
     for name, rounds in figures.items():
         step = statistics.median(s for s, _ in rounds)
         ratio = statistics.median(b[0] / s[0] for b, s in zip(base, rounds))
         inside = [o for _, o in rounds if o is not None]
         ort_part = f", ORT alone {statistics.median(inside) * 1e3:.3f} ms" if inside else ""
-        print(f"  {name:26s} {step * 1e3:7.3f} ms a step{ort_part}; speed / the generator's {ratio:.3f}")
+        print(f"  {name:12s} {step * 1e3:7.3f} ms a step{ort_part}; speed / {names[0]}'s {ratio:.3f}")
 
 
 if __name__ == "__main__":
