@@ -620,10 +620,11 @@ def kv_slots(positions: np.ndarray, seq_index: np.ndarray, tables: np.ndarray, b
     from llmc.errors import InterpretError
 
     if positions.size == 1 and seq_index.size == 1:      # a lone decode token: the same checks on ints
-        position, seq = int(positions.reshape(-1)[0]), int(seq_index.reshape(-1)[0])
-        if position >= 0 and 0 <= seq < tables.shape[0] and position // block_size < tables.shape[1] \
-                and 0 <= tables[seq, position // block_size] < blocks:
-            return tables[seq, position // block_size].reshape(1).astype(np.int64), np.array([position % block_size])
+        position, seq = int(positions.item(0)), int(seq_index.item(0))
+        if position >= 0 and 0 <= seq < tables.shape[0] and position // block_size < tables.shape[1]:
+            block = int(tables[seq, position // block_size])
+            if 0 <= block < blocks:
+                return np.array([block], np.int64), np.array([position % block_size], np.int64)
     positions, seq_index = positions.astype(np.int64), seq_index.astype(np.int64)
     if positions.size and positions.min() < 0:
         raise InterpretError("token positions must be >= 0")

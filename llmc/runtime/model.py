@@ -92,6 +92,9 @@ class Model:
         self._allocate(kv_blocks or least)
         # The one sequence generate/logits/step run: the pool's first blocks, in order.
         self._table = np.arange(least, dtype=np.int64)
+        # A decode step's batch, kept: its token and position are rewritten each step (every
+        # executor reads a batch's arrays only while it runs).
+        self._lone = abi.Batch.single(np.zeros(1, np.int64), 0, self._table, "last")
         tok = manifest.get("tokenizer")
         self.tokenizer = Tokenizer(bytes(artifact.section("tokenizer")).decode(), tok) if tok else None
 
@@ -169,10 +172,14 @@ class Model:
     def _all_but_last(self, ids: np.ndarray, start_pos: int) -> abi.Batch:
         """Run the one sequence's chunks but the last; return that one, checked, for the caller to
         run (for logits, or sampled on the device)."""
-        *earlier, last = self._chunks(ids, start_pos, "last")
-        for batch in earlier:
-            self._check(batch)
-            self.executor.run(abi.STEP, batch.inputs())
+        if len(ids) == 1:
+            last = self._lone
+            last.tokens[0], last.positions[0] = ids[0], start_pos
+        else:
+            *earlier, last = self._chunks(ids, start_pos, "last")
+            for batch in earlier:
+                self._check(batch)
+                self.executor.run(abi.STEP, batch.inputs())
         self._check(last)
         return last
 

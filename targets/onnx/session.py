@@ -123,7 +123,7 @@ class OnnxExecutor:
         self.session.run_with_iobinding(binding)
         if layout.lone is not None:       # a lone decode token: plain indexing, no gather
             (r, p, _), = layout.rows.values()
-            b, o = int(blocks[0]), int(offsets[0])
+            b, o = int(blocks.item(0)), int(offsets.item(0))
             k_cache[:, b, :, o], v_cache[:, b, :, o] = self.rows.k[:, r, :, p], self.rows.v[:, r, :, p]
         else:
             rows = layout.token_rows
@@ -176,7 +176,7 @@ def _spans(positions: np.ndarray, seq_index: np.ndarray) -> tuple[dict[int, tupl
     sequence's place in that order (None when the step is one sequence's); an LlmcError unless each
     sequence's tokens are consecutive positions."""
     if positions.size == 1:                             # a lone decode token
-        return {int(seq_index[0]): (int(positions[0]), 1)}, None
+        return {int(seq_index.item(0)): (int(positions.item(0)), 1)}, None
     if seq_index.min() == seq_index.max():              # one sequence (a prefill)
         sequences, inverse, counts = seq_index[:1], None, np.array([positions.size])
         firsts, lasts = positions.min(keepdims=True), positions.max(keepdims=True)
@@ -273,7 +273,7 @@ class Rows:
             row.length = first + count
             self._hold(r, layout.tables[s][:-(-row.length // size)])
         if layout.lone is not None:
-            writers = {int(blocks[0]): {layout.lone[0]}}
+            writers = {int(blocks.item(0)): {layout.lone[0]}}
         else:
             writers = {}
             for block, r in zip(blocks.tolist(), layout.token_rows.tolist()):
