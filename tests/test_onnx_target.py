@@ -100,6 +100,7 @@ def test_a_gguf_q4_0_weight_is_matmulnbits_alone(tmp_path):
     import onnx
 
     from llmc.artifact import read_artifact
+    from llmc.targets.onnx import export
     from llmc.targets.onnx.weights import initializers
     from test_gguf import write_gguf
 
@@ -120,6 +121,12 @@ def test_a_gguf_q4_0_weight_is_matmulnbits_alone(tmp_path):
             made = dict(initializers(artifact))
             rows, codes = made["model.embed_tokens.weight.gguf.q#rows"], made["model.embed_tokens.weight.gguf.q#codes"]
             assert rows.ndim == 2 and codes.ndim == 3 and np.shares_memory(rows, codes)
+            out = tmp_path / "exported"                 # and exported once, both initializers reading it
+            export(artifact, out.mkdir() or out)
+            where = {t.name: {e.key: e.value for e in t.external_data}
+                     for t in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.initializer}
+            assert where["model.embed_tokens.weight.gguf.q#rows"] == where["model.embed_tokens.weight.gguf.q#codes"]
+            assert (out / "model.onnx.data").stat().st_size < sum(a.nbytes for a in made.values())
 
 
 @pytest.mark.parametrize("scheme", ["q4g32", "q4g128", "q8"])

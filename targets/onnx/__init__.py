@@ -187,18 +187,22 @@ def export(artifact, directory) -> list[str]:
     model = onnx.load_from_string(bytes(artifact.section("onnx")))
     declared = {t.name: t for t in model.graph.initializer}
     offset = 0
+    placed: dict[tuple[int, int], int] = {}     # an array's memory -> its offset: one array, written once
     with open(directory / "model.onnx.data", "wb") as data:
         for name, array in initializers(artifact):
-            pad = -offset % 64
-            data.write(b"\0" * pad)
-            offset += pad
-            data.write(array.tobytes())
+            memory = (array.__array_interface__["data"][0], array.nbytes)
+            if memory not in placed:            # (a tied embedding's rows and its LM head's codes are one)
+                offset += -offset % 64
+                data.write(b"\0" * (offset - data.tell()))
+                data.write(array.tobytes())
+                placed[memory] = offset
+                offset += array.nbytes
             entry = declared[name]
             del entry.external_data[:]
-            for key, value in (("location", "model.onnx.data"), ("offset", str(offset)), ("length", str(array.nbytes))):
+            for key, value in (("location", "model.onnx.data"), ("offset", str(placed[memory])),
+                               ("length", str(array.nbytes))):
                 item = entry.external_data.add()
                 item.key, item.value = key, value
-            offset += array.nbytes
     (directory / "model.onnx").write_bytes(model.SerializeToString())
     written = ["model.onnx", "model.onnx.data"]
     if manifest.get("tokenizer"):

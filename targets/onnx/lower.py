@@ -74,6 +74,7 @@ class OnnxLowering:
         self.values: dict[int, object] = {}
         self.count = 0
         self.cache: dict[object, str] = {}      # constants, shapes and per-step values, made once
+        self.symmetric_parts: dict[tuple[str, str], bool] = {}     # (scales, mins) -> every min is -8 scales
         self.layers: list[int] = []           # the attention layers lowered
         self.extra_inputs: dict[str, onnx.ValueInfoProto] = {}
         self.extra_outputs: list[onnx.ValueInfoProto] = []
@@ -427,7 +428,11 @@ class OnnxLowering:
         weights = self.graph.weights
         if scales not in weights or mins not in weights:
             return False
-        return not (weights[mins].astype(np.float32) + 8 * weights[scales].astype(np.float32)).any()
+        key = (scales, mins)                       # a tied weight is asked twice (embedding, LM head)
+        if key not in self.symmetric_parts:
+            self.symmetric_parts[key] = not (weights[mins].astype(np.float32)
+                                             + 8 * weights[scales].astype(np.float32)).any()
+        return self.symmetric_parts[key]
 
     def derived(self, name: str, kind: str, sources: list[str], dtype: str, shape) -> str:
         self.initializers.setdefault(name, Initializer(name, kind, tuple(sources), dtype, tuple(shape)))
